@@ -1,0 +1,124 @@
+"""The `fastm2d` command: pretrain, stats, embed, export."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data.sources import DataError
+from .frontend import AudioReadError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, AudioReadError, FileNotFoundError)
+
+
+def cmd_pretrain(args) -> None:
+    from .config import load_config
+    from .train import pretrain
+
+    config = load_config(args.config, args.overrides)
+    trainer = pretrain(config, resume=args.resume)
+    print(f"done: {trainer.step} steps; checkpoints and metrics.jsonl in {config.out_dir}")
+
+
+def cmd_stats(args) -> None:
+    from .config import load_config
+    from .data import LogMelSource, check_files, compute_norm_stats, list_files
+
+    config = load_config(args.config, args.overrides)
+    files, bad = check_files(list_files(args.data, config.data.root), "skip", config.model.input_size[0])
+    source = LogMelSource(files, sample_rate=config.data.sample_rate)
+    mean, std = compute_norm_stats(source, config.model.input_size[1], args.items, config.train.seed, progress=True)
+    result = {"norm_stats": [mean, std], "items": min(args.items, len(files)), "skipped_files": len(bad)}
+    text = json.dumps(result)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    print(f"use it with: data.norm_stats=[{mean:.4f},{std:.4f}]", file=sys.stderr)
+
+
+def cmd_embed(args) -> None:
+    import numpy as np
+    import torch
+
+    from .frontend import read_audio
+    from .runtime import load_encoder
+
+    runtime = load_encoder(args.weights, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for f in args.files:
+        try:
+            wav = read_audio(f, runtime.sample_rate).to(args.device)
+        except AudioReadError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.inference_mode():
+            feats = runtime.encode(wav, runtime.sample_rate)[0]
+            feats = feats.mean(0) if args.level == "clip" else feats
+        np.save(out / (Path(f).stem + ".npy"), feats.cpu().numpy())
+    print(f"wrote {len(args.files) - failed} feature files to {out}" + (f"; {failed} failed" if failed else ""))
+    if failed == len(args.files):
+        raise AudioReadError("no file could be read")
+
+
+def cmd_export(args) -> None:
+    from .checkpoint import export_original
+
+    print(export_original(args.checkpoint, args.out, encoder_only=args.encoder_only))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastm2d", description="Masked Modeling Duo pre-training and transfer")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pt = sub.add_parser("pretrain", help="pre-train M2D (the embedded synthetic data by default)")
+    pt.add_argument("--config", help="YAML config (see configs/)")
+    pt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    pt.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    pt.set_defaults(func=cmd_pretrain)
+
+    st = sub.add_parser("stats", help="dataset mean/std of log-mel over random crops (-> data.norm_stats)")
+    st.add_argument("data", help="folder or CSV list of audio / .npy files")
+    st.add_argument("--config", help="YAML config for the front end and crop size")
+    st.add_argument("--items", type=int, default=10000)
+    st.add_argument("--out", help="write the JSON result here too")
+    st.add_argument("overrides", nargs="*")
+    st.set_defaults(func=cmd_stats)
+
+    em = sub.add_parser("embed", help="audio files -> features (.npy per file)")
+    em.add_argument("--weights", required=True, help="fastm2d checkpoint / run folder, or original weights")
+    em.add_argument("--out", required=True, help="output folder")
+    em.add_argument("--level", choices=("frame", "clip"), default="frame")
+    em.add_argument("--device", default="cpu")
+    em.add_argument("files", nargs="+")
+    em.set_defaults(func=cmd_embed)
+
+    ex = sub.add_parser("export", help="write a checkpoint in the original M2D folder/file layout")
+    ex.add_argument("checkpoint", help="fastm2d checkpoint or run folder")
+    ex.add_argument("out", help="folder to create the <name>-<F>x<T>p<pF>x<pT>-<date>/ folder in")
+    ex.add_argument("--encoder-only", action="store_true")
+    ex.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from .train import TrainingDiverged
+
+    try:
+        args.func(args)
+    except (*USER_ERRORS, TrainingDiverged) as e:
+        print(f"fastm2d {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The configuration schema: typed dataclasses, YAML files and `key=value` overrides (OmegaConf).
+
+The dataclasses below are the single source of truth for every key. `load_config` merges, in order, the
+defaults, a YAML file and dotted command-line overrides; an unknown key or a value of the wrong type is a
+`ConfigError` that names the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# Encoder presets (SPEC.md "Model"); explicit model.embed_dim / depth / num_heads override them.
+VIT_SIZES = {
+    "tiny": dict(embed_dim=192, depth=4, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "base"
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    input_size: List[int] = field(default_factory=lambda: [80, 608])  # (mel bins, frames)
+    patch_size: List[int] = field(default_factory=lambda: [16, 16])  # (freq, time)
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.7
+    attention: str = "sdpa"  # sdpa | reference
+    kernels: str = "auto"  # auto | triton | reference (FASTM2D_KERNELS wins)
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with the size preset filled in and every value checked."""
+        if self.size not in VIT_SIZES:
+            raise ConfigError(f"model.size={self.size!r}: expected one of {sorted(VIT_SIZES)}")
+        out = ModelConfig(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(self).items()})
+        for key, value in VIT_SIZES[self.size].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        check_model_config(out)
+        return out
+
+
+def check_model_config(m: ModelConfig) -> None:
+    if len(m.input_size) != 2 or len(m.patch_size) != 2:
+        raise ConfigError(f"model.input_size and model.patch_size need two numbers, got {m.input_size}, {m.patch_size}")
+    for axis in (0, 1):
+        if m.input_size[axis] % m.patch_size[axis]:
+            raise ConfigError(f"model.input_size {m.input_size} is not a multiple of model.patch_size {m.patch_size}")
+    if m.embed_dim % m.num_heads or m.decoder_embed_dim % m.decoder_num_heads:
+        raise ConfigError("model.embed_dim (decoder_embed_dim) must be divisible by num_heads (decoder_num_heads)")
+    if m.embed_dim % 4 or m.decoder_embed_dim % 4:
+        raise ConfigError("the 2-D sin-cos position encoding needs widths divisible by 4")
+    if not 0.0 < m.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio={m.mask_ratio}: must lie strictly between 0 and 1")
+    if m.attention not in ("sdpa", "reference"):
+        raise ConfigError(f"model.attention={m.attention!r}: expected sdpa or reference")
+    if m.kernels not in ("auto", "triton", "reference"):
+        raise ConfigError(f"model.kernels={m.kernels!r}: expected auto, triton or reference")
+
+
+@dataclass
+class DataConfig:
+    train: str = "synthetic"  # 'synthetic', a folder (searched recursively) or a CSV list of audio / .npy files
+    root: Optional[str] = None  # base folder for relative paths in a CSV (default: the CSV's folder)
+    sample_rate: int = 16000  # front end: 16000 or 32000 (SPEC.md "Front end")
+    norm_stats: Optional[List[float]] = None  # [mean, std]; None = computed once and saved in the run folder
+    stats_items: int = 10000  # how many random crops the statistics are computed from
+    min_epoch_items: int = 0  # repeat a small list up to this many items per epoch
+    on_bad_file: str = "skip"  # skip (count, log and list) | error
+    num_workers: int = 2
+    synthetic_clips: int = 512
+    synthetic_seconds: float = 6.1
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # per optimiser micro-step, per process
+    accum_steps: int = 1
+    base_lr: float = 3e-4  # lr = base_lr * effective_batch / 256
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    epochs: float = 300.0
+    warmup_epochs: float = 20.0
+    max_steps: Optional[int] = None  # optimiser steps; overrides epochs
+    clip_grad: float = 3.0
+    ema_start: float = 0.99995
+    ema_end: float = 0.99999
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/m2d"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _wrap(exc: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"{where}: bad config key {key!r}: {msg}" if key else f"{where}: {msg}")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `a.b=value` overrides. Returns a plain, validated `Config` object."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise _wrap(e, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise _wrap(e, "command line") from None
+    config: Config = OmegaConf.to_object(cfg)
+    config.model = config.model.resolved()
+    check_config(config)
+    return config
+
+
+def check_config(c: Config) -> None:
+    if c.data.sample_rate not in (16000, 32000):
+        raise ConfigError(f"data.sample_rate={c.data.sample_rate}: expected 16000 or 32000")
+    if c.data.on_bad_file not in ("skip", "error"):
+        raise ConfigError(f"data.on_bad_file={c.data.on_bad_file!r}: expected skip or error")
+    if c.data.norm_stats is not None and (len(c.data.norm_stats) != 2 or c.data.norm_stats[1] <= 0):
+        raise ConfigError(f"data.norm_stats={c.data.norm_stats}: expected [mean, std] with std > 0")
+    if c.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision={c.train.precision!r}: expected auto, fp32, bf16 or fp16")
+    for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints"):
+        if getattr(c.train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(c.train, key)}: must be >= 1")
+    if c.train.max_steps is not None and c.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps={c.train.max_steps}: must be >= 1")
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved with a checkpoint (validated like a file)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))
+    except OmegaConfBaseException as e:
+        raise _wrap(e, "checkpoint config") from None
+    config: Config = OmegaConf.to_object(cfg)
+    config.model = config.model.resolved()
+    return config
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(d))
+    except OmegaConfBaseException as e:
+        raise _wrap(e, "model config") from None
+    return OmegaConf.to_object(cfg).resolved()

@@ -1,0 +1,108 @@
+"""Reference data path: items -> full log-mel (F, T) -> random crop, pad, normalise -> (1, F, T_crop).
+
+Random crops are a pure function of the sampler's per-item seed, so the data order and crops are the same
+whatever the number of workers, and a resumed run sees exactly the batches the uninterrupted one would.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..frontend import AudioReadError, LogMelSpectrogram, read_audio
+from .sources import LMS_EXT, DataError, check_lms_array_shape
+from .synthetic import synth_clip
+
+log = logging.getLogger("fastm2d.data")
+
+
+class LogMelSource:
+    """Index -> float32 log-mel (F, T) of one item. `names[i]` says what item i is, for error messages."""
+
+    def __init__(self, files: Optional[Sequence[Path]] = None, sample_rate: int = 16000,
+                 synthetic: Tuple[int, int, float] | None = None):
+        self.files = list(files or [])
+        self.sample_rate = sample_rate
+        self.synthetic = synthetic  # (seed, n_clips, seconds) or None
+        self.frontend = LogMelSpectrogram(sample_rate)
+        self._cache = {}  # synthetic clips are cheap to keep: 512 x 80 x 611 floats = 100 MB
+
+    def __len__(self) -> int:
+        return self.synthetic[1] if self.synthetic else len(self.files)
+
+    @property
+    def names(self) -> List[str]:
+        return [f"synthetic:{i}" for i in range(len(self))] if self.synthetic else [str(f) for f in self.files]
+
+    def load(self, i: int, crop: Optional[Tuple[int, int]] = None) -> np.ndarray:
+        """Full log-mel of item i, or only frames [start, start + length) of it where the format allows."""
+        if self.synthetic:
+            if i not in self._cache:
+                seed, _, seconds = self.synthetic
+                wav = torch.from_numpy(synth_clip(seed, i, seconds, self.sample_rate))
+                self._cache[i] = self.frontend(wav).numpy()
+            return self._cache[i]
+        path = self.files[i]
+        if path.suffix.lower() == LMS_EXT:
+            arr = np.load(path, mmap_mode="r")  # memory-mapped: a crop reads only its bytes
+            reason = check_lms_array_shape(arr, self.frontend.mel.n_mels)
+            if reason:
+                raise DataError(f"{path}: {reason}")
+            return arr.reshape(arr.shape[-2], arr.shape[-1])
+        with torch.inference_mode():
+            return self.frontend(read_audio(path, self.sample_rate)).numpy()
+
+
+def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
+    """(F, T) -> (F, frames): a random window, or the clip zero-padded at the end (log domain) when shorter."""
+    t = lms.shape[-1]
+    if t > frames:
+        start = int(rng.integers(0, t - frames + 1))
+        return np.asarray(lms[:, start:start + frames], dtype=np.float32)
+    out = np.zeros((lms.shape[0], frames), dtype=np.float32)
+    out[:, :t] = lms
+    return out
+
+
+class CropDataset(Dataset):
+    """Indexed by (item, crop_seed) pairs from `EpochSampler`. Returns {'lms': (1, F, T), 'skipped': n}.
+
+    A file that fails while training (decode error, NaN/inf values) is logged by name, counted in 'skipped'
+    and replaced by the next item, or raises `DataError` when on_bad_file='error'.
+    """
+
+    MAX_SUBSTITUTES = 16
+
+    def __init__(self, source: LogMelSource, frames: int, norm_stats: Sequence[float], on_bad_file: str = "skip"):
+        self.source = source
+        self.frames = frames
+        self.mean, self.std = float(norm_stats[0]), float(norm_stats[1])
+        self.on_bad_file = on_bad_file
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def crop(self, i: int, seed: int) -> np.ndarray:
+        lms = random_crop(self.source.load(i), self.frames, np.random.default_rng(seed))
+        if not np.isfinite(lms).all():
+            raise DataError(f"{self.source.names[i]}: log-mel contains NaN or infinite values")
+        return lms
+
+    def __getitem__(self, key: Tuple[int, int]):
+        i, seed = key
+        for skipped in range(self.MAX_SUBSTITUTES):
+            j = (i + skipped) % len(self.source)
+            try:
+                lms = self.crop(j, seed)
+            except (DataError, AudioReadError) as e:
+                if self.on_bad_file == "error":
+                    raise DataError(str(e)) from None
+                log.warning("skipping bad training item: %s", e)
+                continue
+            x = torch.from_numpy((lms - self.mean) / self.std).unsqueeze(0)
+            return {"lms": x, "skipped": skipped}
+        raise DataError(f"{self.MAX_SUBSTITUTES} consecutive unusable items from {self.source.names[i]} on")

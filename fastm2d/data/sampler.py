@@ -1,0 +1,40 @@
+"""Deterministic, resumable epoch order: (item index, crop seed) pairs from (seed, epoch, position)."""
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class EpochSampler(Sampler):
+    """Shuffles `n_items` each epoch (repeating a small list up to `min_epoch_items`), drops the last partial
+    batch, and starts mid-epoch at `start_batch` so a resumed run continues the uninterrupted order."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, min_epoch_items: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch_items = max(n_items, min_epoch_items)
+        self.batches_per_epoch = self.epoch_items // (batch_size * world_size)
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"{n_items} items cannot fill one batch of {batch_size} x {world_size} processes")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.epoch, self.start_batch = epoch, batch
+
+    def order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        reps = -(-self.epoch_items // self.n_items)
+        items = np.concatenate([rng.permutation(self.n_items) for _ in range(reps)])[: self.epoch_items]
+        seeds = rng.integers(0, 2**62, size=self.epoch_items)
+        return np.stack([items, seeds], axis=1)
+
+    def __iter__(self):
+        pairs = self.order(self.epoch)
+        per_batch = self.batch_size * self.world_size
+        for b in range(self.start_batch, self.batches_per_epoch):
+            chunk = pairs[b * per_batch:(b + 1) * per_batch][self.rank::self.world_size]
+            yield from (tuple(int(v) for v in p) for p in chunk)
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size

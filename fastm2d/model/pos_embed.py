@@ -1,0 +1,46 @@
+"""Fixed 2-D sin-cos position encoding (SPEC.md "Model"), and its resampling for other input lengths."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(P,) positions -> (P, dim): [sin(p * w_i), cos(p * w_i)], w_i = 1 / 10000^(i / (dim / 2))."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = positions.double()[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_2d(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
+    """(1, [1+] F'*T', dim) table for a frequency-major grid (F', T'): first half time, second half frequency.
+
+    The CLS row is all zeros: CLS carries no position.
+    """
+    n_f, n_t = grid
+    t_idx = torch.arange(n_t).repeat(n_f)  # token f * T' + t has time index t ...
+    f_idx = torch.arange(n_f).repeat_interleave(n_t)  # ... and frequency index f
+    table = torch.cat([sincos_1d(dim // 2, t_idx), sincos_1d(dim // 2, f_idx)], dim=1)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim, dtype=table.dtype), table], dim=0)
+    return table.float().unsqueeze(0)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a (1, 1+F'*T', D) table to another grid: trim when only time shrinks, else bicubic over the grid.
+
+    Trimming keeps exact values for shorter inputs (how the original handles short chunks); bicubic
+    interpolation is what fine-tuning to a longer input does.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    cls, table = pos_embed[:, :1], pos_embed[:, 1:]
+    d = table.shape[-1]
+    grid = table.reshape(1, old_grid[0], old_grid[1], d)
+    if new_grid[0] == old_grid[0] and new_grid[1] <= old_grid[1]:
+        grid = grid[:, :, : new_grid[1]]
+    else:
+        grid = F.interpolate(grid.permute(0, 3, 1, 2).float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).to(pos_embed.dtype)
+    return torch.cat([cls, grid.reshape(1, new_grid[0] * new_grid[1], d)], dim=1)

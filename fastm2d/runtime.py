@@ -1,0 +1,99 @@
+"""Transfer: audio of any length -> frame features (paper eq. 4) and clip embeddings, with our or original weights.
+
+Long inputs are cut into chunks of the training length, the tail padded to a multiple of the patch width;
+each chunk is encoded on its own and the frames concatenated (SPEC.md "Transfer": 10 s on 80x608 -> 63 frames).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import ENCODER_PREFIXES, load_weights, read_checkpoint
+from .config import ModelConfig
+from .frontend import LogMelSpectrogram
+from .model import ViTEncoder
+from .model.pos_embed import resample_pos_embed
+
+
+class Runtime(nn.Module):
+    """An encoder plus its front end and normalisation statistics, ready for feature extraction."""
+
+    def __init__(self, encoder: ViTEncoder, sample_rate: int = 16000):
+        super().__init__()
+        self.encoder = encoder.eval()
+        self.frontend = LogMelSpectrogram(sample_rate)
+        self.sample_rate = sample_rate
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.encoder.cfg
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.grid[0] * self.cfg.embed_dim
+
+    def normalize(self, lms: torch.Tensor) -> torch.Tensor:
+        mean, std = self.encoder.norm_stats
+        return (lms - mean) / std
+
+    def encode_lms(self, lms: torch.Tensor, return_layers: bool = False) -> torch.Tensor | List[torch.Tensor]:
+        """Normalised log-mel (B, 1, F, T) or (B, F, T), any T -> (B, T', F'*D) frame features (eq. 4).
+
+        With return_layers, a list with one such tensor per block (the last after the final norm).
+        """
+        if lms.dim() == 3:
+            lms = lms.unsqueeze(1)
+        unit, patch_t = self.cfg.input_size[1], self.cfg.patch_size[1]
+        pad = (patch_t - lms.shape[-1] % unit % patch_t) % patch_t
+        if pad:
+            lms = F.pad(lms, (0, pad))
+        n_f = self.encoder.grid[0]
+        per_chunk = []
+        for start in range(0, lms.shape[-1], unit):
+            out = self.encoder.encode_patches(lms[..., start:start + unit], return_layers=True)
+            # (B, F'*T', D) -> (B, F', T', D) -> (B, T', F'*D)   (eq. 4)
+            per_chunk.append([z.reshape(z.shape[0], n_f, -1, z.shape[-1]).transpose(1, 2).flatten(2) for z in out])
+        layers = [torch.cat([c[i] for c in per_chunk], dim=1) for i in range(len(per_chunk[0]))]
+        return layers if return_layers else layers[-1]
+
+    def to_lms(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """(B, N) or (N,) waveform -> normalised (B, 1, 80, T) log-mel."""
+        if sample_rate != self.sample_rate:
+            raise ValueError(f"this model takes {self.sample_rate} Hz audio, got {sample_rate} Hz "
+                             f"(resample with torchaudio.functional.resample or fastm2d.read_audio)")
+        if waveform.dim() == 1:
+            waveform = waveform.unsqueeze(0)
+        return self.normalize(self.frontend(waveform)).unsqueeze(1)
+
+    def encode(self, waveform: torch.Tensor, sample_rate: int, return_layers: bool = False):
+        """Waveform (B, N) -> frame features (B, T', F'*D), one frame per patch width (160 ms for 16x16)."""
+        return self.encode_lms(self.to_lms(waveform, sample_rate), return_layers=return_layers)
+
+    def scene_embedding(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Clip embedding: the mean of the frame features over time -> (B, F'*D)."""
+        return self.encode(waveform, sample_rate).mean(dim=1)
+
+
+def load_encoder(path: str | Path, input_frames: Optional[int] = None, attention: Optional[str] = None,
+                 device: str | torch.device = "cpu") -> Runtime:
+    """A `Runtime` from a fastm2d checkpoint or run folder, an original checkpoint, or an encoder-only file.
+
+    input_frames: another training length for fine-tuning; the position table is trimmed or resampled.
+    """
+    state, cfg, sr, _ = read_checkpoint(path)
+    state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    cfg.attention = attention or cfg.attention
+    encoder = ViTEncoder(cfg)
+    load_weights(encoder, state, path)
+    if input_frames is not None and input_frames != cfg.input_size[1]:
+        new_t = input_frames // cfg.patch_size[1]
+        pos = resample_pos_embed(encoder.pos_embed, encoder.grid, (encoder.grid[0], new_t))
+        cfg.input_size = [cfg.input_size[0], new_t * cfg.patch_size[1]]
+        encoder.grid = (encoder.grid[0], new_t)
+        encoder.num_patches = encoder.grid[0] * new_t
+        encoder.pos_embed = pos
+    return Runtime(encoder, sr).to(device)

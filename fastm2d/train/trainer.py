@@ -1,0 +1,247 @@
+"""The reference single-process trainer: the paper's recipe with no host synchronisation inside a step.
+
+`Trainer.train_step` is the whole algorithm: forward/backward over the micro-batches, clip, optimiser step,
+EMA. Everything else here is bookkeeping: data, schedules, logging, atomic checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from timm.optim import param_groups_weight_decay
+from torch.utils.data import DataLoader
+
+from .. import __version__
+from ..checkpoint import atomic_save, list_checkpoints, load_weights
+from ..config import Config, ConfigError, config_from_dict, to_yaml
+from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files
+from ..model import EMA, M2D, ema_tau
+from .metrics import MetricsLogger
+from .schedule import lr_at, scaled_lr
+
+log = logging.getLogger("fastm2d.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here")
+    return device
+
+
+def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for fp32. bf16 needs no loss scaling; fp16 gets a GradScaler (CUDA only)."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA (loss scaling); use fp32 or bf16 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_source(config: Config, out_dir: Path) -> LogMelSource:
+    d = config.data
+    if d.train == "synthetic":
+        return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed, d.synthetic_clips,
+                                                                   d.synthetic_seconds))
+    files, bad = check_files(list_files(d.train, d.root), d.on_bad_file, config.model.input_size[0])
+    if bad:
+        (out_dir / "bad_files.txt").write_text("".join(f"{b}\n" for b in bad))
+    return LogMelSource(files, sample_rate=d.sample_rate)
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: bool = False):
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        t = config.train
+        self.device = pick_device(t.device)
+        self.amp_dtype = pick_precision(t.precision, self.device)
+        torch.manual_seed(t.seed)
+
+        self.model = M2D(config.model).to(self.device)
+        self.source = build_source(config, self.out_dir)
+        self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items)
+        self.effective_batch = t.batch_size * t.accum_steps
+        steps_per_epoch = self.sampler.batches_per_epoch / t.accum_steps
+        self.total_steps = t.max_steps or max(1, round(t.epochs * steps_per_epoch))
+        self.warmup_steps = min(round(t.warmup_epochs * steps_per_epoch), self.total_steps // 2)
+        self.peak_lr = scaled_lr(t.base_lr, self.effective_batch)
+
+        groups = param_groups_weight_decay(self.model, t.weight_decay)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(t.betas), fused=fused)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = EMA(self.model.target_parameters(), self.model.online_parameters())
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step = 0
+        # Device-side accumulators: read only on logging steps, so a step never waits for the host.
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._skipped = 0
+
+        latest = max(list_checkpoints(self.out_dir), default=None)
+        if resume and latest is not None:
+            self.load_state(list_checkpoints(self.out_dir)[latest])
+        else:
+            if latest is not None and not resume:
+                raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
+                                  f"or choose another out_dir")
+            self.model.norm_stats.copy_(torch.tensor(self.norm_stats()))
+        self.dataset = CropDataset(self.source, config.model.input_size[1], self.model.norm_stats.tolist(),
+                                   config.data.on_bad_file)
+        (self.out_dir / "config.yaml").write_text(to_yaml(config))
+
+    # ---------------------------------------------------------------------------------------- the step ----
+    def train_step(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
+        """One optimiser step over `accum_steps` micro-batches. Returns the mean loss as a device tensor."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
+        loss_sum = torch.zeros((), device=self.device)
+        for lms in micro_batches:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss = self.model(lms)["loss"]
+            self.scaler.scale(loss / len(micro_batches)).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.train.clip_grad, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(ema_tau(self.step, self.total_steps, self.config.train.ema_start, self.config.train.ema_end))
+        self.step += 1
+        return loss_sum / len(micro_batches)
+
+    # ---------------------------------------------------------------------------------------- the loop ----
+    def fit(self) -> None:
+        t = self.config.train
+        logger = MetricsLogger(self.out_dir, self.total_steps, self.step, t.tensorboard, t.progress)
+        batches = self.micro_batches()
+        last_time, last_step = time.perf_counter(), self.step
+        try:
+            while self.step < self.total_steps:
+                loss = self.train_step([next(batches) for _ in range(t.accum_steps)])
+                self._loss_sum += loss
+                self._nonfinite |= ~torch.isfinite(loss)
+                logger.advance()
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    logger.write(self.log_row(self.step - last_step, now - last_time))
+                    last_time, last_step = now, self.step
+                if self.step % t.save_every == 0 or self.step == self.total_steps:
+                    self.check_finite()
+                    self.save()
+        finally:
+            logger.close()
+
+    def micro_batches(self) -> Iterator[torch.Tensor]:
+        """Endless micro-batches from the position that `self.step` implies (so resuming continues the order)."""
+        micro = self.step * self.config.train.accum_steps
+        epoch, batch = divmod(micro, self.sampler.batches_per_epoch)
+        gen = torch.Generator().manual_seed(self.config.train.seed)  # keeps DataLoader off the global RNG
+        while True:
+            self.sampler.set_position(epoch, batch)
+            loader = DataLoader(self.dataset, batch_size=self.config.train.batch_size, sampler=self.sampler,
+                                num_workers=self.config.data.num_workers, drop_last=True, generator=gen,
+                                pin_memory=self.device.type == "cuda")
+            for item in loader:
+                self._skipped += int(item["skipped"].sum())
+                yield item["lms"].to(self.device, non_blocking=True)
+            epoch, batch = epoch + 1, 0
+
+    def log_row(self, steps: int, seconds: float) -> dict:
+        self.check_finite()  # a logging step may synchronise; all others never do
+        loss = (self._loss_sum / max(steps, 1)).item()
+        self._loss_sum.zero_()
+        row = {"step": self.step, "epoch": self.step * self.config.train.accum_steps / self.sampler.batches_per_epoch,
+               "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "tau": ema_tau(self.step - 1, self.total_steps, self.config.train.ema_start, self.config.train.ema_end),
+               "samples_per_s": steps * self.effective_batch / max(seconds, 1e-9), "skipped_items": self._skipped}
+        return row
+
+    def check_finite(self) -> None:
+        if bool(self._nonfinite):
+            good = max(list_checkpoints(self.out_dir), default=None)
+            raise TrainingDiverged(
+                f"the loss became NaN/inf at or before step {self.step}; training stopped. "
+                + (f"Last good checkpoint: {list_checkpoints(self.out_dir)[good]}" if good is not None
+                   else "No checkpoint was written before it.")
+                + " Try a lower train.base_lr or train.precision=fp32.")
+
+    # ------------------------------------------------------------------------------------- statistics -----
+    def norm_stats(self) -> List[float]:
+        """Configured statistics, else the run folder's saved ones, else computed once and saved there."""
+        if self.config.data.norm_stats is not None:
+            return list(self.config.data.norm_stats)
+        path = self.out_dir / "norm_stats.json"
+        if path.is_file():
+            return json.loads(path.read_text())["norm_stats"]
+        stats = compute_norm_stats(self.source, self.config.model.input_size[1], self.config.data.stats_items,
+                                   self.config.train.seed, progress=self.config.train.progress)
+        path.write_text(json.dumps({"norm_stats": stats, "items": min(self.config.data.stats_items, len(self.source))}))
+        log.info("dataset statistics: mean %.4f std %.4f (saved to %s)", *stats, path)
+        return list(stats)
+
+    # ------------------------------------------------------------------------------------- checkpoints ----
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        config = OmegaConf.to_container(OmegaConf.structured(self.config))
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": int(self.step * self.config.train.accum_steps
+                                                                  // self.sampler.batches_per_epoch),
+                "step": self.step, "rng": rng, "args": config, "config": config,
+                "model_config": asdict(self.model.cfg), "sample_rate": self.config.data.sample_rate,
+                "fastm2d_version": __version__}
+
+    def save(self) -> Path:
+        path = self.out_dir / f"checkpoint-{self.step}.pth"
+        atomic_save(self.state(), path)
+        for step, old in sorted(list_checkpoints(self.out_dir).items())[: -self.config.train.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_state(self, path: Path) -> None:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        saved = config_from_dict(obj["config"]).model
+        if asdict(saved) != asdict(self.model.cfg):
+            diff = {k: (v, getattr(self.model.cfg, k)) for k, v in asdict(saved).items() if getattr(self.model.cfg, k) != v}
+            raise ConfigError(f"{path}: the checkpoint's model config differs from this config (saved, now): {diff}")
+        load_weights(self.model, obj["model"], path)
+        self.optimizer.load_state_dict(obj["optimizer"])
+        self.scaler.load_state_dict(obj["scaler"])
+        self.step = int(obj["step"])
+        torch.set_rng_state(obj["rng"]["torch"])
+        np.random.set_state(obj["rng"]["numpy"])
+        if "cuda" in obj["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(obj["rng"]["cuda"], self.device)
+        self._truncate_metrics(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop rows logged after the checkpoint, so metrics.jsonl stays one continuous curve."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+
+def pretrain(config: Config, resume: bool = False) -> Trainer:
+    trainer = Trainer(config, resume=resume)
+    trainer.fit()
+    return trainer

@@ -1,0 +1,50 @@
+"""fastm2d.kernels: the M2D hot-path operations, each with its pure-PyTorch reference beside the fast version.
+
+Installed as `fastm2d.kernels` (setup.py maps this folder under the package). One switch selects the
+implementation: `model.kernels` in the config (auto | triton | reference) and the environment variable
+FASTM2D_KERNELS, which wins. `auto` = Triton on CUDA when the Triton kernels exist, reference elsewhere.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from .l2norm_mse import l2norm_mse_reference
+from .masking import gather_masked_reference, gather_visible_reference, unshuffle_with_mask_tokens_reference
+from .noise_mix import noise_mix_reference
+
+MODES = ("auto", "triton", "reference")
+ENV_VAR = "FASTM2D_KERNELS"
+
+REFERENCE = SimpleNamespace(
+    name="reference",
+    gather_visible=gather_visible_reference,
+    unshuffle_with_mask_tokens=unshuffle_with_mask_tokens_reference,
+    gather_masked=gather_masked_reference,
+    l2norm_mse=l2norm_mse_reference,
+    noise_mix=noise_mix_reference,
+)
+TRITON = None  # filled in by the Triton kernels (see the kernels issue); None until they exist
+
+
+def requested_mode(config_mode: str = "auto") -> str:
+    mode = os.environ.get(ENV_VAR, config_mode) or config_mode
+    if mode not in MODES:
+        source = ENV_VAR if ENV_VAR in os.environ else "model.kernels"
+        raise ValueError(f"{source}={mode!r}: expected one of {MODES}")
+    return mode
+
+
+def select(config_mode: str, device: torch.device) -> SimpleNamespace:
+    """The namespace of operations to use for tensors on `device`."""
+    mode = requested_mode(config_mode)
+    if mode == "reference" or (mode == "auto" and (TRITON is None or device.type != "cuda")):
+        return REFERENCE
+    if TRITON is None:
+        raise RuntimeError(
+            f"kernels={mode!r} requested, but this build of fastm2d has no Triton kernels yet; "
+            f"use model.kernels=reference (or {ENV_VAR}=reference)"
+        )
+    return TRITON

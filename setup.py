@@ -1,0 +1,30 @@
+from setuptools import setup
+
+setup(
+    name="fastm2d",
+    version="0.1.0",
+    description="Fast, tested pre-training and transfer of Masked Modeling Duo (M2D / M2D-X) audio representations",
+    python_requires=">=3.10",
+    # kernels/ lives at the top of the repository but installs as fastm2d.kernels, never as a bare `kernels`.
+    packages=["fastm2d", "fastm2d.model", "fastm2d.data", "fastm2d.train", "fastm2d.kernels"],
+    package_dir={"fastm2d": "fastm2d", "fastm2d.kernels": "kernels"},
+    install_requires=[
+        "torch==2.11.0",
+        "torchaudio==2.11.0",
+        "torchvision==0.26.0",  # timm imports it; other versions fail with 'torchvision::nms does not exist'
+        "timm>=1.0",
+        "numpy",
+        "soundfile>=0.12",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "dali": ["nvidia-dali-cuda130==2.4.0"],
+        "deepspeed": ["deepspeed==0.19.8"],
+        "xformers": ["xformers==0.0.35"],
+    },
+    entry_points={"console_scripts": ["fastm2d=fastm2d.cli:main"]},
+)
