@@ -17,7 +17,8 @@ from torch import nn
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q, k, v: (B, H, N, d) -> (B, H, N, d), written out step by step."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+    # Softmax in at least fp32 (bf16/fp16 inputs), in the input's precision when that is higher.
+    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ v
 
 
 BACKENDS: Dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {

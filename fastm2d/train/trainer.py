@@ -178,7 +178,7 @@ class Trainer:
             good = max(list_checkpoints(self.out_dir), default=None)
             raise TrainingDiverged(
                 f"the loss became NaN/inf at or before step {self.step}; training stopped. "
-                + (f"Last good checkpoint: {list_checkpoints(self.out_dir)[good]}" if good is not None
+                + (f"Last good checkpoint: {list_checkpoints(self.out_dir)[good]}." if good is not None
                    else "No checkpoint was written before it.")
                 + " Try a lower train.base_lr or train.precision=fp32.")
 

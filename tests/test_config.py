@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from fastm2d.config import VIT_SIZES, ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_unknown_key_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match="train.max_stepz"):
+        load_config(None, ["train.max_stepz=3"])
+
+
+def test_wrong_type_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, ["train.batch_size=many"])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  sise: base\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*model.sise"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("item, key", [("model.mask_ratio=1.5", "mask_ratio"), ("model.attention=flash", "attention"),
+                                       ("model.patch_size=[16,15]", "patch_size"), ("data.sample_rate=22050", "sample_rate"),
+                                       ("model.size=huge", "model.size"), ("train.batch_size=0", "batch_size")])
+def test_bad_values_name_the_key(item, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [item])
+
+
+def test_not_key_value():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_size_presets_and_explicit_override():
+    c = load_config(None, ["model.size=large"])
+    assert (c.model.embed_dim, c.model.depth, c.model.num_heads) == (1024, 24, 16)
+    c = load_config(None, ["model.size=base", "model.depth=6"])
+    assert (c.model.embed_dim, c.model.depth) == (768, 6)
+
+
+def test_shipped_configs_load():
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert demo.data.train == "synthetic" and demo.model.embed_dim == VIT_SIZES["tiny"]["embed_dim"]
+    base = load_config(CONFIGS / "m2d_vit_base.yaml")
+    # The paper's recipe: ViT-B, 80x608 16x16, mask 0.7, effective batch 2048, base lr 3e-4, 300 / 20 epochs.
+    assert (base.model.embed_dim, base.model.depth, base.model.num_heads) == (768, 12, 12)
+    assert base.model.input_size == [80, 608] and base.model.patch_size == [16, 16] and base.model.mask_ratio == 0.7
+    assert base.train.batch_size * base.train.accum_steps == 2048
+    assert (base.train.base_lr, base.train.epochs, base.train.warmup_epochs, base.train.clip_grad) == (3e-4, 300, 20, 3.0)
+    assert base.data.norm_stats == [-7.1, 4.2]

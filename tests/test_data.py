@@ -1,0 +1,115 @@
+"""Training data: sources, crops, statistics, resumable order and bad input."""
+import numpy as np
+import pytest
+import torch
+
+from fastm2d.config import ConfigError
+from fastm2d.data import (CropDataset, DataError, EpochSampler, LogMelSource, check_files, compute_norm_stats,
+                          list_files, random_crop, synth_clip)
+from fastm2d.train import Trainer, pretrain, read_metrics
+
+from .conftest import write_tone
+
+
+def test_synthetic_clips_are_deterministic_and_varied():
+    a, b = synth_clip(0, 3), synth_clip(0, 3)
+    assert np.array_equal(a, b) and a.dtype == np.float32 and len(a) == 97600
+    assert not np.array_equal(a, synth_clip(0, 4)) and np.abs(a).max() <= 1.0
+    lms = LogMelSource(synthetic=(0, 8, 6.1)).load(0)
+    assert lms.shape == (80, 611) and lms.std() > 1.0  # real structure, not a flat floor
+
+
+def test_random_crop_and_pad():
+    rng = np.random.default_rng(0)
+    lms = np.arange(80 * 700, dtype=np.float32).reshape(80, 700)
+    crop = random_crop(lms, 608, rng)
+    start = int(crop[0, 0])
+    assert np.array_equal(crop, lms[:, start:start + 608])
+    short = random_crop(lms[:, :100], 608, rng)
+    assert np.array_equal(short[:, :100], lms[:, :100]) and not short[:, 100:].any()  # zero-padded in the log domain
+
+
+def test_norm_stats_match_numpy_over_the_same_crops():
+    src = LogMelSource(synthetic=(1, 6, 1.0))
+    mean, std = compute_norm_stats(src, 64, n_items=6, seed=3)
+    rng = np.random.default_rng(3)
+    picks = rng.choice(6, size=6, replace=False)
+    crops = np.stack([random_crop(src.load(int(i)), 64, rng) for i in picks]).astype(np.float64)
+    assert mean == pytest.approx(crops.mean(), abs=1e-9) and std == pytest.approx(crops.std(), abs=1e-9)
+
+
+def test_sampler_is_deterministic_and_resumes_mid_epoch():
+    s = EpochSampler(10, batch_size=3, seed=7)
+    assert s.batches_per_epoch == 3 and len(list(s)) == 9
+    full = list(s)
+    s.set_position(0, 2)
+    assert list(s) == full[6:]
+    s.set_position(1, 0)
+    assert [i for i, _ in s] != [i for i, _ in full]
+    small = EpochSampler(4, batch_size=2, seed=0, min_epoch_items=10)
+    items = [i for i, _ in small]
+    assert len(items) == 10 and set(items) == {0, 1, 2, 3}
+
+
+def _make_files(tmp_path):
+    good = [write_tone(tmp_path / f"good{i}.wav", seconds=0.7) for i in range(3)]
+    np.save(tmp_path / "good.npy", np.random.randn(1, 80, 90).astype(np.float32))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "corrupt.flac").write_bytes(b"not flac at all" * 50)
+    np.save(tmp_path / "wrong_shape.npy", np.zeros((3, 64, 10), dtype=np.float32))
+    nan = np.random.randn(1, 80, 90).astype(np.float32)
+    nan[0, 3, :] = np.nan  # one mel bin, every frame: any crop contains it
+    np.save(tmp_path / "has_nan.npy", nan)
+    return good
+
+
+def test_folder_and_csv_sources(tmp_path):
+    _make_files(tmp_path)
+    files = list_files(str(tmp_path))
+    assert len(files) == 8
+    csv = tmp_path / "list.csv"
+    csv.write_text("file_name,label\ngood0.wav,x\ngood.npy,y\n")
+    assert list_files(str(csv)) == [tmp_path / "good0.wav", tmp_path / "good.npy"]
+    with pytest.raises(DataError, match="nowhere"):
+        list_files(str(tmp_path / "nowhere"))
+
+
+def test_bad_files_error_mode_lists_them_all_before_training(tmp_path):
+    _make_files(tmp_path)
+    with pytest.raises(DataError) as e:
+        check_files(list_files(str(tmp_path)), "error")
+    msg = str(e.value)
+    for name in ("empty.wav", "corrupt.flac", "wrong_shape.npy"):
+        assert name in msg
+    assert "3 of 8" in msg
+
+
+def test_bad_files_skip_mode_counts_and_continues(tmp_path, tiny_config):
+    _make_files(tmp_path)
+    cfg = tiny_config(f"data.train={tmp_path}", "train.max_steps=3", "train.batch_size=2", "data.norm_stats=[-8,4]")
+    tr = pretrain(cfg)
+    bad = (tr.out_dir / "bad_files.txt").read_text()
+    assert "empty.wav" in bad and "corrupt.flac" in bad and "wrong_shape.npy" in bad
+    # has_nan.npy passes the header check; the NaN is found while training, skipped and counted.
+    assert len(tr.source) == 5
+    nan_index = tr.source.names.index(str(tmp_path / "has_nan.npy"))
+    drawn = [int(i) for e in (0, 1) for i, _ in tr.sampler.order(e)[:4]][:6]  # 3 steps x 2 items
+    rows = read_metrics(tr.out_dir)
+    assert rows[-1]["skipped_items"] == drawn.count(nan_index) and all(np.isfinite(r["loss"]) for r in rows)
+    ds = CropDataset(tr.source, 64, [-8, 4])
+    item = ds[(nan_index, 0)]
+    assert item["skipped"] == 1 and torch.isfinite(item["lms"]).all()
+    strict = CropDataset(tr.source, 64, [-8, 4], on_bad_file="error")
+    with pytest.raises(DataError, match="has_nan.npy.*NaN"):
+        strict[(nan_index, 0)]
+
+
+def test_all_files_bad_is_one_clear_error(tmp_path, tiny_config):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.wav"):
+        Trainer(tiny_config(f"data.train={tmp_path}"))
+
+
+def test_too_few_items_for_a_batch(tiny_config):
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        Trainer(tiny_config("data.synthetic_clips=2", "train.batch_size=4"))
