@@ -2,7 +2,7 @@
 
 Installed as `fastm2d.kernels` (setup.py maps this folder under the package). One switch selects the
 implementation: `model.kernels` in the config (auto | triton | reference) and the environment variable
-FASTM2D_KERNELS, which wins. `auto` = Triton on CUDA when the Triton kernels exist, reference elsewhere.
+FASTM2D_KERNELS, which wins. `auto` = Triton on CUDA, reference elsewhere; `triton` on CPU runs only under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from types import SimpleNamespace
 
 import torch
 
-from .l2norm_mse import l2norm_mse_reference
-from .masking import gather_masked_reference, gather_visible_reference, unshuffle_with_mask_tokens_reference
-from .noise_mix import noise_mix_reference
+from ._triton import HAVE_TRITON, triton_unavailable_reason
+from .l2norm_mse import l2norm_mse_reference, l2norm_mse_triton
+from .masking import (gather_masked_reference, gather_masked_triton, gather_visible_reference, gather_visible_triton,
+                      unshuffle_with_mask_tokens_reference, unshuffle_with_mask_tokens_triton)
+from .noise_mix import noise_mix_reference, noise_mix_triton
 
 MODES = ("auto", "triton", "reference")
 ENV_VAR = "FASTM2D_KERNELS"
@@ -26,7 +28,14 @@ REFERENCE = SimpleNamespace(
     l2norm_mse=l2norm_mse_reference,
     noise_mix=noise_mix_reference,
 )
-TRITON = None  # filled in by the Triton kernels (see the kernels issue); None until they exist
+TRITON = SimpleNamespace(
+    name="triton",
+    gather_visible=gather_visible_triton,
+    unshuffle_with_mask_tokens=unshuffle_with_mask_tokens_triton,
+    gather_masked=gather_masked_triton,
+    l2norm_mse=l2norm_mse_triton,
+    noise_mix=noise_mix_triton,
+)
 
 
 def requested_mode(config_mode: str = "auto") -> str:
@@ -40,11 +49,12 @@ def requested_mode(config_mode: str = "auto") -> str:
 def select(config_mode: str, device: torch.device) -> SimpleNamespace:
     """The namespace of operations to use for tensors on `device`."""
     mode = requested_mode(config_mode)
-    if mode == "reference" or (mode == "auto" and (TRITON is None or device.type != "cuda")):
+    if mode == "reference":
         return REFERENCE
-    if TRITON is None:
-        raise RuntimeError(
-            f"kernels={mode!r} requested, but this build of fastm2d has no Triton kernels yet; "
-            f"use model.kernels=reference (or {ENV_VAR}=reference)"
-        )
+    reason = triton_unavailable_reason(device)
+    if mode == "auto":
+        return TRITON if reason is None and device.type == "cuda" else REFERENCE
+    if reason is not None:
+        raise RuntimeError(f"kernels='triton' requested, but {reason}; or use model.kernels=reference "
+                           f"({ENV_VAR}=reference)")
     return TRITON

@@ -1,18 +1,100 @@
-"""M2D loss (paper eq. 2): per-token standardised target, l2-normalised prediction and target, 2 - 2 cos."""
+"""M2D loss (paper eq. 2): per-token standardised target, l2-normalised prediction and target, 2 - 2 cos.
+
+`l2norm_mse_reference` is the definition; `l2norm_mse_triton` computes the same in one pass per token row
+(standardise, both norms, the dot product) and its backward recomputes the row instead of storing it.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ._triton import HAVE_TRITON, check_float, next_pow2, tl, triton
+
 STD_EPS = 1e-6  # (t - mean) / sqrt(var + 1e-6), var unbiased as in the original
+NORM_EPS = 1e-12  # F.normalize's floor on the norm
 
 
 def l2norm_mse_reference(pred: torch.Tensor, target: torch.Tensor, standardize_target: bool = True) -> torch.Tensor:
-    """pred, target: (..., D). Mean over all tokens of ||l2(pred) - l2(std(target))||^2, computed in fp32."""
+    """pred, target: (..., D). Mean over all tokens of ||l2(pred) - l2(std(target))||^2, in fp32 or better."""
     if pred.shape != target.shape:
         raise ValueError(f"l2norm_mse: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    pred, target = pred.float(), target.float()
+    compute = torch.promote_types(pred.dtype, torch.float32)
+    pred, target = pred.to(compute), target.to(compute)
     if standardize_target:
         target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + STD_EPS).sqrt()
     cos = (F.normalize(pred, dim=-1) * F.normalize(target, dim=-1)).sum(dim=-1)
     return (2.0 - 2.0 * cos).mean()
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _row_terms(P, T, row, D, stride_p, stride_t, STANDARDIZE: tl.constexpr, BLOCK_D: tl.constexpr):
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(T + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
+        s = 1.0
+        if STANDARDIZE:
+            t = tl.where(mask, t - tl.sum(t, axis=0) / D, 0.0)
+            s = tl.sqrt(tl.sum(t * t, axis=0) / (D - 1) + 1e-6)
+            t = t / s
+        pn = tl.maximum(tl.sqrt(tl.sum(p * p, axis=0)), 1e-12)
+        tn = tl.maximum(tl.sqrt(tl.sum(t * t, axis=0)), 1e-12)
+        cos = tl.sum(p * t, axis=0) / (pn * tn)
+        return p, t, s, pn, tn, cos, cols, mask
+
+    @triton.jit
+    def _l2norm_mse_fwd(P, T, LOSS, D, stride_p, stride_t, STANDARDIZE: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0)
+        p, t, s, pn, tn, cos, cols, mask = _row_terms(P, T, row, D, stride_p, stride_t, STANDARDIZE, BLOCK_D)
+        tl.store(LOSS + row, 2.0 - 2.0 * cos)
+
+    @triton.jit
+    def _l2norm_mse_bwd(P, T, GRAD, DP, DT, D, inv_rows, stride_p, stride_t, STANDARDIZE: tl.constexpr,
+                        NEED_DT: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0)
+        p, t, s, pn, tn, cos, cols, mask = _row_terms(P, T, row, D, stride_p, stride_t, STANDARDIZE, BLOCK_D)
+        g = tl.load(GRAD).to(tl.float32) * (-2.0 * inv_rows)  # d loss / d cos of this row
+        ph, th = p / pn, t / tn
+        dp = g * (th - cos * ph) / pn
+        tl.store(DP + row * stride_p + cols, dp.to(DP.dtype.element_ty), mask=mask)
+        if NEED_DT:
+            dt = g * (ph - cos * th) / tn
+            if STANDARDIZE:  # back through (t - mean) / sqrt(var_unbiased + eps); t holds the standardised row
+                dt = tl.where(mask, dt - tl.sum(dt, axis=0) / D - t * tl.sum(dt * t, axis=0) / (D - 1), 0.0) / s
+            tl.store(DT + row * stride_t + cols, dt.to(DT.dtype.element_ty), mask=mask)
+
+
+class _L2NormMSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, target, standardize):
+        d = pred.shape[-1]
+        p, t = pred.reshape(-1, d).contiguous(), target.reshape(-1, d).contiguous()  # documented copy if strided
+        rows = torch.empty(p.shape[0], device=p.device, dtype=torch.float32)
+        _l2norm_mse_fwd[(p.shape[0],)](p, t, rows, d, p.stride(0), t.stride(0), STANDARDIZE=standardize,
+                                       BLOCK_D=next_pow2(d))
+        ctx.save_for_backward(p, t)
+        ctx.standardize, ctx.shape = standardize, pred.shape
+        return rows.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, t = ctx.saved_tensors
+        need_dt = ctx.needs_input_grad[1]
+        dp = torch.empty_like(p)
+        dt = torch.empty_like(t) if need_dt else dp  # DT is never written when NEED_DT is False
+        _l2norm_mse_bwd[(p.shape[0],)](p, t, grad.float().contiguous(), dp, dt, p.shape[1], 1.0 / p.shape[0],
+                                       p.stride(0), t.stride(0), STANDARDIZE=ctx.standardize, NEED_DT=need_dt,
+                                       BLOCK_D=next_pow2(p.shape[1]))
+        return dp.view(ctx.shape), (dt.view(ctx.shape) if need_dt else None), None
+
+
+def l2norm_mse_triton(pred: torch.Tensor, target: torch.Tensor, standardize_target: bool = True) -> torch.Tensor:
+    """Same value and gradients (pred, and target when it requires grad) as the reference; fp32 math inside."""
+    if pred.shape != target.shape:
+        raise ValueError(f"l2norm_mse: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    if pred.dim() < 1 or pred.shape[-1] < 2 or pred.numel() == 0:
+        raise ValueError(f"l2norm_mse: need (..., D) with D >= 2 and at least one token, got {tuple(pred.shape)}")
+    check_float("l2norm_mse", pred, target)
+    return _L2NormMSE.apply(pred, target, bool(standardize_target))

@@ -1,10 +1,14 @@
 """Random masking: gather visible / masked patch tokens (with the position added) and the predictor's unshuffle.
 
 ids_shuffle (B, N) lists, per sample, the visible token indices first and the masked ones after.
+The `*_reference` functions are the definitions; the `*_triton` ones move rows with the position added in the
+same pass.
 """
 from __future__ import annotations
 
 import torch
+
+from ._triton import HAVE_TRITON, check_float, next_pow2, tl, triton
 
 
 def _gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -30,3 +34,121 @@ def unshuffle_with_mask_tokens_reference(x_vis: torch.Tensor, mask_token: torch.
 def gather_masked_reference(x: torch.Tensor, ids_shuffle: torch.Tensor, n_visible: int) -> torch.Tensor:
     """Predictor output (B, N, D) in original order -> the masked positions (B, N-K, D) in ids_shuffle order."""
     return _gather_rows(x, ids_shuffle[:, n_visible:])
+
+
+# ------------------------------------------------------------------------------------------- Triton path -----
+# ids_shuffle is a per-sample permutation, so every gather has an exact scatter as its backward (each row is
+# written once: no atomics) and vice versa. Two row kernels serve all three operations.
+if HAVE_TRITON:
+
+    @triton.jit
+    def _move_rows(SRC, IDX, ADD, OUT, n_src, n_idx, n_out, D, idx_stride, IDX_ON_SRC: tl.constexpr,
+                   HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr):
+        """IDX_ON_SRC: out[b, j] = src[b, idx[b, j]] (+ add[idx]);  else: out[b, idx[b, j]] = src[b, j] (+ add[idx])."""
+        pid, blk = tl.program_id(0), tl.program_id(1)
+        b, j = pid // n_idx, pid % n_idx
+        i = tl.load(IDX + b * idx_stride + j).to(tl.int64)
+        cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        if IDX_ON_SRC:
+            src_row, out_row = b * n_src + i, b * n_out + j
+        else:
+            src_row, out_row = b * n_src + j, b * n_out + i
+        v = tl.load(SRC + src_row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            v += tl.load(ADD + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + out_row * D + cols, v.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _launch(src, idx, add, n_out, gather: bool, out=None):
+    b, n_src, d = src.shape
+    out = torch.empty(b, n_out, d, device=src.device, dtype=src.dtype) if out is None else out
+    block = min(next_pow2(d), 1024)
+    grid = (b * idx.shape[1], triton.cdiv(d, block))
+    _move_rows[grid](src, idx, add if add is not None else src, out, n_src, idx.shape[1], n_out, d, idx.stride(0),
+                     IDX_ON_SRC=gather, HAS_ADD=add is not None, BLOCK_D=block)
+    return out
+
+
+def _gather(src, idx, add=None):
+    return _launch(src, idx, add, idx.shape[1], gather=True)
+
+
+def _scatter(src, idx, n_out, add=None):
+    out = None if idx.shape[1] == n_out else torch.zeros(src.shape[0], n_out, src.shape[2], device=src.device,
+                                                         dtype=src.dtype)  # rows no index reaches get 0
+    return _launch(src, idx, add, n_out, gather=False, out=out)
+
+
+class _GatherVisible(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pos, ids, k):
+        out = _gather(x, ids, pos[0].to(x.dtype).contiguous())
+        ctx.save_for_backward(ids)
+        ctx.k = k
+        return out[:, :k], out[:, k:]
+
+    @staticmethod
+    def backward(ctx, d_vis, d_msk):
+        (ids,) = ctx.saved_tensors
+        ref = d_vis if d_vis is not None else d_msk
+        b, n, d = ref.shape[0], ids.shape[1], ref.shape[2]
+        # A branch without gradient (the target runs under no_grad) contributes zeros.
+        d_vis = d_vis if d_vis is not None else ref.new_zeros(b, ctx.k, d)
+        d_msk = d_msk if d_msk is not None else ref.new_zeros(b, n - ctx.k, d)
+        return _scatter(torch.cat([d_vis, d_msk], dim=1).contiguous(), ids, n), None, None, None
+
+
+class _Unshuffle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_vis, mask_token, pos, ids):
+        b, k, d = x_vis.shape
+        src = torch.cat([x_vis, mask_token.to(x_vis.dtype).expand(b, ids.shape[1] - k, d)], dim=1).contiguous()
+        ctx.save_for_backward(ids)
+        ctx.k = k
+        return _scatter(src, ids, ids.shape[1], pos[0].to(x_vis.dtype).contiguous())
+
+    @staticmethod
+    def backward(ctx, d_out):
+        (ids,) = ctx.saved_tensors
+        d_src = _gather(d_out.contiguous(), ids)
+        d_mask = d_src[:, ctx.k:].float().sum(dim=(0, 1)).view(1, 1, -1)
+        return d_src[:, :ctx.k], d_mask, None, None
+
+
+class _GatherMasked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids_masked):
+        ctx.save_for_backward(ids_masked)
+        ctx.n = x.shape[1]
+        return _gather(x, ids_masked)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        (ids_masked,) = ctx.saved_tensors
+        return _scatter(d_out.contiguous(), ids_masked, ctx.n), None
+
+
+def _check(name, x, ids, n):
+    check_float(name, x)
+    if x.dim() != 3 or ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.shape[1] != n:
+        raise ValueError(f"{name}: expected x (B, *, D) and ids_shuffle (B, {n}), got {tuple(x.shape)} and {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32) or ids.device != x.device:
+        raise TypeError(f"{name}: ids_shuffle must be an integer tensor on {x.device}")
+
+
+def gather_visible_triton(x, pos, ids_shuffle, n_visible):
+    _check("gather_visible", x, ids_shuffle, x.shape[1])
+    if pos.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"gather_visible: pos {tuple(pos.shape)} does not fit tokens {tuple(x.shape)}")
+    return _GatherVisible.apply(x.contiguous(), pos.reshape(1, *x.shape[1:]), ids_shuffle.contiguous(), n_visible)
+
+
+def unshuffle_with_mask_tokens_triton(x_vis, mask_token, pos, ids_shuffle):
+    _check("unshuffle_with_mask_tokens", x_vis, ids_shuffle, pos.shape[-2])
+    return _Unshuffle.apply(x_vis, mask_token, pos.reshape(1, *pos.shape[-2:]), ids_shuffle.contiguous())
+
+
+def gather_masked_triton(x, ids_shuffle, n_visible):
+    _check("gather_masked", x, ids_shuffle, x.shape[1])
+    return _GatherMasked.apply(x.contiguous(), ids_shuffle[:, n_visible:].contiguous())

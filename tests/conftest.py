@@ -1,9 +1,17 @@
 """Shared fixtures: tiny model configs that run in milliseconds, and audio files written on the fly."""
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+
 import torch
+
+# Triton decides at import time whether kernels are interpreted: without CUDA, the kernel tests run on CPU
+# through the NumPy interpreter (slow, so they use small grids). Set before fastm2d.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from fastm2d.config import Config, ModelConfig, load_config
 
@@ -43,3 +51,16 @@ def write_tone(path, seconds=1.0, sr=16000, channels=1, freq=440.0, fmt=None):
     data = np.stack([x * (c + 1) / channels for c in range(channels)], axis=1) if channels > 1 else x
     sf.write(str(path), data.astype(np.float32), sr, format=fmt)
     return path
+
+
+def assert_tolerance_rule(fast: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor, atol: float, what: str = ""):
+    """DESIGN.md: a fast path's max-abs error against a float64 reference <= 2 x the plain PyTorch error in the
+    same dtype + atol, atol relative to the reference's magnitude (gradients are ~1e-3, losses ~1)."""
+    fast_err = (fast.double() - exact.double()).abs().max().item()
+    plain_err = (plain.double() - exact.double()).abs().max().item()
+    bound = 2 * plain_err + atol * max(exact.abs().max().item(), 1e-30)
+    assert fast_err <= bound, f"{what}: fast error {fast_err:.3g} > 2 x plain {plain_err:.3g} + atol = {bound:.3g}"
+
+
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}  # relative to the magnitude
+DTYPES = list(ATOL)

@@ -94,3 +94,29 @@ def test_kernel_switch(monkeypatch):
     monkeypatch.setenv("FASTM2D_KERNELS", "bogus")
     with pytest.raises(ValueError, match="FASTM2D_KERNELS"):
         kernels.select("auto", torch.device("cpu"))
+
+
+def test_whole_loss_and_gradients_equal_with_kernels_on_and_off(monkeypatch):
+    m = M2D(tiny_model_config())
+    x = torch.randn(2, 1, 80, 64)
+    ids = torch.stack([torch.randperm(m.num_patches) for _ in range(2)])
+    results = {}
+    for mode in ("reference", "triton"):
+        monkeypatch.setenv("FASTM2D_KERNELS", mode)  # the environment variable wins over model.kernels
+        m.zero_grad(set_to_none=True)
+        loss = m(x, ids)["loss"]
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    (l_ref, g_ref), (l_tri, g_tri) = results["reference"], results["triton"]
+    assert torch.allclose(l_ref, l_tri, atol=1e-6)
+    assert g_ref.keys() == g_tri.keys() and "mask_token" in g_ref and "patch_embed.proj.weight" in g_ref
+    for name in g_ref:
+        assert torch.allclose(g_ref[name], g_tri[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
+    from fastm2d import kernels
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.select("triton", torch.device("cpu"))
+    assert kernels.select("auto", torch.device("cpu")) is kernels.REFERENCE

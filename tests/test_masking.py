@@ -41,3 +41,41 @@ def test_gather_ops_against_python_indexing():
             assert torch.allclose(full[s, ids[s, j]], src + pos[0, ids[s, j]])
     out = gather_masked_reference(full, ids, k)
     assert torch.equal(out, torch.stack([full[s, ids[s, k:]] for s in range(b)]))
+
+
+def _pipeline(ops, x, pos, dpos, mask_token, ids, k, w):
+    x, mask_token = x.detach().clone().requires_grad_(), mask_token.detach().clone().requires_grad_()
+    vis, msk = ops["gather_visible"](x, pos, ids, k)
+    full = ops["unshuffle_with_mask_tokens"](vis * 1.5, mask_token, dpos, ids)
+    out = ops["gather_masked"](full, ids, k)
+    ((out * w).sum() + (msk * msk).sum()).backward()
+    return vis.detach(), msk.detach(), out.detach(), x.grad, mask_token.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b, n, d, k", [(1, 190, 64, 57), (2, 67, 100, 20), (1, 250, 32, 75), (1, 304, 24, 121)])
+def test_triton_masking_ops_match_reference(dtype, b, n, d, k):
+    from fastm2d import kernels
+    from .conftest import ATOL, assert_tolerance_rule
+
+    g = torch.Generator().manual_seed(n + d)
+    x, pos = torch.randn(b, n, d, generator=g).to(dtype), torch.randn(1, n, d, generator=g)
+    dpos, mask_token = torch.randn(1, n, d, generator=g), torch.randn(1, 1, d, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(n, generator=g) for _ in range(b)])
+    w = torch.randn(b, n - k, d, generator=g)
+    names = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked")
+    ref = {k_: getattr(kernels.REFERENCE, k_) for k_ in names}
+    fast = _pipeline({k_: getattr(kernels.TRITON, k_) for k_ in names}, x, pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
+    plain = _pipeline(ref, x, pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
+    exact = _pipeline(ref, x.double(), pos.double(), dpos.double(), mask_token.double(), ids, k, w.double())
+    for what, f, p, e in zip(("visible", "masked", "predicted", "d x", "d mask_token"), fast, plain, exact):
+        assert f.dtype == dtype and f.shape == e.shape
+        assert_tolerance_rule(f, p, e, ATOL[dtype], what)
+
+
+def test_triton_masking_rejects_bad_input():
+    from fastm2d import kernels
+    with pytest.raises(ValueError, match="ids_shuffle"):
+        kernels.TRITON.gather_visible(torch.randn(2, 10, 8), torch.randn(1, 10, 8), torch.zeros(2, 9, dtype=torch.long), 3)
+    with pytest.raises(TypeError, match="integer"):
+        kernels.TRITON.gather_masked(torch.randn(2, 10, 8), torch.zeros(2, 10), 3)
