@@ -79,3 +79,25 @@ def test_triton_masking_rejects_bad_input():
         kernels.TRITON.gather_visible(torch.randn(2, 10, 8), torch.randn(1, 10, 8), torch.zeros(2, 9, dtype=torch.long), 3)
     with pytest.raises(TypeError, match="integer"):
         kernels.TRITON.gather_masked(torch.randn(2, 10, 8), torch.zeros(2, 10), 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: repeats the sweep at batch 512 on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, d, k", [(190, 768, 57), (250, 768, 75), (304, 512, 121)])
+def test_triton_masking_real_size_on_gpu(dtype, n, d, k):
+    from fastm2d import kernels
+    from .conftest import ATOL, assert_tolerance_rule
+
+    b = 512
+    x, pos = torch.randn(b, n, d, device="cuda").to(dtype), torch.randn(1, n, d, device="cuda")
+    dpos, mask_token = torch.randn(1, n, d, device="cuda"), torch.randn(1, 1, d, device="cuda").to(dtype)
+    ids = torch.argsort(torch.rand(b, n, device="cuda"), dim=1)
+    w = torch.randn(b, n - k, d, device="cuda")
+    names = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked")
+    ref = {k_: getattr(kernels.REFERENCE, k_) for k_ in names}
+    fast = _pipeline({k_: getattr(kernels.TRITON, k_) for k_ in names}, x, pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
+    plain = _pipeline(ref, x, pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
+    exact = _pipeline(ref, x.double(), pos.double(), dpos.double(), mask_token.double(), ids, k, w.double())
+    for what, f, p, e in zip(("visible", "masked", "predicted", "d x", "d mask_token"), fast, plain, exact):
+        assert_tolerance_rule(f, p, e, ATOL[dtype], what)

@@ -59,3 +59,21 @@ def test_bad_inputs():
         noise_mix_triton(torch.randn(2, 8), torch.randn(2, 9), 0.1)
     with pytest.raises(TypeError, match="bf"):
         noise_mix_triton(torch.randn(2, 8), torch.randn(2, 8).bfloat16(), 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: repeats the sweep at batch 512 on a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_real_size_on_gpu(dtype, per_sample):
+    shape = (512, 1, 80, 608)
+    x = (torch.randn(*shape, device="cuda") * 3 - 7).to(dtype)
+    bg = (torch.randn(*shape, device="cuda") * 3 - 6).to(dtype)
+    eta = torch.rand(512, device="cuda") if per_sample else 0.3
+    weight = torch.randn(*shape, device="cuda")
+    kw = dict(x_mean=-7.1, bg_mean=-6.0, std=4.2)
+    exact = _run(noise_mix_reference, x.double(), bg.double(), eta, weight.double(), **kw)
+    plain = _run(noise_mix_reference, x, bg, eta, weight.to(dtype), **kw)
+    fast = _run(noise_mix_triton, x, bg, eta, weight.to(dtype), **kw)
+    for what, f, p, e in zip(("out", "d x", "d bg"), fast, plain, exact):
+        assert_tolerance_rule(f, p, e, ATOL[dtype], what)

@@ -1,0 +1,157 @@
+"""ONE command for a GPU machine: GPU-marked tests + kernel and training-step benchmarks -> markdown + JSON.
+
+    python benchmarks/device_suite.py --out "$OUT"          # on the GPU machine (~5 minutes)
+    python benchmarks/device_suite.py --out /tmp/ds --tiny   # dry run on CPU with tiny sizes, first
+
+Rows: each kernel x provider (triton / eager reference / torch.compile of the reference) x mode, with achieved
+GB/s, the share of the card's measured copy bandwidth and the speed-up over compile; then training steps with
+kernels off and on. The short table is printed last; the header names the card and the versions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from kernel_cases import CASES, MODES, PROVIDERS, time_median  # noqa: E402
+
+
+EMA_LABELS = {"triton": "flat lerp_", "eager": "foreach_lerp_ (used)", "compile": "compiled foreach"}
+
+
+def header(device: torch.device) -> dict:
+    import triton
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores)"
+    return {"card": card, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def copy_bandwidth(device: torch.device, tiny: bool) -> float:
+    """GB/s of a plain device-to-device copy (read + write), the yardstick for memory-bound kernels."""
+    x = torch.empty(int(2**26 if tiny else 2**30) // 4, device=device)
+    y = torch.empty_like(x)
+    sec = time_median(lambda: y.copy_(x), device)
+    return 2 * x.numel() * 4 / sec / 1e9
+
+
+def gpu_tests(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"summary": "skipped: no CUDA device", "rc": None}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(HERE.parent / "tests")],
+                       capture_output=True, text=True, timeout=240)
+    return {"summary": (r.stdout.strip().splitlines() or ["(no output)"])[-1], "rc": r.returncode,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def kernel_rows(device: torch.device, tiny: bool, bandwidth: float) -> list:
+    size, dtype = ("tiny", torch.float32) if tiny else ("m2d", torch.bfloat16)
+    rows = []
+    for kernel, make in CASES.items():
+        times = {}
+        for provider in PROVIDERS:
+            if provider == "triton" and device.type != "cuda":
+                if kernel != "ema":  # the flat-buffer EMA row is plain PyTorch and runs anywhere
+                    continue  # the interpreter times NumPy, not the kernel
+            if provider == "compile" and device.type != "cuda":
+                continue  # minutes of C++ builds on CPU, and not the comparison that matters
+            try:
+                fns, moved = make(provider, size, dtype, device)
+                for mode in (MODES if kernel != "ema" else ("full",)):
+                    sec = time_median(fns[mode], device)
+                    times[(provider, mode)] = sec
+                    label = EMA_LABELS.get(provider, provider) if kernel == "ema" else provider
+                    rows.append({"kernel": kernel, "provider": label, "mode": mode, "ms": sec * 1e3,
+                                 "GB_s": moved[mode] / sec / 1e9, "pct_copy_bw": 100 * moved[mode] / sec / 1e9 / bandwidth})
+            except Exception as e:  # a failing provider is a row, not the end of the suite
+                rows.append({"kernel": kernel, "provider": provider, "mode": "-", "error": repr(e)[:200]})
+        for r in rows:
+            if r["kernel"] == kernel and ("compile", r["mode"]) in times and "ms" in r:
+                r["speedup_vs_compile"] = times[("compile", r["mode"])] * 1e3 / r["ms"]
+    return rows
+
+
+def train_rows(device: torch.device, tiny: bool) -> list:
+    from fastm2d.config import load_config
+    from fastm2d.train import Trainer
+    import tempfile
+
+    size = ["model.size=tiny", "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4"] \
+        if tiny else ["model.size=base"]
+    batch = 8 if tiny else 256
+    rows = []
+    for kernels_mode in ("reference", "triton"):
+        if kernels_mode == "triton" and device.type != "cuda":
+            rows.append({"step": "train", "kernels": kernels_mode, "note": "skipped: needs CUDA"})
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_config(None, [f"out_dir={tmp}", *size, f"train.batch_size={batch}", f"model.kernels={kernels_mode}",
+                                     "data.norm_stats=[-7.1,4.2]", "data.synthetic_clips=32", "train.max_steps=1000",
+                                     "train.progress=false", "train.tensorboard=false"])
+            trainer = Trainer(cfg)
+            lms = torch.randn(batch, 1, 80, 608, device=device)
+            sec = time_median(lambda: trainer.train_step([lms]), device, reps=5)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            rows.append({"step": "train", "kernels": kernels_mode, "batch": batch, "ms": sec * 1e3,
+                         "samples_s": batch / sec, "peak_GiB": mem, "precision": str(trainer.amp_dtype)})
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+    return rows
+
+
+def markdown(result: dict) -> str:
+    h = result["header"]
+    lines = [f"# fastm2d device suite: {h['card']}", "",
+             f"torch {h['torch']}, triton {h['triton']}, Python {h['python']}, {h['date']}; "
+             f"copy bandwidth {result['copy_GB_s']:.0f} GB/s; GPU tests: {result['gpu_tests']['summary']}", "",
+             "| kernel | provider | mode | ms | GB/s | % copy BW | x vs compile |", "|---|---|---|---|---|---|---|"]
+    for r in result["kernels"]:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['provider']} | error | {r['error']} | | | |")
+        else:
+            lines.append(f"| {r['kernel']} | {r['provider']} | {r['mode']} | {r['ms']:.3f} | {r['GB_s']:.0f} | "
+                         f"{r['pct_copy_bw']:.0f} | {r.get('speedup_vs_compile', float('nan')):.2f} |")
+    lines += ["", "| train step | kernels | batch | ms | samples/s | peak GiB |", "|---|---|---|---|---|---|"]
+    for r in result["train"]:
+        if "note" in r:
+            lines.append(f"| train | {r['kernels']} | {r['note']} | | | |")
+        else:
+            lines.append(f"| train | {r['kernels']} | {r['batch']} | {r['ms']:.1f} | {r['samples_s']:.1f} | {r['peak_GiB']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/latest"))
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU dry run)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = args.tiny or device.type != "cuda"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"header": header(device)}
+    result["gpu_tests"] = gpu_tests(device)
+    result["copy_GB_s"] = copy_bandwidth(device, tiny)
+    result["kernels"] = kernel_rows(device, tiny, result["copy_GB_s"])
+    result["train"] = train_rows(device, tiny)
+    (out / "device_suite.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / "device_suite.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
