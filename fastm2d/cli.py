@@ -1,4 +1,4 @@
-"""The `fastm2d` command: pretrain, stats, embed, export."""
+"""The `fastm2d` command: pretrain, prepare, stats, embed, export."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,15 @@ def cmd_stats(args) -> None:
         Path(args.out).write_text(text + "\n")
     print(text)
     print(f"use it with: data.norm_stats=[{mean:.4f},{std:.4f}]", file=sys.stderr)
+
+
+def cmd_prepare(args) -> None:
+    from .data.prepare import prepare
+
+    summary = prepare(args.src, args.out, workers=args.workers, files_per_shard=args.files_per_shard,
+                      dtype=args.dtype, sample_rate=args.sample_rate, min_seconds=args.min_seconds,
+                      stats_items=args.stats_items, root=args.root)
+    print(json.dumps(summary))
 
 
 def cmd_embed(args) -> None:
@@ -90,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", help="write the JSON result here too")
     st.add_argument("overrides", nargs="*")
     st.set_defaults(func=cmd_stats)
+
+    pr = sub.add_parser("prepare", help="audio / .npy files -> memory-mapped log-mel shards (a LogMelStore)")
+    pr.add_argument("src", help="folder (recursive) or CSV list of audio or original .npy log-mel files")
+    pr.add_argument("out", help="store folder; re-running completes an interrupted preparation")
+    pr.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    pr.add_argument("--files-per-shard", type=int, default=1000)
+    pr.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    pr.add_argument("--sample-rate", type=int, default=16000)
+    pr.add_argument("--min-seconds", type=float, default=6.1, help="zero-pad shorter waveforms to this length")
+    pr.add_argument("--stats-items", type=int, default=10000)
+    pr.add_argument("--root", help="base folder for relative paths in a CSV")
+    pr.set_defaults(func=cmd_prepare)
 
     em = sub.add_parser("embed", help="audio files -> features (.npy per file)")
     em.add_argument("--weights", required=True, help="fastm2d checkpoint / run folder, or original weights")

@@ -96,10 +96,10 @@ def test_bad_files_skip_mode_counts_and_continues(tmp_path, tiny_config):
     drawn = [int(i) for e in (0, 1) for i, _ in tr.sampler.order(e)[:4]][:6]  # 3 steps x 2 items
     rows = read_metrics(tr.out_dir)
     assert rows[-1]["skipped_items"] == drawn.count(nan_index) and all(np.isfinite(r["loss"]) for r in rows)
-    ds = CropDataset(tr.source, 64, [-8, 4])
+    ds = CropDataset(tr.source, 64)
     item = ds[(nan_index, 0)]
     assert item["skipped"] == 1 and torch.isfinite(item["lms"]).all()
-    strict = CropDataset(tr.source, 64, [-8, 4], on_bad_file="error")
+    strict = CropDataset(tr.source, 64, on_bad_file="error")
     with pytest.raises(DataError, match="has_nan.npy.*NaN"):
         strict[(nan_index, 0)]
 

@@ -1,4 +1,7 @@
-"""Reference data path: items -> full log-mel (F, T) -> random crop, pad, normalise -> (1, F, T_crop).
+"""Reference data path: items -> full log-mel (F, T) -> random crop, pad -> (1, F, T_crop), not yet normalised.
+
+Normalisation (and M2D-X noise mixing) happens on the training device, so crops travel in their stored dtype
+(fp16 from a prepared store: half the bytes through pinned memory).
 
 Random crops are a pure function of the sampler's per-item seed, so the data order and crops are the same
 whatever the number of workers, and a resumed run sees exactly the batches the uninterrupted one would.
@@ -57,19 +60,19 @@ class LogMelSource:
             return self.frontend(read_audio(path, self.sample_rate)).numpy()
 
 
-def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
+def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
     """(F, T) -> (F, frames): a random window, or the clip zero-padded at the end (log domain) when shorter."""
     t = lms.shape[-1]
     if t > frames:
         start = int(rng.integers(0, t - frames + 1))
-        return np.asarray(lms[:, start:start + frames], dtype=np.float32)
-    out = np.zeros((lms.shape[0], frames), dtype=np.float32)
+        return np.ascontiguousarray(lms[:, start:start + frames], dtype=dtype)
+    out = np.zeros((lms.shape[0], frames), dtype=dtype)
     out[:, :t] = lms
     return out
 
 
 class CropDataset(Dataset):
-    """Indexed by (item, crop_seed) pairs from `EpochSampler`. Returns {'lms': (1, F, T), 'skipped': n}.
+    """Indexed by (item, crop_seed) pairs from `EpochSampler`. Returns {'lms': (1, F, T) raw log-mel, 'skipped': n}.
 
     A file that fails while training (decode error, NaN/inf values) is logged by name, counted in 'skipped'
     and replaced by the next item, or raises `DataError` when on_bad_file='error'.
@@ -77,17 +80,17 @@ class CropDataset(Dataset):
 
     MAX_SUBSTITUTES = 16
 
-    def __init__(self, source: LogMelSource, frames: int, norm_stats: Sequence[float], on_bad_file: str = "skip"):
-        self.source = source
+    def __init__(self, source, frames: int, on_bad_file: str = "skip"):
+        self.source = source  # a LogMelSource or a LogMelStore: len(), names, load(i) -> (F, T)
         self.frames = frames
-        self.mean, self.std = float(norm_stats[0]), float(norm_stats[1])
         self.on_bad_file = on_bad_file
+        self.dtype = getattr(source, "dtype", np.float32)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def crop(self, i: int, seed: int) -> np.ndarray:
-        lms = random_crop(self.source.load(i), self.frames, np.random.default_rng(seed))
+        lms = random_crop(self.source.load(i), self.frames, np.random.default_rng(seed), self.dtype)
         if not np.isfinite(lms).all():
             raise DataError(f"{self.source.names[i]}: log-mel contains NaN or infinite values")
         return lms
@@ -103,6 +106,5 @@ class CropDataset(Dataset):
                     raise DataError(str(e)) from None
                 log.warning("skipping bad training item: %s", e)
                 continue
-            x = torch.from_numpy((lms - self.mean) / self.std).unsqueeze(0)
-            return {"lms": x, "skipped": skipped}
+            return {"lms": torch.from_numpy(lms).unsqueeze(0), "skipped": skipped}
         raise DataError(f"{self.MAX_SUBSTITUTES} consecutive unusable items from {self.source.names[i]} on")

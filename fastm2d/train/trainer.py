@@ -22,6 +22,7 @@ from .. import __version__
 from ..checkpoint import atomic_save, list_checkpoints, load_weights
 from ..config import Config, ConfigError, config_from_dict, to_yaml
 from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files
+from ..data.store import LogMelStore, is_store
 from ..model import EMA, M2D, ema_tau
 from .metrics import MetricsLogger
 from .schedule import lr_at, scaled_lr
@@ -51,8 +52,14 @@ def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def build_source(config: Config, out_dir: Path) -> LogMelSource:
+def build_source(config: Config, out_dir: Path):
+    """The embedded synthetic set, a prepared LogMelStore folder, or a folder / CSV of files (checked first)."""
     d = config.data
+    if is_store(d.train):
+        store = LogMelStore(d.train)
+        if store.sample_rate != d.sample_rate:
+            raise ConfigError(f"data.sample_rate={d.sample_rate}, but {d.train} was prepared at {store.sample_rate} Hz")
+        return store
     if d.train == "synthetic":
         return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed, d.synthetic_clips,
                                                                    d.synthetic_seconds))
@@ -101,8 +108,8 @@ class Trainer:
                 raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
                                   f"or choose another out_dir")
             self.model.norm_stats.copy_(torch.tensor(self.norm_stats()))
-        self.dataset = CropDataset(self.source, config.model.input_size[1], self.model.norm_stats.tolist(),
-                                   config.data.on_bad_file)
+        self.mean, self.std = self.model.norm_stats.tolist()
+        self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file)
         (self.out_dir / "config.yaml").write_text(to_yaml(config))
 
     # ---------------------------------------------------------------------------------------- the step ----
@@ -160,8 +167,12 @@ class Trainer:
                                 pin_memory=self.device.type == "cuda")
             for item in loader:
                 self._skipped += int(item["skipped"].sum())
-                yield item["lms"].to(self.device, non_blocking=True)
+                yield self.on_device(item["lms"])
             epoch, batch = epoch + 1, 0
+
+    def on_device(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw log-mel crops (pinned, any float dtype) -> normalised fp32 on the training device, asynchronously."""
+        return (raw.to(self.device, non_blocking=True).float() - self.mean) / self.std
 
     def log_row(self, steps: int, seconds: float) -> dict:
         self.check_finite()  # a logging step may synchronise; all others never do
@@ -184,12 +195,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- statistics -----
     def norm_stats(self) -> List[float]:
-        """Configured statistics, else the run folder's saved ones, else computed once and saved there."""
+        """Configured statistics, else the run folder's, else a prepared store's, else computed once and saved."""
         if self.config.data.norm_stats is not None:
             return list(self.config.data.norm_stats)
         path = self.out_dir / "norm_stats.json"
         if path.is_file():
             return json.loads(path.read_text())["norm_stats"]
+        if getattr(self.source, "norm_stats", None) is not None:
+            return list(self.source.norm_stats)
         stats = compute_norm_stats(self.source, self.config.model.input_size[1], self.config.data.stats_items,
                                    self.config.train.seed, progress=self.config.train.progress)
         path.write_text(json.dumps({"norm_stats": stats, "items": min(self.config.data.stats_items, len(self.source))}))

@@ -1,0 +1,157 @@
+"""`fastm2d prepare SRC OUT`: audio (or original .npy log-mel) files -> a LogMelStore of memory-mapped shards.
+
+Shards are fixed slices of the sorted file list, written by worker processes. A shard is finished when its
+`shard-NNNNN.json` exists and its .bin has the size that json records; a re-run skips finished shards and
+redoes any half-written one (its .tmp is discarded), so an interrupted job resumes. A file that cannot be
+read becomes a line in failures.tsv with the reason; it never stops the job.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram, read_audio
+from .sources import LMS_EXT, DataError, check_lms_array_shape, list_files
+from .stats import compute_norm_stats
+from .store import FORMAT, VERSION, LogMelStore
+
+log = logging.getLogger("fastm2d.prepare")
+
+
+def _item_lms(path: Path, frontend: LogMelSpectrogram, min_samples: int) -> np.ndarray:
+    """One file -> finite (F, T) log-mel, or an exception whose message is the reason."""
+    if path.suffix.lower() == LMS_EXT:
+        try:
+            arr = np.load(path)
+        except Exception as e:
+            raise AudioReadError(f"unreadable .npy ({e})") from None
+        reason = check_lms_array_shape(arr, N_MELS)
+        if reason:
+            raise AudioReadError(reason)
+        lms = arr.reshape(arr.shape[-2], arr.shape[-1]).astype(np.float32)
+    else:
+        wav = read_audio(path, frontend.sample_rate)
+        if len(wav) < min_samples:  # as the original: zero-pad short waveforms to the minimum length
+            wav = torch.nn.functional.pad(wav, (0, min_samples - len(wav)))
+        with torch.inference_mode():
+            lms = frontend(wav).numpy()
+    if not np.isfinite(lms).all():
+        raise AudioReadError("log-mel contains NaN or infinite values")
+    return lms
+
+
+def _write_shard(task: Tuple[int, List[str], str, str, int, float]) -> dict:
+    k, files, out, dtype, sample_rate, min_seconds = task
+    torch.set_num_threads(1)  # one process per core; threads inside would oversubscribe
+    out = Path(out)
+    frontend = LogMelSpectrogram(sample_rate)
+    min_samples = int(min_seconds * sample_rate)
+    name = f"shard-{k:05d}"
+    tmp = out / f"{name}.bin.tmp"
+    items, failures, offset = [], [], 0
+    with open(tmp, "wb") as f:
+        for file in files:
+            try:
+                lms = _item_lms(Path(file), frontend, min_samples)
+            except Exception as e:  # every failure is recorded with its reason, never fatal
+                failures.append([file, str(e).replace(str(file) + ": ", "")])
+                continue
+            f.write(np.ascontiguousarray(lms.T, dtype=dtype).tobytes())
+            items.append([file, offset, lms.shape[1]])
+            offset += lms.shape[1]
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / f"{name}.bin")
+    record = {"shard": k, "file": f"{name}.bin", "bytes": (out / f"{name}.bin").stat().st_size, "items": items,
+              "failures": failures}
+    part = out / f"{name}.json.tmp"
+    part.write_text(json.dumps(record))
+    os.replace(part, out / f"{name}.json")  # the completion marker is written last
+    return record
+
+
+def _finished(out: Path, k: int) -> Optional[dict]:
+    marker, data = out / f"shard-{k:05d}.json", out / f"shard-{k:05d}.bin"
+    if not (marker.is_file() and data.is_file()):
+        return None
+    record = json.loads(marker.read_text())
+    return record if data.stat().st_size == record["bytes"] else None
+
+
+def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 1000, dtype: str = "float16",
+            sample_rate: int = 16000, min_seconds: float = 6.1, stats_items: int = 10000, crop_frames: int = 608,
+            root: Optional[str] = None, seed: int = 0, progress: bool = True) -> dict:
+    """Prepare (or complete) a store; returns a summary with counts and timing."""
+    from tqdm import tqdm
+
+    if dtype not in ("float16", "float32"):
+        raise DataError(f"dtype={dtype!r}: expected float16 or float32")
+    if sample_rate not in FRONTEND_PARAMS:
+        raise DataError(f"sample_rate={sample_rate}: expected one of {sorted(FRONTEND_PARAMS)}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [str(f) for f in list_files(src, root)]
+    chunks = [files[i:i + files_per_shard] for i in range(0, len(files), files_per_shard)]
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("sources") != len(files) or old.get("files_per_shard") != files_per_shard or old.get("dtype") != dtype:
+            raise DataError(f"{out}: holds a store prepared from other inputs or settings; use a new folder")
+    params = dict(FRONTEND_PARAMS[sample_rate], sample_rate=sample_rate, n_mels=N_MELS, log_eps=LOG_EPS,
+                  mel_scale="slaney", norm="slaney", min_seconds=min_seconds)
+    manifest = {"format": FORMAT, "version": VERSION, "complete": False, "dtype": dtype, "n_mels": N_MELS,
+                "frontend": params, "sources": len(files), "files_per_shard": files_per_shard}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+
+    records = {k: r for k in range(len(chunks)) if (r := _finished(out, k))}
+    todo = [(k, chunks[k], str(out), dtype, sample_rate, min_seconds) for k in range(len(chunks)) if k not in records]
+    skipped = len(records)
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=len(files), initial=sum(len(chunks[k]) for k in records), desc="prepare", unit="file",
+               disable=not progress)
+    if todo:
+        ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+        with ctx.Pool(min(workers, len(todo))) as pool:
+            for record in pool.imap_unordered(_write_shard, todo):
+                records[record["shard"]] = record
+                bar.update(len(record["items"]) + len(record["failures"]))
+    bar.close()
+
+    order = sorted(records)
+    with open(out / "index.tsv", "w") as f:
+        f.write("name\tshard\toffset\tframes\n")
+        for k in order:
+            f.writelines(f"{n}\t{k}\t{o}\t{t}\n" for n, o, t in records[k]["items"])
+    failures = [fl for k in order for fl in records[k]["failures"]]
+    with open(out / "failures.tsv", "w") as f:
+        f.write("path\treason\n")
+        f.writelines(f"{p}\t{r}\n" for p, r in failures)
+    n_items = sum(len(records[k]["items"]) for k in order)
+    manifest.update(complete=True, items=n_items, failures=len(failures),
+                    shards=[{"file": records[k]["file"], "bytes": records[k]["bytes"]} for k in order])
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, manifest_path)
+
+    if n_items:
+        store = LogMelStore(out)
+        stats = compute_norm_stats(store, crop_frames, stats_items, seed, progress=progress)
+        (out / "stats.json").write_text(json.dumps({"norm_stats": list(stats), "items": min(stats_items, n_items),
+                                                    "crop_frames": crop_frames}))
+    seconds = time.perf_counter() - t0
+    processed = sum(len(t[1]) for t in todo)
+    summary = {"items": n_items, "failures": len(failures), "shards": len(order), "shards_skipped": skipped,
+               "files_processed": processed, "seconds": round(seconds, 2),
+               "files_per_s": round(processed / max(seconds, 1e-9), 1), "workers": workers}
+    if failures:
+        log.warning("%d of %d files could not be prepared; see %s", len(failures), len(files), out / "failures.tsv")
+    return summary
