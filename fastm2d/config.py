@@ -81,7 +81,8 @@ class DataConfig:
     stats_items: int = 10000  # how many random crops the statistics are computed from
     min_epoch_items: int = 0  # repeat a small list up to this many items per epoch
     on_bad_file: str = "skip"  # skip (count, log and list) | error
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader processes (reference / store loaders) or DALI CPU threads
+    loader: str = "reference"  # reference (folder / CSV / store, exact resume) | dali (raw audio, GPU spectrogram)
     synthetic_clips: int = 512
     synthetic_seconds: float = 6.1
 
@@ -150,6 +151,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 def check_config(c: Config) -> None:
     if c.data.sample_rate not in (16000, 32000):
         raise ConfigError(f"data.sample_rate={c.data.sample_rate}: expected 16000 or 32000")
+    if c.data.loader not in ("reference", "dali"):
+        raise ConfigError(f"data.loader={c.data.loader!r}: expected reference or dali")
+    if c.data.loader == "dali" and c.data.train == "synthetic":
+        raise ConfigError("data.loader=dali reads audio files: set data.train to a folder or CSV of audio files")
     if c.data.on_bad_file not in ("skip", "error"):
         raise ConfigError(f"data.on_bad_file={c.data.on_bad_file!r}: expected skip or error")
     if c.data.norm_stats is not None and (len(c.data.norm_stats) != 2 or c.data.norm_stats[1] <= 0):

@@ -157,6 +157,9 @@ class Trainer:
 
     def micro_batches(self) -> Iterator[torch.Tensor]:
         """Endless micro-batches from the position that `self.step` implies (so resuming continues the order)."""
+        if self.config.data.loader == "dali":
+            yield from self._dali_batches()
+            return
         micro = self.step * self.config.train.accum_steps
         epoch, batch = divmod(micro, self.sampler.batches_per_epoch)
         gen = torch.Generator().manual_seed(self.config.train.seed)  # keeps DataLoader off the global RNG
@@ -169,6 +172,18 @@ class Trainer:
                 self._skipped += int(item["skipped"].sum())
                 yield self.on_device(item["lms"])
             epoch, batch = epoch + 1, 0
+
+    def _dali_batches(self) -> Iterator[torch.Tensor]:
+        """DALI decodes on CPU threads and computes the log-mel on the GPU; model state resumes exactly, the
+        data order restarts at an epoch boundary (DALI's reader keeps its own shuffling state)."""
+        from ..data.dali import DaliLogMelLoader
+
+        loader = DaliLogMelLoader(self.source.files, self.config.train.batch_size, self.device,
+                                  sample_rate=self.config.data.sample_rate, crop_frames=self.config.model.input_size[1],
+                                  num_threads=max(1, self.config.data.num_workers), seed=self.config.train.seed)
+        while True:
+            for lms in loader:
+                yield self.on_device(lms)
 
     def on_device(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw log-mel crops (pinned, any float dtype) -> normalised fp32 on the training device, asynchronously."""

@@ -1,0 +1,91 @@
+"""GPU-resident raw-audio pipeline (NVIDIA DALI): decode + resample on CPU threads, then spectrogram, mel,
+log, padding and random crop on the GPU, delivered as torch tensors on the device.
+
+It computes what `fastm2d.frontend.LogMelSpectrogram` computes (tested against it with DALI's CPU operators,
+device_id=None). DALI is optional: `pip install fastm2d[dali]`; without it `DaliLogMelLoader` raises a
+message that says so. The trainer normalises the raw log-mel it yields, like every other loader's.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
+
+
+def dali_missing_reason() -> Optional[str]:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return "NVIDIA DALI is not installed (pip install 'fastm2d[dali]', i.e. nvidia-dali-cuda130)"
+    return None
+
+
+def build_pipeline(files: Sequence[str], batch_size: int, sample_rate: int = 16000, crop_frames: Optional[int] = 608,
+                   device_id: Optional[int] = None, num_threads: int = 4, seed: int = 42, shuffle: bool = True,
+                   shard_id: int = 0, num_shards: int = 1):
+    """A built DALI pipeline yielding raw log-mel (B, 80, crop_frames), or full length when crop_frames is None.
+
+    device_id=None runs everything with DALI's CPU operators (tests, CPU benchmarks).
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    p = FRONTEND_PARAMS[sample_rate]
+    window = torch.hann_window(p["n_fft"], periodic=True).tolist()
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  exec_dynamic=True)
+    def logmel():
+        raw, _ = fn.readers.file(files=list(files), random_shuffle=shuffle, name="reader", seed=seed,
+                                 shard_id=shard_id, num_shards=num_shards, pad_last_batch=False)
+        audio, _ = fn.decoders.audio(raw, sample_rate=sample_rate, downmix=True, dtype=types.FLOAT)
+        if device_id is not None:
+            audio = audio.gpu()
+        spec = fn.spectrogram(audio, nfft=p["n_fft"], window_length=p["n_fft"], window_step=p["hop_length"],
+                              window_fn=window, center_windows=True, reflect_padding=True, power=2, layout="ft")
+        mel = fn.mel_filter_bank(spec, sample_rate=sample_rate, nfilter=N_MELS, freq_low=p["f_min"],
+                                 freq_high=p["f_max"], normalize=True, mel_formula="slaney")
+        lms = dmath.log(mel + LOG_EPS)
+        if crop_frames is None:
+            return lms
+        # Zero-pad short clips at the end (log domain, like random_crop), then a uniformly placed window.
+        lms = fn.pad(lms, axes=[1], shape=[crop_frames], fill_value=0.0)
+        frames = fn.cast(lms.shape()[1], dtype=types.FLOAT)
+        start = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (frames - crop_frames + 0.999))
+        return fn.slice(lms, start=fn.cast(start, dtype=types.INT32), shape=[crop_frames], axes=[1])
+
+    pipe = logmel()
+    pipe.build()
+    return pipe
+
+
+class DaliLogMelLoader:
+    """Iterates (B, 1, 80, T) raw log-mel torch tensors on the pipeline's device, one epoch per `iter()`."""
+
+    def __init__(self, files: Sequence[str], batch_size: int, device: torch.device, **kw):
+        reason = dali_missing_reason()
+        if reason:
+            raise RuntimeError(f"the DALI loader was requested, but {reason}")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.batch_size = batch_size
+        self.files: List[str] = [str(f) for f in files]
+        self.pipe = build_pipeline(self.files, batch_size, device_id=device.index if device.type == "cuda" else None,
+                                   **kw)
+
+    def __len__(self) -> int:
+        return len(self.files) // self.batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        it = DALIGenericIterator(self.pipe, ["lms"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP,
+                                 auto_reset=False)
+        for batch in it:
+            yield batch[0]["lms"].unsqueeze(1)
+        self.pipe.reset()
