@@ -73,6 +73,15 @@ def check_model_config(m: ModelConfig) -> None:
 
 
 @dataclass
+class NoiseConfig:
+    """M2D-X background noise (paper eq. 5): mixed into every training crop on the device when eta > 0."""
+    train: Optional[str] = None  # None = off; 'synthetic', a prepared store, a folder or a CSV
+    root: Optional[str] = None
+    eta: float = 0.0  # noise ratio: 0.3 (ICBHI), 0.01 (SPRSound), 0.2 (speech)
+    norm_stats: Optional[List[float]] = None  # the noise set's [mean, std]; its mean centres the noise
+
+
+@dataclass
 class DataConfig:
     train: str = "synthetic"  # 'synthetic', a folder (searched recursively) or a CSV list of audio / .npy files
     root: Optional[str] = None  # base folder for relative paths in a CSV (default: the CSV's folder)
@@ -85,6 +94,7 @@ class DataConfig:
     loader: str = "reference"  # reference (folder / CSV / store, exact resume) | dali (raw audio, GPU spectrogram)
     synthetic_clips: int = 512
     synthetic_seconds: float = 6.1
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 
 @dataclass
@@ -155,6 +165,12 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"data.loader={c.data.loader!r}: expected reference or dali")
     if c.data.loader == "dali" and c.data.train == "synthetic":
         raise ConfigError("data.loader=dali reads audio files: set data.train to a folder or CSV of audio files")
+    if not 0.0 <= c.data.noise.eta <= 1.0:
+        raise ConfigError(f"data.noise.eta={c.data.noise.eta}: must lie in [0, 1]")
+    if c.data.noise.eta > 0 and c.data.noise.train is None:
+        raise ConfigError("data.noise.eta > 0 needs data.noise.train (the background-noise data)")
+    if c.data.noise.train is not None and c.data.loader == "dali":
+        raise ConfigError("background noise is mixed into reference / store loader batches; use data.loader=reference")
     if c.data.on_bad_file not in ("skip", "error"):
         raise ConfigError(f"data.on_bad_file={c.data.on_bad_file!r}: expected skip or error")
     if c.data.norm_stats is not None and (len(c.data.norm_stats) != 2 or c.data.norm_stats[1] <= 0):

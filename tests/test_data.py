@@ -45,9 +45,9 @@ def test_sampler_is_deterministic_and_resumes_mid_epoch():
     s.set_position(0, 2)
     assert list(s) == full[6:]
     s.set_position(1, 0)
-    assert [i for i, _ in s] != [i for i, _ in full]
+    assert [i for i, *_ in s] != [i for i, *_ in full]
     small = EpochSampler(4, batch_size=2, seed=0, min_epoch_items=10)
-    items = [i for i, _ in small]
+    items = [i for i, *_ in small]
     assert len(items) == 10 and set(items) == {0, 1, 2, 3}
 
 
@@ -88,12 +88,12 @@ def test_bad_files_skip_mode_counts_and_continues(tmp_path, tiny_config):
     _make_files(tmp_path)
     cfg = tiny_config(f"data.train={tmp_path}", "train.max_steps=3", "train.batch_size=2", "data.norm_stats=[-8,4]")
     tr = pretrain(cfg)
-    bad = (tr.out_dir / "bad_files.txt").read_text()
+    bad = (tr.out_dir / "bad_training_files.txt").read_text()
     assert "empty.wav" in bad and "corrupt.flac" in bad and "wrong_shape.npy" in bad
     # has_nan.npy passes the header check; the NaN is found while training, skipped and counted.
     assert len(tr.source) == 5
     nan_index = tr.source.names.index(str(tmp_path / "has_nan.npy"))
-    drawn = [int(i) for e in (0, 1) for i, _ in tr.sampler.order(e)[:4]][:6]  # 3 steps x 2 items
+    drawn = [int(i) for e in (0, 1) for i, *_ in tr.sampler.order(e)[:4]][:6]  # 3 steps x 2 items
     rows = read_metrics(tr.out_dir)
     assert rows[-1]["skipped_items"] == drawn.count(nan_index) and all(np.isfinite(r["loss"]) for r in rows)
     ds = CropDataset(tr.source, 64)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..frontend import AudioReadError, LogMelSpectrogram, read_audio
+from .noise import tile_crop
 from .sources import LMS_EXT, DataError, check_lms_array_shape
 from .synthetic import synth_clip
 
@@ -72,7 +73,10 @@ def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator, dtype=np
 
 
 class CropDataset(Dataset):
-    """Indexed by (item, crop_seed) pairs from `EpochSampler`. Returns {'lms': (1, F, T) raw log-mel, 'skipped': n}.
+    """Indexed by (item, crop seed, sample number) from `EpochSampler`.
+
+    Returns {'lms': (1, F, T) raw log-mel, 'skipped': n} and, with a noise source, 'bg': a tiled crop of the
+    background item that `noise_picker` assigns to this sample number.
 
     A file that fails while training (decode error, NaN/inf values) is logged by name, counted in 'skipped'
     and replaced by the next item, or raises `DataError` when on_bad_file='error'.
@@ -80,11 +84,12 @@ class CropDataset(Dataset):
 
     MAX_SUBSTITUTES = 16
 
-    def __init__(self, source, frames: int, on_bad_file: str = "skip"):
+    def __init__(self, source, frames: int, on_bad_file: str = "skip", noise=None, noise_picker=None):
         self.source = source  # a LogMelSource or a LogMelStore: len(), names, load(i) -> (F, T)
         self.frames = frames
         self.on_bad_file = on_bad_file
         self.dtype = getattr(source, "dtype", np.float32)
+        self.noise, self.noise_picker = noise, noise_picker
 
     def __len__(self) -> int:
         return len(self.source)
@@ -95,8 +100,17 @@ class CropDataset(Dataset):
             raise DataError(f"{self.source.names[i]}: log-mel contains NaN or infinite values")
         return lms
 
-    def __getitem__(self, key: Tuple[int, int]):
-        i, seed = key
+    def background(self, number: int) -> np.ndarray:
+        for attempt in range(self.MAX_SUBSTITUTES):
+            j, seed = self.noise_picker.pick(number + attempt * 7919)  # a bad noise item: take another draw
+            lms = self.noise.load(j)
+            if np.isfinite(lms).all():
+                return tile_crop(lms, self.frames, np.random.default_rng(seed), self.dtype)
+            log.warning("skipping bad background item: %s: NaN or infinite values", self.noise.names[j])
+        raise DataError(f"{self.MAX_SUBSTITUTES} unusable background items in a row")
+
+    def __getitem__(self, key: Tuple[int, ...]):
+        i, seed = key[0], key[1]
         for skipped in range(self.MAX_SUBSTITUTES):
             j = (i + skipped) % len(self.source)
             try:
@@ -106,5 +120,8 @@ class CropDataset(Dataset):
                     raise DataError(str(e)) from None
                 log.warning("skipping bad training item: %s", e)
                 continue
-            return {"lms": torch.from_numpy(lms).unsqueeze(0), "skipped": skipped}
+            item = {"lms": torch.from_numpy(lms).unsqueeze(0), "skipped": skipped}
+            if self.noise is not None:
+                item["bg"] = torch.from_numpy(self.background(key[2])).unsqueeze(0)
+            return item
         raise DataError(f"{self.MAX_SUBSTITUTES} consecutive unusable items from {self.source.names[i]} on")

@@ -1,4 +1,7 @@
-"""Deterministic, resumable epoch order: (item index, crop seed) pairs from (seed, epoch, position)."""
+"""Deterministic, resumable epoch order: (item, crop seed, sample number) from (seed, epoch, position).
+
+The sample number counts training samples over the whole run; the background-noise stream keys on it.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +30,8 @@ class EpochSampler(Sampler):
         reps = -(-self.epoch_items // self.n_items)
         items = np.concatenate([rng.permutation(self.n_items) for _ in range(reps)])[: self.epoch_items]
         seeds = rng.integers(0, 2**62, size=self.epoch_items)
-        return np.stack([items, seeds], axis=1)
+        numbers = epoch * self.epoch_items + np.arange(self.epoch_items)
+        return np.stack([items, seeds, numbers], axis=1)
 
     def __iter__(self):
         pairs = self.order(self.epoch)

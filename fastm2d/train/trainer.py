@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
-from .. import __version__
+from .. import __version__, kernels
 from ..checkpoint import atomic_save, list_checkpoints, load_weights
 from ..config import Config, ConfigError, config_from_dict, to_yaml
 from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files
+from ..data.noise import NoisePicker
 from ..data.store import LogMelStore, is_store
 from ..model import EMA, M2D, ema_tau
 from .metrics import MetricsLogger
@@ -52,20 +53,21 @@ def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def build_source(config: Config, out_dir: Path):
+def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",
+                 seed_offset: int = 0):
     """The embedded synthetic set, a prepared LogMelStore folder, or a folder / CSV of files (checked first)."""
     d = config.data
-    if is_store(d.train):
-        store = LogMelStore(d.train)
+    if is_store(spec):
+        store = LogMelStore(spec)
         if store.sample_rate != d.sample_rate:
-            raise ConfigError(f"data.sample_rate={d.sample_rate}, but {d.train} was prepared at {store.sample_rate} Hz")
+            raise ConfigError(f"data.sample_rate={d.sample_rate}, but {spec} was prepared at {store.sample_rate} Hz")
         return store
-    if d.train == "synthetic":
-        return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed, d.synthetic_clips,
+    if spec == "synthetic":
+        return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed + seed_offset, d.synthetic_clips,
                                                                    d.synthetic_seconds))
-    files, bad = check_files(list_files(d.train, d.root), d.on_bad_file, config.model.input_size[0])
+    files, bad = check_files(list_files(spec, root), d.on_bad_file, config.model.input_size[0])
     if bad:
-        (out_dir / "bad_files.txt").write_text("".join(f"{b}\n" for b in bad))
+        (out_dir / f"bad_{label}_files.txt").write_text("".join(f"{b}\n" for b in bad))
     return LogMelSource(files, sample_rate=d.sample_rate)
 
 
@@ -80,7 +82,7 @@ class Trainer:
         torch.manual_seed(t.seed)
 
         self.model = M2D(config.model).to(self.device)
-        self.source = build_source(config, self.out_dir)
+        self.source = build_source(config.data.train, config, self.out_dir, config.data.root)
         self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items)
         self.effective_batch = t.batch_size * t.accum_steps
         steps_per_epoch = self.sampler.batches_per_epoch / t.accum_steps
@@ -107,9 +109,17 @@ class Trainer:
             if latest is not None and not resume:
                 raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
                                   f"or choose another out_dir")
-            self.model.norm_stats.copy_(torch.tensor(self.norm_stats()))
+            stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json")
+            self.model.norm_stats.copy_(torch.tensor(stats))
         self.mean, self.std = self.model.norm_stats.tolist()
-        self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file)
+        self.noise, picker, self.eta, self.noise_mean = None, None, 0.0, 0.0
+        noise = config.data.noise
+        if noise.train is not None and noise.eta > 0:
+            self.noise = build_source(noise.train, config, self.out_dir, noise.root, label="noise", seed_offset=1)
+            picker = NoisePicker(len(self.noise), t.seed)
+            self.eta = noise.eta
+            self.noise_mean = self.norm_stats(self.noise, noise.norm_stats, "noise_stats.json")[0]
+        self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.noise, picker)
         (self.out_dir / "config.yaml").write_text(to_yaml(config))
 
     # ---------------------------------------------------------------------------------------- the step ----
@@ -170,7 +180,7 @@ class Trainer:
                                 pin_memory=self.device.type == "cuda")
             for item in loader:
                 self._skipped += int(item["skipped"].sum())
-                yield self.on_device(item["lms"])
+                yield self.on_device(item["lms"], item.get("bg"))
             epoch, batch = epoch + 1, 0
 
     def _dali_batches(self) -> Iterator[torch.Tensor]:
@@ -185,9 +195,15 @@ class Trainer:
             for lms in loader:
                 yield self.on_device(lms)
 
-    def on_device(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw log-mel crops (pinned, any float dtype) -> normalised fp32 on the training device, asynchronously."""
-        return (raw.to(self.device, non_blocking=True).float() - self.mean) / self.std
+    def on_device(self, raw: torch.Tensor, bg: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw log-mel crops (pinned, any float dtype) -> normalised fp32 on the training device, asynchronously;
+        with background noise, the eq. 5 mix centred by each set's mean and divided by the main std."""
+        x = raw.to(self.device, non_blocking=True).float()
+        if bg is None:
+            return (x - self.mean) / self.std
+        ops = kernels.select(self.config.model.kernels, self.device)
+        return ops.noise_mix(x, bg.to(self.device, non_blocking=True).float(), self.eta, self.mean, self.noise_mean,
+                             self.std)
 
     def log_row(self, steps: int, seconds: float) -> dict:
         self.check_finite()  # a logging step may synchronise; all others never do
@@ -209,19 +225,20 @@ class Trainer:
                 + " Try a lower train.base_lr or train.precision=fp32.")
 
     # ------------------------------------------------------------------------------------- statistics -----
-    def norm_stats(self) -> List[float]:
+    def norm_stats(self, source, configured: Optional[List[float]], filename: str) -> List[float]:
         """Configured statistics, else the run folder's, else a prepared store's, else computed once and saved."""
-        if self.config.data.norm_stats is not None:
-            return list(self.config.data.norm_stats)
-        path = self.out_dir / "norm_stats.json"
+        if configured is not None:
+            return list(configured)
+        path = self.out_dir / filename
         if path.is_file():
             return json.loads(path.read_text())["norm_stats"]
-        if getattr(self.source, "norm_stats", None) is not None:
-            return list(self.source.norm_stats)
-        stats = compute_norm_stats(self.source, self.config.model.input_size[1], self.config.data.stats_items,
-                                   self.config.train.seed, progress=self.config.train.progress)
-        path.write_text(json.dumps({"norm_stats": stats, "items": min(self.config.data.stats_items, len(self.source))}))
-        log.info("dataset statistics: mean %.4f std %.4f (saved to %s)", *stats, path)
+        if getattr(source, "norm_stats", None) is not None:
+            return list(source.norm_stats)
+        n = self.config.data.stats_items
+        stats = compute_norm_stats(source, self.config.model.input_size[1], n, self.config.train.seed,
+                                   progress=self.config.train.progress)
+        path.write_text(json.dumps({"norm_stats": stats, "items": min(n, len(source))}))
+        log.info("statistics: mean %.4f std %.4f (saved to %s)", *stats, path)
         return list(stats)
 
     # ------------------------------------------------------------------------------------- checkpoints ----
