@@ -111,6 +111,33 @@ def train_rows(device: torch.device, tiny: bool) -> list:
     return rows
 
 
+def data_rows(device: torch.device, tiny: bool) -> list:
+    """Shard loader (all cores), reference loader and DALI (GPU when present) on generated 10 s clips."""
+    import tempfile
+
+    from data_cases import dali_rate, make_clips, prepare_rate, reference_loader_rate, shard_loader_rate
+    from fastm2d.data.dali import dali_missing_reason
+
+    workers = os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        clips = Path(tmp) / "clips"
+        files = make_clips(clips, 16 if tiny else 256)
+        summary = prepare_rate(clips, Path(tmp) / "store", workers)
+        rows.append({"path": "prepare", "workers": workers, "rate": summary["files_per_s"], "unit": "files/s"})
+        rows.append({"path": "reference loader", "workers": workers, "unit": "crops/s",
+                     "rate": reference_loader_rate(files, workers, batch=8, batches=2 if tiny else 8)})
+        rows.append({"path": "shard loader", "workers": workers, "unit": "crops/s",
+                     "rate": shard_loader_rate(Path(tmp) / "store", workers, batch=32 if tiny else 256,
+                                               batches=3 if tiny else 20)})
+        if dali_missing_reason():
+            rows.append({"path": "DALI", "workers": workers, "unit": "clips/s", "note": dali_missing_reason()})
+        else:
+            rows.append({"path": f"DALI ({device.type})", "workers": workers, "unit": "clips/s",
+                         "rate": dali_rate(files, device, workers, batch=8 if tiny else 64, epochs=1 if tiny else 2)})
+    return rows
+
+
 def markdown(result: dict) -> str:
     h = result["header"]
     lines = [f"# fastm2d device suite: {h['card']}", "",
@@ -123,13 +150,17 @@ def markdown(result: dict) -> str:
         else:
             lines.append(f"| {r['kernel']} | {r['provider']} | {r['mode']} | {r['ms']:.3f} | {r['GB_s']:.0f} | "
                          f"{r['pct_copy_bw']:.0f} | {r.get('speedup_vs_compile', float('nan')):.2f} |")
-    lines += ["", "| train step | kernels | batch | ms | samples/s | peak GiB |", "|---|---|---|---|---|---|"]
+    train_lines = ["", "| train step | kernels | batch | ms | samples/s | peak GiB |", "|---|---|---|---|---|---|"]
     for r in result["train"]:
         if "note" in r:
-            lines.append(f"| train | {r['kernels']} | {r['note']} | | | |")
+            train_lines.append(f"| train | {r['kernels']} | {r['note']} | | | |")
         else:
-            lines.append(f"| train | {r['kernels']} | {r['batch']} | {r['ms']:.1f} | {r['samples_s']:.1f} | {r['peak_GiB']:.1f} |")
-    return "\n".join(lines) + "\n"
+            train_lines.append(f"| train | {r['kernels']} | {r['batch']} | {r['ms']:.1f} | {r['samples_s']:.1f} | "
+                               f"{r['peak_GiB']:.1f} |")
+    lines += ["", "| data path | workers | rate |", "|---|---|---|"]
+    for r in result["data"]:
+        lines.append(f"| {r['path']} | {r['workers']} | " + (f"{r['rate']:.0f} {r['unit']}" if "rate" in r else r["note"]) + " |")
+    return "\n".join(lines + train_lines) + "\n"  # the train-step table last: the short summary
 
 
 def main() -> int:
@@ -145,6 +176,10 @@ def main() -> int:
     result["gpu_tests"] = gpu_tests(device)
     result["copy_GB_s"] = copy_bandwidth(device, tiny)
     result["kernels"] = kernel_rows(device, tiny, result["copy_GB_s"])
+    try:  # the GPU machine may lack soundfile / DALI: a failed section is a row, not the end of the suite
+        result["data"] = data_rows(device, tiny)
+    except Exception as e:
+        result["data"] = [{"path": "data rows", "workers": "-", "note": f"failed: {e!r}"[:200]}]
     result["train"] = train_rows(device, tiny)
     (out / "device_suite.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
