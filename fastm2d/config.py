@@ -39,7 +39,7 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     mask_ratio: float = 0.7
-    attention: str = "sdpa"  # sdpa | reference
+    attention: str = "auto"  # auto | sdpa | xformers | reference
     kernels: str = "auto"  # auto | triton | reference (FASTM2D_KERNELS wins)
 
     def resolved(self) -> "ModelConfig":
@@ -66,8 +66,8 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError("the 2-D sin-cos position encoding needs widths divisible by 4")
     if not 0.0 < m.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio={m.mask_ratio}: must lie strictly between 0 and 1")
-    if m.attention not in ("sdpa", "reference"):
-        raise ConfigError(f"model.attention={m.attention!r}: expected sdpa or reference")
+    if m.attention not in ("auto", "sdpa", "xformers", "reference"):
+        raise ConfigError(f"model.attention={m.attention!r}: expected auto, sdpa, xformers or reference")
     if m.kernels not in ("auto", "triton", "reference"):
         raise ConfigError(f"model.kernels={m.kernels!r}: expected auto, triton or reference")
 
@@ -118,6 +118,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
+    compile: bool = False  # torch.compile every transformer block (fuses LayerNorm / GELU / residual / bias glue)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    peak_tflops: Optional[float] = None  # for MFU; default: the data-sheet bf16 peak of a known GPU
 
 
 @dataclass
@@ -175,6 +178,8 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"data.on_bad_file={c.data.on_bad_file!r}: expected skip or error")
     if c.data.norm_stats is not None and (len(c.data.norm_stats) != 2 or c.data.norm_stats[1] <= 0):
         raise ConfigError(f"data.norm_stats={c.data.norm_stats}: expected [mean, std] with std > 0")
+    if c.train.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ConfigError(f"train.compile_mode={c.train.compile_mode!r}: not a torch.compile mode")
     if c.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={c.train.precision!r}: expected auto, fp32, bf16 or fp16")
     for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints"):

@@ -76,8 +76,8 @@ def test_sdpa_equals_explicit_softmax_reference():
     fast = m(x, ids)["loss"]
     m.set_attention("reference")
     assert torch.allclose(fast, m(x, ids)["loss"], atol=1e-5)
-    with pytest.raises(ValueError, match="xformers"):
-        m.set_attention("xformers")
+    with pytest.raises(ValueError, match="flash"):
+        m.set_attention("flash")
 
 
 def test_bad_inputs_are_clear_errors():

@@ -1,13 +1,14 @@
 """Multi-head self-attention with one backend switch.
 
 `sdpa` (default) lets PyTorch pick flash / memory-efficient / cuDNN kernels on GPU and the math kernel on CPU;
-`reference` is the explicit softmax(QK^T / sqrt(d)) V the tests compare every backend with. Later backends
-(xformers) register themselves in `BACKENDS`.
+`xformers` uses xformers' memory_efficient_attention (optional extra, CUDA only); `reference` is the explicit
+softmax(QK^T / sqrt(d)) V the tests compare every backend with. `auto` resolves, per device, to the backend a
+short measurement finds fastest there (SDPA on CPU and whenever nothing else can run).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,76 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ v
 
 
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """xformers takes [B, M, H, K]; ours is [B, H, M, K]."""
+    import xformers.ops as xops
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
 BACKENDS: Dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sdpa": F.scaled_dot_product_attention,
     "reference": reference_attention,
+    "xformers": xformers_attention,
+    "auto": F.scaled_dot_product_attention,  # until `resolve_attention` picks for a device
 }
+CHOICES = tuple(BACKENDS)
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why backend `name` cannot run on `device`, or None."""
+    if name not in BACKENDS:
+        return f"unknown attention backend {name!r}; choose from {CHOICES}"
+    if name != "xformers":
+        return None
+    if device.type != "cuda":
+        return f"xformers attention has no CPU path (device {device}); use sdpa"
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError as e:
+        return f"xformers is not installed (pip install 'fastm2d[xformers]'): {e}"
+    except Exception as e:  # its compiled part needs the CUDA 12 runtime (nvidia-cuda-runtime-cu12)
+        return f"xformers cannot load ({e}); it needs the CUDA 12 runtime (pip install nvidia-cuda-runtime-cu12)"
+    return None
+
+
+_MEASURED: Dict[str, str] = {}
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """A concrete backend for `device`; a requested one that cannot run is an error that says why."""
+    if name != "auto":
+        reason = unavailable_reason(name, device)
+        if reason:
+            raise RuntimeError(f"model.attention={name!r}: {reason}")
+        return name
+    if device.type != "cuda":
+        return "sdpa"
+    key = torch.cuda.get_device_name(device)
+    if key not in _MEASURED:
+        _MEASURED[key] = _fastest(device)
+    return _MEASURED[key]
+
+
+def _fastest(device: torch.device) -> str:
+    """Time each runnable backend on an M2D-sized bf16 problem (forward + backward); keep the fastest."""
+    import time
+    q, k, v = (torch.randn(64, 12, 191, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    best, best_t = "sdpa", float("inf")
+    for name in ("sdpa", "xformers"):
+        if unavailable_reason(name, device):
+            continue
+        fn = BACKENDS[name]
+        for _ in range(3):
+            fn(q, k, v).sum().backward()
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn(q, k, v).sum().backward()
+        torch.cuda.synchronize(device)
+        if time.perf_counter() - t0 < best_t:
+            best, best_t = name, time.perf_counter() - t0
+    return best
 
 
 class Attention(nn.Module):

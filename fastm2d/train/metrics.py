@@ -39,8 +39,9 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.writer.add_scalar(f"train/{k}", v, row["step"])
+        extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                             samples_s=f"{row['samples_per_s']:.1f}", refresh=False)
+                             samples_s=f"{row['samples_per_s']:.1f}", **extra, refresh=False)
 
     def close(self) -> None:
         self.bar.close()

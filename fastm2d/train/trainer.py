@@ -25,6 +25,9 @@ from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute
 from ..data.noise import NoisePicker
 from ..data.store import LogMelStore, is_store
 from ..model import EMA, M2D, ema_tau
+from ..model.attention import resolve_attention
+from ..model.vit import Block
+from .flops import mfu, peak_flops, train_flops_per_sample
 from .metrics import MetricsLogger
 from .schedule import lr_at, scaled_lr
 
@@ -82,6 +85,16 @@ class Trainer:
         torch.manual_seed(t.seed)
 
         self.model = M2D(config.model).to(self.device)
+        try:
+            self.model.set_attention(resolve_attention(config.model.attention, self.device))
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
+        if t.compile:  # per block: fuses the LayerNorm / GELU / residual / bias glue; keeps state-dict keys
+            for blk in self.model.modules():
+                if isinstance(blk, Block):
+                    blk.compile(mode=t.compile_mode)
+        self.flops_per_sample = train_flops_per_sample(self.model.cfg)
+        self.peak_flops = peak_flops(self.device, t.peak_tflops)
         self.source = build_source(config.data.train, config, self.out_dir, config.data.root)
         self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items)
         self.effective_batch = t.batch_size * t.accum_steps
@@ -149,12 +162,19 @@ class Trainer:
         logger = MetricsLogger(self.out_dir, self.total_steps, self.step, t.tensorboard, t.progress)
         batches = self.micro_batches()
         last_time, last_step = time.perf_counter(), self.step
+        first = True
         try:
             while self.step < self.total_steps:
                 loss = self.train_step([next(batches) for _ in range(t.accum_steps)])
                 self._loss_sum += loss
                 self._nonfinite |= ~torch.isfinite(loss)
                 logger.advance()
+                if first and t.compile:  # report compilation apart from the step rate (one sync, once)
+                    self._first_step_seconds = self.sync_time() - last_time
+                    log.info("first step (torch.compile included): %.1f s", self._first_step_seconds)
+                    last_time, last_step, first = self.sync_time(), self.step, False
+                    self._loss_sum.zero_()
+                    continue
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     logger.write(self.log_row(self.step - last_step, now - last_time))
@@ -195,6 +215,11 @@ class Trainer:
             for lms in loader:
                 yield self.on_device(lms)
 
+    def sync_time(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def on_device(self, raw: torch.Tensor, bg: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw log-mel crops (pinned, any float dtype) -> normalised fp32 on the training device, asynchronously;
         with background noise, the eq. 5 mix centred by each set's mean and divided by the main std."""
@@ -209,10 +234,15 @@ class Trainer:
         self.check_finite()  # a logging step may synchronise; all others never do
         loss = (self._loss_sum / max(steps, 1)).item()
         self._loss_sum.zero_()
+        rate = steps * self.effective_batch / max(seconds, 1e-9)
         row = {"step": self.step, "epoch": self.step * self.config.train.accum_steps / self.sampler.batches_per_epoch,
                "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                "tau": ema_tau(self.step - 1, self.total_steps, self.config.train.ema_start, self.config.train.ema_end),
-               "samples_per_s": steps * self.effective_batch / max(seconds, 1e-9), "skipped_items": self._skipped}
+               "samples_per_s": rate, "skipped_items": self._skipped, "gflop_per_sample": self.flops_per_sample / 1e9}
+        if self.peak_flops:
+            row["mfu"] = mfu(rate, self.flops_per_sample, self.peak_flops)
+        if getattr(self, "_first_step_seconds", None) is not None:
+            row["first_step_seconds"], self._first_step_seconds = self._first_step_seconds, None
         return row
 
     def check_finite(self) -> None:
