@@ -21,7 +21,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "wheel", "nvidia-dali-cuda130==2.4.0"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "wheel", "nvidia-dali-cuda130==2.4.0", "deepspeed==0.19.8"],
         "dali": ["nvidia-dali-cuda130==2.4.0"],
         "deepspeed": ["deepspeed==0.19.8"],
         "xformers": ["xformers==0.0.35"],

@@ -121,6 +121,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile every transformer block (fuses LayerNorm / GELU / residual / bias glue)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     peak_tflops: Optional[float] = None  # for MFU; default: the data-sheet bf16 peak of a known GPU
+    engine: str = "auto"  # auto (DeepSpeed when launched with several processes) | single | deepspeed
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1 or 2
+    dist_timeout_s: int = 1800  # collective timeout: a dead rank makes the others fail, not hang
 
 
 @dataclass
@@ -178,6 +181,11 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"data.on_bad_file={c.data.on_bad_file!r}: expected skip or error")
     if c.data.norm_stats is not None and (len(c.data.norm_stats) != 2 or c.data.norm_stats[1] <= 0):
         raise ConfigError(f"data.norm_stats={c.data.norm_stats}: expected [mean, std] with std > 0")
+    if c.train.engine not in ("auto", "single", "deepspeed"):
+        raise ConfigError(f"train.engine={c.train.engine!r}: expected auto, single or deepspeed")
+    if c.train.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"train.zero_stage={c.train.zero_stage}: fastm2d supports ZeRO 0, 1 and 2 (stage 3 "
+                          f"partitions the weights the EMA target update reads whole on every rank)")
     if c.train.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         raise ConfigError(f"train.compile_mode={c.train.compile_mode!r}: not a torch.compile mode")
     if c.train.precision not in ("auto", "fp32", "bf16", "fp16"):

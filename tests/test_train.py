@@ -20,7 +20,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_no_decay_for_biases_and_1d_parameters(tiny_config):
     tr = Trainer(tiny_config("train.max_steps=1"))
-    groups = {g["weight_decay"]: g["params"] for g in tr.optimizer.param_groups}
+    groups = {g["weight_decay"]: g["params"] for g in tr.engine.param_groups}
     names = {id(p): n for n, p in tr.model.named_parameters()}
     no_decay = {names[id(p)] for p in groups[0.0]}
     assert "blocks.0.norm1.weight" in no_decay and "decoder_pred.bias" in no_decay

@@ -53,3 +53,16 @@ class MetricsLogger:
 def read_metrics(out_dir: str | Path) -> list:
     with open(Path(out_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class NullLogger:
+    """What ranks other than 0 log: nothing."""
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def write(self, row: Dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

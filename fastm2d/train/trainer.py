@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,8 @@ from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
 from ..model.vit import Block
 from .flops import mfu, peak_flops, train_flops_per_sample
-from .metrics import MetricsLogger
+from .engine import all_reduce_, barrier, dist_from_env, init_distributed, make_engine, wants_deepspeed
+from .metrics import MetricsLogger, NullLogger
 from .schedule import lr_at, scaled_lr
 
 log = logging.getLogger("fastm2d.train")
@@ -80,9 +82,19 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         t = config.train
+        self.dist = dist_from_env()
+        use_deepspeed = wants_deepspeed(config, self.dist)
         self.device = pick_device(t.device)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if use_deepspeed:
+            init_distributed(config, self.device.type)
         self.amp_dtype = pick_precision(t.precision, self.device)
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        # Masks come from one generator that every rank advances alike; each rank takes its samples' rows, so
+        # N processes draw exactly the masks one process with the same global batch draws.
+        self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
 
         self.model = M2D(config.model).to(self.device)
         try:
@@ -96,34 +108,35 @@ class Trainer:
         self.flops_per_sample = train_flops_per_sample(self.model.cfg)
         self.peak_flops = peak_flops(self.device, t.peak_tflops)
         self.source = build_source(config.data.train, config, self.out_dir, config.data.root)
-        self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items)
-        self.effective_batch = t.batch_size * t.accum_steps
+        self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items,
+                                    self.dist.rank, self.dist.world_size)
+        self.effective_batch = t.batch_size * t.accum_steps * self.dist.world_size
         steps_per_epoch = self.sampler.batches_per_epoch / t.accum_steps
         self.total_steps = t.max_steps or max(1, round(t.epochs * steps_per_epoch))
         self.warmup_steps = min(round(t.warmup_epochs * steps_per_epoch), self.total_steps // 2)
         self.peak_lr = scaled_lr(t.base_lr, self.effective_batch)
 
-        groups = param_groups_weight_decay(self.model, t.weight_decay)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(t.betas), fused=fused)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = EMA(self.model.target_parameters(), self.model.online_parameters())
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.step = 0
         # Device-side accumulators: read only on logging steps, so a step never waits for the host.
         self._loss_sum = torch.zeros((), device=self.device)
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._skipped = 0
+        self._nonfinite = torch.zeros((), device=self.device)
+        self._skipped = torch.zeros((), device=self.device)
 
         latest = max(list_checkpoints(self.out_dir), default=None)
-        if resume and latest is not None:
-            self.load_state(list_checkpoints(self.out_dir)[latest])
-        else:
-            if latest is not None and not resume:
+        resume_from = list_checkpoints(self.out_dir)[latest] if resume and latest is not None else None
+        if resume_from is None:
+            if latest is not None:
                 raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
                                   f"or choose another out_dir")
             stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json")
             self.model.norm_stats.copy_(torch.tensor(stats))
+        saved = self.load_state(resume_from) if resume_from else None  # weights before the engine copies them
+        groups = param_groups_weight_decay(self.model, t.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(t.betas), fused=self.device.type == "cuda")
+        self.engine = make_engine(self.model, optimizer, config, self.amp_dtype, self.dist, use_deepspeed)
+        if saved is not None:
+            self.engine.load_state_dict(saved, resume_from)
         self.mean, self.std = self.model.norm_stats.tolist()
         self.noise, picker, self.eta, self.noise_mean = None, None, 0.0, 0.0
         noise = config.data.noise
@@ -138,28 +151,31 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- the step ----
     def train_step(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
         """One optimiser step over `accum_steps` micro-batches. Returns the mean loss as a device tensor."""
-        for group in self.optimizer.param_groups:
+        for group in self.engine.param_groups:
             group["lr"] = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
         loss_sum = torch.zeros((), device=self.device)
         for lms in micro_batches:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                loss = self.model(lms)["loss"]
-            self.scaler.scale(loss / len(micro_batches)).backward()
+                loss = self.engine.forward(lms, self.mask_ids(lms.shape[0]))["loss"]
+            self.engine.backward(loss, len(micro_batches))
             loss_sum += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.train.clip_grad, foreach=True)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.step()  # clip, update, zero the gradients (DeepSpeed did it in its last backward)
         self.ema.update(ema_tau(self.step, self.total_steps, self.config.train.ema_start, self.config.train.ema_end))
         self.step += 1
         return loss_sum / len(micro_batches)
 
+    def mask_ids(self, batch: int) -> torch.Tensor:
+        """This rank's rows of the global batch's random permutations (visible first)."""
+        w = self.dist.world_size
+        noise = torch.rand(batch * w, self.model.num_patches, generator=self.mask_gen, device=self.device)
+        return torch.argsort(noise[self.dist.rank::w], dim=1)
+
     # ---------------------------------------------------------------------------------------- the loop ----
     def fit(self) -> None:
         t = self.config.train
-        logger = MetricsLogger(self.out_dir, self.total_steps, self.step, t.tensorboard, t.progress)
+        logger = MetricsLogger(self.out_dir, self.total_steps, self.step, t.tensorboard, t.progress) \
+            if self.dist.is_main else NullLogger()
         batches = self.micro_batches()
         last_time, last_step = time.perf_counter(), self.step
         first = True
@@ -167,7 +183,7 @@ class Trainer:
             while self.step < self.total_steps:
                 loss = self.train_step([next(batches) for _ in range(t.accum_steps)])
                 self._loss_sum += loss
-                self._nonfinite |= ~torch.isfinite(loss)
+                self._nonfinite += ~torch.isfinite(loss)
                 logger.advance()
                 if first and t.compile:  # report compilation apart from the step rate (one sync, once)
                     self._first_step_seconds = self.sync_time() - last_time
@@ -199,7 +215,7 @@ class Trainer:
                                 num_workers=self.config.data.num_workers, drop_last=True, generator=gen,
                                 pin_memory=self.device.type == "cuda")
             for item in loader:
-                self._skipped += int(item["skipped"].sum())
+                self._skipped += item["skipped"].sum().to(self.device, non_blocking=True)
                 yield self.on_device(item["lms"], item.get("bg"))
             epoch, batch = epoch + 1, 0
 
@@ -232,13 +248,13 @@ class Trainer:
 
     def log_row(self, steps: int, seconds: float) -> dict:
         self.check_finite()  # a logging step may synchronise; all others never do
-        loss = (self._loss_sum / max(steps, 1)).item()
+        loss = (all_reduce_(self._loss_sum) / (max(steps, 1) * self.dist.world_size)).item()
         self._loss_sum.zero_()
         rate = steps * self.effective_batch / max(seconds, 1e-9)
         row = {"step": self.step, "epoch": self.step * self.config.train.accum_steps / self.sampler.batches_per_epoch,
-               "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "loss": loss, "lr": self.engine.param_groups[0]["lr"],
                "tau": ema_tau(self.step - 1, self.total_steps, self.config.train.ema_start, self.config.train.ema_end),
-               "samples_per_s": rate, "skipped_items": self._skipped, "gflop_per_sample": self.flops_per_sample / 1e9}
+               "samples_per_s": rate, "skipped_items": int(all_reduce_(self._skipped.clone()).item()), "gflop_per_sample": self.flops_per_sample / 1e9}
         if self.peak_flops:
             row["mfu"] = mfu(rate, self.flops_per_sample, self.peak_flops)
         if getattr(self, "_first_step_seconds", None) is not None:
@@ -246,7 +262,7 @@ class Trainer:
         return row
 
     def check_finite(self) -> None:
-        if bool(self._nonfinite):
+        if all_reduce_(self._nonfinite.clone()).item() > 0:  # any rank's NaN stops every rank
             good = max(list_checkpoints(self.out_dir), default=None)
             raise TrainingDiverged(
                 f"the loss became NaN/inf at or before step {self.step}; training stopped. "
@@ -260,9 +276,18 @@ class Trainer:
         if configured is not None:
             return list(configured)
         path = self.out_dir / filename
+        if not self.dist.is_main:  # rank 0 computes and saves; the others read its file
+            barrier()
+            return json.loads(path.read_text())["norm_stats"]
+        stats = self._norm_stats_main(source, path)
+        barrier()
+        return stats
+
+    def _norm_stats_main(self, source, path: Path) -> List[float]:
         if path.is_file():
             return json.loads(path.read_text())["norm_stats"]
         if getattr(source, "norm_stats", None) is not None:
+            path.write_text(json.dumps({"norm_stats": list(source.norm_stats), "from": str(getattr(source, "root", ""))}))
             return list(source.norm_stats)
         n = self.config.data.stats_items
         stats = compute_norm_stats(source, self.config.model.input_size[1], n, self.config.train.seed,
@@ -273,40 +298,47 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- checkpoints ----
     def state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "mask": self.mask_gen.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         config = OmegaConf.to_container(OmegaConf.structured(self.config))
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": int(self.step * self.config.train.accum_steps
+        return {"model": self.model.state_dict(), **self.engine.state_dict(), "epoch": int(self.step * self.config.train.accum_steps
                                                                   // self.sampler.batches_per_epoch),
                 "step": self.step, "rng": rng, "args": config, "config": config,
                 "model_config": asdict(self.model.cfg), "sample_rate": self.config.data.sample_rate,
                 "fastm2d_version": __version__}
 
     def save(self) -> Path:
+        """Every rank calls this (DeepSpeed writes its optimiser partitions collectively); rank 0 writes the
+        checkpoint that single-process runs and `load_model` read."""
         path = self.out_dir / f"checkpoint-{self.step}.pth"
-        atomic_save(self.state(), path)
-        for step, old in sorted(list_checkpoints(self.out_dir).items())[: -self.config.train.keep_checkpoints]:
-            old.unlink(missing_ok=True)
+        self.engine.save_extra(self.out_dir, self.step)
+        if self.dist.is_main:
+            atomic_save(self.state(), path)
+            for step, old in sorted(list_checkpoints(self.out_dir).items())[: -self.config.train.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+                shutil.rmtree(self.out_dir / "deepspeed" / f"step{step}", ignore_errors=True)
+        barrier()
         return path
 
-    def load_state(self, path: Path) -> None:
+    def load_state(self, path: Path) -> dict:
+        """Model, target, step and RNG from a checkpoint; returns it for the engine's optimiser state."""
         obj = torch.load(path, map_location="cpu", weights_only=False)
         saved = config_from_dict(obj["config"]).model
         if asdict(saved) != asdict(self.model.cfg):
             diff = {k: (v, getattr(self.model.cfg, k)) for k, v in asdict(saved).items() if getattr(self.model.cfg, k) != v}
             raise ConfigError(f"{path}: the checkpoint's model config differs from this config (saved, now): {diff}")
         load_weights(self.model, obj["model"], path)
-        self.optimizer.load_state_dict(obj["optimizer"])
-        self.scaler.load_state_dict(obj["scaler"])
         self.step = int(obj["step"])
         torch.set_rng_state(obj["rng"]["torch"])
         np.random.set_state(obj["rng"]["numpy"])
+        self.mask_gen.set_state(obj["rng"]["mask"])
         if "cuda" in obj["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(obj["rng"]["cuda"], self.device)
-        self._truncate_metrics(self.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
         log.info("resumed from %s at step %d", path, self.step)
+        return obj
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop rows logged after the checkpoint, so metrics.jsonl stays one continuous curve."""

@@ -1,0 +1,179 @@
+"""How gradients become parameter updates: plain PyTorch for one process, DeepSpeed ZeRO for many.
+
+Both engines expose the same three calls to `Trainer.train_step`: `backward(loss, n_micro)` per micro-batch,
+`step()` at the accumulation boundary, and `param_groups` for the per-step learning rate. One code path serves
+1 and N processes; single-GPU users never import DeepSpeed.
+
+Precision under DeepSpeed: parameters stay fp32 and the forward runs under torch.autocast (bf16), instead of
+DeepSpeed's bf16 mode, which casts the whole module: an EMA with tau = 0.99999 applied to bf16 target weights
+would round every update away.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+
+from ..config import Config, ConfigError
+
+log = logging.getLogger("fastm2d.train")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env() -> DistInfo:
+    """The launcher's view (deepspeed, torchrun): RANK, WORLD_SIZE, LOCAL_RANK; one process without them."""
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def wants_deepspeed(config: Config, dist: DistInfo) -> bool:
+    engine = config.train.engine
+    if engine == "single" and dist.world_size > 1:
+        raise ConfigError(f"train.engine=single, but the launcher started {dist.world_size} processes; "
+                          f"multi-process training runs on DeepSpeed (train.engine=deepspeed or auto)")
+    return engine == "deepspeed" or (engine == "auto" and dist.world_size > 1)
+
+
+def import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError(f"train.engine needs DeepSpeed, which is not installed ({e}); "
+                          f"pip install 'fastm2d[deepspeed]'") from None
+    return deepspeed
+
+
+def init_distributed(config: Config, device_type: str) -> None:
+    """Process group with a collective timeout: a rank that dies makes the others fail instead of hanging."""
+    deepspeed = import_deepspeed()
+    timeout = datetime.timedelta(seconds=config.train.dist_timeout_s)
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+
+
+def deepspeed_config(config: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON, generated from fastm2d's config (never kept by hand in a second place)."""
+    t = config.train
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.accum_steps,
+        "train_batch_size": t.batch_size * t.accum_steps * world_size,
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": {"stage": t.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
+        "steps_per_print": 10**12,  # fastm2d logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+class SingleEngine:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp_dtype, clip: float):
+        self.module, self.optimizer, self.clip = model, optimizer, clip
+        self.scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=amp_dtype == torch.float16)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
+        self.scaler.scale(loss / n_micro).backward()
+
+    def step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        if state.get("optimizer") is None:
+            log.warning("%s holds no single-process optimiser state (written by a DeepSpeed run): AdamW moments "
+                        "start from zero; weights, schedule position and RNG are restored", path)
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def save_extra(self, out_dir: Path, step: int) -> None:
+        pass
+
+
+class DeepSpeedEngine:
+    """ZeRO stage 0-2 around the same model and AdamW. Stage 3 partitions the parameters themselves, which the
+    EMA target update reads whole on every rank, so it is refused at start-up."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config, world_size: int):
+        if config.train.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"train.zero_stage={config.train.zero_stage}: fastm2d supports ZeRO 0, 1 and 2 "
+                              f"(stage 3 partitions the weights the EMA target update needs whole)")
+        deepspeed = import_deepspeed()
+        self.ds_config = deepspeed_config(config, world_size)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=self.ds_config)
+        self.module = self.engine.module
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def forward(self, *args):
+        return self.engine(*args)
+
+    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        self.engine.step()  # a no-op until the accumulation boundary, where it clips and updates
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"optimizer": None, "scaler": None}  # partitioned: saved by save_extra
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        tag = f"step{state['step']}"
+        folder = path.parent / "deepspeed"
+        if not (folder / tag).is_dir():
+            log.warning("%s has no DeepSpeed optimiser partitions (%s): AdamW moments start from zero; weights, "
+                        "schedule position and RNG are restored", path, folder / tag)
+            return
+        self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False, load_module_only=False)
+
+    def save_extra(self, out_dir: Path, step: int) -> None:
+        """Collective: every rank writes its optimiser partition."""
+        self.engine.save_checkpoint(str(out_dir / "deepspeed"), tag=f"step{step}", save_latest=False)
+
+
+def make_engine(model, optimizer, config: Config, amp_dtype, dist: DistInfo, use_deepspeed: bool):
+    if use_deepspeed:
+        return DeepSpeedEngine(model, optimizer, config, dist.world_size)
+    return SingleEngine(model, optimizer, amp_dtype, config.train.clip_grad)
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
+    return t
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,34 @@
+"""FLOPs per sample against a matmul-by-matmul hand count (DESIGN.md: ViT-B 80x608 16x16 at 0.7 ~ 85 GFLOP)."""
+import pytest
+import torch
+
+from fastm2d.config import ModelConfig
+from fastm2d.train.flops import mfu, peak_flops, train_flops_per_sample
+
+
+def matmuls_of_a_layer(n, d):
+    """Each matmul of a transformer layer, 2 FLOPs per multiply-add."""
+    return sum([2 * n * d * 3 * d,  # qkv
+                2 * n * n * d,  # q k^T over all heads
+                2 * n * n * d,  # attention x v
+                2 * n * d * d,  # proj
+                2 * n * d * 4 * d,  # fc1
+                2 * n * 4 * d * d])  # fc2
+
+
+def test_vit_base_hand_count():
+    n, k = 190, 57
+    online = 12 * matmuls_of_a_layer(k + 1, 768)
+    target = 12 * matmuls_of_a_layer(n - k + 1, 768)
+    predictor = 8 * matmuls_of_a_layer(n + 1, 512) + 2 * (k + 1) * 768 * 512 + 2 * (n - k) * 512 * 768
+    patch = 2 * n * 256 * 768
+    hand = 3 * (online + predictor + patch) + target
+    ours = train_flops_per_sample(ModelConfig())
+    assert ours == pytest.approx(hand, rel=1e-9)
+    assert ours / 1e9 == pytest.approx(85, rel=0.03)
+
+
+def test_mfu_and_peak():
+    assert mfu(4700, 85e9, 800e12) == pytest.approx(0.499, abs=1e-3)
+    assert peak_flops(torch.device("cpu")) is None and mfu(10, 1e9, None) is None
+    assert peak_flops(torch.device("cpu"), override_tflops=2.0) == 2e12
