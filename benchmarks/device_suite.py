@@ -82,33 +82,12 @@ def kernel_rows(device: torch.device, tiny: bool, bandwidth: float) -> list:
 
 
 def train_rows(device: torch.device, tiny: bool) -> list:
-    from fastm2d.config import load_config
-    from fastm2d.train import Trainer
-    import tempfile
+    """The training-step ladder (ladder.py): ViT-B at a batch that fills an 80 GB card, the demo model on CPU."""
+    from ladder import CPU_RUNGS, RUNGS, ladder
 
-    size = ["model.size=tiny", "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4"] \
-        if tiny else ["model.size=base"]
-    batch = 8 if tiny else 256
-    rows = []
-    for kernels_mode in ("reference", "triton"):
-        if kernels_mode == "triton" and device.type != "cuda":
-            rows.append({"step": "train", "kernels": kernels_mode, "note": "skipped: needs CUDA"})
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(None, [f"out_dir={tmp}", *size, f"train.batch_size={batch}", f"model.kernels={kernels_mode}",
-                                     "data.norm_stats=[-7.1,4.2]", "data.synthetic_clips=32", "train.max_steps=1000",
-                                     "train.progress=false", "train.tensorboard=false"])
-            trainer = Trainer(cfg)
-            lms = torch.randn(batch, 1, 80, 608, device=device)
-            sec = time_median(lambda: trainer.train_step([lms]), device, reps=5)
-            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            rows.append({"step": "train", "kernels": kernels_mode, "batch": batch, "ms": sec * 1e3,
-                         "samples_s": batch / sec, "peak_GiB": mem, "precision": str(trainer.amp_dtype)})
-            del trainer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-    return rows
+    if tiny:
+        return ladder("demo", 4, CPU_RUNGS[:2], steps=2)
+    return ladder("vit_base", 512, RUNGS, steps=5)
 
 
 def data_rows(device: torch.device, tiny: bool) -> list:
@@ -150,13 +129,16 @@ def markdown(result: dict) -> str:
         else:
             lines.append(f"| {r['kernel']} | {r['provider']} | {r['mode']} | {r['ms']:.3f} | {r['GB_s']:.0f} | "
                          f"{r['pct_copy_bw']:.0f} | {r.get('speedup_vs_compile', float('nan')):.2f} |")
-    train_lines = ["", "| train step | kernels | batch | ms | samples/s | peak GiB |", "|---|---|---|---|---|---|"]
+    train_lines = ["", "| train-step rung | batch | ms | samples/s | x eager | MFU | peak GiB | first step s |",
+                   "|---|---|---|---|---|---|---|---|"]
     for r in result["train"]:
         if "note" in r:
-            train_lines.append(f"| train | {r['kernels']} | {r['note']} | | | |")
-        else:
-            train_lines.append(f"| train | {r['kernels']} | {r['batch']} | {r['ms']:.1f} | {r['samples_s']:.1f} | "
-                               f"{r['peak_GiB']:.1f} |")
+            train_lines.append(f"| {r['rung']} | {r['note']} | | | | | | |")
+            continue
+        mfu_s = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        mem = f"{r['peak_GiB']:.1f}" if r.get("peak_GiB") else "-"
+        train_lines.append(f"| {r['rung']} | {r['batch']} | {r['ms']:.1f} | {r['samples_s']:.1f} | {r['x_vs_eager']:.2f} | "
+                           f"{mfu_s} | {mem} | {r['first_step_s']:.1f} |")
     lines += ["", "| data path | workers | rate |", "|---|---|---|"]
     for r in result["data"]:
         lines.append(f"| {r['path']} | {r['workers']} | " + (f"{r['rate']:.0f} {r['unit']}" if "rate" in r else r["note"]) + " |")

@@ -118,7 +118,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
-    compile: bool = False  # torch.compile every transformer block (fuses LayerNorm / GELU / residual / bias glue)
+    compile: bool = False  # torch.compile the model's forward (fuses LayerNorm / GELU / residual / bias glue)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     peak_tflops: Optional[float] = None  # for MFU; default: the data-sheet bf16 peak of a known GPU
     engine: str = "auto"  # auto (DeepSpeed when launched with several processes) | single | deepspeed

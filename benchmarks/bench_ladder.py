@@ -1,0 +1,21 @@
+"""The training-step ladder on this machine: the demo model on CPU, ViT-B on a GPU.
+
+    pytest benchmarks/bench_ladder.py -s
+"""
+import json
+
+import torch
+
+from ladder import CPU_RUNGS, RUNGS, ladder
+
+
+def test_ladder(benchmark):
+    on_gpu = torch.cuda.is_available()
+    rows = benchmark.pedantic(lambda: ladder("vit_base" if on_gpu else "demo", 256 if on_gpu else 8,
+                                             RUNGS if on_gpu else CPU_RUNGS, steps=5 if on_gpu else 15),
+                              rounds=1, iterations=1)
+    benchmark.extra_info["rows"] = rows
+    device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nladder on {device}, torch {torch.__version__}")
+    for r in rows:
+        print(json.dumps(r))
