@@ -20,22 +20,16 @@ from .noise_mix import noise_mix_reference, noise_mix_triton
 MODES = ("auto", "triton", "reference")
 ENV_VAR = "FASTM2D_KERNELS"
 
-REFERENCE = SimpleNamespace(
-    name="reference",
-    gather_visible=gather_visible_reference,
-    unshuffle_with_mask_tokens=unshuffle_with_mask_tokens_reference,
-    gather_masked=gather_masked_reference,
-    l2norm_mse=l2norm_mse_reference,
-    noise_mix=noise_mix_reference,
-)
-TRITON = SimpleNamespace(
-    name="triton",
-    gather_visible=gather_visible_triton,
-    unshuffle_with_mask_tokens=unshuffle_with_mask_tokens_triton,
-    gather_masked=gather_masked_triton,
-    l2norm_mse=l2norm_mse_triton,
-    noise_mix=noise_mix_triton,
-)
+OPS = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked", "l2norm_mse", "noise_mix")
+
+
+def _implementations(kind: str) -> SimpleNamespace:
+    """The `<op>_<kind>` function of every op, e.g. REFERENCE.l2norm_mse is l2norm_mse_reference."""
+    return SimpleNamespace(name=kind, **{op: globals()[f"{op}_{kind}"] for op in OPS})
+
+
+REFERENCE = _implementations("reference")
+TRITON = _implementations("triton")
 
 
 def requested_mode(config_mode: str = "auto") -> str:

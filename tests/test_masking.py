@@ -52,25 +52,31 @@ def _pipeline(ops, x, pos, dpos, mask_token, ids, k, w):
     return vis.detach(), msk.detach(), out.detach(), x.grad, mask_token.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("b, n, d, k", [(1, 190, 64, 57), (2, 67, 100, 20), (1, 250, 32, 75), (1, 304, 24, 121)])
-def test_triton_masking_ops_match_reference(dtype, b, n, d, k):
+def _compare_triton_with_reference(b, n, d, k, dtype, device):
     from fastm2d import kernels
     from .conftest import ATOL, assert_tolerance_rule
 
-    g = torch.Generator().manual_seed(n + d)
-    x, pos = torch.randn(b, n, d, generator=g).to(dtype), torch.randn(1, n, d, generator=g)
-    dpos, mask_token = torch.randn(1, n, d, generator=g), torch.randn(1, 1, d, generator=g).to(dtype)
-    ids = torch.stack([torch.randperm(n, generator=g) for _ in range(b)])
-    w = torch.randn(b, n - k, d, generator=g)
+    g = torch.Generator(device=device).manual_seed(n + d)
+    x, pos = torch.randn(b, n, d, generator=g, device=device).to(dtype), torch.randn(1, n, d, generator=g, device=device)
+    dpos = torch.randn(1, n, d, generator=g, device=device)
+    mask_token = torch.randn(1, 1, d, generator=g, device=device).to(dtype)
+    ids = torch.argsort(torch.rand(b, n, generator=g, device=device), dim=1)
+    w = torch.randn(b, n - k, d, generator=g, device=device)
     names = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked")
     ref = {k_: getattr(kernels.REFERENCE, k_) for k_ in names}
-    fast = _pipeline({k_: getattr(kernels.TRITON, k_) for k_ in names}, x, pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
-    plain = _pipeline(ref, x, pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
+    low = (pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
+    fast = _pipeline({k_: getattr(kernels.TRITON, k_) for k_ in names}, x, *low)
+    plain = _pipeline(ref, x, *low)
     exact = _pipeline(ref, x.double(), pos.double(), dpos.double(), mask_token.double(), ids, k, w.double())
     for what, f, p, e in zip(("visible", "masked", "predicted", "d x", "d mask_token"), fast, plain, exact):
         assert f.dtype == dtype and f.shape == e.shape
         assert_tolerance_rule(f, p, e, ATOL[dtype], what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b, n, d, k", [(1, 190, 64, 57), (2, 67, 100, 20), (1, 250, 32, 75), (1, 304, 24, 121)])
+def test_triton_masking_ops_match_reference(dtype, b, n, d, k):
+    _compare_triton_with_reference(b, n, d, k, dtype, "cpu")
 
 
 def test_triton_masking_rejects_bad_input():
@@ -86,18 +92,4 @@ def test_triton_masking_rejects_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, d, k", [(190, 768, 57), (250, 768, 75), (304, 512, 121)])
 def test_triton_masking_real_size_on_gpu(dtype, n, d, k):
-    from fastm2d import kernels
-    from .conftest import ATOL, assert_tolerance_rule
-
-    b = 512
-    x, pos = torch.randn(b, n, d, device="cuda").to(dtype), torch.randn(1, n, d, device="cuda")
-    dpos, mask_token = torch.randn(1, n, d, device="cuda"), torch.randn(1, 1, d, device="cuda").to(dtype)
-    ids = torch.argsort(torch.rand(b, n, device="cuda"), dim=1)
-    w = torch.randn(b, n - k, d, device="cuda")
-    names = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked")
-    ref = {k_: getattr(kernels.REFERENCE, k_) for k_ in names}
-    fast = _pipeline({k_: getattr(kernels.TRITON, k_) for k_ in names}, x, pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
-    plain = _pipeline(ref, x, pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
-    exact = _pipeline(ref, x.double(), pos.double(), dpos.double(), mask_token.double(), ids, k, w.double())
-    for what, f, p, e in zip(("visible", "masked", "predicted", "d x", "d mask_token"), fast, plain, exact):
-        assert_tolerance_rule(f, p, e, ATOL[dtype], what)
+    _compare_triton_with_reference(512, n, d, k, dtype, "cuda")
