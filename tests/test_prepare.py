@@ -27,6 +27,11 @@ def audio_dir(tmp_path):
     (d / "g_text.wav").write_text("not audio at all")
     np.save(d / "h_original.npy", np.random.randn(1, 80, 700).astype(np.float32))
     np.save(d / "i_bad_shape.npy", np.zeros((2, 3), dtype=np.float32))
+    full = (d / "a_tone.wav").read_bytes()
+    (d / "j_truncated.wav").write_bytes(full[: len(full) // 3])  # header promises 7 s, 2.3 s are there
+    nan = np.zeros(16000, dtype=np.float32)
+    nan[100] = np.nan
+    sf.write(str(d / "k_nan.wav"), nan, 16000, subtype="FLOAT")
     return d
 
 
@@ -34,9 +39,11 @@ def test_prepare_matches_the_reference_front_end(audio_dir, tmp_path):
     out = tmp_path / "store"
     summary = prepare(str(audio_dir), out, workers=2, files_per_shard=3, dtype="float32", stats_items=50,
                       progress=False)
-    assert summary["items"] == 5 and summary["failures"] == 4 and summary["shards"] == 3
+    assert summary["items"] == 6 and summary["failures"] == 5 and summary["shards"] == 4
     store = LogMelStore(out)
-    assert len(store) == 5
+    assert len(store) == 6
+    truncated = store[[n.endswith("j_truncated.wav") for n in store.names].index(True)]
+    assert np.isfinite(truncated).all() and truncated.shape[1] == int(6.1 * 16000) // 160 + 1  # read what is there
     fe = LogMelSpectrogram(16000)
     for name in ("a_tone.wav", "b_stereo_44k.flac"):
         i = [n.endswith(name) for n in store.names].index(True)
@@ -48,7 +55,7 @@ def test_prepare_matches_the_reference_front_end(audio_dir, tmp_path):
     np.testing.assert_array_equal(npy, np.load(audio_dir / "h_original.npy")[0])
     failures = (out / "failures.tsv").read_text()
     for name, reason in [("e_empty.wav", "empty"), ("f_corrupt.flac", "decode"), ("g_text.wav", "decode"),
-                         ("i_bad_shape.npy", "shape")]:
+                         ("i_bad_shape.npy", "shape"), ("k_nan.wav", "NaN")]:
         assert name in failures and reason in failures.split(name)[1].splitlines()[0]
     # Statistics over random crops, computed independently from the items.
     mean, std = json.loads((out / "stats.json").read_text())["norm_stats"]
@@ -73,7 +80,7 @@ def test_rerun_skips_finished_shards_and_completes_a_half_done_one(audio_dir, tm
     (out / "shard-00001.json").unlink()
     (out / "shard-00001.bin").rename(out / "shard-00001.bin.tmp")
     again = prepare(str(audio_dir), out, workers=1, files_per_shard=3, stats_items=10, progress=False)
-    assert again["shards_skipped"] == 2 and again["files_processed"] == 3
+    assert again["shards_skipped"] == 3 and again["files_processed"] == 3
     assert again["items"] == first["items"] and (out / "shard-00000.bin").stat().st_mtime_ns == before
     assert not list(out.glob("*.tmp")) and len(LogMelStore(out)) == first["items"]
 
