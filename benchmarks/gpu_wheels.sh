@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Collect, here, the wheels the GPU machine lacks (it has torch, triton, timm, tqdm, tensorboard, pytest,
+# pytest-benchmark but no network) into .whl/ (git-ignored), for the device tool's `carry`.
+# On the GPU machine, before the suite:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-} \
+#     && python3 benchmarks/device_suite.py --out "$OUT"
+# (fastm2d runs from the checkout itself: fastm2d/__init__.py maps kernels/ to fastm2d.kernels there.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+rm -rf .whl && mkdir -p .whl
+platform=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+          --platform manylinux2014_x86_64 --only-binary=:all:)
+python3 -m pip download -q --no-deps "${platform[@]}" -d .whl \
+    omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 soundfile hjson pydantic pydantic-core annotated-types \
+    typing-inspection xformers==0.0.35 nvidia-cuda-runtime-cu12
+python3 -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8   # source-only release: a 2 MB pure wheel
+du -sh .whl && ls .whl
