@@ -3,7 +3,6 @@
     pytest benchmarks/bench_l2norm_mse.py --benchmark-group-by=param:mode
 """
 import pytest
-import torch
 
 from kernel_cases import MODES, PROVIDERS  # benchmarks/ is put on sys.path by its conftest
 

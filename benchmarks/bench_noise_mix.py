@@ -3,7 +3,6 @@
     pytest benchmarks/bench_noise_mix.py --benchmark-group-by=param:mode
 """
 import pytest
-import torch
 
 from kernel_cases import MODES, PROVIDERS  # benchmarks/ is put on sys.path by its conftest
 

@@ -16,7 +16,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import __version__
 from .config import ModelConfig, model_config_from_dict
 from .model import DEFAULT_NORM_STATS, M2D
 

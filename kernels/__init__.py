@@ -17,6 +17,12 @@ from .masking import (gather_masked_reference, gather_masked_triton, gather_visi
                       unshuffle_with_mask_tokens_reference, unshuffle_with_mask_tokens_triton)
 from .noise_mix import noise_mix_reference, noise_mix_triton
 
+__all__ = ["MODES", "ENV_VAR", "OPS", "REFERENCE", "TRITON", "HAVE_TRITON", "select", "requested_mode",
+           "triton_unavailable_reason", "gather_visible_reference", "gather_visible_triton",
+           "unshuffle_with_mask_tokens_reference", "unshuffle_with_mask_tokens_triton", "gather_masked_reference",
+           "gather_masked_triton", "l2norm_mse_reference", "l2norm_mse_triton", "noise_mix_reference",
+           "noise_mix_triton"]
+
 MODES = ("auto", "triton", "reference")
 ENV_VAR = "FASTM2D_KERNELS"
 

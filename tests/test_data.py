@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-from fastm2d.config import ConfigError
 from fastm2d.data import (CropDataset, DataError, EpochSampler, LogMelSource, check_files, compute_norm_stats,
                           list_files, random_crop, synth_clip)
 from fastm2d.train import Trainer, pretrain, read_metrics
