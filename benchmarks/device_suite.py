@@ -29,6 +29,13 @@ from kernel_cases import CASES, MODES, PROVIDERS, time_median  # noqa: E402
 EMA_LABELS = {"triton": "flat lerp_", "eager": "foreach_lerp_ (used)", "compile": "compiled foreach"}
 
 
+DEADLINE = [float("inf")]  # monotonic time after which remaining rows are skipped (set from --budget-s)
+
+
+def over_budget() -> bool:
+    return time.monotonic() > DEADLINE[0]
+
+
 def header(device: torch.device) -> dict:
     import triton
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores)"
@@ -48,8 +55,11 @@ def gpu_tests(device: torch.device) -> dict:
     if device.type != "cuda":
         return {"summary": "skipped: no CUDA device", "rc": None}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(HERE.parent / "tests")],
-                       capture_output=True, text=True, timeout=240)
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(HERE.parent / "tests")],
+                           capture_output=True, text=True, timeout=max(30, min(240, DEADLINE[0] - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        return {"summary": "TIMED OUT (GPU tests did not finish in their share of the budget)", "rc": None}
     return {"summary": (r.stdout.strip().splitlines() or ["(no output)"])[-1], "rc": r.returncode,
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -60,6 +70,9 @@ def kernel_rows(device: torch.device, tiny: bool, bandwidth: float) -> list:
     for kernel, make in CASES.items():
         times = {}
         for provider in PROVIDERS:
+            if over_budget():
+                rows.append({"kernel": kernel, "provider": provider, "mode": "-", "error": "skipped: time budget"})
+                continue
             if provider == "triton" and device.type != "cuda":
                 if kernel != "ema":  # the flat-buffer EMA row is plain PyTorch and runs anywhere
                     continue  # the interpreter times NumPy, not the kernel
@@ -86,8 +99,8 @@ def train_rows(device: torch.device, tiny: bool) -> list:
     from ladder import CPU_RUNGS, RUNGS, ladder
 
     if tiny:
-        return ladder("demo", 4, CPU_RUNGS[:2], steps=2)
-    return ladder("vit_base", 512, RUNGS, steps=5)
+        return ladder("demo", 4, CPU_RUNGS[:2], steps=2, stop=over_budget)
+    return ladder("vit_base", 512, RUNGS, steps=5, stop=over_budget)
 
 
 def data_rows(device: torch.device, tiny: bool) -> list:
@@ -149,24 +162,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/latest"))
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU dry run)")
+    ap.add_argument("--budget-s", type=float, default=450, help="skip the remaining rows after this many seconds")
     args = ap.parse_args()
+    DEADLINE[0] = time.monotonic() + args.budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny or device.type != "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"header": header(device)}
-    result["gpu_tests"] = gpu_tests(device)
-    result["copy_GB_s"] = copy_bandwidth(device, tiny)
-    result["kernels"] = kernel_rows(device, tiny, result["copy_GB_s"])
-    try:  # the GPU machine may lack soundfile / DALI: a failed section is a row, not the end of the suite
-        result["data"] = data_rows(device, tiny)
-    except Exception as e:
-        result["data"] = [{"path": "data rows", "workers": "-", "note": f"failed: {e!r}"[:200]}]
-    result["train"] = train_rows(device, tiny)
-    (out / "device_suite.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / "device_suite.md").write_text(table)
-    print(table)
+    result = {"header": header(device), "gpu_tests": {"summary": "not run"}, "copy_GB_s": float("nan"),
+              "kernels": [], "train": [], "data": []}
+    sections = [("gpu_tests", lambda: gpu_tests(device)), ("copy_GB_s", lambda: copy_bandwidth(device, tiny)),
+                ("kernels", lambda: kernel_rows(device, tiny, result["copy_GB_s"])),
+                ("train", lambda: train_rows(device, tiny)), ("data", lambda: data_rows(device, tiny))]
+    for name, run in sections:  # in order of importance; results are written after each, so a kill keeps them
+        try:
+            result[name] = run()
+        except Exception as e:  # a failed section (a missing package on the GPU machine) is a note, not the end
+            note = f"failed: {e!r}"[:200]
+            result[name] = {"summary": note} if name == "gpu_tests" else float("nan") if name == "copy_GB_s" else \
+                [{"kernel": "-", "provider": "-", "mode": "-", "error": note, "rung": "-", "note": note,
+                  "path": "-", "workers": "-"}]
+        (out / "device_suite.json").write_text(json.dumps(result, indent=1))
+        (out / "device_suite.md").write_text(markdown(result))
+    print(markdown(result))
     return 0
 
 

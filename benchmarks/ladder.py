@@ -67,10 +67,13 @@ def measure_rung(name: str, overrides: list, model: str, batch: int, steps: int 
         return row
 
 
-def ladder(model: str, batch: int, rungs=RUNGS, steps: int = 5) -> list:
+def ladder(model: str, batch: int, rungs=RUNGS, steps: int = 5, stop=lambda: False) -> list:
     rows = []
     base_rate = None
     for name, overrides in rungs:
+        if stop():
+            rows.append({"rung": name, "note": "skipped: time budget"})
+            continue
         t0 = time.perf_counter()
         row = measure_rung(name, overrides, model, batch, steps)
         row["wall_s"] = time.perf_counter() - t0
