@@ -132,21 +132,19 @@ def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelCon
     return state, cfg, sr, obj
 
 
-def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], path, strict_keys=None) -> None:
-    """Load with exact key checking (`strict_keys` limits which keys must be present); missing norm_stats -> AudioSet."""
+def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], path) -> None:
+    """Load with exact key and shape checking, naming the file; missing norm_stats -> the AudioSet values."""
     state = dict(state)
     if "norm_stats" not in state:
         state["norm_stats"] = torch.tensor(DEFAULT_NORM_STATS)  # original weights before 2023 have none
     own = model.state_dict()
-    expected = set(own) if strict_keys is None else {k for k in own if k.startswith(strict_keys)}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(k for k in state if k not in own and (strict_keys is None or k.startswith(strict_keys)))
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for k in expected:
+    for k in own:
         if state[k].shape != own[k].shape:
             raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)}, model needs {tuple(own[k].shape)}")
-    model.load_state_dict({k: state[k] for k in expected}, strict=strict_keys is None)
+    model.load_state_dict(state)
 
 
 def load_model(path: str | Path, kernels: Optional[str] = None, attention: Optional[str] = None) -> M2D:

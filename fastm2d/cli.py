@@ -59,7 +59,7 @@ def cmd_embed(args) -> None:
     runtime = load_encoder(args.weights, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    failed, written = 0, set()
     for f in args.files:
         try:
             wav = read_audio(f, runtime.sample_rate).to(args.device)
@@ -70,7 +70,11 @@ def cmd_embed(args) -> None:
         with torch.inference_mode():
             feats = runtime.encode(wav, runtime.sample_rate)[0]
             feats = feats.mean(0) if args.level == "clip" else feats
-        np.save(out / (Path(f).stem + ".npy"), feats.cpu().numpy())
+        name = Path(f).stem
+        while name in written:  # same file name from different folders: keep both
+            name += "_"
+        written.add(name)
+        np.save(out / f"{name}.npy", feats.cpu().numpy())
     print(f"wrote {len(args.files) - failed} feature files to {out}" + (f"; {failed} failed" if failed else ""))
     if failed == len(args.files):
         raise AudioReadError("no file could be read")

@@ -112,3 +112,14 @@ def test_all_files_bad_is_one_clear_error(tmp_path, tiny_config):
 def test_too_few_items_for_a_batch(tiny_config):
     with pytest.raises(ValueError, match="cannot fill one batch"):
         Trainer(tiny_config("data.synthetic_clips=2", "train.batch_size=4"))
+
+
+def test_batches_are_the_same_with_or_without_workers_across_epochs(tiny_config, tmp_path):
+    def first_batches(workers, n=20):  # 32 clips / batch 4 = 8 per epoch: 20 batches cross two epoch ends
+        tr = Trainer(tiny_config(f"data.num_workers={workers}", "data.norm_stats=[-9,3]",
+                                 f"out_dir={tmp_path / str(workers)}"))
+        it = tr.micro_batches()
+        return [next(it) for _ in range(n)]
+
+    for a, b in zip(first_batches(0), first_batches(2)):
+        assert torch.equal(a, b)

@@ -208,12 +208,15 @@ class Trainer:
             return
         micro = self.step * self.config.train.accum_steps
         epoch, batch = divmod(micro, self.sampler.batches_per_epoch)
-        gen = torch.Generator().manual_seed(self.config.train.seed)  # keeps DataLoader off the global RNG
+        workers = self.config.data.num_workers
+        # One loader for the run: persistent workers keep their caches and open memory maps across epochs; the
+        # sampler is read in this process when each epoch's iterator starts, so its position still applies.
+        loader = DataLoader(self.dataset, batch_size=self.config.train.batch_size, sampler=self.sampler,
+                            num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+                            generator=torch.Generator().manual_seed(self.config.train.seed),  # not the global RNG
+                            pin_memory=self.device.type == "cuda")
         while True:
             self.sampler.set_position(epoch, batch)
-            loader = DataLoader(self.dataset, batch_size=self.config.train.batch_size, sampler=self.sampler,
-                                num_workers=self.config.data.num_workers, drop_last=True, generator=gen,
-                                pin_memory=self.device.type == "cuda")
             for item in loader:
                 self._skipped += item["skipped"].sum().to(self.device, non_blocking=True)
                 yield self.on_device(item["lms"], item.get("bg"))
