@@ -46,14 +46,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _l2norm_mse_fwd(P, T, LOSS, D, stride_p, stride_t, STANDARDIZE: tl.constexpr, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         p, t, s, pn, tn, cos, cols, mask = _row_terms(P, T, row, D, stride_p, stride_t, STANDARDIZE, BLOCK_D)
         tl.store(LOSS + row, 2.0 - 2.0 * cos)
 
     @triton.jit
     def _l2norm_mse_bwd(P, T, GRAD, DP, DT, D, inv_rows, stride_p, stride_t, STANDARDIZE: tl.constexpr,
                         NEED_DT: tl.constexpr, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         p, t, s, pn, tn, cos, cols, mask = _row_terms(P, T, row, D, stride_p, stride_t, STANDARDIZE, BLOCK_D)
         g = tl.load(GRAD).to(tl.float32) * (-2.0 * inv_rows)  # d loss / d cos of this row
         ph, th = p / pn, t / tn

@@ -45,7 +45,7 @@ if HAVE_TRITON:
     def _move_rows(SRC, IDX, ADD, OUT, n_src, n_idx, n_out, D, idx_stride, IDX_ON_SRC: tl.constexpr,
                    HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr):
         """IDX_ON_SRC: out[b, j] = src[b, idx[b, j]] (+ add[idx]);  else: out[b, idx[b, j]] = src[b, j] (+ add[idx])."""
-        pid, blk = tl.program_id(0), tl.program_id(1)
+        pid, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64 row offsets: no 2^31 overflow
         b, j = pid // n_idx, pid % n_idx
         i = tl.load(IDX + b * idx_stride + j).to(tl.int64)
         cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -40,7 +40,10 @@ if HAVE_TRITON:
     def _mix_terms(X, BG, ETA, b, offs, mask, L, x_mean, bg_mean, PER_SAMPLE: tl.constexpr, eta_scalar):
         x = tl.load(X + b * L + offs, mask=mask, other=0.0).to(tl.float32) - x_mean
         y = tl.load(BG + b * L + offs, mask=mask, other=0.0).to(tl.float32) - bg_mean
-        eta = tl.load(ETA + b).to(tl.float32) if PER_SAMPLE else eta_scalar
+        if PER_SAMPLE:
+            eta = tl.load(ETA + b).to(tl.float32)
+        else:
+            eta = eta_scalar
         m = tl.maximum(x, y)
         ex, ey = (1.0 - eta) * tl.exp(x - m), eta * tl.exp(y - m)  # both <= 1: no overflow at any level
         return m + tl.log(ex + ey), ex, ey
@@ -48,7 +51,7 @@ if HAVE_TRITON:
     @triton.jit
     def _noise_mix_fwd(X, BG, ETA, OUT, L, x_mean, bg_mean, inv_std, log_eps, eta_scalar,
                        PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-        b, blk = tl.program_id(0), tl.program_id(1)
+        b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: B x L may pass 2^31 elements
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < L
         mixed, ex, ey = _mix_terms(X, BG, ETA, b, offs, mask, L, x_mean, bg_mean, PER_SAMPLE, eta_scalar)
@@ -57,7 +60,7 @@ if HAVE_TRITON:
     @triton.jit
     def _noise_mix_bwd(X, BG, ETA, GOUT, DX, DBG, L, x_mean, bg_mean, inv_std, log_eps, eta_scalar,
                        PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-        b, blk = tl.program_id(0), tl.program_id(1)
+        b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < L
         mixed, ex, ey = _mix_terms(X, BG, ETA, b, offs, mask, L, x_mean, bg_mean, PER_SAMPLE, eta_scalar)
