@@ -140,6 +140,14 @@ def _wrap(exc: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"{where}: bad config key {key!r}: {msg}" if key else f"{where}: {msg}")
 
 
+def _merge(base, layer, where: str):
+    """OmegaConf merge whose errors become a ConfigError naming the source and the key."""
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        raise _wrap(e, where) from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- `a.b=value` overrides. Returns a plain, validated `Config` object."""
     cfg = OmegaConf.structured(Config)
@@ -147,18 +155,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        except OmegaConfBaseException as e:
-            raise _wrap(e, str(path)) from None
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
-        raise _wrap(e, "command line") from None
-    config: Config = OmegaConf.to_object(cfg)
+    config: Config = OmegaConf.to_object(_merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line"))
     config.model = config.model.resolved()
     check_config(config)
     return config
@@ -203,18 +204,10 @@ def to_yaml(config: Config) -> str:
 
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config saved with a checkpoint (validated like a file)."""
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))
-    except OmegaConfBaseException as e:
-        raise _wrap(e, "checkpoint config") from None
-    config: Config = OmegaConf.to_object(cfg)
+    config: Config = OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(d), "checkpoint config"))
     config.model = config.model.resolved()
     return config
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(d))
-    except OmegaConfBaseException as e:
-        raise _wrap(e, "model config") from None
-    return OmegaConf.to_object(cfg).resolved()
+    return OmegaConf.to_object(_merge(OmegaConf.structured(ModelConfig), OmegaConf.create(d), "model config")).resolved()
