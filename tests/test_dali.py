@@ -60,3 +60,15 @@ def test_trainer_with_the_dali_loader(files, tiny_config):
     tr = pretrain(tiny_config(f"data.train={folder}", "data.loader=dali", "train.batch_size=2", "train.max_steps=2",
                               "data.norm_stats=[-8,4]"))
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tr.out_dir))
+
+
+def test_missing_dali_is_a_clear_start_up_error(files, tiny_config, monkeypatch):
+    import fastm2d.data.dali as dali
+    from fastm2d.config import ConfigError
+    from fastm2d.train import Trainer
+    monkeypatch.setattr(dali, "dali_missing_reason", lambda: "NVIDIA DALI is not installed (pip install ...)")
+    folder = str(__import__("pathlib").Path(files[0]).parent)
+    with pytest.raises(ConfigError, match="data.loader=dali: NVIDIA DALI is not installed"):
+        Trainer(tiny_config(f"data.train={folder}", "data.loader=dali"))
+    with pytest.raises(RuntimeError, match="DALI loader was requested, but NVIDIA DALI is not installed"):
+        dali.DaliLogMelLoader(files, 2, torch.device("cpu"))

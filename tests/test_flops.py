@@ -32,3 +32,11 @@ def test_mfu_and_peak():
     assert mfu(4700, 85e9, 800e12) == pytest.approx(0.499, abs=1e-3)
     assert peak_flops(torch.device("cpu")) is None and mfu(10, 1e9, None) is None
     assert peak_flops(torch.device("cpu"), override_tflops=2.0) == 2e12
+
+
+def test_metrics_carry_mfu_and_the_peak_used(tiny_config):
+    from fastm2d.train import pretrain, read_metrics
+    rows = read_metrics(pretrain(tiny_config("train.max_steps=2", "train.peak_tflops=0.5")).out_dir)
+    assert all(r["peak_tflops"] == 0.5 and 0 < r["mfu"] for r in rows)
+    assert rows[0]["gflop_per_sample"] == pytest.approx(
+        train_flops_per_sample(tiny_config().model) / 1e9)

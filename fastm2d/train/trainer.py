@@ -107,6 +107,10 @@ class Trainer:
             self.model.compile(mode=t.compile_mode)
         self.flops_per_sample = train_flops_per_sample(self.model.cfg)
         self.peak_flops = peak_flops(self.device, t.peak_tflops)
+        if config.data.loader == "dali":
+            from ..data.dali import dali_missing_reason
+            if dali_missing_reason():
+                raise ConfigError(f"data.loader=dali: {dali_missing_reason()}; or use data.loader=reference")
         self.source = build_source(config.data.train, config, self.out_dir, config.data.root)
         self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items,
                                     self.dist.rank, self.dist.world_size)
@@ -258,8 +262,8 @@ class Trainer:
                "loss": loss, "lr": self.engine.param_groups[0]["lr"],
                "tau": ema_tau(self.step - 1, self.total_steps, self.config.train.ema_start, self.config.train.ema_end),
                "samples_per_s": rate, "skipped_items": int(all_reduce_(self._skipped.clone()).item()), "gflop_per_sample": self.flops_per_sample / 1e9}
-        if self.peak_flops:
-            row["mfu"] = mfu(rate, self.flops_per_sample, self.peak_flops)
+        if self.peak_flops:  # the peak the MFU is measured against travels with it
+            row["mfu"], row["peak_tflops"] = mfu(rate, self.flops_per_sample, self.peak_flops), self.peak_flops / 1e12
         if getattr(self, "_first_step_seconds", None) is not None:
             row["first_step_seconds"], self._first_step_seconds = self._first_step_seconds, None
         return row
