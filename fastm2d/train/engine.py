@@ -77,15 +77,21 @@ def deepspeed_config(config: Config, world_size: int) -> dict:
     }
 
 
-class SingleEngine:
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp_dtype, clip: float):
-        self.module, self.optimizer, self.clip = model, optimizer, clip
-        self.scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=amp_dtype == torch.float16)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+class _Engine:
+    """What both engines share: the optimiser's groups, where the trainer sets the per-step learning rate."""
+
+    optimizer: torch.optim.Optimizer
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
+
+
+class SingleEngine(_Engine):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp_dtype, clip: float):
+        self.module, self.optimizer, self.clip = model, optimizer, clip
+        self.scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=amp_dtype == torch.float16)
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
     def forward(self, *args):
         return self.module(*args)
@@ -116,7 +122,7 @@ class SingleEngine:
         pass
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(_Engine):
     """ZeRO stage 0-2 around the same model and AdamW. Stage 3 partitions the parameters themselves, which the
     EMA target update reads whole on every rank, so it is refused at start-up."""
 
@@ -129,10 +135,6 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.module = self.engine.module
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
 
     def forward(self, *args):
         return self.engine(*args)
