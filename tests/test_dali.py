@@ -72,3 +72,11 @@ def test_missing_dali_is_a_clear_start_up_error(files, tiny_config, monkeypatch)
         Trainer(tiny_config(f"data.train={folder}", "data.loader=dali"))
     with pytest.raises(RuntimeError, match="DALI loader was requested, but NVIDIA DALI is not installed"):
         dali.DaliLogMelLoader(files, 2, torch.device("cpu"))
+
+
+def test_dali_refuses_log_mel_inputs_at_start_up(tmp_path, tiny_config):
+    from fastm2d.config import ConfigError
+    from fastm2d.train import Trainer
+    np.save(tmp_path / "a.npy", np.random.randn(1, 80, 100).astype(np.float32))
+    with pytest.raises(ConfigError, match="data.loader=dali decodes audio files"):
+        Trainer(tiny_config(f"data.train={tmp_path}", "data.loader=dali", "data.norm_stats=[-8,4]"))

@@ -24,6 +24,25 @@ from .synthetic import synth_clip
 log = logging.getLogger("fastm2d.data")
 
 
+def load_lms_file(path: Path, frontend: LogMelSpectrogram, min_samples: int = 0) -> np.ndarray:
+    """One file -> (F, T) log-mel. Original-style .npy is memory-mapped (a crop reads only its bytes); audio goes
+    through the reference front end, its waveform zero-padded to `min_samples` first (as the original prepared)."""
+    if path.suffix.lower() == LMS_EXT:
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except Exception as e:
+            raise DataError(f"{path}: unreadable .npy ({e})") from None
+        reason = check_lms_array_shape(arr, frontend.mel.n_mels)
+        if reason:
+            raise DataError(f"{path}: {reason}")
+        return arr.reshape(arr.shape[-2], arr.shape[-1])
+    wav = read_audio(path, frontend.sample_rate)
+    if len(wav) < min_samples:
+        wav = torch.nn.functional.pad(wav, (0, min_samples - len(wav)))
+    with torch.inference_mode():
+        return frontend(wav).numpy()
+
+
 class LogMelSource:
     """Index -> float32 log-mel (F, T) of one item. `names[i]` says what item i is, for error messages."""
 
@@ -42,23 +61,15 @@ class LogMelSource:
     def names(self) -> List[str]:
         return [f"synthetic:{i}" for i in range(len(self))] if self.synthetic else [str(f) for f in self.files]
 
-    def load(self, i: int, crop: Optional[Tuple[int, int]] = None) -> np.ndarray:
-        """Full log-mel of item i, or only frames [start, start + length) of it where the format allows."""
+    def load(self, i: int) -> np.ndarray:
+        """Full log-mel of item i (a memory-mapped view for .npy files)."""
         if self.synthetic:
             if i not in self._cache:
                 seed, _, seconds = self.synthetic
                 wav = torch.from_numpy(synth_clip(seed, i, seconds, self.sample_rate))
                 self._cache[i] = self.frontend(wav).numpy()
             return self._cache[i]
-        path = self.files[i]
-        if path.suffix.lower() == LMS_EXT:
-            arr = np.load(path, mmap_mode="r")  # memory-mapped: a crop reads only its bytes
-            reason = check_lms_array_shape(arr, self.frontend.mel.n_mels)
-            if reason:
-                raise DataError(f"{path}: {reason}")
-            return arr.reshape(arr.shape[-2], arr.shape[-1])
-        with torch.inference_mode():
-            return self.frontend(read_audio(path, self.sample_rate)).numpy()
+        return load_lms_file(self.files[i], self.frontend)
 
 
 def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:

@@ -18,8 +18,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram, read_audio
-from .sources import LMS_EXT, DataError, check_lms_array_shape, list_files
+from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram
+from .dataset import load_lms_file
+from .sources import DataError, list_files
 from .stats import compute_norm_stats
 from .store import FORMAT, VERSION, LogMelStore
 
@@ -27,22 +28,8 @@ log = logging.getLogger("fastm2d.prepare")
 
 
 def _item_lms(path: Path, frontend: LogMelSpectrogram, min_samples: int) -> np.ndarray:
-    """One file -> finite (F, T) log-mel, or an exception whose message is the reason."""
-    if path.suffix.lower() == LMS_EXT:
-        try:
-            arr = np.load(path)
-        except Exception as e:
-            raise AudioReadError(f"unreadable .npy ({e})") from None
-        reason = check_lms_array_shape(arr, N_MELS)
-        if reason:
-            raise AudioReadError(reason)
-        lms = arr.reshape(arr.shape[-2], arr.shape[-1]).astype(np.float32)
-    else:
-        wav = read_audio(path, frontend.sample_rate)
-        if len(wav) < min_samples:  # as the original: zero-pad short waveforms to the minimum length
-            wav = torch.nn.functional.pad(wav, (0, min_samples - len(wav)))
-        with torch.inference_mode():
-            lms = frontend(wav).numpy()
+    """One file -> finite float32 (F, T) log-mel, or an exception whose message is the reason."""
+    lms = np.asarray(load_lms_file(path, frontend, min_samples), dtype=np.float32)
     if not np.isfinite(lms).all():
         raise AudioReadError("log-mel contains NaN or infinite values")
     return lms

@@ -89,8 +89,9 @@ def _fastest(device: torch.device) -> str:
         for _ in range(10):
             fn(q, k, v).sum().backward()
         torch.cuda.synchronize(device)
-        if time.perf_counter() - t0 < best_t:
-            best, best_t = name, time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if elapsed < best_t:
+            best, best_t = name, elapsed
     return best
 
 

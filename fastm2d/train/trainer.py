@@ -24,6 +24,7 @@ from ..checkpoint import atomic_save, list_checkpoints, load_weights
 from ..config import Config, ConfigError, config_from_dict, to_yaml
 from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files
 from ..data.noise import NoisePicker
+from ..data.sources import AUDIO_EXTS
 from ..data.store import LogMelStore, is_store
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
@@ -112,6 +113,10 @@ class Trainer:
             if dali_missing_reason():
                 raise ConfigError(f"data.loader=dali: {dali_missing_reason()}; or use data.loader=reference")
         self.source = build_source(config.data.train, config, self.out_dir, config.data.root)
+        files = getattr(self.source, "files", None)  # a LogMelStore holds no audio files
+        if config.data.loader == "dali" and not (files and all(f.suffix.lower() in AUDIO_EXTS for f in files)):
+            raise ConfigError(f"data.loader=dali decodes audio files; {config.data.train} holds log-mel "
+                              f"(a prepared store or .npy files): use data.loader=reference")
         self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items,
                                     self.dist.rank, self.dist.world_size)
         self.effective_batch = t.batch_size * t.accum_steps * self.dist.world_size
@@ -261,7 +266,8 @@ class Trainer:
         row = {"step": self.step, "epoch": self.step * self.config.train.accum_steps / self.sampler.batches_per_epoch,
                "loss": loss, "lr": self.engine.param_groups[0]["lr"],
                "tau": ema_tau(self.step - 1, self.total_steps, self.config.train.ema_start, self.config.train.ema_end),
-               "samples_per_s": rate, "skipped_items": int(all_reduce_(self._skipped.clone()).item()), "gflop_per_sample": self.flops_per_sample / 1e9}
+               "samples_per_s": rate, "skipped_items": int(all_reduce_(self._skipped.clone()).item()),
+               "gflop_per_sample": self.flops_per_sample / 1e9}
         if self.peak_flops:  # the peak the MFU is measured against travels with it
             row["mfu"], row["peak_tflops"] = mfu(rate, self.flops_per_sample, self.peak_flops), self.peak_flops / 1e12
         if getattr(self, "_first_step_seconds", None) is not None:
@@ -270,11 +276,10 @@ class Trainer:
 
     def check_finite(self) -> None:
         if all_reduce_(self._nonfinite.clone()).item() > 0:  # any rank's NaN stops every rank
-            good = max(list_checkpoints(self.out_dir), default=None)
+            saved = list_checkpoints(self.out_dir)
             raise TrainingDiverged(
                 f"the loss became NaN/inf at or before step {self.step}; training stopped. "
-                + (f"Last good checkpoint: {list_checkpoints(self.out_dir)[good]}." if good is not None
-                   else "No checkpoint was written before it.")
+                + (f"Last good checkpoint: {saved[max(saved)]}." if saved else "No checkpoint was written before it.")
                 + " Try a lower train.base_lr or train.precision=fp32.")
 
     # ------------------------------------------------------------------------------------- statistics -----
@@ -309,8 +314,8 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         config = OmegaConf.to_container(OmegaConf.structured(self.config))
-        return {"model": self.model.state_dict(), **self.engine.state_dict(), "epoch": int(self.step * self.config.train.accum_steps
-                                                                  // self.sampler.batches_per_epoch),
+        epoch = self.step * self.config.train.accum_steps // self.sampler.batches_per_epoch
+        return {"model": self.model.state_dict(), **self.engine.state_dict(), "epoch": int(epoch),
                 "step": self.step, "rng": rng, "args": config, "config": config,
                 "model_config": asdict(self.model.cfg), "sample_rate": self.config.data.sample_rate,
                 "fastm2d_version": __version__}
