@@ -7,7 +7,11 @@ Original checkpoints carry their configuration in the parent folder's name
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import pathlib
+import pickle
 import re
 import tempfile
 from dataclasses import asdict
@@ -20,7 +24,14 @@ from .config import ModelConfig, model_config_from_dict
 from .model import DEFAULT_NORM_STATS, M2D
 
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
-WRAPPER_PREFIXES = ("module.", "backbone.")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+# Prefixes that wrappers add, longest first: the original's evaluation package (EVAR) saves fine-tuned encoders
+# under `module.ar.runtime.backbone.`, DDP under `module.`, the original's RuntimeM2D under `backbone.`.
+WRAPPER_PREFIXES = ("module.ar.runtime.backbone.", "module.", "backbone.")
+# Everything a real checkpoint's pickle may reference beyond tensors and plain containers: the original's
+# `args` is an argparse.Namespace (its values sometimes paths). Nothing here can run code when unpickled.
+SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
+                pathlib.PureWindowsPath]
 ENCODER_PREFIXES = ("norm_stats", "cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
@@ -45,6 +56,22 @@ def atomic_save(obj, path: Path) -> None:
         raise
 
 
+def save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    """Weights only, no pickle at all: the format to publish weights in. Atomic like `atomic_save`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def list_checkpoints(folder: Path) -> Dict[int, Path]:
     return {int(m.group(1)): p for p in Path(folder).glob("checkpoint-*.pth") if (m := CKPT_RE.search(p.name))}
 
@@ -55,8 +82,56 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 
 # --------------------------------------------------------------------------------------------- reading ----
+def safe_load(path: str | Path):
+    """torch.load that can never run code: tensors, numbers, strings, containers and SAFE_GLOBALS only.
+
+    Released weights come from the internet; a pickle can name any callable (os.system ...). Anything outside
+    the allow-list is refused with a CheckpointError naming the file and the offending type.
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        if not found:
+            raise CheckpointError(f"{path}: unreadable checkpoint (not a PyTorch file, or truncated)") from None
+        raise CheckpointError(f"{path}: refused to load: its pickle references {found[0]}, which is not a tensor, "
+                              f"number or container and could run code; only load files from sources you trust "
+                              f"(or ask for a .safetensors copy)") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(e)}); truncated or not a PyTorch "
+                              f"file?") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def load_weights_file(path: Path):
+    """-> the checkpoint object: a dict from a .pth (safely unpickled) or {'model': ..., metadata} from a
+    .safetensors file."""
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
+        obj = {"model": state}
+        if "model_config" in meta:
+            obj["model_config"] = json.loads(meta["model_config"])
+        for key in ("sample_rate", "epoch"):
+            if key in meta:
+                obj[key] = int(meta[key])
+        return obj
+    return safe_load(path)
+
+
 def strip_wrappers(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Remove `module.` / `backbone.` prefixes that DDP or evaluation wrappers add."""
+    """Remove the prefixes that DDP and evaluation wrappers add (WRAPPER_PREFIXES), as the original runtime does."""
     out = {}
     for k, v in state.items():
         changed = True
@@ -88,9 +163,17 @@ def parse_original_name(name: str) -> Tuple[list, list, int, str]:
     return input_size, patch_size, sr, parts[0]
 
 
-def infer_model_config(state: Dict[str, torch.Tensor], folder_name: str) -> Tuple[ModelConfig, int]:
-    """Sizes from the folder name (input, patch, sample rate) and from tensor shapes (widths, depths)."""
-    input_size, patch_size, sr, model_name = parse_original_name(folder_name)
+def infer_model_config(state: Dict[str, torch.Tensor], path: Path) -> Tuple[ModelConfig, int]:
+    """Sizes from the folder's name, else the file's own name (as the original runtime falls back), for input,
+    patch and sample rate; widths and depths from the tensor shapes."""
+    path = Path(path)
+    try:
+        input_size, patch_size, sr, model_name = parse_original_name(path.parent.name)
+    except ValueError as folder_error:
+        try:
+            input_size, patch_size, sr, model_name = parse_original_name(path.stem)
+        except ValueError:
+            raise folder_error from None
     size = "large" if "large" in model_name else "base"
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     embed_dim = state["cls_token"].shape[-1]
@@ -107,29 +190,33 @@ def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelCon
     """-> (state_dict without wrappers, model config, sample rate, the whole checkpoint object)."""
     path = Path(path)
     if path.is_dir():
-        found = latest_checkpoint(path)
+        found = latest_checkpoint(path) or _latest_safetensors(path)
         if found is None:
-            raise CheckpointError(f"{path}: no checkpoint-<N>.pth in this folder")
+            raise CheckpointError(f"{path}: no checkpoint-<N>.pth (or .safetensors) in this folder")
         path = found
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+    obj = load_weights_file(path)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or "cls_token" not in strip_wrappers(state):
         raise CheckpointError(f"{path}: no M2D weights (expected a 'model' state dict with cls_token)")
+    if any(k.startswith("backbone.") for k in state):  # the original's RuntimeM2D: keep only its backbone
+        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
     state = strip_wrappers(state)
     if "model_config" in obj:
         cfg = model_config_from_dict(obj["model_config"])
         sr = int(obj.get("sample_rate", 16000))
     else:
         try:
-            cfg, sr = infer_model_config(state, path.parent.name)
+            cfg, sr = infer_model_config(state, path)
         except ValueError as e:
             raise CheckpointError(f"{path}: original checkpoint, but {e}") from None
     return state, cfg, sr, obj
+
+
+def _latest_safetensors(folder: Path) -> Optional[Path]:
+    found = sorted(Path(folder).glob("checkpoint-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], path) -> None:
@@ -168,16 +255,23 @@ def original_folder_name(cfg: ModelConfig, sample_rate: int, date: str, model_na
 
 
 def export_original(path: str | Path, out_root: str | Path, encoder_only: bool = False,
-                    date: Optional[str] = None) -> Path:
-    """Write `<out_root>/<name>-<F>x<T>p<pF>x<pT>-<date>/checkpoint-<epoch>.pth` = {'model': ...} as the original."""
+                    date: Optional[str] = None, fmt: str = "pth") -> Path:
+    """Write `<out_root>/<name>-<F>x<T>p<pF>x<pT>-<date>/checkpoint-<epoch>.pth` = {'model': ...} as the original,
+    or `.safetensors` (weights plus the model config and sample rate as metadata; no pickle)."""
     import time
 
+    if fmt not in ("pth", "safetensors"):
+        raise CheckpointError(f"export format {fmt!r}: expected pth or safetensors")
     state, cfg, sr, obj = read_checkpoint(path)
     if encoder_only:
         state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
     folder = Path(out_root) / (original_folder_name(cfg, sr, date or time.strftime("%y%m%d"))
                                + ("_enconly" if encoder_only else ""))
     epoch = int(obj.get("epoch", 0)) if isinstance(obj, dict) else 0
-    out = folder / f"checkpoint-{epoch}.pth"
-    atomic_save({"model": state, "epoch": epoch, "args": {"model_config": asdict(cfg), "sample_rate": sr}}, out)
+    out = folder / f"checkpoint-{epoch}.{fmt}"
+    if fmt == "safetensors":
+        save_safetensors(state, out, {"model_config": json.dumps(asdict(cfg)), "sample_rate": str(sr),
+                                      "epoch": str(epoch), "format": "fastm2d-weights"})
+    else:
+        atomic_save({"model": state, "epoch": epoch, "args": {"model_config": asdict(cfg), "sample_rate": sr}}, out)
     return out

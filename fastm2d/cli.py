@@ -28,9 +28,17 @@ def cmd_stats(args) -> None:
     from .config import load_config
     from .data import LogMelSource, check_files, compute_norm_stats, list_files
 
+    from .frontend import min_real_samples, pad_samples
+
     config = load_config(args.config, args.overrides)
-    files, bad = check_files(list_files(args.data, config.data.root), "skip", config.model.input_size[0])
-    source = LogMelSource(files, sample_rate=config.data.sample_rate)
+    sr, frames, patch_t = config.data.sample_rate, config.model.input_size[1], config.model.patch_size[1]
+    min_samples = min_real_samples(sr, patch_t)
+    files, bad = check_files(list_files(args.data, config.data.root), config.model.input_size[0], min_samples / sr,
+                             patch_t)
+    if not files:
+        raise DataError(f"{args.data}: none of its {len(bad)} files is usable (first: {bad[0]})")
+    source = LogMelSource(files, sample_rate=sr, pad_to=pad_samples(sr, frames), min_samples=min_samples,
+                          min_frames=patch_t)
     mean, std = compute_norm_stats(source, config.model.input_size[1], args.items, config.train.seed, progress=True)
     result = {"norm_stats": [mean, std], "items": min(args.items, len(files)), "skipped_files": len(bad)}
     text = json.dumps(result)
@@ -45,7 +53,7 @@ def cmd_prepare(args) -> None:
 
     summary = prepare(args.src, args.out, workers=args.workers, files_per_shard=args.files_per_shard,
                       dtype=args.dtype, sample_rate=args.sample_rate, min_seconds=args.min_seconds,
-                      stats_items=args.stats_items, root=args.root)
+                      stats_items=args.stats_items, root=args.root, min_patch_frames=args.min_patch_frames)
     print(json.dumps(summary))
 
 
@@ -83,7 +91,7 @@ def cmd_embed(args) -> None:
 def cmd_export(args) -> None:
     from .checkpoint import export_original
 
-    print(export_original(args.checkpoint, args.out, encoder_only=args.encoder_only))
+    print(export_original(args.checkpoint, args.out, encoder_only=args.encoder_only, fmt=args.format))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sample-rate", type=int, default=16000)
     pr.add_argument("--min-seconds", type=float, default=6.1, help="zero-pad shorter waveforms to this length")
     pr.add_argument("--stats-items", type=int, default=10000)
+    pr.add_argument("--min-patch-frames", type=int, default=16,
+                    help="files with less audio than this many frames (one patch width) are listed as failures")
     pr.add_argument("--root", help="base folder for relative paths in a CSV")
     pr.set_defaults(func=cmd_prepare)
 
@@ -128,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="fastm2d checkpoint or run folder")
     ex.add_argument("out", help="folder to create the <name>-<F>x<T>p<pF>x<pT>-<date>/ folder in")
     ex.add_argument("--encoder-only", action="store_true")
+    ex.add_argument("--format", choices=("pth", "safetensors"), default="pth",
+                    help="safetensors: weights and config without any pickle (safe to publish and to load)")
     ex.set_defaults(func=cmd_export)
     return p
 

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,23 @@ FRONTEND_PARAMS = {
 }
 N_MELS = 80
 LOG_EPS = float(torch.finfo(torch.float32).eps)  # 1.19e-7, added before the log (no clamping, no dB)
+SILENCE_LOG = math.log(LOG_EPS)  # -15.94: the log-mel of digital silence
+
+# Short clips, one rule on every path (reference loader, `prepare`, DALI): as the original's data preparation,
+# the WAVEFORM is zero-padded at the end to at least PAD_SECONDS (and to at least the training crop), so padded
+# frames are the log-mel of silence, never 0 (which after normalisation would read as loud sound). A log-mel
+# still shorter than the crop (a short precomputed .npy) is padded with SILENCE_LOG.
+PAD_SECONDS = 6.1
+
+
+def pad_samples(sample_rate: int, crop_frames: int) -> int:
+    """Waveform length that short clips are zero-padded to: 6.1 s, or more when the crop is longer."""
+    return max(round(PAD_SECONDS * sample_rate), (crop_frames - 1) * FRONTEND_PARAMS[sample_rate]["hop_length"])
+
+
+def min_real_samples(sample_rate: int, patch_frames: int) -> int:
+    """Audio shorter than one patch width holds no usable patch: such files are listed as unusable."""
+    return patch_frames * FRONTEND_PARAMS[sample_rate]["hop_length"]
 
 
 class AudioReadError(RuntimeError):
@@ -51,24 +69,42 @@ class LogMelSpectrogram(torch.nn.Module):
         return num_samples // self.hop_length + 1
 
 
-def read_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
-    """Read a file (WAV, FLAC, OGG, MP3 ... via libsndfile), downmix to mono, resample -> float32 (N,)."""
+def read_audio(path: str | Path, sample_rate: int, min_samples: int = 0) -> torch.Tensor:
+    """Read a file (WAV, FLAC, OGG, MP3 ... via libsndfile), downmix to mono, resample -> float32 (N,).
+
+    Raises AudioReadError naming the file when it is missing, empty, undecodable, holds fewer samples than its
+    header promises, holds NaN/inf, or (min_samples, counted at `sample_rate`) is too short to use.
+    """
     import soundfile as sf  # optional at import time of the package
 
     path = Path(path)
     if not path.is_file():
-        raise AudioReadError(f"{path}: file not found")
+        raise AudioReadError(f"{path}: file not found" if not path.is_dir() else f"{path}: a folder, not a file")
     if path.stat().st_size == 0:
         raise AudioReadError(f"{path}: empty file")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            promised, sr = f.frames, f.samplerate
+            data = f.read(dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types for corrupt / non-audio input
-        raise AudioReadError(f"{path}: cannot decode audio ({e})") from None
+        raise AudioReadError(f"{path}: cannot decode audio ({_first_line(e)})") from None
     if data.shape[0] == 0:
         raise AudioReadError(f"{path}: no samples")
+    if data.shape[0] < promised:
+        raise AudioReadError(f"{path}: truncated: the header promises {promised} samples, the file holds "
+                             f"{data.shape[0]}")
+    have = data.shape[0] * sample_rate // sr
+    if have < min_samples:
+        raise AudioReadError(f"{path}: too short: {have / sample_rate * 1000:.0f} ms of audio, at least "
+                             f"{min_samples / sample_rate * 1000:.0f} ms (one patch width) needed")
     wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
     if not torch.isfinite(wav).all():
         raise AudioReadError(f"{path}: contains NaN or infinite samples")
     if sr != sample_rate:
         wav = torchaudio.functional.resample(wav, sr, sample_rate)
     return wav
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -4,10 +4,20 @@ import pytest
 import torch
 
 from fastm2d.data.dali import dali_missing_reason
-from fastm2d.frontend import LogMelSpectrogram, read_audio
+from fastm2d.frontend import SILENCE_LOG, LogMelSpectrogram, pad_samples, read_audio
 
 
 pytestmark = pytest.mark.skipif(dali_missing_reason() is not None, reason=str(dali_missing_reason()))
+
+
+def _reference(path, crop_frames=0):
+    """LogMelSpectrogram of the waveform zero-padded by the short-clip rule (6.1 s), written out here."""
+    wav = read_audio(path, 16000)
+    n = pad_samples(16000, crop_frames)
+    assert n == 97600
+    if len(wav) < n:
+        wav = torch.cat([wav, torch.zeros(n - len(wav))])
+    return LogMelSpectrogram(16000)(wav).numpy()
 
 
 @pytest.fixture
@@ -29,10 +39,9 @@ def test_full_length_equals_log_mel_spectrogram_at_the_native_rate(files):
     from fastm2d.data.dali import build_pipeline
     pipe = build_pipeline(files, batch_size=len(files), crop_frames=None, shuffle=False, num_threads=1)
     out = pipe.run()[0]
-    fe = LogMelSpectrogram(16000)
     for i, f in enumerate(files):
         dali = np.asarray(out[i])
-        ref = fe(read_audio(f, 16000)).numpy()
+        ref = _reference(f)
         assert dali.shape == ref.shape, f
         if i < 3:  # 16 kHz inputs (mono, stereo FLAC, short): the spectral chain matches to float32 noise
             np.testing.assert_allclose(dali, ref, atol=1e-3, err_msg=f)
@@ -47,10 +56,13 @@ def test_cropped_batches_on_the_loader(files):
                               seed=1)
     (batch,) = list(loader)
     assert batch.shape == (3, 1, 80, 608) and torch.isfinite(batch).all()
-    # The 0.5 s clip (51 frames) is zero-padded at the end in the log domain, as the reference crop does.
-    full = LogMelSpectrogram()(read_audio(files[2], 16000))
-    short = [b for b in batch if (b[0, :, 51:] == 0).all()]
-    assert len(short) == 1 and torch.allclose(short[0][0, :, :51], full, atol=1e-3)
+    # The 0.5 s clip was padded as a waveform to 6.1 s (611 frames); its crop is a window of that, and the
+    # frames past the audio are the log-mel of silence, not 0.
+    full = torch.from_numpy(_reference(files[2]))
+    assert full.shape[1] == 611 and torch.allclose(full[:, 60:], torch.tensor(SILENCE_LOG), atol=1e-3)
+    short = [b[0] for b in batch if torch.allclose(b[0, :, 100:], torch.tensor(SILENCE_LOG), atol=1e-3)]
+    assert len(short) == 1
+    assert any(torch.allclose(short[0], full[:, s:s + 608], atol=1e-3) for s in range(4))
     assert len(list(loader)) == 1  # a second epoch
 
 
@@ -80,3 +92,24 @@ def test_dali_refuses_log_mel_inputs_at_start_up(tmp_path, tiny_config):
     np.save(tmp_path / "a.npy", np.random.randn(1, 80, 100).astype(np.float32))
     with pytest.raises(ConfigError, match="data.loader=dali decodes audio files"):
         Trainer(tiny_config(f"data.train={tmp_path}", "data.loader=dali", "data.norm_stats=[-8,4]"))
+
+
+def test_a_short_clip_is_padded_alike_on_every_path(tmp_path):
+    """One 0.8 s clip through the reference loader, a prepared store and DALI: the same full log-mel (waveform
+    zero-padded to 6.1 s, as the original's preparation), hence the same crops and statistics everywhere."""
+    from fastm2d.data import LogMelSource, LogMelStore
+    from fastm2d.data.dali import build_pipeline
+    from fastm2d.data.prepare import prepare
+    from tests.conftest import write_tone
+    (tmp_path / "src").mkdir()
+    clip = write_tone(tmp_path / "src" / "short.wav", seconds=0.8)
+    reference = LogMelSource([clip], pad_to=pad_samples(16000, 608), min_samples=2560, min_frames=16).load(0)
+    prepare(str(tmp_path / "src"), tmp_path / "store", workers=1, dtype="float32", progress=False, stats_items=1)
+    stored = LogMelStore(tmp_path / "store")[0]
+    dali = np.asarray(build_pipeline([str(clip)], 1, crop_frames=None, shuffle=False, num_threads=1).run()[0][0])
+    written_out = _reference(clip)  # the rule, computed independently in this file
+    assert reference.shape == stored.shape == dali.shape == written_out.shape == (80, 611)
+    np.testing.assert_allclose(reference, written_out, atol=1e-6)
+    np.testing.assert_allclose(stored, written_out, atol=1e-6)
+    np.testing.assert_allclose(dali, written_out, atol=1e-3)
+    assert np.allclose(written_out[:, 90:], SILENCE_LOG, atol=1e-3)  # silence, which normalises to about -2

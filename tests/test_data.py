@@ -5,6 +5,8 @@ import torch
 
 from fastm2d.data import (CropDataset, DataError, EpochSampler, LogMelSource, check_files, compute_norm_stats,
                           list_files, random_crop, synth_clip)
+from fastm2d.data.sources import require_usable
+from fastm2d.config import ConfigError
 from fastm2d.train import Trainer, pretrain, read_metrics
 
 from .conftest import write_tone
@@ -25,7 +27,9 @@ def test_random_crop_and_pad():
     start = int(crop[0, 0])
     assert np.array_equal(crop, lms[:, start:start + 608])
     short = random_crop(lms[:, :100], 608, rng)
-    assert np.array_equal(short[:, :100], lms[:, :100]) and not short[:, 100:].any()  # zero-padded in the log domain
+    # Padded with the log-mel of digital silence, log(float32 eps), not 0 (which normalises to loud sound).
+    assert np.array_equal(short[:, :100], lms[:, :100])
+    assert np.all(short[:, 100:] == np.float32(np.log(np.finfo(np.float32).eps)))
 
 
 def test_norm_stats_match_numpy_over_the_same_crops():
@@ -73,14 +77,13 @@ def test_folder_and_csv_sources(tmp_path):
         list_files(str(tmp_path / "nowhere"))
 
 
-def test_bad_files_error_mode_lists_them_all_before_training(tmp_path):
+def test_bad_files_are_all_found_before_training(tmp_path):
     _make_files(tmp_path)
-    with pytest.raises(DataError) as e:
-        check_files(list_files(str(tmp_path)), "error")
-    msg = str(e.value)
-    for name in ("empty.wav", "corrupt.flac", "wrong_shape.npy"):
-        assert name in msg
-    assert "3 of 8" in msg
+    good, bad = check_files(list_files(str(tmp_path)))
+    assert sorted(b.path.name for b in bad) == ["corrupt.flac", "empty.wav", "wrong_shape.npy"]
+    assert len(good) == 5
+    with pytest.raises(DataError, match="3 of 8 training files are unusable.*listed in .*bad.txt"):
+        require_usable(good, bad, "error", "training", tmp_path / "bad.txt")
 
 
 def test_bad_files_skip_mode_counts_and_continues(tmp_path, tiny_config):
@@ -89,12 +92,13 @@ def test_bad_files_skip_mode_counts_and_continues(tmp_path, tiny_config):
     tr = pretrain(cfg)
     bad = (tr.out_dir / "bad_training_files.txt").read_text()
     assert "empty.wav" in bad and "corrupt.flac" in bad and "wrong_shape.npy" in bad
-    # has_nan.npy passes the header check; the NaN is found while training, skipped and counted.
+    # has_nan.npy passes the header check; the NaN is found when first read, listed, counted, and left out.
     assert len(tr.source) == 5
     nan_index = tr.source.names.index(str(tmp_path / "has_nan.npy"))
-    drawn = [int(i) for e in (0, 1) for i, *_ in tr.sampler.order(e)[:4]][:6]  # 3 steps x 2 items
     rows = read_metrics(tr.out_dir)
-    assert rows[-1]["skipped_items"] == drawn.count(nan_index) and all(np.isfinite(r["loss"]) for r in rows)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    if rows[-1]["skipped_items"]:  # drawn in these 3 steps: listed once with its reason, known to the sampler
+        assert "has_nan.npy: log-mel contains NaN" in bad and tr.sampler.bad == {nan_index}
     ds = CropDataset(tr.source, 64)
     item = ds[(nan_index, 0)]
     assert item["skipped"] == 1 and torch.isfinite(item["lms"]).all()
@@ -110,7 +114,8 @@ def test_all_files_bad_is_one_clear_error(tmp_path, tiny_config):
 
 
 def test_too_few_items_for_a_batch(tiny_config):
-    with pytest.raises(ValueError, match="cannot fill one batch"):
+    with pytest.raises(ConfigError, match="2 usable training items cannot fill one batch of 4 x 1.*"
+                                          "train.batch_size.*data.min_epoch_items"):
         Trainer(tiny_config("data.synthetic_clips=2", "train.batch_size=4"))
 
 
@@ -123,3 +128,66 @@ def test_batches_are_the_same_with_or_without_workers_across_epochs(tiny_config,
 
     for a, b in zip(first_batches(0), first_batches(2)):
         assert torch.equal(a, b)
+
+
+def test_an_item_found_bad_while_training_is_read_once_and_left_out(tmp_path, tiny_config):
+    """NaN content passes the header check; after its first read it must never be read again (this run or a
+    resumed one), and the batches must be those of a run that skipped it by the dataset's own rule."""
+    for i in range(7):
+        write_tone(tmp_path / f"t{i}.wav", seconds=0.8, freq=200 + 90 * i)
+    nan = np.random.randn(1, 80, 90).astype(np.float32)
+    nan[0, 5, :] = np.nan
+    np.save(tmp_path / "has_nan.npy", nan)
+    cfg = tiny_config(f"data.train={tmp_path}", "train.batch_size=2", "data.norm_stats=[-8,4]", "train.max_steps=12")
+    tr = Trainer(cfg)
+    nan_index = tr.source.names.index(str(tmp_path / "has_nan.npy"))
+    reads = []
+    load = tr.source.load
+    tr.source.load = lambda i: (reads.append(i), load(i))[1]
+    it = tr.micro_batches()
+    batches = [next(it) for _ in range(12)]  # 8 items / batch 2 = 4 per epoch: three epochs
+    assert reads.count(nan_index) == 1 and tr.sampler.bad == {nan_index}
+    lines = (tr.out_dir / "bad_training_files.txt").read_text().splitlines()
+    assert len(lines) == 1 and "has_nan.npy: log-mel contains NaN" in lines[0]
+    # The same batches as the dataset's substitution rule alone (no sampler knowledge) gives.
+    fresh = Trainer(tiny_config(f"data.train={tmp_path}", "train.batch_size=2", "data.norm_stats=[-8,4]",
+                                f"out_dir={tmp_path / 'other'}"))
+    it2 = fresh.micro_batches()
+    fresh.sampler.bad.clear()
+    for a in batches:
+        fresh.sampler.bad.clear()  # forget it every batch: the dataset substitutes by itself
+        assert torch.equal(a, next(it2))
+
+
+def test_short_and_broken_audio_is_listed_not_fatal(tmp_path, tiny_config):
+    """A WAV cut after its header (8 samples), a clip shorter than one patch width, a dangling link and a folder
+    named like audio are listed with reasons before training; the run trains on the rest."""
+    for i in range(6):
+        write_tone(tmp_path / f"ok{i}.wav", seconds=1.0, freq=300 + 50 * i)
+    full = (tmp_path / "ok0.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(full[:60])
+    write_tone(tmp_path / "blip.wav", seconds=0.1)  # 100 ms < one 16-frame patch (160 ms)
+    (tmp_path / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    (tmp_path / "folder.wav").mkdir()
+    tr = pretrain(tiny_config(f"data.train={tmp_path}", "train.batch_size=2", "data.norm_stats=[-8,4]",
+                              "train.max_steps=4"))
+    listing = (tr.out_dir / "bad_training_files.txt").read_text()
+    for name, reason in [("cut.wav", "too short"), ("blip.wav", "too short"), ("gone.wav", "dangling"),
+                         ("folder.wav", "a folder")]:
+        assert any(name in line and reason in line for line in listing.splitlines()), (name, listing)
+    assert len(tr.source) == 6 and all(np.isfinite(r["loss"]) for r in read_metrics(tr.out_dir))
+
+
+def test_noise_statistics_use_the_tiled_crops_training_uses(tmp_path):
+    """Short noise clips are tiled in training, so their statistics must come from tiled crops (the original's
+    repeat_short), not zero- or silence-padded ones."""
+    from fastm2d.data.noise import tile_crop
+    src = LogMelSource(synthetic=(5, 6, 1.0))  # 101 frames, crops of 608: six-fold tiling
+    mean, std = compute_norm_stats(src, 608, n_items=6, seed=1, crop=tile_crop)
+    rng = np.random.default_rng(1)
+    picks = rng.choice(6, size=6, replace=False)
+    crops = np.stack([tile_crop(src.load(int(i)), 608, rng) for i in picks]).astype(np.float64)
+    assert mean == pytest.approx(crops.mean(), abs=1e-9) and std == pytest.approx(crops.std(), abs=1e-9)
+    # A clip's tiled crop has the clip's own mean; a padded crop would be dominated by the padding.
+    clip = np.stack([src.load(i) for i in range(6)]).astype(np.float64)
+    assert mean == pytest.approx(clip.mean(), abs=0.3)

@@ -43,3 +43,21 @@ def test_training_with_noise_runs_and_the_noise_needs_data(tiny_config):
     assert (tr.out_dir / "noise_stats.json").is_file()
     with pytest.raises(ConfigError, match="data.noise.train"):
         load_config(None, ["data.noise.eta=0.3"])
+
+
+def test_noise_statistics_of_short_clips_come_from_tiled_crops(tmp_path, tiny_config):
+    """1 s noise clips under a 6.1 s crop: the noise mean must be the clips' own (tiled, as training mixes them),
+    not that of crops mostly made of padding (the reported bug: -0.83 instead of -4.97)."""
+    import json
+
+    from tests.conftest import write_tone
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for i in range(4):
+        write_tone(noise / f"n{i}.wav", seconds=1.0, freq=500 + 200 * i)
+    tr = Trainer(tiny_config(f"data.noise.train={noise}", "data.noise.eta=0.3", "data.norm_stats=[-9,3.5]",
+                             "model.input_size=[80,608]", "data.synthetic_seconds=6.1", "data.synthetic_clips=8"))
+    got = json.loads((tr.out_dir / "noise_stats.json").read_text())["norm_stats"][0]
+    clips = np.concatenate([tr.noise.load(i) for i in range(4)], axis=1).astype(np.float64)
+    assert got == pytest.approx(clips.mean(), abs=0.25)  # tiling covers each clip ~6 times, plus a random part
+    assert tr.noise_mean == pytest.approx(got)

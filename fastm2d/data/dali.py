@@ -11,7 +11,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
+from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, SILENCE_LOG, pad_samples
 
 
 def dali_missing_reason() -> Optional[str]:
@@ -43,6 +43,8 @@ def build_pipeline(files: Sequence[str], batch_size: int, sample_rate: int = 160
         raw, _ = fn.readers.file(files=list(files), random_shuffle=shuffle, name="reader", seed=seed,
                                  shard_id=shard_id, num_shards=num_shards, pad_last_batch=False)
         audio, _ = fn.decoders.audio(raw, sample_rate=sample_rate, downmix=True, dtype=types.FLOAT)
+        # frontend.py's short-clip rule: zero-pad the waveform (a minimum length; longer clips stay as they are).
+        audio = fn.pad(audio, axes=[0], shape=[pad_samples(sample_rate, crop_frames or 0)], fill_value=0.0)
         if device_id is not None:
             audio = audio.gpu()
         spec = fn.spectrogram(audio, nfft=p["n_fft"], window_length=p["n_fft"], window_step=p["hop_length"],
@@ -52,8 +54,9 @@ def build_pipeline(files: Sequence[str], batch_size: int, sample_rate: int = 160
         lms = dmath.log(mel + LOG_EPS)
         if crop_frames is None:
             return lms
-        # Zero-pad short clips at the end (log domain, like random_crop), then a uniformly placed window.
-        lms = fn.pad(lms, axes=[1], shape=[crop_frames], fill_value=0.0)
+        # Still shorter than the crop (only for crops over 6.1 s): pad with the log-mel of silence, like
+        # random_crop; then a uniformly placed window.
+        lms = fn.pad(lms, axes=[1], shape=[crop_frames], fill_value=SILENCE_LOG)
         frames = fn.cast(lms.shape()[1], dtype=types.FLOAT)
         start = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (frames - crop_frames + 0.999))
         return fn.slice(lms, start=fn.cast(start, dtype=types.INT32), shape=[crop_frames], axes=[1])

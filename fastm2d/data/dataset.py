@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..frontend import AudioReadError, LogMelSpectrogram, read_audio
+from ..frontend import SILENCE_LOG, AudioReadError, LogMelSpectrogram, read_audio
 from .noise import tile_crop
 from .sources import LMS_EXT, DataError, check_lms_array_shape
 from .synthetic import synth_clip
@@ -24,34 +24,41 @@ from .synthetic import synth_clip
 log = logging.getLogger("fastm2d.data")
 
 
-def load_lms_file(path: Path, frontend: LogMelSpectrogram, min_samples: int = 0) -> np.ndarray:
+def load_lms_file(path: Path, frontend: LogMelSpectrogram, pad_to: int = 0, min_samples: int = 0,
+                  min_frames: int = 1) -> np.ndarray:
     """One file -> (F, T) log-mel. Original-style .npy is memory-mapped (a crop reads only its bytes); audio goes
-    through the reference front end, its waveform zero-padded to `min_samples` first (as the original prepared)."""
+    through the reference front end, its waveform zero-padded to `pad_to` samples first (frontend.py's rule for
+    short clips). Files shorter than one patch width (`min_samples` / `min_frames`) raise with the reason."""
     if path.suffix.lower() == LMS_EXT:
         try:
             arr = np.load(path, mmap_mode="r")
         except Exception as e:
             raise DataError(f"{path}: unreadable .npy ({e})") from None
-        reason = check_lms_array_shape(arr, frontend.mel.n_mels)
+        reason = check_lms_array_shape(arr, frontend.mel.n_mels, min_frames)
         if reason:
             raise DataError(f"{path}: {reason}")
         return arr.reshape(arr.shape[-2], arr.shape[-1])
-    wav = read_audio(path, frontend.sample_rate)
-    if len(wav) < min_samples:
-        wav = torch.nn.functional.pad(wav, (0, min_samples - len(wav)))
+    wav = read_audio(path, frontend.sample_rate, min_samples)
+    if len(wav) < pad_to:
+        wav = torch.nn.functional.pad(wav, (0, pad_to - len(wav)))
     with torch.inference_mode():
         return frontend(wav).numpy()
 
 
 class LogMelSource:
-    """Index -> float32 log-mel (F, T) of one item. `names[i]` says what item i is, for error messages."""
+    """Index -> float32 log-mel (F, T) of one item. `names[i]` says what item i is, for error messages.
+
+    pad_to / min_samples / min_frames: the short-clip rule (frontend.pad_samples, min_real_samples).
+    """
 
     def __init__(self, files: Optional[Sequence[Path]] = None, sample_rate: int = 16000,
-                 synthetic: Tuple[int, int, float] | None = None):
+                 synthetic: Tuple[int, int, float] | None = None, pad_to: int = 0, min_samples: int = 0,
+                 min_frames: int = 1):
         self.files = list(files or [])
         self.sample_rate = sample_rate
         self.synthetic = synthetic  # (seed, n_clips, seconds) or None
         self.frontend = LogMelSpectrogram(sample_rate)
+        self.pad_to, self.min_samples, self.min_frames = pad_to, min_samples, min_frames
         self._cache = {}  # synthetic clips are cheap to keep: 512 x 80 x 611 floats = 100 MB
 
     def __len__(self) -> int:
@@ -67,18 +74,21 @@ class LogMelSource:
             if i not in self._cache:
                 seed, _, seconds = self.synthetic
                 wav = torch.from_numpy(synth_clip(seed, i, seconds, self.sample_rate))
+                if len(wav) < self.pad_to:
+                    wav = torch.nn.functional.pad(wav, (0, self.pad_to - len(wav)))
                 self._cache[i] = self.frontend(wav).numpy()
             return self._cache[i]
-        return load_lms_file(self.files[i], self.frontend)
+        return load_lms_file(self.files[i], self.frontend, self.pad_to, self.min_samples, self.min_frames)
 
 
 def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
-    """(F, T) -> (F, frames): a random window, or the clip zero-padded at the end (log domain) when shorter."""
+    """(F, T) -> (F, frames): a random window, or the clip padded at the end with the log-mel of silence
+    (SILENCE_LOG, frontend.py's short-clip rule) when shorter."""
     t = lms.shape[-1]
     if t > frames:
         start = int(rng.integers(0, t - frames + 1))
         return np.ascontiguousarray(lms[:, start:start + frames], dtype=dtype)
-    out = np.zeros((lms.shape[0], frames), dtype=dtype)
+    out = np.full((lms.shape[0], frames), SILENCE_LOG, dtype=dtype)
     out[:, :t] = lms
     return out
 
@@ -86,21 +96,25 @@ def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator, dtype=np
 class CropDataset(Dataset):
     """Indexed by (item, crop seed, sample number) from `EpochSampler`.
 
-    Returns {'lms': (1, F, T) raw log-mel, 'skipped': n} and, with a noise source, 'bg': a tiled crop of the
-    background item that `noise_picker` assigns to this sample number.
+    Returns {'lms': (1, F, T) raw log-mel, 'skipped': n, 'bad': the indices of items that failed (-1 padded)}
+    and, with a noise source, 'bg': a tiled crop of the background item `noise_picker` assigns to this sample.
 
-    A file that fails while training (decode error, NaN/inf values) is logged by name, counted in 'skipped'
-    and replaced by the next item, or raises `DataError` when on_bad_file='error'.
+    Whatever a file holds never stops training: an item that fails when read (undecodable, truncated, NaN/inf,
+    or any other error) is logged, appended with its reason to `bad_list` (a text file), and replaced by the
+    next item; the trainer passes its index to the sampler, which leaves it out for the rest of the run.
+    With on_bad_file='error' it raises `DataError` instead.
     """
 
     MAX_SUBSTITUTES = 16
 
-    def __init__(self, source, frames: int, on_bad_file: str = "skip", noise=None, noise_picker=None):
+    def __init__(self, source, frames: int, on_bad_file: str = "skip", noise=None, noise_picker=None,
+                 bad_list: Optional[Path] = None):
         self.source = source  # a LogMelSource or a LogMelStore: len(), names, load(i) -> (F, T)
         self.frames = frames
         self.on_bad_file = on_bad_file
         self.dtype = getattr(source, "dtype", np.float32)
         self.noise, self.noise_picker = noise, noise_picker
+        self.bad_list = bad_list
 
     def __len__(self) -> int:
         return len(self.source)
@@ -120,18 +134,29 @@ class CropDataset(Dataset):
             log.warning("skipping bad background item: %s: NaN or infinite values", self.noise.names[j])
         raise DataError(f"{self.MAX_SUBSTITUTES} unusable background items in a row")
 
+    def _record(self, j: int, error: Exception) -> None:
+        reason = str(error) if isinstance(error, (DataError, AudioReadError)) else \
+            f"{self.source.names[j]}: {type(error).__name__}: {error}"
+        log.warning("skipping bad training item (left out for the rest of the run): %s", reason)
+        if self.bad_list is not None:  # one short O_APPEND write per line: safe from several workers and ranks
+            with open(self.bad_list, "a") as f:
+                f.write(f"{reason} (found while training)\n")
+
     def __getitem__(self, key: Tuple[int, ...]):
         i, seed = key[0], key[1]
+        bad = torch.full((self.MAX_SUBSTITUTES,), -1, dtype=torch.int64)
         for skipped in range(self.MAX_SUBSTITUTES):
             j = (i + skipped) % len(self.source)
             try:
                 lms = self.crop(j, seed)
-            except (DataError, AudioReadError) as e:
+            except Exception as e:  # noqa: BLE001 - nothing a file holds may stop a running job
                 if self.on_bad_file == "error":
-                    raise DataError(str(e)) from None
-                log.warning("skipping bad training item: %s", e)
+                    raise DataError(str(e) if isinstance(e, (DataError, AudioReadError)) else
+                                    f"{self.source.names[j]}: {type(e).__name__}: {e}") from None
+                self._record(j, e)
+                bad[skipped] = j
                 continue
-            item = {"lms": torch.from_numpy(lms).unsqueeze(0), "skipped": skipped}
+            item = {"lms": torch.from_numpy(lms).unsqueeze(0), "skipped": skipped, "bad": bad}
             if self.noise is not None:
                 item["bg"] = torch.from_numpy(self.background(key[2])).unsqueeze(0)
             return item

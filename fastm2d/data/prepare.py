@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram
+from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram, min_real_samples
 from .dataset import load_lms_file
 from .sources import DataError, list_files
 from .stats import compute_norm_stats
@@ -27,16 +27,17 @@ from .store import FORMAT, VERSION, LogMelStore
 log = logging.getLogger("fastm2d.prepare")
 
 
-def _item_lms(path: Path, frontend: LogMelSpectrogram, min_samples: int) -> np.ndarray:
+def _item_lms(path: Path, frontend: LogMelSpectrogram, pad_to: int, min_patch_frames: int) -> np.ndarray:
     """One file -> finite float32 (F, T) log-mel, or an exception whose message is the reason."""
-    lms = np.asarray(load_lms_file(path, frontend, min_samples), dtype=np.float32)
+    min_samples = min_real_samples(frontend.sample_rate, min_patch_frames)
+    lms = np.asarray(load_lms_file(path, frontend, pad_to, min_samples, min_patch_frames), dtype=np.float32)
     if not np.isfinite(lms).all():
         raise AudioReadError("log-mel contains NaN or infinite values")
     return lms
 
 
-def _write_shard(task: Tuple[int, List[str], str, str, int, float]) -> dict:
-    k, files, out, dtype, sample_rate, min_seconds = task
+def _write_shard(task: Tuple[int, List[str], str, str, int, float, int]) -> dict:
+    k, files, out, dtype, sample_rate, min_seconds, min_patch_frames = task
     torch.set_num_threads(1)  # one process per core; threads inside would oversubscribe
     out = Path(out)
     frontend = LogMelSpectrogram(sample_rate)
@@ -47,7 +48,7 @@ def _write_shard(task: Tuple[int, List[str], str, str, int, float]) -> dict:
     with open(tmp, "wb") as f:
         for file in files:
             try:
-                lms = _item_lms(Path(file), frontend, min_samples)
+                lms = _item_lms(Path(file), frontend, min_samples, min_patch_frames)
             except Exception as e:  # every failure is recorded with its reason, never fatal
                 failures.append([file, str(e).replace(str(file) + ": ", "")])
                 continue
@@ -75,8 +76,11 @@ def _finished(out: Path, k: int) -> Optional[dict]:
 
 def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 1000, dtype: str = "float16",
             sample_rate: int = 16000, min_seconds: float = 6.1, stats_items: int = 10000, crop_frames: int = 608,
-            root: Optional[str] = None, seed: int = 0, progress: bool = True) -> dict:
-    """Prepare (or complete) a store; returns a summary with counts and timing."""
+            root: Optional[str] = None, seed: int = 0, progress: bool = True, min_patch_frames: int = 16) -> dict:
+    """Prepare (or complete) a store; returns a summary with counts and timing.
+
+    Files with less audio than `min_patch_frames` frames (one patch width: 160 ms for 16x16 patches) are
+    failures with that reason, not 6.1 s of padding."""
     from tqdm import tqdm
 
     if dtype not in ("float16", "float32"):
@@ -100,7 +104,8 @@ def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 
     manifest_path.write_text(json.dumps(manifest, indent=1))
 
     records = {k: r for k in range(len(chunks)) if (r := _finished(out, k))}
-    todo = [(k, chunks[k], str(out), dtype, sample_rate, min_seconds) for k in range(len(chunks)) if k not in records]
+    todo = [(k, chunks[k], str(out), dtype, sample_rate, min_seconds, min_patch_frames) for k in range(len(chunks))
+            if k not in records]
     skipped = len(records)
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(files), initial=sum(len(chunks[k]) for k in records), desc="prepare", unit="file",

@@ -21,6 +21,16 @@ class EpochSampler(Sampler):
         if self.batches_per_epoch < 1:
             raise ValueError(f"{n_items} items cannot fill one batch of {batch_size} x {world_size} processes")
         self.epoch, self.start_batch = 0, 0
+        # Items found unusable while training: each is replaced by the next usable item, the same substitute the
+        # dataset would read after failing on it, so knowing them changes no batch, only saves the re-reads.
+        self.bad: set = set()
+
+    def substitute(self, i: int) -> int:
+        if len(self.bad) >= self.n_items:
+            raise ValueError("every training item was found unusable")
+        while i in self.bad:
+            i = (i + 1) % self.n_items
+        return i
 
     def set_position(self, epoch: int, batch: int) -> None:
         self.epoch, self.start_batch = epoch, batch
@@ -38,7 +48,8 @@ class EpochSampler(Sampler):
         per_batch = self.batch_size * self.world_size
         for b in range(self.start_batch, self.batches_per_epoch):
             chunk = pairs[b * per_batch:(b + 1) * per_batch][self.rank::self.world_size]
-            yield from (tuple(int(v) for v in p) for p in chunk)
+            for item, seed, number in chunk:  # `bad` is read lazily: it grows while the epoch runs
+                yield self.substitute(int(item)), int(seed), int(number)
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size

@@ -37,7 +37,9 @@ def list_files(spec: str, root: Optional[str] = None) -> List[Path]:
     """A folder (searched recursively for audio and .npy files) or a CSV (column file_name/path, or one column)."""
     p = Path(spec)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS | {LMS_EXT} and f.is_file())
+        # Everything named like audio or .npy, also dangling links and folders named so: the checks list them
+        # as unusable with the reason instead of dropping them silently.
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS | {LMS_EXT})
         if not files:
             raise DataError(f"{p}: no audio or .npy files found (looked for {sorted(AUDIO_EXTS | {LMS_EXT})})")
         return files
@@ -63,8 +65,17 @@ def _read_csv(path: Path, root: Path) -> List[Path]:
     return [f if f.is_absolute() else root / f for f in files]
 
 
-def probe_file(path: Path, n_mels: int = 80) -> Optional[str]:
-    """Cheap header check; returns the reason a file is unusable, or None."""
+def probe_file(path: Path, n_mels: int = 80, min_seconds: float = 0.0, min_frames: int = 1) -> Optional[str]:
+    """Cheap header check; returns the reason a file is unusable, or None.
+
+    Audio must hold at least `min_seconds` (one patch width), a .npy log-mel at least `min_frames` frames.
+    Content faults that only decoding shows (NaN samples, a truncated FLAC) are found when first read, then
+    listed and left out for the rest of the run (see CropDataset).
+    """
+    if path.is_symlink() and not path.exists():
+        return f"dangling symbolic link (to {path.readlink()})"
+    if path.is_dir():
+        return "a folder, not a file"
     if not path.is_file():
         return "file not found"
     if path.stat().st_size == 0:
@@ -74,35 +85,50 @@ def probe_file(path: Path, n_mels: int = 80) -> Optional[str]:
             arr = np.load(path, mmap_mode="r")
         except Exception as e:
             return f"unreadable .npy ({e})"
-        return check_lms_array_shape(arr, n_mels)
+        return check_lms_array_shape(arr, n_mels, min_frames)
     try:
         import soundfile as sf
         info = sf.info(str(path))
     except Exception as e:
-        return f"cannot decode audio ({str(e).splitlines()[0]})"
+        return f"cannot decode audio ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
     if info.frames <= 0:
         return "no samples"
+    if info.frames < min_seconds * info.samplerate:
+        return (f"too short: {info.frames / info.samplerate * 1000:.0f} ms of audio, at least "
+                f"{min_seconds * 1000:.0f} ms (one patch width) needed")
     return None
 
 
-def check_lms_array_shape(arr: np.ndarray, n_mels: int = 80) -> Optional[str]:
+def check_lms_array_shape(arr: np.ndarray, n_mels: int = 80, min_frames: int = 1) -> Optional[str]:
     if arr.dtype.kind != "f":
         return f"dtype {arr.dtype} is not floating point"
     shape = arr.shape[1:] if arr.ndim == 3 and arr.shape[0] == 1 else arr.shape
     if len(shape) != 2 or shape[0] != n_mels or shape[1] < 1:
         return f"shape {arr.shape} is not (1, {n_mels}, T) or ({n_mels}, T)"
+    if shape[1] < min_frames:
+        return f"too short: {shape[1]} frames, at least {min_frames} (one patch width) needed"
     return None
 
 
-def check_files(files: List[Path], on_bad_file: str = "skip", n_mels: int = 80) -> Tuple[List[Path], List[BadFile]]:
-    """Probe every file before training: 'error' raises one DataError listing them all, 'skip' drops them."""
+def check_files(files: List[Path], n_mels: int = 80, min_seconds: float = 0.0,
+                min_frames: int = 1) -> Tuple[List[Path], List[BadFile]]:
+    """Probe every file before training -> (usable, unusable with reasons). `require_usable` decides."""
     good, bad = [], []
     for f in files:
-        reason = probe_file(f, n_mels)
+        reason = probe_file(f, n_mels, min_seconds, min_frames)
         (bad.append(BadFile(f, reason)) if reason else good.append(f))
-    if bad:
-        listing = "\n  ".join(str(b) for b in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
-        if on_bad_file == "error" or not good:
-            raise DataError(f"{len(bad)} of {len(files)} training files are unusable:\n  {listing}")
-        log.warning("skipping %d of %d unusable training files:\n  %s", len(bad), len(files), listing)
     return good, bad
+
+
+def require_usable(good: List[Path], bad: List[BadFile], on_bad_file: str, label: str, listing: Path) -> None:
+    """'error' (or nothing usable) stops with one line naming the first bad file and the full list's path;
+    'skip' logs a warning and goes on without them."""
+    if not bad:
+        return
+    total = len(good) + len(bad)
+    if on_bad_file == "error" or not good:
+        fix = "fix or remove them" + (", or set data.on_bad_file=skip" if good else "")
+        raise DataError(f"{len(bad)} of {total} {label} files are unusable (first: {bad[0]}); all listed in "
+                        f"{listing}; {fix}")
+    shown = "\n  ".join(str(b) for b in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+    log.warning("skipping %d of %d unusable %s files (listed in %s):\n  %s", len(bad), total, label, listing, shown)

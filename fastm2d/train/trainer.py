@@ -20,11 +20,12 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
 from .. import __version__, kernels
-from ..checkpoint import atomic_save, list_checkpoints, load_weights
+from ..checkpoint import CheckpointError, atomic_save, list_checkpoints, load_weights, safe_load
 from ..config import Config, ConfigError, config_from_dict, to_yaml
 from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files
-from ..data.noise import NoisePicker
-from ..data.sources import AUDIO_EXTS
+from ..data.noise import NoisePicker, tile_crop
+from ..data.sources import AUDIO_EXTS, require_usable
+from ..frontend import FRONTEND_PARAMS, min_real_samples, pad_samples
 from ..data.store import LogMelStore, is_store
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
@@ -60,8 +61,15 @@ def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
 
 def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",
                  seed_offset: int = 0):
-    """The embedded synthetic set, a prepared LogMelStore folder, or a folder / CSV of files (checked first)."""
-    d = config.data
+    """The embedded synthetic set, a prepared LogMelStore folder, or a folder / CSV of files (checked first).
+
+    Short training clips follow frontend.py's rule (waveform zero-padded to 6.1 s); background noise is never
+    padded (it is tiled); synthetic clips are generated at data.synthetic_seconds, padded only up to the crop.
+    """
+    d, frames = config.data, config.model.input_size[1]
+    patch_t = config.model.patch_size[1]
+    is_noise = label == "noise"
+    hop = FRONTEND_PARAMS[d.sample_rate]["hop_length"]
     if is_store(spec):
         store = LogMelStore(spec)
         if store.sample_rate != d.sample_rate:
@@ -69,17 +77,28 @@ def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] =
         return store
     if spec == "synthetic":
         return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed + seed_offset, d.synthetic_clips,
-                                                                   d.synthetic_seconds))
-    files, bad = check_files(list_files(spec, root), d.on_bad_file, config.model.input_size[0])
+                                                                   d.synthetic_seconds),
+                            pad_to=0 if is_noise else (frames - 1) * hop)
+    min_samples = min_real_samples(d.sample_rate, patch_t)
+    files, bad = check_files(list_files(spec, root), config.model.input_size[0], min_samples / d.sample_rate, patch_t)
+    listing = out_dir / f"bad_{label}_files.txt"
     if bad:
-        (out_dir / f"bad_{label}_files.txt").write_text("".join(f"{b}\n" for b in bad))
-    return LogMelSource(files, sample_rate=d.sample_rate)
+        listing.write_text("".join(f"{b}\n" for b in bad))
+    require_usable(files, bad, d.on_bad_file, label, listing)
+    return LogMelSource(files, sample_rate=d.sample_rate, pad_to=0 if is_noise else pad_samples(d.sample_rate, frames),
+                        min_samples=min_samples, min_frames=patch_t)
 
 
 class Trainer:
     def __init__(self, config: Config, resume: bool = False):
         self.config = config
         self.out_dir = Path(config.out_dir)
+        # Decide resume-or-not before writing anything, so a refused start leaves the run folder as it was.
+        latest = max(list_checkpoints(self.out_dir), default=None) if self.out_dir.is_dir() else None
+        if latest is not None and not resume:
+            raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
+                              f"or choose another out_dir")
+        resume_from = list_checkpoints(self.out_dir)[latest] if resume and latest is not None else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         t = config.train
         self.dist = dist_from_env()
@@ -117,6 +136,12 @@ class Trainer:
         if config.data.loader == "dali" and not (files and all(f.suffix.lower() in AUDIO_EXTS for f in files)):
             raise ConfigError(f"data.loader=dali decodes audio files; {config.data.train} holds log-mel "
                               f"(a prepared store or .npy files): use data.loader=reference")
+        per_step = t.batch_size * self.dist.world_size
+        if max(len(self.source), config.data.min_epoch_items) < per_step:
+            raise ConfigError(f"{len(self.source)} usable training items cannot fill one batch of "
+                              f"{t.batch_size} x {self.dist.world_size} process(es): lower train.batch_size (and "
+                              f"raise train.accum_steps to keep the effective batch), or repeat the list with "
+                              f"data.min_epoch_items={per_step * 100}")
         self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items,
                                     self.dist.rank, self.dist.world_size)
         self.effective_batch = t.batch_size * t.accum_steps * self.dist.world_size
@@ -132,12 +157,7 @@ class Trainer:
         self._nonfinite = torch.zeros((), device=self.device)
         self._skipped = torch.zeros((), device=self.device)
 
-        latest = max(list_checkpoints(self.out_dir), default=None)
-        resume_from = list_checkpoints(self.out_dir)[latest] if resume and latest is not None else None
         if resume_from is None:
-            if latest is not None:
-                raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
-                                  f"or choose another out_dir")
             stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json")
             self.model.norm_stats.copy_(torch.tensor(stats))
         saved = self.load_state(resume_from) if resume_from else None  # weights before the engine copies them
@@ -153,8 +173,9 @@ class Trainer:
             self.noise = build_source(noise.train, config, self.out_dir, noise.root, label="noise", seed_offset=1)
             picker = NoisePicker(len(self.noise), t.seed)
             self.eta = noise.eta
-            self.noise_mean = self.norm_stats(self.noise, noise.norm_stats, "noise_stats.json")[0]
-        self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.noise, picker)
+            self.noise_mean = self.norm_stats(self.noise, noise.norm_stats, "noise_stats.json", crop=tile_crop)[0]
+        self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.noise, picker,
+                                   bad_list=self.out_dir / "bad_training_files.txt")
         (self.out_dir / "config.yaml").write_text(to_yaml(config))
 
     # ---------------------------------------------------------------------------------------- the step ----
@@ -228,6 +249,9 @@ class Trainer:
             self.sampler.set_position(epoch, batch)
             for item in loader:
                 self._skipped += item["skipped"].sum().to(self.device, non_blocking=True)
+                bad = item["bad"][item["bad"] >= 0]  # a CPU tensor: no device sync
+                if len(bad):
+                    self.sampler.bad.update(bad.tolist())  # left out from now on
                 yield self.on_device(item["lms"], item.get("bg"))
             epoch, batch = epoch + 1, 0
 
@@ -283,7 +307,7 @@ class Trainer:
                 + " Try a lower train.base_lr or train.precision=fp32.")
 
     # ------------------------------------------------------------------------------------- statistics -----
-    def norm_stats(self, source, configured: Optional[List[float]], filename: str) -> List[float]:
+    def norm_stats(self, source, configured: Optional[List[float]], filename: str, crop=None) -> List[float]:
         """Configured statistics, else the run folder's, else a prepared store's, else computed once and saved."""
         if configured is not None:
             return list(configured)
@@ -291,11 +315,11 @@ class Trainer:
         if not self.dist.is_main:  # rank 0 computes and saves; the others read its file
             barrier()
             return json.loads(path.read_text())["norm_stats"]
-        stats = self._norm_stats_main(source, path)
+        stats = self._norm_stats_main(source, path, crop)
         barrier()
         return stats
 
-    def _norm_stats_main(self, source, path: Path) -> List[float]:
+    def _norm_stats_main(self, source, path: Path, crop=None) -> List[float]:
         if path.is_file():
             return json.loads(path.read_text())["norm_stats"]
         if getattr(source, "norm_stats", None) is not None:
@@ -303,14 +327,19 @@ class Trainer:
             return list(source.norm_stats)
         n = self.config.data.stats_items
         stats = compute_norm_stats(source, self.config.model.input_size[1], n, self.config.train.seed,
-                                   progress=self.config.train.progress)
+                                   progress=self.config.train.progress, **({"crop": crop} if crop else {}))
         path.write_text(json.dumps({"norm_stats": stats, "items": min(n, len(source))}))
         log.info("statistics: mean %.4f std %.4f (saved to %s)", *stats, path)
         return list(stats)
 
     # ------------------------------------------------------------------------------------- checkpoints ----
     def state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "mask": self.mask_gen.get_state()}
+        # Only tensors and plain values: checkpoints load with weights_only=True (no pickled code).
+        np_state = np.random.get_state(legacy=False)
+        rng = {"torch": torch.get_rng_state(), "mask": self.mask_gen.get_state(),
+               "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                         "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                         "gauss": float(np_state["gauss"])}}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         config = OmegaConf.to_container(OmegaConf.structured(self.config))
@@ -318,7 +347,7 @@ class Trainer:
         return {"model": self.model.state_dict(), **self.engine.state_dict(), "epoch": int(epoch),
                 "step": self.step, "rng": rng, "args": config, "config": config,
                 "model_config": asdict(self.model.cfg), "sample_rate": self.config.data.sample_rate,
-                "fastm2d_version": __version__}
+                "bad_items": sorted(self.sampler.bad), "fastm2d_version": __version__}
 
     def save(self) -> Path:
         """Every rank calls this (DeepSpeed writes its optimiser partitions collectively); rank 0 writes the
@@ -335,7 +364,12 @@ class Trainer:
 
     def load_state(self, path: Path) -> dict:
         """Model, target, step and RNG from a checkpoint; returns it for the engine's optimiser state."""
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = safe_load(path)
+        missing = [k for k in ("model", "step", "rng", "config") if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise CheckpointError(f"{path}: not a fastm2d training checkpoint (no {', '.join(missing)}): --resume "
+                                  f"needs one written by `fastm2d pretrain`; move it out of {self.out_dir} or use "
+                                  f"another out_dir")
         saved = config_from_dict(obj["config"]).model
         if asdict(saved) != asdict(self.model.cfg):
             diff = {k: (v, getattr(self.model.cfg, k)) for k, v in asdict(saved).items() if getattr(self.model.cfg, k) != v}
@@ -343,7 +377,10 @@ class Trainer:
         load_weights(self.model, obj["model"], path)
         self.step = int(obj["step"])
         torch.set_rng_state(obj["rng"]["torch"])
-        np.random.set_state(obj["rng"]["numpy"])
+        np_rng = obj["rng"]["numpy"]
+        np.random.set_state({"bit_generator": "MT19937", "has_gauss": np_rng["has_gauss"], "gauss": np_rng["gauss"],
+                             "state": {"key": np_rng["key"].numpy().astype(np.uint32), "pos": np_rng["pos"]}})
+        self.sampler.bad.update(obj.get("bad_items", []))
         self.mask_gen.set_state(obj["rng"]["mask"])
         if "cuda" in obj["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(obj["rng"]["cuda"], self.device)
