@@ -247,6 +247,35 @@ def load_model(path: str | Path, kernels: Optional[str] = None, attention: Optio
     return model
 
 
+def init_from_weights(model: M2D, path: str | Path) -> str:
+    """train.init_from: the online encoder (and the predictor, target and offline mapper when the file has them
+    at the same shapes) from any checkpoint `load_model` / `load_encoder` reads; without a target, the target
+    starts as a copy of the online encoder. The run keeps its own norm_stats, position tables and optimiser.
+    Returns a one-line summary of what was loaded."""
+    state, cfg, _, _ = read_checkpoint(path)
+    own = model.state_dict()
+    encoder = [k for k in own if k.startswith(ENCODER_PREFIXES) and k not in ("norm_stats", "pos_embed")]
+    missing = [k for k in encoder if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: no encoder weights for {missing[:4]} (is it an M2D checkpoint?)")
+    for k in encoder:
+        if state[k].shape != own[k].shape:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)}, this model needs "
+                                  f"{tuple(own[k].shape)} (model.size / patch_size differ from the checkpoint's)")
+    new = {k: state[k] for k in encoder}
+    loaded = ["encoder"]
+    for group in ("decoder_", "mask_token", "target_", "offline_predictor."):
+        keys = [k for k in own if k.startswith(group) and k != "decoder_pos_embed"]
+        if keys and all(k in state and state[k].shape == own[k].shape for k in keys):
+            new.update({k: state[k] for k in keys})
+            loaded.append(group.rstrip("_."))
+    if "target" not in loaded:  # the target starts where the online encoder starts
+        new.update({"target_" + k: v for k, v in new.items() if k.startswith(("blocks.", "norm."))})
+        loaded.append("target (copied from the encoder)")
+    model.load_state_dict(new, strict=False)
+    return ", ".join(loaded)
+
+
 # --------------------------------------------------------------------------------------------- export -----
 def original_folder_name(cfg: ModelConfig, sample_rate: int, date: str, model_name: Optional[str] = None) -> str:
     name = model_name or f"m2d_vit_{cfg.size}"

@@ -39,6 +39,14 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     mask_ratio: float = 0.7
+    mask_mode: str = "random"  # random (unstructured, the paper's) | time (whole time columns: 1-D time masks)
+    loss: str = "norm_mse"  # norm_mse (eq. 2) | mse (plain MSE on standardised targets, the original's ablation)
+    target_layers: List[int] = field(default_factory=list)  # average these target blocks' outputs; [] = the last
+    # M2D-X offline branch (paper III-B); normally filled in from `offline.task` by the trainer.
+    off_dim: int = 0  # offline_predictor width: Linear(F'*D -> off_dim); 0 = no offline branch
+    off_loss: str = "norm_mse"  # norm_mse (distillation, regularisation) | bce (multi-label) | ce (single-label)
+    lambda_m2d: float = 1.0
+    lambda_off: float = 1.0
     attention: str = "auto"  # auto | sdpa | xformers | reference
     kernels: str = "auto"  # auto | triton | reference (FASTM2D_KERNELS wins)
 
@@ -66,6 +74,18 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError("the 2-D sin-cos position encoding needs widths divisible by 4")
     if not 0.0 < m.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio={m.mask_ratio}: must lie strictly between 0 and 1")
+    if m.mask_mode not in ("random", "time"):
+        raise ConfigError(f"model.mask_mode={m.mask_mode!r}: expected random or time")
+    if m.loss not in ("norm_mse", "mse"):
+        raise ConfigError(f"model.loss={m.loss!r}: expected norm_mse or mse")
+    bad_layers = [i for i in m.target_layers if not 0 <= i < m.depth]
+    if bad_layers:
+        raise ConfigError(f"model.target_layers={m.target_layers}: block indices must lie in 0..{m.depth - 1}")
+    if m.off_dim < 0 or m.off_loss not in ("norm_mse", "bce", "ce"):
+        raise ConfigError(f"model.off_dim={m.off_dim}, model.off_loss={m.off_loss!r}: expected off_dim >= 0 and "
+                          f"off_loss norm_mse, bce or ce")
+    if m.lambda_m2d < 0 or m.lambda_off < 0:
+        raise ConfigError(f"model.lambda_m2d={m.lambda_m2d}, model.lambda_off={m.lambda_off}: must be >= 0")
     if m.attention not in ("auto", "sdpa", "xformers", "reference"):
         raise ConfigError(f"model.attention={m.attention!r}: expected auto, sdpa, xformers or reference")
     if m.kernels not in ("auto", "triton", "reference"):
@@ -79,6 +99,22 @@ class NoiseConfig:
     root: Optional[str] = None
     eta: float = 0.0  # noise ratio: 0.3 (ICBHI), 0.01 (SPRSound), 0.2 (speech)
     norm_stats: Optional[List[float]] = None  # the noise set's [mean, std]; its mean centres the noise
+    # noisy_m2d (the paper): the M2D branch gets the noisy mix, the offline teacher the clean input (denoising);
+    # noisy_teacher: the reverse, as one original distillation script does.
+    direction: str = "noisy_m2d"
+
+
+@dataclass
+class OfflineConfig:
+    """M2D-X's offline task (paper III-B). Each task fills model.off_dim / off_loss when they are left at 0."""
+    task: str = "none"  # none | labels (M2D-AS) | distill (M2D-S, a domain teacher) | regularize (further pre-training)
+    teacher: Optional[str] = None  # distill: a checkpoint run on the device; regularize: default train.init_from
+    features: Optional[str] = None  # distill: folder of precomputed teacher features, <audio stem>.npy = (T, D)
+    feature_rate: float = 50.0  # Hz of the precomputed features (HuBERT: 50)
+    labels: Optional[str] = None  # labels: CSV of file_name and labels (names or indices, comma-separated)
+    classes: Optional[str] = None  # labels: text file, one class per line (default: every name in the CSV, sorted)
+    single_label: bool = False  # labels: cross-entropy over one class per clip instead of multi-label BCE
+    balanced: bool = False  # labels: label-balanced sampling (item weights from label frequencies)
 
 
 @dataclass
@@ -124,6 +160,7 @@ class TrainConfig:
     engine: str = "auto"  # auto (DeepSpeed when launched with several processes) | single | deepspeed
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1 or 2
     dist_timeout_s: int = 1800  # collective timeout: a dead rank makes the others fail, not hang
+    init_from: Optional[str] = None  # start from these weights (ours or the original's, full or encoder-only)
 
 
 @dataclass
@@ -132,6 +169,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
 
 
 def _wrap(exc: OmegaConfBaseException, where: str) -> ConfigError:
@@ -172,12 +210,16 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"data.loader={c.data.loader!r}: expected reference or dali")
     if c.data.loader == "dali" and c.data.train == "synthetic":
         raise ConfigError("data.loader=dali reads audio files: set data.train to a folder or CSV of audio files")
-    if not 0.0 <= c.data.noise.eta <= 1.0:
-        raise ConfigError(f"data.noise.eta={c.data.noise.eta}: must lie in [0, 1]")
+    if not 0.0 <= c.data.noise.eta < 1.0:
+        raise ConfigError(f"data.noise.eta={c.data.noise.eta}: must lie in [0, 1) (1 would leave no clean signal; "
+                          f"the paper uses 0.01 to 0.3)")
     if c.data.noise.eta > 0 and c.data.noise.train is None:
         raise ConfigError("data.noise.eta > 0 needs data.noise.train (the background-noise data)")
     if c.data.noise.train is not None and c.data.loader == "dali":
         raise ConfigError("background noise is mixed into reference / store loader batches; use data.loader=reference")
+    if c.data.noise.direction not in ("noisy_m2d", "noisy_teacher"):
+        raise ConfigError(f"data.noise.direction={c.data.noise.direction!r}: expected noisy_m2d or noisy_teacher")
+    check_offline_config(c)
     if c.data.on_bad_file not in ("skip", "error"):
         raise ConfigError(f"data.on_bad_file={c.data.on_bad_file!r}: expected skip or error")
     if c.data.norm_stats is not None and (len(c.data.norm_stats) != 2 or c.data.norm_stats[1] <= 0):
@@ -196,6 +238,25 @@ def check_config(c: Config) -> None:
             raise ConfigError(f"train.{key}={getattr(c.train, key)}: must be >= 1")
     if c.train.max_steps is not None and c.train.max_steps < 1:
         raise ConfigError(f"train.max_steps={c.train.max_steps}: must be >= 1")
+
+
+def check_offline_config(c: Config) -> None:
+    o = c.offline
+    if o.task not in ("none", "labels", "distill", "regularize"):
+        raise ConfigError(f"offline.task={o.task!r}: expected none, labels, distill or regularize")
+    if o.task == "labels" and o.labels is None and not str(c.data.train).lower().endswith(".csv"):
+        raise ConfigError("offline.task=labels needs offline.labels (a CSV of file_name and labels), or data.train "
+                          "set to such a CSV")
+    if o.task == "distill" and (o.teacher is None) == (o.features is None):
+        raise ConfigError("offline.task=distill needs exactly one of offline.teacher (a checkpoint) and "
+                          "offline.features (a folder of precomputed .npy features)")
+    if o.task == "regularize" and o.teacher is None and c.train.init_from is None:
+        raise ConfigError("offline.task=regularize needs train.init_from (the weights to start from and stay near) "
+                          "or offline.teacher")
+    if o.feature_rate <= 0:
+        raise ConfigError(f"offline.feature_rate={o.feature_rate}: must be > 0 (Hz)")
+    if c.data.noise.direction == "noisy_teacher" and o.task not in ("distill", "regularize"):
+        raise ConfigError("data.noise.direction=noisy_teacher needs a teacher: offline.task=distill or regularize")
 
 
 def to_yaml(config: Config) -> str:

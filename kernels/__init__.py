@@ -14,19 +14,20 @@ import torch
 from ._triton import HAVE_TRITON, triton_unavailable_reason
 from .l2norm_mse import l2norm_mse_reference, l2norm_mse_triton
 from .masking import (gather_masked_reference, gather_masked_triton, gather_visible_reference, gather_visible_triton,
-                      unshuffle_with_mask_tokens_reference, unshuffle_with_mask_tokens_triton)
+                      restore_order_reference, restore_order_triton, unshuffle_with_mask_tokens_reference,
+                      unshuffle_with_mask_tokens_triton)
 from .noise_mix import noise_mix_reference, noise_mix_triton
 
 __all__ = ["MODES", "ENV_VAR", "OPS", "REFERENCE", "TRITON", "HAVE_TRITON", "select", "requested_mode",
            "triton_unavailable_reason", "gather_visible_reference", "gather_visible_triton",
            "unshuffle_with_mask_tokens_reference", "unshuffle_with_mask_tokens_triton", "gather_masked_reference",
-           "gather_masked_triton", "l2norm_mse_reference", "l2norm_mse_triton", "noise_mix_reference",
+           "gather_masked_triton", "restore_order_reference", "restore_order_triton", "l2norm_mse_reference", "l2norm_mse_triton", "noise_mix_reference",
            "noise_mix_triton"]
 
 MODES = ("auto", "triton", "reference")
 ENV_VAR = "FASTM2D_KERNELS"
 
-OPS = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked", "l2norm_mse", "noise_mix")
+OPS = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked", "restore_order", "l2norm_mse", "noise_mix")
 
 
 def _implementations(kind: str) -> SimpleNamespace:

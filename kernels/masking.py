@@ -36,6 +36,12 @@ def gather_masked_reference(x: torch.Tensor, ids_shuffle: torch.Tensor, n_visibl
     return _gather_rows(x, ids_shuffle[:, n_visible:])
 
 
+def restore_order_reference(x: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, N, D) in ids_shuffle order (visible outputs, then predictions) -> the original patch order.
+    M2D-X's offline branch reads every token this way before the eq. 4 reshape."""
+    return _gather_rows(x, torch.argsort(ids_shuffle, dim=1))
+
+
 # ------------------------------------------------------------------------------------------- Triton path -----
 # ids_shuffle is a per-sample permutation, so every gather has an exact scatter as its backward (each row is
 # written once: no atomics) and vice versa. Two row kernels serve all three operations.
@@ -129,6 +135,18 @@ class _GatherMasked(torch.autograd.Function):
         return _scatter(d_out.contiguous(), ids_masked, ctx.n), None
 
 
+class _RestoreOrder(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids):
+        ctx.save_for_backward(ids)
+        return _scatter(x, ids, ids.shape[1])  # out[ids[j]] = x[j]
+
+    @staticmethod
+    def backward(ctx, d_out):
+        (ids,) = ctx.saved_tensors
+        return _gather(d_out.contiguous(), ids), None
+
+
 def _check(name, x, ids, n):
     check_float(name, x)
     if x.dim() != 3 or ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.shape[1] != n:
@@ -152,3 +170,8 @@ def unshuffle_with_mask_tokens_triton(x_vis, mask_token, pos, ids_shuffle):
 def gather_masked_triton(x, ids_shuffle, n_visible):
     _check("gather_masked", x, ids_shuffle, x.shape[1])
     return _GatherMasked.apply(x.contiguous(), ids_shuffle[:, n_visible:].contiguous())
+
+
+def restore_order_triton(x, ids_shuffle):
+    _check("restore_order", x, ids_shuffle, x.shape[1])
+    return _RestoreOrder.apply(x.contiguous(), ids_shuffle.contiguous())

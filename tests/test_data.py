@@ -124,7 +124,7 @@ def test_batches_are_the_same_with_or_without_workers_across_epochs(tiny_config,
         tr = Trainer(tiny_config(f"data.num_workers={workers}", "data.norm_stats=[-9,3]",
                                  f"out_dir={tmp_path / str(workers)}"))
         it = tr.micro_batches()
-        return [next(it) for _ in range(n)]
+        return [next(it).x for _ in range(n)]
 
     for a, b in zip(first_batches(0), first_batches(2)):
         assert torch.equal(a, b)
@@ -145,7 +145,7 @@ def test_an_item_found_bad_while_training_is_read_once_and_left_out(tmp_path, ti
     load = tr.source.load
     tr.source.load = lambda i: (reads.append(i), load(i))[1]
     it = tr.micro_batches()
-    batches = [next(it) for _ in range(12)]  # 8 items / batch 2 = 4 per epoch: three epochs
+    batches = [next(it).x for _ in range(12)]  # 8 items / batch 2 = 4 per epoch: three epochs
     assert reads.count(nan_index) == 1 and tr.sampler.bad == {nan_index}
     lines = (tr.out_dir / "bad_training_files.txt").read_text().splitlines()
     assert len(lines) == 1 and "has_nan.npy: log-mel contains NaN" in lines[0]
@@ -156,7 +156,7 @@ def test_an_item_found_bad_while_training_is_read_once_and_left_out(tmp_path, ti
     fresh.sampler.bad.clear()
     for a in batches:
         fresh.sampler.bad.clear()  # forget it every batch: the dataset substitutes by itself
-        assert torch.equal(a, next(it2))
+        assert torch.equal(a, next(it2).x)
 
 
 def test_short_and_broken_audio_is_listed_not_fatal(tmp_path, tiny_config):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fastm2d.kernels import gather_masked_reference, gather_visible_reference, unshuffle_with_mask_tokens_reference
+from fastm2d.kernels import (gather_masked_reference, gather_visible_reference, restore_order_reference,
+                             unshuffle_with_mask_tokens_reference)
 from fastm2d.model import M2D
 
 from .conftest import tiny_model_config
@@ -41,6 +42,12 @@ def test_gather_ops_against_python_indexing():
             assert torch.allclose(full[s, ids[s, j]], src + pos[0, ids[s, j]])
     out = gather_masked_reference(full, ids, k)
     assert torch.equal(out, torch.stack([full[s, ids[s, k:]] for s in range(b)]))
+    shuffled = torch.cat([vis, msk], dim=1)  # tokens in ids_shuffle order
+    restored = restore_order_reference(shuffled, ids)
+    for s in range(b):
+        for j in range(n):
+            assert torch.equal(restored[s, ids[s, j]], shuffled[s, j])
+    assert torch.allclose(restored, x + pos)  # visible + masked, back in patch order, is every token
 
 
 def _pipeline(ops, x, pos, dpos, mask_token, ids, k, w):
@@ -48,8 +55,9 @@ def _pipeline(ops, x, pos, dpos, mask_token, ids, k, w):
     vis, msk = ops["gather_visible"](x, pos, ids, k)
     full = ops["unshuffle_with_mask_tokens"](vis * 1.5, mask_token, dpos, ids)
     out = ops["gather_masked"](full, ids, k)
-    ((out * w).sum() + (msk * msk).sum()).backward()
-    return vis.detach(), msk.detach(), out.detach(), x.grad, mask_token.grad
+    restored = ops["restore_order"](torch.cat([vis, out], dim=1), ids)  # M2D-X's offline branch
+    ((out * w).sum() + (msk * msk).sum() + (restored * restored).sum()).backward()
+    return vis.detach(), msk.detach(), out.detach(), restored.detach(), x.grad, mask_token.grad
 
 
 def _compare_triton_with_reference(b, n, d, k, dtype, device):
@@ -62,13 +70,13 @@ def _compare_triton_with_reference(b, n, d, k, dtype, device):
     mask_token = torch.randn(1, 1, d, generator=g, device=device).to(dtype)
     ids = torch.argsort(torch.rand(b, n, generator=g, device=device), dim=1)
     w = torch.randn(b, n - k, d, generator=g, device=device)
-    names = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked")
+    names = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked", "restore_order")
     ref = {k_: getattr(kernels.REFERENCE, k_) for k_ in names}
     low = (pos.to(dtype), dpos.to(dtype), mask_token, ids, k, w.to(dtype))
     fast = _pipeline({k_: getattr(kernels.TRITON, k_) for k_ in names}, x, *low)
     plain = _pipeline(ref, x, *low)
     exact = _pipeline(ref, x.double(), pos.double(), dpos.double(), mask_token.double(), ids, k, w.double())
-    for what, f, p, e in zip(("visible", "masked", "predicted", "d x", "d mask_token"), fast, plain, exact):
+    for what, f, p, e in zip(("visible", "masked", "predicted", "restored", "d x", "d mask_token"), fast, plain, exact):
         assert f.dtype == dtype and f.shape == e.shape
         assert_tolerance_rule(f, p, e, ATOL[dtype], what)
 

@@ -106,5 +106,5 @@ def test_training_from_a_store_uses_its_stats(audio_dir, tmp_path, tiny_config):
     tr = pretrain(tiny_config(f"data.train={out}", "train.max_steps=2", "train.batch_size=2", "data.num_workers=1"))
     assert tr.model.norm_stats.tolist() == pytest.approx(LogMelStore(out).norm_stats)
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tr.out_dir))
-    batch = next(tr.micro_batches())
+    batch = next(tr.micro_batches()).x
     assert batch.dtype == torch.float32 and batch.shape == (2, 1, 80, 64)

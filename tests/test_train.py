@@ -59,8 +59,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, mo
     tr = Trainer(cfg)
     real_forward = tr.model.forward
 
-    def poisoned(lms, ids_shuffle=None):
-        out = real_forward(lms, ids_shuffle)
+    def poisoned(lms, ids_shuffle=None, offline_target=None):
+        out = real_forward(lms, ids_shuffle, offline_target)
         if tr.step == 4:  # the 5th step produces NaN
             out["loss"] = out["loss"] * float("nan")
         return out

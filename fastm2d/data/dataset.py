@@ -81,23 +81,33 @@ class LogMelSource:
         return load_lms_file(self.files[i], self.frontend, self.pad_to, self.min_samples, self.min_frames)
 
 
-def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
-    """(F, T) -> (F, frames): a random window, or the clip padded at the end with the log-mel of silence
-    (SILENCE_LOG, frontend.py's short-clip rule) when shorter."""
+def crop_start(t: int, frames: int, rng: np.random.Generator) -> int:
+    """Start of a uniformly placed window of `frames` in `t` frames (0 when the clip is not longer)."""
+    return int(rng.integers(0, t - frames + 1)) if t > frames else 0
+
+
+def crop_at(lms: np.ndarray, start: int, frames: int, dtype=np.float32) -> np.ndarray:
+    """(F, T) -> (F, frames) from `start`, padded at the end with the log-mel of silence (SILENCE_LOG, frontend.py's
+    short-clip rule) when the clip is shorter."""
     t = lms.shape[-1]
     if t > frames:
-        start = int(rng.integers(0, t - frames + 1))
         return np.ascontiguousarray(lms[:, start:start + frames], dtype=dtype)
     out = np.full((lms.shape[0], frames), SILENCE_LOG, dtype=dtype)
     out[:, :t] = lms
     return out
 
 
+def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
+    """(F, T) -> (F, frames): a random window, or the whole clip padded with silence when shorter."""
+    return crop_at(lms, crop_start(lms.shape[-1], frames, rng), frames, dtype)
+
+
 class CropDataset(Dataset):
     """Indexed by (item, crop seed, sample number) from `EpochSampler`.
 
-    Returns {'lms': (1, F, T) raw log-mel, 'skipped': n, 'bad': the indices of items that failed (-1 padded)}
-    and, with a noise source, 'bg': a tiled crop of the background item `noise_picker` assigns to this sample.
+    Returns {'lms': (1, F, T) raw log-mel, 'skipped': n, 'bad': the indices of items that failed (-1 padded)},
+    with a noise source 'bg': a tiled crop of the background item `noise_picker` assigns to this sample, and
+    with M2D-X offline targets 'offline': `offline(item, crop start)` of the item actually used.
 
     Whatever a file holds never stops training: an item that fails when read (undecodable, truncated, NaN/inf,
     or any other error) is logged, appended with its reason to `bad_list` (a text file), and replaced by the
@@ -108,22 +118,25 @@ class CropDataset(Dataset):
     MAX_SUBSTITUTES = 16
 
     def __init__(self, source, frames: int, on_bad_file: str = "skip", noise=None, noise_picker=None,
-                 bad_list: Optional[Path] = None):
+                 bad_list: Optional[Path] = None, offline=None):
         self.source = source  # a LogMelSource or a LogMelStore: len(), names, load(i) -> (F, T)
         self.frames = frames
         self.on_bad_file = on_bad_file
         self.dtype = getattr(source, "dtype", np.float32)
         self.noise, self.noise_picker = noise, noise_picker
         self.bad_list = bad_list
+        self.offline = offline
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def crop(self, i: int, seed: int) -> np.ndarray:
-        lms = random_crop(self.source.load(i), self.frames, np.random.default_rng(seed), self.dtype)
+    def crop(self, i: int, seed: int) -> Tuple[np.ndarray, int]:
+        full = self.source.load(i)
+        start = crop_start(full.shape[-1], self.frames, np.random.default_rng(seed))
+        lms = crop_at(full, start, self.frames, self.dtype)
         if not np.isfinite(lms).all():
             raise DataError(f"{self.source.names[i]}: log-mel contains NaN or infinite values")
-        return lms
+        return lms, start
 
     def background(self, number: int) -> np.ndarray:
         for attempt in range(self.MAX_SUBSTITUTES):
@@ -148,7 +161,7 @@ class CropDataset(Dataset):
         for skipped in range(self.MAX_SUBSTITUTES):
             j = (i + skipped) % len(self.source)
             try:
-                lms = self.crop(j, seed)
+                lms, start = self.crop(j, seed)
             except Exception as e:  # noqa: BLE001 - nothing a file holds may stop a running job
                 if self.on_bad_file == "error":
                     raise DataError(str(e) if isinstance(e, (DataError, AudioReadError)) else
@@ -159,5 +172,7 @@ class CropDataset(Dataset):
             item = {"lms": torch.from_numpy(lms).unsqueeze(0), "skipped": skipped, "bad": bad}
             if self.noise is not None:
                 item["bg"] = torch.from_numpy(self.background(key[2])).unsqueeze(0)
+            if self.offline is not None:
+                item["offline"] = torch.from_numpy(np.ascontiguousarray(self.offline(j, start), dtype=np.float32))
             return item
         raise DataError(f"{self.MAX_SUBSTITUTES} consecutive unusable items from {self.source.names[i]} on")

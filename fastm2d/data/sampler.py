@@ -13,7 +13,7 @@ class EpochSampler(Sampler):
     batch, and starts mid-epoch at `start_batch` so a resumed run continues the uninterrupted order."""
 
     def __init__(self, n_items: int, batch_size: int, seed: int, min_epoch_items: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, weights=None):
         self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch_items = max(n_items, min_epoch_items)
@@ -21,6 +21,8 @@ class EpochSampler(Sampler):
         if self.batches_per_epoch < 1:
             raise ValueError(f"{n_items} items cannot fill one batch of {batch_size} x {world_size} processes")
         self.epoch, self.start_batch = 0, 0
+        # Label-balanced sampling (M2D-AS): items drawn with replacement in proportion to `weights`.
+        self.p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
         # Items found unusable while training: each is replaced by the next usable item, the same substitute the
         # dataset would read after failing on it, so knowing them changes no batch, only saves the re-reads.
         self.bad: set = set()
@@ -37,8 +39,11 @@ class EpochSampler(Sampler):
 
     def order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
-        reps = -(-self.epoch_items // self.n_items)
-        items = np.concatenate([rng.permutation(self.n_items) for _ in range(reps)])[: self.epoch_items]
+        if self.p is not None:
+            items = rng.choice(self.n_items, size=self.epoch_items, replace=True, p=self.p)
+        else:
+            reps = -(-self.epoch_items // self.n_items)
+            items = np.concatenate([rng.permutation(self.n_items) for _ in range(reps)])[: self.epoch_items]
         seeds = rng.integers(0, 2**62, size=self.epoch_items)
         numbers = epoch * self.epoch_items + np.arange(self.epoch_items)
         return np.stack([items, seeds, numbers], axis=1)

@@ -1,13 +1,17 @@
-"""Masked Modeling Duo (paper III-A): online encoder on visible patches, predictor, EMA target on masked patches.
+"""Masked Modeling Duo (paper III-A): online encoder on visible patches, predictor, EMA target on masked patches,
+and M2D-X's offline branch (paper III-B): every online token, back in patch order, reshaped by eq. 4 and mapped
+per frame by `offline_predictor` to the offline task's target.
 
 Key names are the original implementation's (SPEC.md "Checkpoints"): the encoder keys at the top level
-(inherited from `ViTEncoder`), `mask_token`, `decoder_*` for the predictor and `target_*` for the target.
+(inherited from `ViTEncoder`), `mask_token`, `decoder_*` for the predictor, `target_*` for the target and
+`offline_predictor` for M2D-X's mapper.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -31,13 +35,31 @@ class M2D(ViTEncoder):
         # Target encoder: its own blocks and norm, updated only by EMA (see ema.py).
         self.target_blocks = make_blocks(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.attention)
         self.target_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        if cfg.off_dim:  # M2D-X: per-frame mapper from eq. 4 features (F'*D) to the offline target
+            self.offline_predictor = nn.Linear(self.grid[0] * cfg.embed_dim, cfg.off_dim)
         self.init_weights()
         for p in self.target_parameters():
             p.requires_grad_(False)
 
     @property
     def n_visible(self) -> int:
+        if self.cfg.mask_mode == "time":  # whole time columns: every frequency row of a visible column
+            return self.grid[0] * (self.grid[1] - int(self.grid[1] * self.cfg.mask_ratio))
         return int(self.num_patches * (1 - self.cfg.mask_ratio))  # 57 of 190 at 0.7, as the original rounds
+
+    @property
+    def mask_noise_shape(self) -> int:
+        """Uniform noise per sample that `ids_from_noise` turns into a mask: one per patch, or per time column."""
+        return self.grid[1] if self.cfg.mask_mode == "time" else self.num_patches
+
+    def ids_from_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """(B, mask_noise_shape) uniform noise -> ids_shuffle (B, N), visible first (argsort: small is kept)."""
+        order = torch.argsort(noise, dim=1)
+        if self.cfg.mask_mode == "random":
+            return order
+        # time: column order -> token ids, frequency-major tokens (index = f * T' + t); visible columns first.
+        f = torch.arange(self.grid[0], device=noise.device)
+        return (f.view(1, 1, -1) * self.grid[1] + order.unsqueeze(-1)).flatten(1)
 
     def online_parameters(self):
         """The parameters the EMA follows, in the same order as `target_parameters`."""
@@ -47,11 +69,14 @@ class M2D(ViTEncoder):
         return [p for m in (self.target_blocks, self.target_norm) for p in m.parameters()]
 
     def random_ids_shuffle(self, batch: int, device: torch.device) -> torch.Tensor:
-        """Per-sample random permutation: argsort of uniform noise (visible = the first n_visible)."""
-        return torch.argsort(torch.rand(batch, self.num_patches, device=device), dim=1)
+        """Per-sample random permutation from uniform noise (visible = the first n_visible)."""
+        return self.ids_from_noise(torch.rand(batch, self.mask_noise_shape, device=device))
 
-    def forward(self, lms: torch.Tensor, ids_shuffle: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """lms: normalised log-mel (B, 1, F, T) of the training size. Returns loss and intermediate tensors."""
+    def forward(self, lms: torch.Tensor, ids_shuffle: Optional[torch.Tensor] = None,
+                offline_target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """lms: normalised log-mel (B, 1, F, T) of the training size; offline_target: M2D-X's target, (B, T', off_dim)
+        frame features (distillation) or (B, classes) labels. Returns the losses and intermediate tensors:
+        loss = lambda_m2d * loss_m2d + lambda_off * loss_off (loss_off = 0 without a target)."""
         expected = (1, *self.cfg.input_size)
         if lms.dim() != 4 or tuple(lms.shape[1:]) != expected:
             raise ValueError(f"M2D expects (B, {', '.join(map(str, expected))}) log-mel, got {tuple(lms.shape)}")
@@ -69,15 +94,51 @@ class M2D(ViTEncoder):
         z_visible = self._run(self.blocks, self.norm, torch.cat([cls, visible], dim=1))
         pred = self._predict(z_visible, ids_shuffle, ops)
         with torch.no_grad():  # the target sees ONLY the masked patches and gets no gradient
-            target = self._run(self.target_blocks, self.target_norm, torch.cat([cls, masked], dim=1).detach())[:, 1:]
-        loss = ops.l2norm_mse(pred, target)
-        return {"loss": loss, "pred": pred, "target": target, "z_visible": z_visible[:, 1:], "ids_shuffle": ids_shuffle}
+            target = self._run(self.target_blocks, self.target_norm, torch.cat([cls, masked], dim=1).detach(),
+                               average=self.cfg.target_layers)[:, 1:]
+        loss_m2d = ops.l2norm_mse(pred, target) if self.cfg.loss == "norm_mse" else _standardised_mse(pred, target)
+        out = {"pred": pred, "target": target, "z_visible": z_visible[:, 1:], "ids_shuffle": ids_shuffle,
+               "loss_m2d": loss_m2d, "loss_off": loss_m2d.new_zeros(())}
+        if offline_target is not None:
+            if not self.cfg.off_dim:
+                raise ValueError("offline_target given, but this model has no offline branch (model.off_dim = 0)")
+            out["offline_pred"] = self.offline_predictor(self.online_frames(z_visible[:, 1:], pred, ids_shuffle, ops))
+            out["loss_off"] = self.offline_loss(out["offline_pred"], offline_target, ops)
+        out["loss"] = self.cfg.lambda_m2d * loss_m2d + self.cfg.lambda_off * out["loss_off"]
+        return out
+
+    def online_frames(self, z_visible: torch.Tensor, pred: torch.Tensor, ids_shuffle: torch.Tensor, ops) -> torch.Tensor:
+        """Visible outputs (B, K, D) and masked predictions (B, N-K, D), both in ids_shuffle order -> every token in
+        patch order -> eq. 4: (B, F'*T', D) -> (B, T', F'*D)."""
+        z = ops.restore_order(torch.cat([z_visible, pred.to(z_visible.dtype)], dim=1), ids_shuffle)
+        b, _, d = z.shape
+        return z.reshape(b, self.grid[0], self.grid[1], d).transpose(1, 2).reshape(b, self.grid[1], -1)
+
+    def offline_loss(self, pred: torch.Tensor, target: torch.Tensor, ops) -> torch.Tensor:
+        """norm_mse: eq. 2 per frame against teacher features (B, T', D'); bce / ce: per-frame logits averaged over
+        time against (B, C) multi-hot labels / class probabilities."""
+        if self.cfg.off_loss == "norm_mse":
+            if target.shape != pred.shape:
+                raise ValueError(f"offline target {tuple(target.shape)} does not match the offline prediction "
+                                 f"{tuple(pred.shape)} (B, T', off_dim)")
+            return ops.l2norm_mse(pred, target)
+        logits = pred.float().mean(dim=1)
+        if target.shape != logits.shape:
+            raise ValueError(f"offline labels {tuple(target.shape)} do not match (B, classes) = {tuple(logits.shape)}")
+        if self.cfg.off_loss == "bce":
+            return F.binary_cross_entropy_with_logits(logits, target.float())
+        return F.cross_entropy(logits, target.float())
 
     @staticmethod
-    def _run(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        for blk in blocks:
+    def _run(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor, average=()) -> torch.Tensor:
+        """The blocks then the norm; with `average`, the mean of those blocks' outputs goes to the norm instead
+        (the original's target_layers)."""
+        kept = []
+        for i, blk in enumerate(blocks):
             x = blk(x)
-        return norm(x)
+            if i in average:
+                kept.append(x)
+        return norm(torch.stack(kept).mean(0) if kept else x)
 
     def _predict(self, z_visible: torch.Tensor, ids_shuffle: torch.Tensor, ops) -> torch.Tensor:
         """Online visible outputs (B, 1+K, D) -> predictions for the masked positions (B, N-K, D), shuffle order."""
@@ -87,3 +148,10 @@ class M2D(ViTEncoder):
         x = self._run(self.decoder_blocks, self.decoder_norm, x)
         # Project only the masked positions: decoder_pred is per token, so this equals the original's order.
         return self.decoder_pred(ops.gather_masked(x[:, 1:], ids_shuffle, self.n_visible))
+
+
+def _standardised_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The original's `mse` loss: per-token standardised target, plain squared error averaged over channels."""
+    target = target.float()
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return (pred.float() - target).pow(2).mean()

@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
 from .. import __version__, kernels
-from ..checkpoint import CheckpointError, atomic_save, list_checkpoints, load_weights, safe_load
+from ..checkpoint import CheckpointError, atomic_save, init_from_weights, list_checkpoints, load_weights, safe_load
 from ..config import Config, ConfigError, config_from_dict, to_yaml
 from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files
 from ..data.noise import NoisePicker, tile_crop
@@ -32,9 +32,18 @@ from ..model.attention import resolve_attention
 from .flops import mfu, peak_flops, train_flops_per_sample
 from .engine import all_reduce_, barrier, dist_from_env, init_distributed, make_engine, wants_deepspeed
 from .metrics import MetricsLogger, NullLogger
+from .offline import apply_to_model_config, build_offline_task
 from .schedule import lr_at, scaled_lr
 
 log = logging.getLogger("fastm2d.train")
+
+
+class Batch(NamedTuple):
+    """One micro-batch on the device: the model's input, the teacher's input (M2D-X teachers) and the offline
+    target (labels or precomputed features); the last two are None when unused."""
+    x: torch.Tensor
+    teacher_x: Optional[torch.Tensor] = None
+    offline: Optional[torch.Tensor] = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,23 +119,10 @@ class Trainer:
         if use_deepspeed:
             init_distributed(config, self.device.type)
         self.amp_dtype = pick_precision(t.precision, self.device)
-        torch.manual_seed(t.seed)  # the same initial weights on every rank
         # Masks come from one generator that every rank advances alike; each rank takes its samples' rows, so
         # N processes draw exactly the masks one process with the same global batch draws.
         self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
 
-        self.model = M2D(config.model).to(self.device)
-        try:
-            self.model.set_attention(resolve_attention(config.model.attention, self.device))
-        except RuntimeError as e:
-            raise ConfigError(str(e)) from None
-        if t.compile:
-            # The whole forward (masking, three transformers, loss) as graphs: fuses the LayerNorm / GELU /
-            # residual / bias glue, keeps state-dict keys. Measured on the 2-core CPU for the demo model: 1.19x
-            # eager, where compiling each block separately was 0.90x (graph boundaries at every block).
-            self.model.compile(mode=t.compile_mode)
-        self.flops_per_sample = train_flops_per_sample(self.model.cfg)
-        self.peak_flops = peak_flops(self.device, t.peak_tflops)
         if config.data.loader == "dali":
             from ..data.dali import dali_missing_reason
             if dali_missing_reason():
@@ -142,8 +138,27 @@ class Trainer:
                               f"{t.batch_size} x {self.dist.world_size} process(es): lower train.batch_size (and "
                               f"raise train.accum_steps to keep the effective batch), or repeat the list with "
                               f"data.min_epoch_items={per_step * 100}")
+        self.offline = build_offline_task(config, self.source, self.device)  # M2D-X; None for plain M2D
+        apply_to_model_config(self.offline, config)
         self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items,
-                                    self.dist.rank, self.dist.world_size)
+                                    self.dist.rank, self.dist.world_size,
+                                    weights=self.offline.sample_weights if self.offline else None)
+        torch.manual_seed(t.seed)  # the same initial weights on every rank, whatever the data set-up drew
+        self.model = M2D(config.model).to(self.device)
+        if t.init_from and resume_from is None:
+            log.info("initialised from %s: %s", t.init_from, init_from_weights(self.model, t.init_from))
+        try:
+            self.model.set_attention(resolve_attention(config.model.attention, self.device))
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
+        if t.compile:
+            # The whole forward (masking, three transformers, loss) as graphs: fuses the LayerNorm / GELU /
+            # residual / bias glue, keeps state-dict keys. Measured on the 2-core CPU for the demo model: 1.19x
+            # eager, where compiling each block separately was 0.90x (graph boundaries at every block).
+            self.model.compile(mode=t.compile_mode)
+        self.flops_per_sample = train_flops_per_sample(self.model.cfg)
+        self.peak_flops = peak_flops(self.device, t.peak_tflops)
+
         self.effective_batch = t.batch_size * t.accum_steps * self.dist.world_size
         steps_per_epoch = self.sampler.batches_per_epoch / t.accum_steps
         self.total_steps = t.max_steps or max(1, round(t.epochs * steps_per_epoch))
@@ -156,6 +171,7 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._nonfinite = torch.zeros((), device=self.device)
         self._skipped = torch.zeros((), device=self.device)
+        self._terms = torch.zeros(2, device=self.device)  # loss_m2d, loss_off summed over steps
 
         if resume_from is None:
             stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json")
@@ -175,21 +191,26 @@ class Trainer:
             self.eta = noise.eta
             self.noise_mean = self.norm_stats(self.noise, noise.norm_stats, "noise_stats.json", crop=tile_crop)[0]
         self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.noise, picker,
-                                   bad_list=self.out_dir / "bad_training_files.txt")
+                                   bad_list=self.out_dir / "bad_training_files.txt",
+                                   offline=self.offline.targets if self.offline else None)
         (self.out_dir / "config.yaml").write_text(to_yaml(config))
 
     # ---------------------------------------------------------------------------------------- the step ----
-    def train_step(self, micro_batches: List[torch.Tensor]) -> torch.Tensor:
+    def train_step(self, micro_batches: List[Batch | torch.Tensor]) -> torch.Tensor:
         """One optimiser step over `accum_steps` micro-batches. Returns the mean loss as a device tensor."""
         for group in self.engine.param_groups:
             group["lr"] = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
         loss_sum = torch.zeros((), device=self.device)
-        for lms in micro_batches:
+        for mb in micro_batches:
+            x, teacher_x, offline = (mb, None, None) if isinstance(mb, torch.Tensor) else mb
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                loss = self.engine.forward(lms, self.mask_ids(lms.shape[0]))["loss"]
-            self.engine.backward(loss, len(micro_batches))
-            loss_sum += loss.detach()
+                if teacher_x is not None:  # frozen teacher: no gradient, never saved
+                    offline = self.offline.teacher(teacher_x)
+                out = self.engine.forward(x, self.mask_ids(x.shape[0]), offline)
+            self.engine.backward(out["loss"], len(micro_batches))
+            loss_sum += out["loss"].detach()
+            self._terms += torch.stack([out["loss_m2d"].detach(), out["loss_off"].detach()]) / len(micro_batches)
         self.engine.step()  # clip, update, zero the gradients (DeepSpeed did it in its last backward)
         self.ema.update(ema_tau(self.step, self.total_steps, self.config.train.ema_start, self.config.train.ema_end))
         self.step += 1
@@ -198,8 +219,8 @@ class Trainer:
     def mask_ids(self, batch: int) -> torch.Tensor:
         """This rank's rows of the global batch's random permutations (visible first)."""
         w = self.dist.world_size
-        noise = torch.rand(batch * w, self.model.num_patches, generator=self.mask_gen, device=self.device)
-        return torch.argsort(noise[self.dist.rank::w], dim=1)
+        noise = torch.rand(batch * w, self.model.mask_noise_shape, generator=self.mask_gen, device=self.device)
+        return self.model.ids_from_noise(noise[self.dist.rank::w])
 
     # ---------------------------------------------------------------------------------------- the loop ----
     def fit(self) -> None:
@@ -220,6 +241,7 @@ class Trainer:
                     log.info("first step (torch.compile included): %.1f s", self._first_step_seconds)
                     last_time, last_step, first = self.sync_time(), self.step, False
                     self._loss_sum.zero_()
+                    self._terms.zero_()
                     continue
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
@@ -252,7 +274,7 @@ class Trainer:
                 bad = item["bad"][item["bad"] >= 0]  # a CPU tensor: no device sync
                 if len(bad):
                     self.sampler.bad.update(bad.tolist())  # left out from now on
-                yield self.on_device(item["lms"], item.get("bg"))
+                yield self.to_batch(item["lms"], item.get("bg"), item.get("offline"))
             epoch, batch = epoch + 1, 0
 
     def _dali_batches(self) -> Iterator[torch.Tensor]:
@@ -265,12 +287,28 @@ class Trainer:
                                   num_threads=max(1, self.config.data.num_workers), seed=self.config.train.seed)
         while True:
             for lms in loader:
-                yield self.on_device(lms)
+                yield self.to_batch(lms)
 
     def sync_time(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+    def to_batch(self, raw: torch.Tensor, bg: Optional[torch.Tensor] = None,
+                 offline: Optional[torch.Tensor] = None) -> Batch:
+        """Loader output -> the model's input, the teacher's raw log-mel (M2D-X) and the offline target, on the
+        device. data.noise.direction: noisy_m2d (the paper) gives the teacher the clean crop, noisy_teacher the
+        mix (de-normalised back to log-mel, since the teacher applies its own statistics)."""
+        x = self.on_device(raw, bg)
+        teacher_x = None
+        if self.offline is not None and self.offline.teacher is not None:
+            if bg is not None and self.config.data.noise.direction == "noisy_teacher":
+                teacher_x, x = x * self.std + self.mean, self.on_device(raw)
+            else:
+                teacher_x = raw.to(self.device, non_blocking=True).float()
+        if offline is not None:
+            offline = offline.to(self.device, non_blocking=True)
+        return Batch(x, teacher_x, offline)
 
     def on_device(self, raw: torch.Tensor, bg: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw log-mel crops (pinned, any float dtype) -> normalised fp32 on the training device, asynchronously;
@@ -286,9 +324,12 @@ class Trainer:
         self.check_finite()  # a logging step may synchronise; all others never do
         loss = (all_reduce_(self._loss_sum) / (max(steps, 1) * self.dist.world_size)).item()
         self._loss_sum.zero_()
+        terms = (all_reduce_(self._terms) / (max(steps, 1) * self.dist.world_size)).tolist()
+        self._terms.zero_()
         rate = steps * self.effective_batch / max(seconds, 1e-9)
         row = {"step": self.step, "epoch": self.step * self.config.train.accum_steps / self.sampler.batches_per_epoch,
-               "loss": loss, "lr": self.engine.param_groups[0]["lr"],
+               "loss": loss, "loss_m2d": terms[0], **({"loss_off": terms[1]} if self.offline else {}),
+               "lr": self.engine.param_groups[0]["lr"],
                "tau": ema_tau(self.step - 1, self.total_steps, self.config.train.ema_start, self.config.train.ema_end),
                "samples_per_s": rate, "skipped_items": int(all_reduce_(self._skipped.clone()).item()),
                "gflop_per_sample": self.flops_per_sample / 1e9}

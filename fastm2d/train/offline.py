@@ -1,0 +1,123 @@
+"""M2D-X's offline task at start-up: which target, how wide, which loss, and (for teachers) the frozen model.
+
+  labels      (M2D-AS)  multi-hot clip labels from a CSV; per-frame logits averaged over time; BCE (CE single-label)
+  distill     (M2D-S)   a domain teacher's per-frame features: precomputed .npy files, or a checkpoint run here
+  regularize            the checkpoint the run starts from (train.init_from) as a frozen teacher: further
+                        pre-training on small data that stays near the original model
+
+Everything is checked here, before the first step: a missing teacher, one of another sample rate or time patch
+width, labels or features that do not fit the training list are each one ConfigError / DataError line.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..config import Config, ConfigError
+from ..data.offline import FeatureTargets, LabelTargets
+from ..frontend import FRONTEND_PARAMS
+
+log = logging.getLogger("fastm2d.train")
+
+
+@dataclass
+class OfflineTask:
+    task: str
+    dim: int
+    loss: str  # norm_mse | bce | ce
+    targets: Optional[object] = None  # per item, in the data loader: LabelTargets / FeatureTargets
+    teacher: Optional[torch.nn.Module] = None  # a transfer Runtime, run on the device
+    sample_weights: Optional[object] = None  # label-balanced sampling
+
+
+class Teacher(torch.nn.Module):
+    """A frozen encoder: raw log-mel crops -> its eq. 4 frame features (B, T', F'*D), in its own normalisation."""
+
+    def __init__(self, runtime, path):
+        super().__init__()
+        self.runtime = runtime.eval().requires_grad_(False)
+        self.path = str(path)
+        self.mean, self.std = runtime.encoder.norm_stats.tolist()
+        self.dim = runtime.feature_dim
+
+    @torch.no_grad()
+    def forward(self, raw_lms: torch.Tensor) -> torch.Tensor:
+        return self.runtime.encode_lms((raw_lms - self.mean) / self.std)
+
+
+def load_teacher(path: str, config: Config, device: torch.device) -> Teacher:
+    from ..runtime import load_encoder
+
+    try:
+        runtime = load_encoder(path, device=device)
+    except CheckpointError as e:
+        raise ConfigError(f"offline teacher: {e}") from None
+    m = config.model
+    if runtime.sample_rate != config.data.sample_rate:
+        raise ConfigError(f"offline teacher {path}: a {runtime.sample_rate} Hz model, this run's data.sample_rate is "
+                          f"{config.data.sample_rate}")
+    if runtime.cfg.patch_size[1] != m.patch_size[1] or runtime.cfg.input_size[0] != m.input_size[0]:
+        raise ConfigError(f"offline teacher {path}: patch {runtime.cfg.patch_size} on {runtime.cfg.input_size} does not "
+                          f"give this model's frames ({m.patch_size} on {m.input_size}): the time patch width must match")
+    return Teacher(runtime, path).to(device)
+
+
+def _durations(names, sample_rate: int, frames=None):
+    """Seconds of audio per item: from the audio header when the file exists, else from its log-mel length."""
+    import soundfile as sf
+
+    hop_s = FRONTEND_PARAMS[sample_rate]["hop_length"] / sample_rate
+    out = []
+    for i, name in enumerate(names):
+        try:
+            info = sf.info(name)
+            out.append(info.frames / info.samplerate)
+        except Exception:  # a .npy log-mel or a store item whose audio is elsewhere
+            out.append(float(frames[i]) * hop_s if frames is not None else 0.0)
+    return out
+
+
+def build_offline_task(config: Config, source, device: torch.device) -> Optional[OfflineTask]:
+    o, m = config.offline, config.model
+    if o.task == "none":
+        return None
+    names = list(source.names)
+    if o.task in ("labels", "distill") and names and names[0].startswith("synthetic:"):
+        raise ConfigError(f"offline.task={o.task} needs training files to attach its targets to, not data.train=synthetic")
+    if o.task == "labels":
+        csv = Path(o.labels or config.data.train)
+        targets = LabelTargets(names, csv, Path(o.classes) if o.classes else None,
+                               Path(config.data.root) if config.data.root else None, o.single_label)
+        log.info("offline task: labels, %d classes from %s", targets.dim, csv)
+        return OfflineTask("labels", targets.dim, "ce" if o.single_label else "bce", targets=targets,
+                           sample_weights=targets.balanced_weights() if o.balanced else None)
+    if o.task == "distill" and o.features is not None:
+        hop = FRONTEND_PARAMS[config.data.sample_rate]["hop_length"]
+        frames = getattr(source, "frames", None)
+        targets = FeatureTargets(names, Path(o.features), o.feature_rate,
+                                 _durations(names, config.data.sample_rate, frames), hop / config.data.sample_rate,
+                                 m.patch_size[1], m.input_size[1] // m.patch_size[1])
+        log.info("offline task: distillation from %s (%d wide, %g Hz)", o.features, targets.dim, o.feature_rate)
+        return OfflineTask("distill", targets.dim, "norm_mse", targets=targets)
+    path = o.teacher or config.train.init_from
+    teacher = load_teacher(path, config, device)
+    log.info("offline task: %s, teacher %s (%d-wide frame features)", o.task, path, teacher.dim)
+    return OfflineTask(o.task, teacher.dim, "norm_mse", teacher=teacher)
+
+
+def apply_to_model_config(task: Optional[OfflineTask], config: Config) -> None:
+    """Fill model.off_dim / off_loss from the task; a conflicting explicit value is an error."""
+    m = config.model
+    if task is None:
+        return
+    if m.off_dim and m.off_dim != task.dim:
+        raise ConfigError(f"model.off_dim={m.off_dim}, but offline.task={task.task} gives {task.dim}-wide targets")
+    m.off_dim, m.off_loss = task.dim, task.loss
+
+
+__all__ = ["OfflineTask", "Teacher", "build_offline_task", "apply_to_model_config"]
