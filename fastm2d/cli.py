@@ -1,4 +1,4 @@
-"""The `fastm2d` command: pretrain, prepare, stats, embed, export."""
+"""The `fastm2d` command: pretrain, adapt, prepare, stats, embed, export."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,24 @@ def cmd_pretrain(args) -> None:
     config = load_config(args.config, args.overrides)
     trainer = pretrain(config, resume=args.resume)
     print(f"done: {trainer.step} steps; checkpoints and metrics.jsonl in {config.out_dir}")
+
+
+def cmd_adapt(args) -> None:
+    from .train import Trainer
+    from .train.adapt import adapt_config, describe_plan
+
+    config = adapt_config(args.audio, args.from_, args.noise, args.out, args.overrides)
+    trainer = Trainer(config, resume=args.resume)
+    print(describe_plan(trainer), flush=True)
+
+    def report(seconds: float) -> None:
+        hours = seconds * (trainer.total_steps - trainer.step) / 3600
+        print(f"measured {seconds:.2f} s per optimiser step: about {hours:.1f} h for the remaining "
+              f"{trainer.total_steps - trainer.step} steps", flush=True)
+
+    trainer.step_timer = report
+    trainer.fit()
+    print(f"done: {trainer.step} steps; checkpoints in {config.out_dir}")
 
 
 def cmd_stats(args) -> None:
@@ -104,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     pt.set_defaults(func=cmd_pretrain)
 
+    ad = sub.add_parser("adapt", help="further pre-train released weights on your own (small) data: M2D-X with the "
+                                      "starting model as a regulariser, noise mixing, batch 128, 10k items/epoch")
+    ad.add_argument("audio", help="folder or CSV of your audio files")
+    ad.add_argument("--from", dest="from_", required=True, help="checkpoint to start from (ours or the original's)")
+    ad.add_argument("--noise", help="folder or CSV of background noise (mixed at eta 0.3)")
+    ad.add_argument("--out", default="runs/adapt", help="run folder")
+    ad.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ad.add_argument("overrides", nargs="*", help="key=value overrides of the recipe, e.g. train.epochs=100")
+    ad.set_defaults(func=cmd_adapt)
+
     st = sub.add_parser("stats", help="dataset mean/std of log-mel over random crops (-> data.norm_stats)")
     st.add_argument("data", help="folder or CSV list of audio / .npy files")
     st.add_argument("--config", help="YAML config for the front end and crop size")
@@ -146,7 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (`fastm2d adapt AUDIO --from W train.epochs=100`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .train import TrainingDiverged
 
     try:

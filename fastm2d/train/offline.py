@@ -87,7 +87,7 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
     if o.task == "none":
         return None
     names = list(source.names)
-    if o.task in ("labels", "distill") and names and names[0].startswith("synthetic:"):
+    if (o.task == "labels" or o.features) and names and names[0].startswith("synthetic:"):
         raise ConfigError(f"offline.task={o.task} needs training files to attach its targets to, not data.train=synthetic")
     if o.task == "labels":
         csv = Path(o.labels or config.data.train)

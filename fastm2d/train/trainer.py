@@ -172,6 +172,7 @@ class Trainer:
         self._nonfinite = torch.zeros((), device=self.device)
         self._skipped = torch.zeros((), device=self.device)
         self._terms = torch.zeros(2, device=self.device)  # loss_m2d, loss_off summed over steps
+        self.step_timer = None  # optional callback(seconds of one optimiser step), e.g. `fastm2d adapt`'s plan
 
         if resume_from is None:
             stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json")
@@ -229,13 +230,18 @@ class Trainer:
             if self.dist.is_main else NullLogger()
         batches = self.micro_batches()
         last_time, last_step = time.perf_counter(), self.step
-        first = True
+        first, start_step, mark = True, self.step, None
         try:
             while self.step < self.total_steps:
                 loss = self.train_step([next(batches) for _ in range(t.accum_steps)])
                 self._loss_sum += loss
                 self._nonfinite += ~torch.isfinite(loss)
                 logger.advance()
+                if self.step_timer is not None and self.step - start_step in (1, 2):  # two syncs, once per run
+                    now = self.sync_time()
+                    if mark is not None:  # the 2nd step alone: warm-up and compilation left out
+                        self.step_timer(now - mark)
+                    mark = now
                 if first and t.compile:  # report compilation apart from the step rate (one sync, once)
                     self._first_step_seconds = self.sync_time() - last_time
                     log.info("first step (torch.compile included): %.1f s", self._first_step_seconds)
