@@ -183,6 +183,9 @@ def infer_model_config(state: Dict[str, torch.Tensor], path: Path) -> Tuple[Mode
         cfg.decoder_embed_dim = state["decoder_embed.weight"].shape[0]
         cfg.decoder_depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks."))
         cfg.decoder_num_heads = 16  # the original's predictor always uses 16 heads
+    if "offline_predictor.weight" in state:  # M2D-X: the task from the model's name, the width from the weights
+        cfg.off_dim = state["offline_predictor.weight"].shape[0]
+        cfg.off_loss = "bce" if model_name.startswith("m2d_as") else "norm_mse"
     return cfg.resolved(), sr
 
 
@@ -278,7 +281,8 @@ def init_from_weights(model: M2D, path: str | Path) -> str:
 
 # --------------------------------------------------------------------------------------------- export -----
 def original_folder_name(cfg: ModelConfig, sample_rate: int, date: str, model_name: Optional[str] = None) -> str:
-    name = model_name or f"m2d_vit_{cfg.size}"
+    kind = "m2d" if not cfg.off_dim else ("m2d_as" if cfg.off_loss in ("bce", "ce") else "m2d_x")
+    name = model_name or f"{kind}_vit_{cfg.size}"
     sr = "" if sample_rate == 16000 else f"p{sample_rate // 1000}k"
     return f"{name}-{cfg.input_size[0]}x{cfg.input_size[1]}p{cfg.patch_size[0]}x{cfg.patch_size[1]}{sr}-{date}"
 

@@ -1,0 +1,84 @@
+"""Clip embeddings of an evaluation task: the time mean of eq. 4 frame features (or of chosen layers), computed
+once per (weights, task) on the device in batches (bf16 autocast on GPU) and cached as .npy."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.synthetic import synth_labelled_clip
+from ..frontend import read_audio
+from .tasks import EvalTask
+
+log = logging.getLogger("fastm2d.eval")
+
+
+def weights_key(weights: str | Path, layers: Optional[Sequence[int]] = None, untrained: bool = False) -> str:
+    """Identifies the weights file by path, size and modification time (a re-written checkpoint is re-embedded)."""
+    from ..checkpoint import _latest_safetensors, latest_checkpoint
+    p = Path(weights)
+    if p.is_dir():
+        p = latest_checkpoint(p) or _latest_safetensors(p) or p
+    st = p.stat() if p.exists() else None
+    raw = f"{p.resolve()}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}|{layers}|{untrained}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def _load(item: str, sample_rate: int, task: EvalTask) -> torch.Tensor:
+    if item.startswith("synthetic:"):
+        wav, _, _ = synth_labelled_clip(task.synthetic["seed"], int(item.split(":")[1]), task.synthetic["seconds"],
+                                        sample_rate)
+        return torch.from_numpy(wav)
+    return read_audio(item, sample_rate)
+
+
+@torch.no_grad()
+def embed_task(runtime, task: EvalTask, batch_size: int = 64, layers: Optional[Sequence[int]] = None,
+               progress: bool = True) -> Tuple[np.ndarray, float]:
+    """-> ((n, dim) clip embeddings, clips per second). Clips of equal length are batched together."""
+    device = next(runtime.parameters()).device
+    use_bf16 = device.type == "cuda"
+    out = [None] * len(task.items)
+    t0 = time.perf_counter()
+    pending = []
+
+    def flush():
+        x = torch.stack([w for _, w in pending]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            feats = runtime.encode(x, runtime.sample_rate, return_layers=layers is not None)
+        if layers is not None:
+            feats = torch.cat([feats[i] for i in layers], dim=-1)
+        emb = feats.float().mean(1).cpu().numpy()
+        for (i, _), e in zip(pending, emb):
+            out[i] = e
+        pending.clear()
+
+    for i in tqdm(range(len(task.items)), desc=f"embed {task.name}", disable=not progress):
+        wav = _load(task.items[i], runtime.sample_rate, task)
+        if pending and (len(pending) >= batch_size or len(wav) != len(pending[0][1])):
+            flush()
+        pending.append((i, wav))
+    if pending:
+        flush()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rate = len(task.items) / max(time.perf_counter() - t0, 1e-9)
+    return np.stack(out).astype(np.float32), rate
+
+
+def cached_embeddings(runtime, task: EvalTask, cache_dir: Path, key: str, **kw) -> Tuple[np.ndarray, Optional[float]]:
+    """embed_task, read from / written to `cache_dir/<weights key>-<task key>.npy`; the rate is None on a hit."""
+    path = Path(cache_dir) / f"{key}-{task.key()}.npy"
+    if path.is_file():
+        return np.load(path), None
+    emb, rate = embed_task(runtime, task, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, emb)
+    log.info("%s: %d clips embedded at %.1f clips/s (cached in %s)", task.name, len(emb), rate, path)
+    return emb, rate

@@ -1,0 +1,102 @@
+"""Evaluation tasks: a CSV (`file_name`, `label`, `split` in train/valid/test; several labels separated by commas
+make it multi-label), a folder holding such a `meta.csv`, or the built-in `synthetic` tasks (labelled sound
+scenes generated on the fly: event type, 5 classes, and frequency band, 3 classes), which need no data."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from ..data.sources import CSV_COLUMNS, DataError
+from ..data.synthetic import BAND_NAMES, EVENT_NAMES
+
+SPLITS = ("train", "valid", "test")
+SYNTHETIC_CLIPS, SYNTHETIC_SECONDS, SYNTHETIC_SEED = 600, 2.0, 20261126
+
+
+@dataclass
+class EvalTask:
+    name: str
+    items: List[str]  # file paths, or "synthetic:<index>"
+    labels: np.ndarray  # (n, classes) multi-hot (one-hot for single-label)
+    splits: np.ndarray  # (n,) of "train" / "valid" / "test"
+    classes: List[str]
+    multi_label: bool = False
+    synthetic: Optional[dict] = field(default=None)  # {seed, seconds} for built-in tasks
+
+    def index(self, split: str) -> np.ndarray:
+        return np.nonzero(self.splits == split)[0]
+
+    def key(self) -> str:
+        """What the cached embeddings of this task depend on."""
+        import hashlib
+        h = hashlib.sha1("\n".join(self.items).encode())
+        h.update(repr(self.synthetic).encode())
+        return f"{self.name}-{h.hexdigest()[:12]}"
+
+
+def _synthetic_tasks() -> List[EvalTask]:
+    from ..data.synthetic import synth_labelled_clip
+    n = SYNTHETIC_CLIPS
+    kinds, bands = [], []
+    for i in range(n):  # labels are cheap to regenerate: the rng draws them first (the audio is not kept)
+        rng = np.random.default_rng([SYNTHETIC_SEED, 0x1AB, i])
+        kinds.append(int(rng.integers(len(EVENT_NAMES))))
+        bands.append(int(rng.integers(len(BAND_NAMES))))
+    _, k0, b0 = synth_labelled_clip(SYNTHETIC_SEED, 0, 0.1)
+    assert (k0, b0) == (kinds[0], bands[0]), "synthetic labels out of step with synth_labelled_clip"
+    splits = np.array(["train"] * (n * 6 // 10) + ["valid"] * (n * 2 // 10) + ["test"] * (n - n * 8 // 10))
+    items = [f"synthetic:{i}" for i in range(n)]
+    meta = {"seed": SYNTHETIC_SEED, "seconds": SYNTHETIC_SECONDS}
+    return [EvalTask("synthetic-event", items, np.eye(len(EVENT_NAMES), dtype=np.float32)[kinds], splits,
+                     list(EVENT_NAMES), synthetic=meta),
+            EvalTask("synthetic-pitch", items, np.eye(len(BAND_NAMES), dtype=np.float32)[bands], splits,
+                     list(BAND_NAMES), synthetic=meta)]
+
+
+def _read_csv_task(path: Path) -> EvalTask:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    fcol = next((header.index(c) for c in CSV_COLUMNS if c in header), None)
+    if fcol is None or "label" not in header or "split" not in header:
+        raise DataError(f"{path}: an evaluation task needs columns file_name, label and split; header is "
+                        f"{rows[0] if rows else 'empty'}")
+    lcol, scol = header.index("label"), header.index("split")
+    items, names, splits = [], [], []
+    for line, r in enumerate(rows[1:], start=2):
+        split = r[scol].strip().lower()
+        if split not in SPLITS:
+            raise DataError(f"{path}:{line}: split {r[scol]!r}: expected train, valid or test")
+        labels = [s.strip() for s in r[lcol].split(",") if s.strip()]
+        if not labels:
+            raise DataError(f"{path}:{line}: {r[fcol]}: empty label")
+        p = Path(r[fcol].strip())
+        items.append(str(p if p.is_absolute() else path.parent / p))
+        names.append(labels)
+        splits.append(split)
+    for s in SPLITS:
+        if s not in splits:
+            raise DataError(f"{path}: no {s!r} rows (the protocol trains on train, stops early on valid, reports test)")
+    classes = sorted({c for n in names for c in n})
+    labels = np.zeros((len(items), len(classes)), dtype=np.float32)
+    for i, n in enumerate(names):
+        labels[i, [classes.index(c) for c in n]] = 1.0
+    multi = any(len(n) > 1 for n in names)
+    return EvalTask(path.parent.name if path.name == "meta.csv" else path.stem, items, labels, np.array(splits),
+                    classes, multi_label=multi)
+
+
+def load_tasks(spec: str) -> List[EvalTask]:
+    """'synthetic' -> the two built-in tasks; a CSV or a folder with meta.csv -> one task."""
+    if spec == "synthetic":
+        return _synthetic_tasks()
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "meta.csv"
+    if not p.is_file():
+        raise DataError(f"evaluation task {spec!r}: not 'synthetic', a CSV, or a folder with meta.csv")
+    return [_read_csv_task(p)]
