@@ -19,6 +19,7 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "matplotlib",  # fastm2d report
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "wheel", "nvidia-dali-cuda130==2.4.0", "deepspeed==0.19.8"],

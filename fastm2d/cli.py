@@ -1,4 +1,4 @@
-"""The `fastm2d` command: pretrain, adapt, prepare, stats, embed, export."""
+"""The `fastm2d` command: pretrain, adapt, prepare, stats, embed, linear-eval, finetune, report, export."""
 from __future__ import annotations
 
 import argparse
@@ -94,16 +94,72 @@ def cmd_embed(args) -> None:
             failed += 1
             continue
         with torch.inference_mode():
-            feats = runtime.encode(wav, runtime.sample_rate)[0]
+            feats, stamps = runtime.timestamp_embeddings(wav, runtime.sample_rate)
+            feats, stamps = feats[0], stamps[0]
             feats = feats.mean(0) if args.level == "clip" else feats
         name = Path(f).stem
         while name in written:  # same file name from different folders: keep both
             name += "_"
         written.add(name)
         np.save(out / f"{name}.npy", feats.cpu().numpy())
+        if args.level == "timestamp":  # HEAR: frame embeddings with their centre times (ms)
+            np.save(out / f"{name}.timestamps.npy", stamps.cpu().numpy())
     print(f"wrote {len(args.files) - failed} feature files to {out}" + (f"; {failed} failed" if failed else ""))
     if failed == len(args.files):
         raise AudioReadError("no file could be read")
+
+
+def cmd_linear_eval(args) -> None:
+    import torch
+
+    from .eval.embeddings import cached_embeddings, weights_key
+    from .eval.linear import linear_eval
+    from .eval.tasks import load_tasks
+    from .runtime import load_encoder
+
+    runtime = load_encoder(args.weights, device=args.device)
+    if args.untrained:  # the same architecture with fresh weights: the baseline pre-training must beat
+        torch.manual_seed(args.untrained_seed)
+        runtime.encoder.init_weights()
+    layers = [int(i) for i in args.layers.split(",")] if args.layers else None
+    hidden = tuple(int(h) for h in args.hidden.split(",")) if args.hidden else ()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = weights_key(args.weights, layers, args.untrained)
+    rows = []
+    for task in load_tasks(args.task):
+        emb, rate = cached_embeddings(runtime, task, out / "cache", key, layers=layers, batch_size=args.batch_size,
+                                      progress=not args.quiet)
+        result = linear_eval(emb, task, seeds=args.seeds, hidden=hidden, device=args.device)
+        result.update(weights=str(args.weights), untrained=args.untrained, layers=layers, embedding_dim=emb.shape[1],
+                      clips_per_s=rate)
+        name = task.name + ("-untrained" if args.untrained else "")
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        row = (f"| {args.weights}{' (untrained)' if args.untrained else ''} | {task.name} | {result['metric']} | "
+               f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f} | {args.seeds} |")
+        with open(out / "results.md", "a") as f:
+            f.write(row + "\n")
+        rows.append(row)
+    print("| weights | task | metric | % (95 % CI) | seeds |\n| --- | --- | --- | --- | --- |\n" + "\n".join(rows))
+
+
+def cmd_finetune(args) -> None:
+    from .eval.finetune import FinetuneConfig, finetune
+    from .eval.tasks import load_tasks
+
+    cfg = FinetuneConfig(**{k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "layer_decay", "optimizer",
+                                                          "mixup", "seed")})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for task in load_tasks(args.task):
+        r = finetune(args.weights, task, args.out, cfg, device=args.device, frames=args.frames)
+        print(f"{task.name}: best valid {r['metric']} {100 * r['valid']:.2f} %, test {100 * r['test']:.2f} % "
+              f"-> {Path(args.out) / f'finetuned-{task.name}.pth'}")
+
+
+def cmd_report(args) -> None:
+    from .eval.report import write_report
+
+    print(write_report(args.run))
 
 
 def cmd_export(args) -> None:
@@ -157,10 +213,46 @@ def build_parser() -> argparse.ArgumentParser:
     em = sub.add_parser("embed", help="audio files -> features (.npy per file)")
     em.add_argument("--weights", required=True, help="fastm2d checkpoint / run folder, or original weights")
     em.add_argument("--out", required=True, help="output folder")
-    em.add_argument("--level", choices=("frame", "clip"), default="frame")
+    em.add_argument("--level", choices=("frame", "clip", "timestamp"), default="frame",
+                    help="frame: (T', D) per file; clip: the time mean (HEAR scene embedding); timestamp: frames "
+                         "plus <name>.timestamps.npy with each frame's centre in ms (HEAR timestamp embeddings)")
     em.add_argument("--device", default="cpu")
     em.add_argument("files", nargs="+")
     em.set_defaults(func=cmd_embed)
+
+    le = sub.add_parser("linear-eval", help="the paper's linear-evaluation protocol on a task (CSV, folder with "
+                                            "meta.csv, or 'synthetic')")
+    le.add_argument("weights", help="run folder, checkpoint, or the original's weights")
+    le.add_argument("task", help="CSV (file_name, label, split), a folder with meta.csv, or 'synthetic'")
+    le.add_argument("--seeds", type=int, default=5)
+    le.add_argument("--out", default="eval", help="results <task>.json, results.md and the embedding cache")
+    le.add_argument("--layers", help="comma-separated block indices to concatenate (default: the final output)")
+    le.add_argument("--hidden", help="comma-separated hidden layer sizes (default: none, a linear probe)")
+    le.add_argument("--untrained", action="store_true", help="the same architecture, freshly initialised (baseline)")
+    le.add_argument("--untrained-seed", type=int, default=0)
+    le.add_argument("--batch-size", type=int, default=64)
+    le.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    le.add_argument("--quiet", action="store_true")
+    le.set_defaults(func=cmd_linear_eval)
+
+    ft = sub.add_parser("finetune", help="fine-tune the encoder + a linear head on a task (the original's recipe family)")
+    ft.add_argument("weights")
+    ft.add_argument("task", help="CSV (file_name, label, split), a folder with meta.csv, or 'synthetic'")
+    ft.add_argument("--out", default="finetune")
+    ft.add_argument("--epochs", type=int, default=50)
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--layer-decay", type=float, default=0.75)
+    ft.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    ft.add_argument("--mixup", type=float, default=0.3)
+    ft.add_argument("--frames", type=int, default=0, help="clip length in frames (default: the task's median)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    ft.set_defaults(func=cmd_finetune)
+
+    rp = sub.add_parser("report", help="figures (PNG) and a one-page markdown summary of a run")
+    rp.add_argument("run", help="run folder (holds metrics.jsonl)")
+    rp.set_defaults(func=cmd_report)
 
     ex = sub.add_parser("export", help="write a checkpoint in the original M2D folder/file layout")
     ex.add_argument("checkpoint", help="fastm2d checkpoint or run folder")

@@ -128,6 +128,7 @@ class DataConfig:
     on_bad_file: str = "skip"  # skip (count, log and list) | error
     num_workers: int = 2  # DataLoader processes (reference / store loaders) or DALI CPU threads
     loader: str = "reference"  # reference (folder / CSV / store, exact resume) | dali (raw audio, GPU spectrogram)
+    valid: Optional[str] = None  # held-out data (same forms as train): its M2D loss is monitored (train.eval_every)
     synthetic_clips: int = 512
     synthetic_seconds: float = 6.1
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -161,6 +162,14 @@ class TrainConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1 or 2
     dist_timeout_s: int = 1800  # collective timeout: a dead rank makes the others fail, not hang
     init_from: Optional[str] = None  # start from these weights (ours or the original's, full or encoder-only)
+    eval_every: int = 0  # optimiser steps between monitors (RankMe, explained variance, valid loss, probe); 0 = off
+
+
+@dataclass
+class EvalConfig:
+    """What the monitors during pre-training look at (train.eval_every)."""
+    task: Optional[str] = None  # a small labelled task for a quick linear probe: 'synthetic', a CSV or a folder
+    clips: int = 256  # fixed training crops for RankMe / explained variance (and valid crops)
 
 
 @dataclass
@@ -170,6 +179,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _wrap(exc: OmegaConfBaseException, where: str) -> ConfigError:
@@ -236,6 +246,8 @@ def check_config(c: Config) -> None:
     for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints"):
         if getattr(c.train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(c.train, key)}: must be >= 1")
+    if c.train.eval_every < 0 or c.eval.clips < 2:
+        raise ConfigError(f"train.eval_every={c.train.eval_every}, eval.clips={c.eval.clips}: expected >= 0 and >= 2")
     if c.train.max_steps is not None and c.train.max_steps < 1:
         raise ConfigError(f"train.max_steps={c.train.max_steps}: must be >= 1")
 

@@ -73,6 +73,17 @@ class Runtime(nn.Module):
         """Waveform (B, N) -> frame features (B, T', F'*D), one frame per patch width (160 ms for 16x16)."""
         return self.encode_lms(self.to_lms(waveform, sample_rate), return_layers=return_layers)
 
+    @property
+    def frame_seconds(self) -> float:
+        """Duration of one feature frame: one patch width (0.16 s for 16x16 at 16 kHz)."""
+        return self.cfg.patch_size[1] * self.frontend.hop_length / self.sample_rate
+
+    def timestamp_embeddings(self, waveform: torch.Tensor, sample_rate: int):
+        """HEAR-style: (frame features (B, T', F'*D), timestamps (B, T') in milliseconds, each frame's centre)."""
+        feats = self.encode(waveform, sample_rate)
+        ts = (torch.arange(feats.shape[1], device=feats.device) + 0.5) * self.frame_seconds * 1000
+        return feats, ts.expand(feats.shape[0], -1)
+
     def scene_embedding(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """Clip embedding: the mean of the frame features over time -> (B, F'*D)."""
         return self.encode(waveform, sample_rate).mean(dim=1)

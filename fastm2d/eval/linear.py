@@ -1,6 +1,7 @@
 """The paper's linear-evaluation protocol (as the original's evaluation package runs it): clip embeddings
 standardised with the training split's statistics, one linear layer (optionally hidden layers) trained with Adam,
-early stopping on the validation split, the test score of the best-on-valid weights, repeated over seeds;
+early stopping on the validation loss (patience 20 epochs), the test score of the weights with the best
+validation loss, repeated over seeds;
 accuracy for single-label tasks, mAP for multi-label ones; mean and 95 % confidence interval."""
 from __future__ import annotations
 
@@ -21,9 +22,16 @@ def _score(logits: torch.Tensor, labels: np.ndarray, multi_label: bool) -> float
 
 
 def train_linear_probe(x_train, y_train, x_valid, y_valid, multi_label: bool, seed: int, hidden: Sequence[int] = (),
-                       lr: float = 1e-3, max_epochs: int = 200, patience: int = 20, batch_size: int = 256,
+                       lr: float = 1e-3, max_epochs: int = 300, patience: int = 20, batch_size: int = 64,
                        device: str | torch.device = "cpu") -> nn.Module:
     """-> the best-on-valid classifier over already standardised float32 features."""
+    with torch.enable_grad():  # also when called from no-grad code (the monitors)
+        return _train(x_train, y_train, x_valid, y_valid, multi_label, seed, hidden, lr, max_epochs, patience,
+                      batch_size, device)
+
+
+def _train(x_train, y_train, x_valid, y_valid, multi_label, seed, hidden, lr, max_epochs, patience, batch_size,
+           device) -> nn.Module:
     torch.manual_seed(seed)
     dims = [x_train.shape[1], *hidden, y_train.shape[1]]
     layers = []
@@ -34,10 +42,11 @@ def train_linear_probe(x_train, y_train, x_valid, y_valid, multi_label: bool, se
     model = nn.Sequential(*layers).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     xt, yt = torch.as_tensor(x_train, device=device), torch.as_tensor(y_train, device=device)
-    xv = torch.as_tensor(x_valid, device=device)
+    xv, yv = torch.as_tensor(x_valid, device=device), torch.as_tensor(y_valid, device=device)
     loss_fn = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(seed)
-    best, best_state, waited = -np.inf, copy.deepcopy(model.state_dict()), 0
+    # The validation LOSS decides (a continuous signal: accuracy plateaus while the classifier still improves).
+    best, best_state, waited = np.inf, copy.deepcopy(model.state_dict()), 0
     for _ in range(max_epochs):
         model.train()
         for idx in torch.randperm(len(xt), generator=g).split(batch_size):
@@ -48,8 +57,8 @@ def train_linear_probe(x_train, y_train, x_valid, y_valid, multi_label: bool, se
             opt.step()
         model.eval()
         with torch.no_grad():
-            score = _score(model(xv), y_valid, multi_label)
-        if score > best:
+            score = float(loss_fn(model(xv), yv if multi_label else yv.argmax(1)))
+        if score < best:
             best, best_state, waited = score, copy.deepcopy(model.state_dict()), 0
         else:
             waited += 1

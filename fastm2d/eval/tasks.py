@@ -1,6 +1,7 @@
 """Evaluation tasks: a CSV (`file_name`, `label`, `split` in train/valid/test; several labels separated by commas
-make it multi-label), a folder holding such a `meta.csv`, or the built-in `synthetic` tasks (labelled sound
-scenes generated on the fly: event type, 5 classes, and frequency band, 3 classes), which need no data."""
+make it multi-label), a folder holding such a `meta.csv`, or the built-in `synthetic` tasks (600 labelled sound
+scenes generated on the fly, 60/20/20 % train/valid/test: event type, 5 classes, and frequency band, 3 classes),
+which need no data; `synthetic:N` takes N clips."""
 from __future__ import annotations
 
 import csv
@@ -35,12 +36,11 @@ class EvalTask:
         import hashlib
         h = hashlib.sha1("\n".join(self.items).encode())
         h.update(repr(self.synthetic).encode())
-        return f"{self.name}-{h.hexdigest()[:12]}"
+        return h.hexdigest()[:12]  # the clips, not the labels: tasks over the same clips share embeddings
 
 
-def _synthetic_tasks() -> List[EvalTask]:
+def _synthetic_tasks(n: int = SYNTHETIC_CLIPS) -> List[EvalTask]:
     from ..data.synthetic import synth_labelled_clip
-    n = SYNTHETIC_CLIPS
     kinds, bands = [], []
     for i in range(n):  # labels are cheap to regenerate: the rng draws them first (the audio is not kept)
         rng = np.random.default_rng([SYNTHETIC_SEED, 0x1AB, i])
@@ -91,9 +91,12 @@ def _read_csv_task(path: Path) -> EvalTask:
 
 
 def load_tasks(spec: str) -> List[EvalTask]:
-    """'synthetic' -> the two built-in tasks; a CSV or a folder with meta.csv -> one task."""
-    if spec == "synthetic":
-        return _synthetic_tasks()
+    """'synthetic' (or 'synthetic:N' clips) -> the two built-in tasks; a CSV or a folder with meta.csv -> one task."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        n = int(spec.split(":")[1]) if ":" in spec else SYNTHETIC_CLIPS
+        if n < 10:
+            raise DataError(f"evaluation task {spec!r}: at least 10 clips (6 / 2 / 2 for train / valid / test)")
+        return _synthetic_tasks(n)
     p = Path(spec)
     if p.is_dir():
         p = p / "meta.csv"

@@ -33,12 +33,16 @@ class MetricsLogger:
         self.bar.update(n)
 
     def write(self, row: Dict[str, float]) -> None:
+        """A training row, or a monitor row (marked "monitor": true; its scalars go under eval/ in TensorBoard)."""
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        monitor = row.get("monitor", False)
         if self.writer is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"train/{k}", v, row["step"])
+                if k not in ("step", "monitor") and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{'eval' if monitor else 'train'}/{k}", v, row["step"])
+        if monitor:
+            return
         extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                              samples_s=f"{row['samples_per_s']:.1f}", **extra, refresh=False)
@@ -50,9 +54,11 @@ class MetricsLogger:
             self.writer.close()
 
 
-def read_metrics(out_dir: str | Path) -> list:
+def read_metrics(out_dir: str | Path, monitors: bool = False) -> list:
+    """The training rows of metrics.jsonl, or (monitors=True) the monitor rows."""
     with open(Path(out_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if bool(r.get("monitor", False)) == monitors]
 
 
 class NullLogger:

@@ -194,6 +194,12 @@ class Trainer:
         self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.noise, picker,
                                    bad_list=self.out_dir / "bad_training_files.txt",
                                    offline=self.offline.targets if self.offline else None)
+        self.monitor = None
+        if t.eval_every and self.dist.is_main:  # rank 0 only; the others wait at the next collective
+            from ..eval.monitor import Monitor
+            valid = build_source(config.data.valid, config, self.out_dir, config.data.root, label="valid") \
+                if config.data.valid else None
+            self.monitor = Monitor(self, config.eval.clips, config.eval.task, valid)
         (self.out_dir / "config.yaml").write_text(to_yaml(config))
 
     # ---------------------------------------------------------------------------------------- the step ----
@@ -253,6 +259,8 @@ class Trainer:
                     now = time.perf_counter()
                     logger.write(self.log_row(self.step - last_step, now - last_time))
                     last_time, last_step = now, self.step
+                if self.monitor is not None and (self.step % t.eval_every == 0 or self.step == self.total_steps):
+                    logger.write({"step": self.step, "monitor": True, **self.monitor()})
                 if self.step % t.save_every == 0 or self.step == self.total_steps:
                     self.check_finite()
                     self.save()

@@ -1,0 +1,169 @@
+"""`fastm2d finetune WEIGHTS TASK`: the original's fine-tuning recipe family on an evaluation task.
+
+The encoder (position table resampled or trimmed to the task's clip length) + BatchNorm (affine=False) + a linear
+head on the time mean of eq. 4 features; SpecAugment-style time / frequency masks, mixup and random resize crop
+on the log-mel; AdamW (or SGD) with layer-wise lr decay, warm-up then cosine; bf16 autocast on GPU. The
+best-on-valid weights are saved with their test score.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import atomic_save
+from .embeddings import _load
+from .scores import accuracy, mean_average_precision
+from .tasks import EvalTask
+
+log = logging.getLogger("fastm2d.finetune")
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-3  # for the head; the encoder's layers get lr * layer_decay^(depth - i)
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    optimizer: str = "adamw"  # adamw | sgd
+    mixup: float = 0.3  # Beta(alpha, alpha); 0 = off
+    freq_mask: int = 16  # SpecAugment: up to this many mel bins masked (0 = off)
+    time_mask: int = 48  # ... and up to this many frames
+    rrc: bool = True  # random resize crop of the log-mel
+    seed: int = 0
+
+
+class Classifier(nn.Module):
+    def __init__(self, runtime, n_classes: int):
+        super().__init__()
+        self.runtime = runtime
+        self.norm = nn.BatchNorm1d(runtime.feature_dim, affine=False)
+        self.head = nn.Linear(runtime.feature_dim, n_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, lms: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.runtime.encode_lms(lms).mean(1)))
+
+
+def _layer_groups(model: Classifier, cfg: FinetuneConfig) -> List[Dict]:
+    """Layer-wise lr decay: patch embedding and tokens at depth 0, block i at i + 1, norm and head at the top."""
+    enc = model.runtime.encoder
+    depth = len(enc.blocks) + 1
+    groups: Dict[int, List] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".blocks." in name:
+            layer = int(name.split(".blocks.")[1].split(".")[0]) + 1
+        elif any(k in name for k in ("patch_embed", "cls_token")):
+            layer = 0
+        else:
+            layer = depth
+        groups.setdefault(layer, []).append(p)
+    return [{"params": ps, "lr_scale": cfg.layer_decay ** (depth - layer)} for layer, ps in sorted(groups.items())]
+
+
+def _augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, g: torch.Generator):
+    b, _, f, t = x.shape
+    if cfg.rrc:  # crop 60-100 % of each axis somewhere, resize back (the same for the batch: cheap, still random)
+        fh, tw = (int(round(n * float(torch.empty(1).uniform_(0.6, 1.0, generator=g)))) for n in (f, t))
+        f0 = int(torch.randint(0, f - fh + 1, (1,), generator=g))
+        t0 = int(torch.randint(0, t - tw + 1, (1,), generator=g))
+        x = F.interpolate(x[..., f0:f0 + fh, t0:t0 + tw], size=(f, t), mode="bicubic", align_corners=False)
+    if cfg.freq_mask or cfg.time_mask:
+        x = x.clone()
+        for i in range(b):
+            w = int(torch.randint(0, cfg.freq_mask + 1, (1,), generator=g))
+            s = int(torch.randint(0, max(1, f - w), (1,), generator=g))
+            x[i, :, s:s + w] = 0
+            w = int(torch.randint(0, min(cfg.time_mask, t // 4) + 1, (1,), generator=g))
+            s = int(torch.randint(0, max(1, t - w), (1,), generator=g))
+            x[i, :, :, s:s + w] = 0
+    if cfg.mixup > 0:
+        lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=g))).beta(cfg.mixup, cfg.mixup))
+        perm = torch.randperm(b, generator=g)
+        x, y = lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+    return x, y
+
+
+def _task_lms(runtime, task: EvalTask, frames: int) -> torch.Tensor:
+    """Every clip -> normalised log-mel, its first `frames` frames, padded with (normalised) silence when shorter;
+    held in memory."""
+    from ..frontend import SILENCE_LOG
+    silence = float(runtime.normalize(torch.tensor(SILENCE_LOG)))
+    out = torch.full((len(task.items), 1, runtime.cfg.input_size[0], frames), silence)
+    for k, item in enumerate(task.items):
+        lms = runtime.to_lms(_load(item, runtime.sample_rate, task), runtime.sample_rate)[0, 0, :, :frames]
+        out[k, 0, :, :lms.shape[-1]] = lms
+    return out
+
+
+def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneConfig = FinetuneConfig(),
+             device: str = "cpu", frames: int = 0) -> Dict:
+    from ..runtime import load_encoder
+    torch.manual_seed(cfg.seed)
+    probe = load_encoder(weights)
+    lengths = [probe.to_lms(_load(i, probe.sample_rate, task), probe.sample_rate).shape[-1] for i in task.items[:50]]
+    pt = probe.cfg.patch_size[1]
+    frames = frames or max(pt, int(np.median(lengths)) // pt * pt)
+    runtime = load_encoder(weights, input_frames=frames)  # position table trimmed or resampled to the clip length
+    x_all = _task_lms(runtime, task, frames)
+    model = Classifier(runtime, task.labels.shape[1]).to(device)
+    groups = _layer_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
+        torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    tr, va, te = task.index("train"), task.index("valid"), task.index("test")
+    y_all = torch.from_numpy(task.labels)
+    steps_per_epoch = max(1, len(tr) // cfg.batch_size)
+    total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    g = torch.Generator().manual_seed(cfg.seed)
+    amp = dict(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+    def evaluate(idx) -> float:
+        model.eval()
+        with torch.no_grad(), torch.autocast(**amp):
+            logits = torch.cat([model(x_all[i].to(device)).float().cpu() for i in np.array_split(idx, max(1, len(idx) // 64))])
+        s, y = logits.numpy(), task.labels[idx]
+        return mean_average_precision(s, y) if task.multi_label else accuracy(s, y)
+
+    best, step, history = -1.0, 0, []
+    out_dir = Path(out_dir)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.from_numpy(tr)[torch.randperm(len(tr), generator=g)]
+        for idx in order[: steps_per_epoch * cfg.batch_size].split(cfg.batch_size):
+            lr = cfg.lr * (step / max(1, warm) if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
+            for grp in opt.param_groups:
+                grp["lr"] = lr * grp["lr_scale"]
+            x, y = _augment(x_all[idx], y_all[idx], cfg, g)
+            with torch.autocast(**amp):
+                logits = model(x.to(device)).float()
+            y = y.to(device)
+            loss = F.binary_cross_entropy_with_logits(logits, y) if task.multi_label else \
+                torch.sum(-y * F.log_softmax(logits, -1), -1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        valid = evaluate(va)
+        history.append({"epoch": epoch + 1, "loss": float(loss), "valid": valid})
+        if valid > best:
+            best = valid
+            atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "finetune": asdict(cfg), "frames": frames,
+                         "classes": task.classes}, out_dir / f"finetuned-{task.name}.pth")
+    model.load_state_dict(torch.load(out_dir / f"finetuned-{task.name}.pth", weights_only=True)["model"])
+    result = {"task": task.name, "metric": "mAP" if task.multi_label else "accuracy", "valid": best,
+              "test": evaluate(te), "frames": frames, "weights": str(weights), "config": asdict(cfg), "history": history}
+    (out_dir / f"finetuned-{task.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
