@@ -51,8 +51,13 @@ def atomic_save(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):  # torch.save wraps a full disk's OSError
+            cause = cause.__context__                                   # in a RuntimeError from its zip writer
+        if cause is not None and cause is not e:
+            raise cause from None
         raise
 
 

@@ -21,7 +21,8 @@ def cmd_pretrain(args) -> None:
 
     config = load_config(args.config, args.overrides)
     trainer = pretrain(config, resume=args.resume)
-    print(f"done: {trainer.step} steps; checkpoints and metrics.jsonl in {config.out_dir}")
+    if trainer.preempted is None:
+        print(f"done: {trainer.step} steps; checkpoints and metrics.jsonl in {config.out_dir}")
 
 
 def cmd_adapt(args) -> None:
@@ -274,12 +275,16 @@ def main(argv=None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .train import TrainingDiverged
+    from .train.faults import CheckpointWriteError, RankLost
 
     try:
         args.func(args)
     except (*USER_ERRORS, TrainingDiverged) as e:
         print(f"fastm2d {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (RankLost, CheckpointWriteError) as e:  # faults of the machine, not of the input
+        print(f"fastm2d {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

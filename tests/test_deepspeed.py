@@ -110,3 +110,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, stage, one
                                                                            rel=1e-5, abs=1e-6)
     c = _weights(resumed, 12)
     assert _max_diff(b, c, ("",)) < 1e-5
+
+    # Another world size (2 -> 1 with the same global batch): weights, target, schedules and data position carry
+    # over; ZeRO's partitions do not fit one process, so the moments restart, and the log says so.
+    single = tmp_path / "single"
+    shutil.copytree(two, single)
+    (single / "checkpoint-12.pth").unlink()
+    r = _run(["pretrain", *TINY_TRAIN, *EMA_VISIBLE, f"out_dir={single}", "train.batch_size=4",
+              "train.engine=single", "--resume"], 1, tmp_path)
+    assert "moments start from zero" in r.stderr
+    assert [row["step"] for row in read_metrics(single)] == list(range(1, 13))
+    r = subprocess.run([sys.executable, "-m", "fastm2d.cli", "pretrain", *TINY_TRAIN, *EMA_VISIBLE,
+                        f"out_dir={single}", "train.batch_size=2", "train.engine=single", "train.max_steps=14",
+                        "--resume"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "effective batch of 8" in r.stderr  # a changed global batch is refused

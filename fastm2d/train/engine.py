@@ -152,6 +152,12 @@ class DeepSpeedEngine(_Engine):
     def load_state_dict(self, state: dict, path: Path) -> None:
         tag = f"step{state['step']}"
         folder = path.parent / "deepspeed"
+        saved_world = state.get("world_size")
+        if saved_world is not None and saved_world != self.engine.world_size:
+            log.warning("%s was written by %d processes, this run has %d: ZeRO's optimiser partitions do not fit, so "
+                        "AdamW moments start from zero; weights, EMA target, schedules, RNG and data position are "
+                        "restored", path, saved_world, self.engine.world_size)
+            return
         if not (folder / tag).is_dir():
             log.warning("%s has no DeepSpeed optimiser partitions (%s): AdamW moments start from zero; weights, "
                         "schedule position and RNG are restored", path, folder / tag)

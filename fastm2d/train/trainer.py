@@ -31,6 +31,7 @@ from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
 from .flops import mfu, peak_flops, train_flops_per_sample
 from .engine import all_reduce_, barrier, dist_from_env, init_distributed, make_engine, wants_deepspeed
+from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error, state_bytes, write_failure
 from .metrics import MetricsLogger, NullLogger
 from .offline import apply_to_model_config, build_offline_task
 from .schedule import lr_at, scaled_lr
@@ -102,6 +103,9 @@ class Trainer:
     def __init__(self, config: Config, resume: bool = False):
         self.config = config
         self.out_dir = Path(config.out_dir)
+        if launcher_restart() and not resume:  # torchrun --max-restarts brought us back: continue, never restart
+            log.warning("launcher restart %d: resuming from the latest complete checkpoint", launcher_restart())
+            resume = True
         # Decide resume-or-not before writing anything, so a refused start leaves the run folder as it was.
         latest = max(list_checkpoints(self.out_dir), default=None) if self.out_dir.is_dir() else None
         if latest is not None and not resume:
@@ -118,6 +122,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if use_deepspeed:
             init_distributed(config, self.device.type)
+        self.fleet = Fleet(self.dist.rank, self.dist.world_size, self.out_dir)  # stop agreement, lost-rank reports
+        self.preempted: Optional[int] = None  # the signal that stopped fit(), if any
         self.amp_dtype = pick_precision(t.precision, self.device)
         # Masks come from one generator that every rank advances alike; each rank takes its samples' rows, so
         # N processes draw exactly the masks one process with the same global batch draws.
@@ -237,9 +243,11 @@ class Trainer:
         batches = self.micro_batches()
         last_time, last_step = time.perf_counter(), self.step
         first, start_step, mark = True, self.step, None
+        signals = StopSignals().install()
         try:
             while self.step < self.total_steps:
                 loss = self.train_step([next(batches) for _ in range(t.accum_steps)])
+                stop = self.fleet.any_stop(signals.requested is not None)  # the same answer on every rank
                 self._loss_sum += loss
                 self._nonfinite += ~torch.isfinite(loss)
                 logger.advance()
@@ -261,11 +269,27 @@ class Trainer:
                     last_time, last_step = now, self.step
                 if self.monitor is not None and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                     logger.write({"step": self.step, "monitor": True, **self.monitor()})
-                if self.step % t.save_every == 0 or self.step == self.total_steps:
+                saved = self.step % t.save_every == 0 or self.step == self.total_steps
+                if saved or stop:
                     self.check_finite()
-                    self.save()
-        finally:
+                    path = self.save()
+                if stop:
+                    self.preempted = signals.requested or -1  # -1: another rank was signalled
+                    if self.dist.is_main:
+                        print(f"stopped by a signal after step {self.step}: {path}; continue with --resume",
+                              flush=True)
+                    break
+        except BaseException as e:
             logger.close()
+            if self.dist.world_size == 1:
+                signals.uninstall()
+            # Several ranks: the handlers stay, so the launcher's SIGTERM to the survivors cannot kill this one
+            # before its error (which rank was lost, the last good checkpoint) is printed.
+            if self.dist.world_size > 1 and isinstance(e, RuntimeError) and _looks_like_comm_failure(e):
+                raise lost_rank_error(self.fleet, e, self.last_checkpoint()) from None
+            raise
+        signals.uninstall()
+        logger.close()
 
     def micro_batches(self) -> Iterator[torch.Tensor]:
         """Endless micro-batches from the position that `self.step` implies (so resuming continues the order)."""
@@ -402,20 +426,32 @@ class Trainer:
         return {"model": self.model.state_dict(), **self.engine.state_dict(), "epoch": int(epoch),
                 "step": self.step, "rng": rng, "args": config, "config": config,
                 "model_config": asdict(self.model.cfg), "sample_rate": self.config.data.sample_rate,
-                "bad_items": sorted(self.sampler.bad), "fastm2d_version": __version__}
+                "bad_items": sorted(self.sampler.bad), "world_size": self.dist.world_size,
+                "effective_batch": self.effective_batch, "fastm2d_version": __version__}
 
     def save(self) -> Path:
         """Every rank calls this (DeepSpeed writes its optimiser partitions collectively); rank 0 writes the
         checkpoint that single-process runs and `load_model` read."""
         path = self.out_dir / f"checkpoint-{self.step}.pth"
-        self.engine.save_extra(self.out_dir, self.step)
+        previous, state = self.last_checkpoint(), None
+        try:
+            self.engine.save_extra(self.out_dir, self.step)
+            if self.dist.is_main:
+                state = self.state()
+                atomic_save(state, path)
+        except OSError as e:  # disk full, quota, unwritable: stop saying what is needed; the old one stays
+            needed = state_bytes(state) if state is not None else 3 * state_bytes(self.model.state_dict())
+            raise write_failure(self.out_dir, needed, e, previous) from None
         if self.dist.is_main:
-            atomic_save(self.state(), path)
             for step, old in sorted(list_checkpoints(self.out_dir).items())[: -self.config.train.keep_checkpoints]:
                 old.unlink(missing_ok=True)
                 shutil.rmtree(self.out_dir / "deepspeed" / f"step{step}", ignore_errors=True)
         barrier()
         return path
+
+    def last_checkpoint(self) -> Optional[Path]:
+        saved = list_checkpoints(self.out_dir)
+        return saved[max(saved)] if saved else None
 
     def load_state(self, path: Path) -> dict:
         """Model, target, step and RNG from a checkpoint; returns it for the engine's optimiser state."""
@@ -429,6 +465,13 @@ class Trainer:
         if asdict(saved) != asdict(self.model.cfg):
             diff = {k: (v, getattr(self.model.cfg, k)) for k, v in asdict(saved).items() if getattr(self.model.cfg, k) != v}
             raise ConfigError(f"{path}: the checkpoint's model config differs from this config (saved, now): {diff}")
+        old_batch = obj.get("effective_batch")
+        if old_batch is not None and old_batch != self.effective_batch:
+            t = self.config.train
+            raise ConfigError(f"{path}: written at an effective batch of {old_batch}, this launch gives {t.batch_size} x "
+                              f"{t.accum_steps} x {self.dist.world_size} process(es) = {self.effective_batch}; keep "
+                              f"it equal (set train.batch_size / train.accum_steps) so the schedules and the data "
+                              f"position continue where they stopped")
         load_weights(self.model, obj["model"], path)
         self.step = int(obj["step"])
         torch.set_rng_state(obj["rng"]["torch"])
@@ -450,6 +493,13 @@ class Trainer:
         if path.is_file():
             rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
             path.write_text("".join(r + "\n" for r in rows))
+
+
+def _looks_like_comm_failure(e: RuntimeError) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(e).lower()
+    return isinstance(e, dist_error) or any(w in text for w in ("gloo", "nccl", "connection", "peer", "timed out",
+                                                                 "broken pipe"))
 
 
 def pretrain(config: Config, resume: bool = False) -> Trainer:

@@ -1,0 +1,157 @@
+"""What a month-long run on a shared cluster meets, handled in one place:
+
+  preemption       SIGTERM / SIGINT / SIGUSR1 (what schedulers send before the kill): every rank finishes the
+                   current optimiser step, they agree on it through a tiny all-reduce on a gloo side channel
+                   (host memory only: no device sync), write one checkpoint together and exit 0. A second
+                   signal exits at once, touching nothing (atomic saves: no checkpoint is ever half-written).
+  launcher restart torchrun --max-restarts sets TORCHELASTIC_RESTART_COUNT: a restarted job resumes by itself
+  lost rank        each rank writes its host:pid into the run folder (.ranks/); when a collective fails, the
+                   survivor names the ranks whose processes are gone and the last good checkpoint
+  full disk        a checkpoint that cannot be written stops the run with the folder and the space it needs;
+                   the previous checkpoint and metrics.jsonl stay as they were
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+log = logging.getLogger("fastm2d.train")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class RankLost(RuntimeError):
+    """A peer process died; the message names it and the last good checkpoint."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, unwritable folder)."""
+
+
+def launcher_restart() -> int:
+    """How many times torchrun restarted this job (0 on the first attempt or without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+class StopSignals:
+    """Turns the first stop signal into a request, honoured after the current step; the second exits now."""
+
+    def __init__(self):
+        self.requested: Optional[int] = None
+        self._previous: Dict[int, object] = {}
+
+    def install(self) -> "StopSignals":
+        if not _main_thread():
+            return self  # signals can only be caught in the main thread (e.g. not inside a notebook worker)
+        for s in STOP_SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            os.write(2, f"fastm2d: second {signal.Signals(signum).name}: exiting now, checkpoints untouched\n".encode())
+            os._exit(128 + signum)
+        self.requested = signum
+        os.write(2, f"fastm2d: {signal.Signals(signum).name} received: finishing this step, then one checkpoint "
+                    f"and exit (send it again to exit at once)\n".encode())
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+class Fleet:
+    """The distributed side of the above: the gloo side channel and the host:pid registry in the run folder
+    (plain files: readable after the launcher's store has gone, and on a shared file system from any node)."""
+
+    def __init__(self, rank: int, world_size: int, out_dir: Path):
+        self.rank, self.world_size = rank, world_size
+        self.group = None
+        self.registry = Path(out_dir) / ".ranks"
+        if world_size > 1 and torch.distributed.is_initialized():
+            self.group = torch.distributed.new_group(backend="gloo")  # CPU tensors: never touches the GPU stream
+            self.registry.mkdir(parents=True, exist_ok=True)
+            (self.registry / str(rank)).write_text(f"{socket.gethostname()}:{os.getpid()}")
+
+    def any_stop(self, local: bool) -> bool:
+        """True on every rank when any rank was asked to stop (one 1-element all-reduce per step on gloo)."""
+        if self.group is None:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def lost_ranks(self) -> List[int]:
+        """Ranks on this host whose process no longer exists (others cannot be checked from here)."""
+        here, lost = socket.gethostname(), []
+        for r in range(self.world_size):
+            try:
+                host, pid = (self.registry / str(r)).read_text().rsplit(":", 1)
+            except (OSError, ValueError):
+                continue
+            if host == here and not _alive(int(pid)):
+                lost.append(r)
+        return lost
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a killed rank stays a zombie until its launcher reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
+    except OSError:  # no /proc (macOS): existence is all we can tell
+        return True
+
+
+def lost_rank_error(fleet: Fleet, error: Exception, last_good: Optional[Path]) -> RankLost:
+    lost = fleet.lost_ranks()
+    who = (f"rank {', '.join(map(str, lost))} is gone" if lost else
+           "a peer rank stopped answering (on another host, or still alive but stuck)")
+    return RankLost(f"{who} ({type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}); "
+                    + (f"last good checkpoint: {last_good}; " if last_good else "no checkpoint was written yet; ")
+                    + "the run folder is resumable: relaunch the same command with --resume")
+
+
+def write_failure(folder: Path, needed_bytes: int, error: OSError, previous: Optional[Path]) -> CheckpointWriteError:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = -1
+    return CheckpointWriteError(
+        f"cannot write a checkpoint in {folder} ({error.strerror or error}): it needs about "
+        f"{needed_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free there; "
+        + (f"{previous} and metrics.jsonl are intact; " if previous else "metrics.jsonl is intact; ")
+        + "free space (or set out_dir elsewhere and copy the folder) and relaunch with --resume")
+
+
+def state_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint object: the size a save needs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+__all__ = ["StopSignals", "Fleet", "RankLost", "CheckpointWriteError", "launcher_restart", "lost_rank_error",
+           "write_failure", "state_bytes"]
