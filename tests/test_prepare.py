@@ -32,6 +32,7 @@ def audio_dir(tmp_path):
     nan = np.zeros(16000, dtype=np.float32)
     nan[100] = np.nan
     sf.write(str(d / "k_nan.wav"), nan, 16000, subtype="FLOAT")
+    (d / "l_header_only.wav").write_bytes(full[:60])  # libsndfile reads 8 samples: no patch of real audio
     return d
 
 
@@ -39,7 +40,7 @@ def test_prepare_matches_the_reference_front_end(audio_dir, tmp_path):
     out = tmp_path / "store"
     summary = prepare(str(audio_dir), out, workers=2, files_per_shard=3, dtype="float32", stats_items=50,
                       progress=False)
-    assert summary["items"] == 6 and summary["failures"] == 5 and summary["shards"] == 4
+    assert summary["items"] == 6 and summary["failures"] == 6 and summary["shards"] == 4
     store = LogMelStore(out)
     assert len(store) == 6
     truncated = store[[n.endswith("j_truncated.wav") for n in store.names].index(True)]
@@ -55,7 +56,7 @@ def test_prepare_matches_the_reference_front_end(audio_dir, tmp_path):
     np.testing.assert_array_equal(npy, np.load(audio_dir / "h_original.npy")[0])
     failures = (out / "failures.tsv").read_text()
     for name, reason in [("e_empty.wav", "empty"), ("f_corrupt.flac", "decode"), ("g_text.wav", "decode"),
-                         ("i_bad_shape.npy", "shape"), ("k_nan.wav", "NaN")]:
+                         ("i_bad_shape.npy", "shape"), ("k_nan.wav", "NaN"), ("l_header_only.wav", "too short")]:
         assert name in failures and reason in failures.split(name)[1].splitlines()[0]
     # Statistics over random crops, computed independently from the items.
     mean, std = json.loads((out / "stats.json").read_text())["norm_stats"]
