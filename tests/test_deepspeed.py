@@ -111,15 +111,23 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, stage, one
     c = _weights(resumed, 12)
     assert _max_diff(b, c, ("",)) < 1e-5
 
-    # Another world size (2 -> 1 with the same global batch): weights, target, schedules and data position carry
-    # over; ZeRO's partitions do not fit one process, so the moments restart, and the log says so.
+    # Another world size, same global batch: 2 -> 1 (single engine) and 1 -> 2 (ZeRO). Weights, target, schedules,
+    # data position AND the AdamW moments (gathered from / re-partitioned into ZeRO's per-rank slices) carry over,
+    # so both resumed runs end where the uninterrupted 2-process run ends.
     single = tmp_path / "single"
     shutil.copytree(two, single)
     (single / "checkpoint-12.pth").unlink()
     r = _run(["pretrain", *TINY_TRAIN, *EMA_VISIBLE, f"out_dir={single}", "train.batch_size=4",
               "train.engine=single", "--resume"], 1, tmp_path)
-    assert "moments start from zero" in r.stderr
+    assert "moments consolidated from 2 ZeRO partitions" in r.stderr, r.stderr[-2000:]
     assert [row["step"] for row in read_metrics(single)] == list(range(1, 13))
+    assert _max_diff(b, _weights(single, 12), ("",)) < TOL
+    grown = tmp_path / "grown"
+    shutil.copytree(one_process_run, grown)
+    (grown / "checkpoint-12.pth").unlink()
+    r = _run(["pretrain", *TINY_TRAIN, *EMA_VISIBLE, f"out_dir={grown}", *zero, "--resume"], 2, tmp_path)
+    assert "AdamW moments re-partitioned from 1 to 2 processes" in r.stderr, r.stderr[-2000:]
+    assert _max_diff(a, _weights(grown, 12), ("",)) < TOL
     r = subprocess.run([sys.executable, "-m", "fastm2d.cli", "pretrain", *TINY_TRAIN, *EMA_VISIBLE,
                         f"out_dir={single}", "train.batch_size=2", "train.engine=single", "train.max_steps=14",
                         "--resume"], capture_output=True, text=True, cwd=tmp_path)

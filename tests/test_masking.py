@@ -56,7 +56,7 @@ def _pipeline(ops, x, pos, dpos, mask_token, ids, k, w):
     full = ops["unshuffle_with_mask_tokens"](vis * 1.5, mask_token, dpos, ids)
     out = ops["gather_masked"](full, ids, k)
     restored = ops["restore_order"](torch.cat([vis, out], dim=1), ids)  # M2D-X's offline branch
-    ((out * w).sum() + (msk * msk).sum() + (restored * restored).sum()).backward()
+    ((out * w).sum() + (msk * msk).sum() + (restored * restored * 0.5).sum()).backward()
     return vis.detach(), msk.detach(), out.detach(), restored.detach(), x.grad, mask_token.grad
 
 

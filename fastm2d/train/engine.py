@@ -110,9 +110,18 @@ class SingleEngine(_Engine):
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict, path: Path) -> None:
-        if state.get("optimizer") is None:
-            log.warning("%s holds no single-process optimiser state (written by a DeepSpeed run): AdamW moments "
-                        "start from zero; weights, schedule position and RNG are restored", path)
+        if state.get("optimizer") is None:  # written by DeepSpeed: gather its ZeRO partitions
+            from .zero_state import consolidate
+            try:
+                moments = consolidate(path.parent / "deepspeed", f"step{state['step']}",
+                                      [g["params"] for g in self.optimizer.param_groups])
+            except (OSError, KeyError, RuntimeError) as e:
+                log.warning("%s: the DeepSpeed optimiser partitions cannot be read (%s): AdamW moments start from "
+                            "zero; weights, schedule position and RNG are restored", path, e)
+                return
+            self.optimizer.load_state_dict({"state": moments["state"],
+                                            "param_groups": self.optimizer.state_dict()["param_groups"]})
+            log.info("%s: AdamW moments consolidated from %d ZeRO partitions", path, state.get("world_size", 0))
             return
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -132,6 +141,8 @@ class DeepSpeedEngine(_Engine):
                               f"(stage 3 partitions the weights the EMA target update needs whole)")
         deepspeed = import_deepspeed()
         self.ds_config = deepspeed_config(config, world_size)
+        self.stage = config.train.zero_stage
+        self.groups = [list(g["params"]) for g in optimizer.param_groups]  # before ZeRO flattens them
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.module = self.engine.module
@@ -153,17 +164,21 @@ class DeepSpeedEngine(_Engine):
         tag = f"step{state['step']}"
         folder = path.parent / "deepspeed"
         saved_world = state.get("world_size")
-        if saved_world is not None and saved_world != self.engine.world_size:
-            log.warning("%s was written by %d processes, this run has %d: ZeRO's optimiser partitions do not fit, so "
-                        "AdamW moments start from zero; weights, EMA target, schedules, RNG and data position are "
-                        "restored", path, saved_world, self.engine.world_size)
+        same_layout = saved_world in (None, self.engine.world_size) or self.stage == 0
+        if (folder / tag).is_dir() and same_layout:
+            self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False, load_module_only=False)
             return
-        if not (folder / tag).is_dir():
-            log.warning("%s has no DeepSpeed optimiser partitions (%s): AdamW moments start from zero; weights, "
-                        "schedule position and RNG are restored", path, folder / tag)
-            return
-        self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                    load_lr_scheduler_states=False, load_module_only=False)
+        # Another world size, or a single-process checkpoint: per-parameter moments, re-partitioned for this run.
+        from .zero_state import consolidate, push_into_zero
+        try:
+            moments = state.get("optimizer") or consolidate(folder, tag, self.groups)
+            push_into_zero(self.engine.optimizer, moments, self.groups)
+            log.info("%s: AdamW moments re-partitioned from %s to %d processes", path,
+                     saved_world or "a single-process run", self.engine.world_size)
+        except (OSError, KeyError, RuntimeError, AttributeError) as e:
+            log.warning("%s: no usable optimiser state for this layout (%s): AdamW moments start from zero; weights, "
+                        "EMA target, schedules, RNG and data position are restored", path, e)
 
     def save_extra(self, out_dir: Path, step: int) -> None:
         """Collective: every rank writes its optimiser partition."""
