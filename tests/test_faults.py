@@ -19,7 +19,7 @@ from .conftest import TINY_TRAIN
 
 HAVE_DS = importlib.util.find_spec("deepspeed") is not None
 needs_ds = pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed is not installed (pip install 'fastm2d[deepspeed]')")
-LONG = [*TINY_TRAIN, "train.max_steps=150", "train.save_every=2", "data.norm_stats=[-10,3.5]",
+LONG = [*TINY_TRAIN, "train.max_steps=80", "train.save_every=2", "data.norm_stats=[-10,3.5]",
         "train.warmup_epochs=0.5"]
 
 
@@ -93,7 +93,7 @@ def test_preemption_checkpoints_and_resume_continues_the_curve(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     stopped = max(int(p.stem.split("-")[1]) for p in run.glob("checkpoint-*.pth"))
     assert f"stopped by a signal after step {stopped}: {run / f'checkpoint-{stopped}.pth'}" in out
-    assert stopped < 150
+    assert stopped < 80
     # --resume continues the uninterrupted curve exactly (compared with a run that was never stopped)
     r = subprocess.run(_cmd(["pretrain", f"out_dir={run}", *LONG, "--resume"]), env=_env(), cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
@@ -103,7 +103,7 @@ def test_preemption_checkpoints_and_resume_continues_the_curve(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0
     a, b = read_metrics(whole), read_metrics(run)
-    assert [x["step"] for x in b] == list(range(1, 151))
+    assert [x["step"] for x in b] == list(range(1, 81))
     assert [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], rel=1e-6, abs=1e-7)
 
 
