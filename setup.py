@@ -20,9 +20,11 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",  # fastm2d report
+        "safetensors",  # pickle-free weights (export --format safetensors)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "wheel", "nvidia-dali-cuda130==2.4.0", "deepspeed==0.19.8"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "wheel", "psutil", "nvidia-dali-cuda130==2.4.0",
+                 "deepspeed==0.19.8"],
         "dali": ["nvidia-dali-cuda130==2.4.0"],
         "deepspeed": ["deepspeed==0.19.8"],
         "xformers": ["xformers==0.0.35"],

@@ -21,10 +21,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .config import ModelConfig, model_config_from_dict
+from .frontend import first_line
 from .model import DEFAULT_NORM_STATS, M2D
 
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
-WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 # Prefixes that wrappers add, longest first: the original's evaluation package (EVAR) saves fine-tuned encoders
 # under `module.ar.runtime.backbone.`, DDP under `module.`, the original's RuntimeM2D under `backbone.`.
 WRAPPER_PREFIXES = ("module.ar.runtime.backbone.", "module.", "backbone.")
@@ -105,13 +105,8 @@ def safe_load(path: str | Path):
                               f"number or container and could run code; only load files from sources you trust "
                               f"(or ask for a .safetensors copy)") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(e)}); truncated or not a PyTorch "
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(e)}); truncated or not a PyTorch "
                               f"file?") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def load_weights_file(path: Path):
@@ -124,7 +119,7 @@ def load_weights_file(path: Path):
                 meta = f.metadata() or {}
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
         obj = {"model": state}
         if "model_config" in meta:
             obj["model_config"] = json.loads(meta["model_config"])
@@ -196,12 +191,7 @@ def infer_model_config(state: Dict[str, torch.Tensor], path: Path) -> Tuple[Mode
 
 def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelConfig, int, dict]:
     """-> (state_dict without wrappers, model config, sample rate, the whole checkpoint object)."""
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path) or _latest_safetensors(path)
-        if found is None:
-            raise CheckpointError(f"{path}: no checkpoint-<N>.pth (or .safetensors) in this folder")
-        path = found
+    path = resolve_checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     obj = load_weights_file(path)
@@ -222,9 +212,18 @@ def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelCon
     return state, cfg, sr, obj
 
 
-def _latest_safetensors(folder: Path) -> Optional[Path]:
-    found = sorted(Path(folder).glob("checkpoint-*.safetensors"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def resolve_checkpoint_file(path: str | Path) -> Path:
+    """A run folder -> its latest checkpoint-<N>.pth (else its newest .safetensors); a file stays as it is."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        tensors = sorted(path.glob("checkpoint-*.safetensors"), key=lambda p: p.stat().st_mtime)
+        found = tensors[-1] if tensors else None
+    if found is None:
+        raise CheckpointError(f"{path}: no checkpoint-<N>.pth (or .safetensors) in this folder")
+    return found
 
 
 def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], path) -> None:

@@ -45,19 +45,14 @@ def cmd_adapt(args) -> None:
 
 def cmd_stats(args) -> None:
     from .config import load_config
-    from .data import LogMelSource, check_files, compute_norm_stats, list_files
-
-    from .frontend import min_real_samples, pad_samples
+    from .data import compute_norm_stats
+    from .train.trainer import file_source
 
     config = load_config(args.config, args.overrides)
-    sr, frames, patch_t = config.data.sample_rate, config.model.input_size[1], config.model.patch_size[1]
-    min_samples = min_real_samples(sr, patch_t)
-    files, bad = check_files(list_files(args.data, config.data.root), config.model.input_size[0], min_samples / sr,
-                             patch_t)
+    source, bad = file_source(args.data, config, config.data.root)
+    files = source.files
     if not files:
         raise DataError(f"{args.data}: none of its {len(bad)} files is usable (first: {bad[0]})")
-    source = LogMelSource(files, sample_rate=sr, pad_to=pad_samples(sr, frames), min_samples=min_samples,
-                          min_frames=patch_t)
     mean, std = compute_norm_stats(source, config.model.input_size[1], args.items, config.train.seed, progress=True)
     result = {"norm_stats": [mean, std], "items": min(args.items, len(files)), "skipped_files": len(bad)}
     text = json.dumps(result)

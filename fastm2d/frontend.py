@@ -87,7 +87,7 @@ def read_audio(path: str | Path, sample_rate: int, min_samples: int = 0) -> torc
             promised, sr = f.frames, f.samplerate
             data = f.read(dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types for corrupt / non-audio input
-        raise AudioReadError(f"{path}: cannot decode audio ({_first_line(e)})") from None
+        raise AudioReadError(f"{path}: cannot decode audio ({first_line(e)})") from None
     if data.shape[0] == 0:
         raise AudioReadError(f"{path}: no samples")
     if data.shape[0] < promised:
@@ -105,6 +105,7 @@ def read_audio(path: str | Path, sample_rate: int, min_samples: int = 0) -> torc
     return wav
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line (libraries raise multi-line texts), for one-line error messages."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return text.splitlines()[0][:limit] if text else type(e).__name__

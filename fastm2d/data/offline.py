@@ -6,13 +6,12 @@ list or features of the wrong width or length is one `DataError` naming the file
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .sources import CSV_COLUMNS, DataError
+from .sources import CSV_COLUMNS, DataError, find_column, read_csv_rows
 
 LABEL_COLUMNS = ("labels", "label", "positive_labels")
 
@@ -27,11 +26,8 @@ def read_label_rows(path: Path, root: Optional[Path] = None) -> Dict[Path, List[
     path = Path(path)
     if not path.is_file():
         raise DataError(f"offline.labels={path}: file not found")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    header = [c.strip().lower() for c in rows[0]] if rows else []
-    fcol = next((header.index(c) for c in CSV_COLUMNS if c in header), None)
-    lcol = next((header.index(c) for c in LABEL_COLUMNS if c in header), None)
+    rows = read_csv_rows(path)
+    fcol, lcol = find_column(rows, CSV_COLUMNS), find_column(rows, LABEL_COLUMNS)
     if fcol is None or lcol is None:
         raise DataError(f"{path}: needs a file column ({'/'.join(CSV_COLUMNS)}) and a labels column "
                         f"({'/'.join(LABEL_COLUMNS)}); header is {rows[0] if rows else 'empty'}")

@@ -13,6 +13,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..frontend import first_line
+
 log = logging.getLogger("fastm2d.data")
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
@@ -48,13 +50,24 @@ def list_files(spec: str, root: Optional[str] = None) -> List[Path]:
     raise DataError(f"data.train={spec!r}: not 'synthetic', an existing folder, or an existing .csv file")
 
 
-def _read_csv(path: Path, root: Path) -> List[Path]:
+def read_csv_rows(path: Path) -> List[List[str]]:
+    """The non-blank rows of a CSV file (the header first)."""
     with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+        return [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+
+
+def find_column(rows: List[List[str]], names: Tuple[str, ...]) -> Optional[int]:
+    """Index of the first header cell (case-insensitive) that is one of `names`, or None."""
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    return next((header.index(c) for c in names if c in header), None)
+
+
+def _read_csv(path: Path, root: Path) -> List[Path]:
+    rows = read_csv_rows(path)
     if not rows:
         raise DataError(f"{path}: empty CSV list")
-    header = [c.strip().lower() for c in rows[0]]
-    column = next((header.index(c) for c in CSV_COLUMNS if c in header), None)
+    header = rows[0]
+    column = find_column(rows, CSV_COLUMNS)
     if column is None:
         if len(header) != 1:
             raise DataError(f"{path}: no column named one of {CSV_COLUMNS} in header {rows[0]}")
@@ -90,7 +103,7 @@ def probe_file(path: Path, n_mels: int = 80, min_seconds: float = 0.0, min_frame
         import soundfile as sf
         info = sf.info(str(path))
     except Exception as e:
-        return f"cannot decode audio ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+        return f"cannot decode audio ({first_line(e)})"
     if info.frames <= 0:
         return "no samples"
     if info.frames < min_seconds * info.samplerate:

@@ -21,16 +21,18 @@ log = logging.getLogger("fastm2d.eval")
 
 def weights_key(weights: str | Path, layers: Optional[Sequence[int]] = None, untrained: bool = False) -> str:
     """Identifies the weights file by path, size and modification time (a re-written checkpoint is re-embedded)."""
-    from ..checkpoint import _latest_safetensors, latest_checkpoint
-    p = Path(weights)
-    if p.is_dir():
-        p = latest_checkpoint(p) or _latest_safetensors(p) or p
+    from ..checkpoint import CheckpointError, resolve_checkpoint_file
+    try:
+        p = resolve_checkpoint_file(weights)
+    except CheckpointError:
+        p = Path(weights)
     st = p.stat() if p.exists() else None
     raw = f"{p.resolve()}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}|{layers}|{untrained}"
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
-def _load(item: str, sample_rate: int, task: EvalTask) -> torch.Tensor:
+def load_clip(item: str, sample_rate: int, task: EvalTask) -> torch.Tensor:
+    """One task item as a waveform at `sample_rate`: an audio file, or a generated synthetic clip."""
     if item.startswith("synthetic:"):
         wav, _, _ = synth_labelled_clip(task.synthetic["seed"], int(item.split(":")[1]), task.synthetic["seconds"],
                                         sample_rate)
@@ -60,7 +62,7 @@ def embed_task(runtime, task: EvalTask, batch_size: int = 64, layers: Optional[S
         pending.clear()
 
     for i in tqdm(range(len(task.items)), desc=f"embed {task.name}", disable=not progress):
-        wav = _load(task.items[i], runtime.sample_rate, task)
+        wav = load_clip(task.items[i], runtime.sample_rate, task)
         if pending and (len(pending) >= batch_size or len(wav) != len(pending[0][1])):
             flush()
         pending.append((i, wav))

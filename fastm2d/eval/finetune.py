@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import atomic_save
-from .embeddings import _load
+from .embeddings import load_clip
 from .scores import accuracy, mean_average_precision
 from .tasks import EvalTask
 
@@ -97,15 +97,14 @@ def _augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, g: torch.Gen
     return x, y
 
 
-def _task_lms(runtime, task: EvalTask, frames: int) -> torch.Tensor:
-    """Every clip -> normalised log-mel, its first `frames` frames, padded with (normalised) silence when shorter;
-    held in memory."""
+def _fixed_length(runtime, clips: List[torch.Tensor], frames: int) -> torch.Tensor:
+    """Normalised log-mel clips (F, T_i) -> (N, 1, F, frames): each clip's first `frames` frames, padded with
+    (normalised) silence when shorter; held in memory."""
     from ..frontend import SILENCE_LOG
     silence = float(runtime.normalize(torch.tensor(SILENCE_LOG)))
-    out = torch.full((len(task.items), 1, runtime.cfg.input_size[0], frames), silence)
-    for k, item in enumerate(task.items):
-        lms = runtime.to_lms(_load(item, runtime.sample_rate, task), runtime.sample_rate)[0, 0, :, :frames]
-        out[k, 0, :, :lms.shape[-1]] = lms
+    out = torch.full((len(clips), 1, runtime.cfg.input_size[0], frames), silence)
+    for k, lms in enumerate(clips):
+        out[k, 0, :, :min(frames, lms.shape[-1])] = lms[:, :frames]
     return out
 
 
@@ -114,11 +113,11 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
     from ..runtime import load_encoder
     torch.manual_seed(cfg.seed)
     probe = load_encoder(weights)
-    lengths = [probe.to_lms(_load(i, probe.sample_rate, task), probe.sample_rate).shape[-1] for i in task.items[:50]]
+    clips = [probe.to_lms(load_clip(i, probe.sample_rate, task), probe.sample_rate)[0, 0] for i in task.items]
     pt = probe.cfg.patch_size[1]
-    frames = frames or max(pt, int(np.median(lengths)) // pt * pt)
+    frames = frames or max(pt, int(np.median([c.shape[-1] for c in clips[:50]])) // pt * pt)
     runtime = load_encoder(weights, input_frames=frames)  # position table trimmed or resampled to the clip length
-    x_all = _task_lms(runtime, task, frames)
+    x_all = _fixed_length(runtime, clips, frames)
     model = Classifier(runtime, task.labels.shape[1]).to(device)
     groups = _layer_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \

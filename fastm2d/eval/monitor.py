@@ -56,18 +56,14 @@ class Monitor:
                                                                      generator=g))
         self.tasks = []
         if task is not None:
+            from ..frontend import LogMelSpectrogram
+            from .embeddings import load_clip
             from .tasks import load_tasks
-            from .embeddings import _load
+            sr = trainer.config.data.sample_rate
+            frontend = LogMelSpectrogram(sr)
             for t in load_tasks(task):
-                lms = [self._lms(_load(item, trainer.config.data.sample_rate, t)) for item in t.items]
-                self.tasks.append((t, lms))  # cached audio -> log-mel, normalised at call time
-
-    def _lms(self, wav: torch.Tensor) -> torch.Tensor:
-        from ..frontend import LogMelSpectrogram
-        if not hasattr(self, "_fe"):
-            self._fe = LogMelSpectrogram(self.trainer.config.data.sample_rate)
-        with torch.inference_mode():
-            return self._fe(wav)
+                with torch.inference_mode():  # cached audio -> log-mel, normalised at call time
+                    self.tasks.append((t, [frontend(load_clip(item, sr, t)) for item in t.items]))
 
     @torch.no_grad()
     def _embed(self, runtime: Runtime, lms, batch: int = 64) -> torch.Tensor:

@@ -4,14 +4,13 @@ scenes generated on the fly, 60/20/20 % train/valid/test: event type, 5 classes,
 which need no data; `synthetic:N` takes N clips."""
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 
-from ..data.sources import CSV_COLUMNS, DataError
+from ..data.sources import CSV_COLUMNS, DataError, find_column, read_csv_rows
 from ..data.synthetic import BAND_NAMES, EVENT_NAMES
 
 SPLITS = ("train", "valid", "test")
@@ -58,14 +57,11 @@ def _synthetic_tasks(n: int = SYNTHETIC_CLIPS) -> List[EvalTask]:
 
 
 def _read_csv_task(path: Path) -> EvalTask:
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    header = [c.strip().lower() for c in rows[0]] if rows else []
-    fcol = next((header.index(c) for c in CSV_COLUMNS if c in header), None)
-    if fcol is None or "label" not in header or "split" not in header:
+    rows = read_csv_rows(path)
+    fcol, lcol, scol = (find_column(rows, names) for names in (CSV_COLUMNS, ("label",), ("split",)))
+    if fcol is None or lcol is None or scol is None:
         raise DataError(f"{path}: an evaluation task needs columns file_name, label and split; header is "
                         f"{rows[0] if rows else 'empty'}")
-    lcol, scol = header.index("label"), header.index("split")
     items, names, splits = [], [], []
     for line, r in enumerate(rows[1:], start=2):
         split = r[scol].strip().lower()

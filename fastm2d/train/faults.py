@@ -22,6 +22,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..frontend import first_line
+
 log = logging.getLogger("fastm2d.train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -125,7 +127,7 @@ def lost_rank_error(fleet: Fleet, error: Exception, last_good: Optional[Path]) -
     lost = fleet.lost_ranks()
     who = (f"rank {', '.join(map(str, lost))} is gone" if lost else
            "a peer rank stopped answering (on another host, or still alive but stuck)")
-    return RankLost(f"{who} ({type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}); "
+    return RankLost(f"{who} ({type(error).__name__}: {first_line(error, 160)}); "
                     + (f"last good checkpoint: {last_good}; " if last_good else "no checkpoint was written yet; ")
                     + "the run folder is resumable: relaunch the same command with --resume")
 

@@ -20,9 +20,10 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
 from .. import __version__, kernels
-from ..checkpoint import CheckpointError, atomic_save, init_from_weights, list_checkpoints, load_weights, safe_load
+from ..checkpoint import (CheckpointError, atomic_save, init_from_weights, latest_checkpoint, list_checkpoints,
+                          load_weights, safe_load)
 from ..config import Config, ConfigError, config_from_dict, to_yaml
-from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files
+from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files, random_crop
 from ..data.noise import NoisePicker, tile_crop
 from ..data.sources import AUDIO_EXTS, require_usable
 from ..frontend import FRONTEND_PARAMS, min_real_samples, pad_samples
@@ -77,7 +78,6 @@ def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] =
     padded (it is tiled); synthetic clips are generated at data.synthetic_seconds, padded only up to the crop.
     """
     d, frames = config.data, config.model.input_size[1]
-    patch_t = config.model.patch_size[1]
     is_noise = label == "noise"
     hop = FRONTEND_PARAMS[d.sample_rate]["hop_length"]
     if is_store(spec):
@@ -89,14 +89,23 @@ def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] =
         return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed + seed_offset, d.synthetic_clips,
                                                                    d.synthetic_seconds),
                             pad_to=0 if is_noise else (frames - 1) * hop)
-    min_samples = min_real_samples(d.sample_rate, patch_t)
-    files, bad = check_files(list_files(spec, root), config.model.input_size[0], min_samples / d.sample_rate, patch_t)
+    source, bad = file_source(spec, config, root, pad=not is_noise)
     listing = out_dir / f"bad_{label}_files.txt"
     if bad:
         listing.write_text("".join(f"{b}\n" for b in bad))
-    require_usable(files, bad, d.on_bad_file, label, listing)
-    return LogMelSource(files, sample_rate=d.sample_rate, pad_to=0 if is_noise else pad_samples(d.sample_rate, frames),
-                        min_samples=min_samples, min_frames=patch_t)
+    require_usable(source.files, bad, d.on_bad_file, label, listing)
+    return source
+
+
+def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool = True):
+    """A folder / CSV of files, header-checked -> (LogMelSource of the usable ones, the unusable with reasons).
+    Usable = at least one patch width of audio; `pad` applies frontend.py's short-clip rule."""
+    d, patch_t = config.data, config.model.patch_size[1]
+    min_samples = min_real_samples(d.sample_rate, patch_t)
+    files, bad = check_files(list_files(spec, root), config.model.input_size[0], min_samples / d.sample_rate, patch_t)
+    return LogMelSource(files, sample_rate=d.sample_rate,
+                        pad_to=pad_samples(d.sample_rate, config.model.input_size[1]) if pad else 0,
+                        min_samples=min_samples, min_frames=patch_t), bad
 
 
 class Trainer:
@@ -107,11 +116,11 @@ class Trainer:
             log.warning("launcher restart %d: resuming from the latest complete checkpoint", launcher_restart())
             resume = True
         # Decide resume-or-not before writing anything, so a refused start leaves the run folder as it was.
-        latest = max(list_checkpoints(self.out_dir), default=None) if self.out_dir.is_dir() else None
+        latest = latest_checkpoint(self.out_dir)
         if latest is not None and not resume:
             raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
                               f"or choose another out_dir")
-        resume_from = list_checkpoints(self.out_dir)[latest] if resume and latest is not None else None
+        resume_from = latest if resume else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         t = config.train
         self.dist = dist_from_env()
@@ -286,7 +295,7 @@ class Trainer:
             # Several ranks: the handlers stay, so the launcher's SIGTERM to the survivors cannot kill this one
             # before its error (which rank was lost, the last good checkpoint) is printed.
             if self.dist.world_size > 1 and isinstance(e, RuntimeError) and _looks_like_comm_failure(e):
-                raise lost_rank_error(self.fleet, e, self.last_checkpoint()) from None
+                raise lost_rank_error(self.fleet, e, latest_checkpoint(self.out_dir)) from None
             raise
         signals.uninstall()
         logger.close()
@@ -379,14 +388,14 @@ class Trainer:
 
     def check_finite(self) -> None:
         if all_reduce_(self._nonfinite.clone()).item() > 0:  # any rank's NaN stops every rank
-            saved = list_checkpoints(self.out_dir)
+            saved = latest_checkpoint(self.out_dir)
             raise TrainingDiverged(
                 f"the loss became NaN/inf at or before step {self.step}; training stopped. "
-                + (f"Last good checkpoint: {saved[max(saved)]}." if saved else "No checkpoint was written before it.")
+                + (f"Last good checkpoint: {saved}." if saved else "No checkpoint was written before it.")
                 + " Try a lower train.base_lr or train.precision=fp32.")
 
     # ------------------------------------------------------------------------------------- statistics -----
-    def norm_stats(self, source, configured: Optional[List[float]], filename: str, crop=None) -> List[float]:
+    def norm_stats(self, source, configured: Optional[List[float]], filename: str, crop=random_crop) -> List[float]:
         """Configured statistics, else the run folder's, else a prepared store's, else computed once and saved."""
         if configured is not None:
             return list(configured)
@@ -398,7 +407,7 @@ class Trainer:
         barrier()
         return stats
 
-    def _norm_stats_main(self, source, path: Path, crop=None) -> List[float]:
+    def _norm_stats_main(self, source, path: Path, crop) -> List[float]:
         if path.is_file():
             return json.loads(path.read_text())["norm_stats"]
         if getattr(source, "norm_stats", None) is not None:
@@ -406,7 +415,7 @@ class Trainer:
             return list(source.norm_stats)
         n = self.config.data.stats_items
         stats = compute_norm_stats(source, self.config.model.input_size[1], n, self.config.train.seed,
-                                   progress=self.config.train.progress, **({"crop": crop} if crop else {}))
+                                   progress=self.config.train.progress, crop=crop)
         path.write_text(json.dumps({"norm_stats": stats, "items": min(n, len(source))}))
         log.info("statistics: mean %.4f std %.4f (saved to %s)", *stats, path)
         return list(stats)
@@ -433,7 +442,7 @@ class Trainer:
         """Every rank calls this (DeepSpeed writes its optimiser partitions collectively); rank 0 writes the
         checkpoint that single-process runs and `load_model` read."""
         path = self.out_dir / f"checkpoint-{self.step}.pth"
-        previous, state = self.last_checkpoint(), None
+        previous, state = latest_checkpoint(self.out_dir), None
         try:
             self.engine.save_extra(self.out_dir, self.step)
             if self.dist.is_main:
@@ -448,10 +457,6 @@ class Trainer:
                 shutil.rmtree(self.out_dir / "deepspeed" / f"step{step}", ignore_errors=True)
         barrier()
         return path
-
-    def last_checkpoint(self) -> Optional[Path]:
-        saved = list_checkpoints(self.out_dir)
-        return saved[max(saved)] if saved else None
 
     def load_state(self, path: Path) -> dict:
         """Model, target, step and RNG from a checkpoint; returns it for the engine's optimiser state."""
