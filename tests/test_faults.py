@@ -1,6 +1,7 @@
 """Faults of long runs (issue: preemption, launcher restarts, a dead rank, a full disk, two nodes), each provoked
 for real on CPU processes: signals to the running command, SIGKILL of a rank, a file-size limit."""
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -145,6 +146,34 @@ def test_a_dead_rank_is_named_and_the_folder_stays_resumable(tmp_path):
     r = subprocess.run(_cmd([*again, "--resume"], nproc=2, port=29537), env=_env(), cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "moments start from zero" not in r.stderr, r.stderr[-3000:]
+
+
+@needs_ds
+def test_torchrun_restarts_a_killed_rank_and_the_job_resumes_by_itself(tmp_path):
+    """SIGKILL one of two ranks under `torchrun --max-restarts=1` (static rendezvous, as the README launches):
+    the survivor names it, torchrun restarts both, and they resume from the last checkpoint with no flag and run to
+    the end. Without a key space per attempt the restarted ranks read the dead peers' addresses from the
+    launcher's store and never connect (measured: the run hung past 180 s)."""
+    run = tmp_path / "run"
+    args = ["pretrain", f"out_dir={run}", *LONG, "train.engine=deepspeed", "train.batch_size=2",
+            "train.dist_timeout_s=30", "train.max_steps=12"]
+    proc = subprocess.Popen(_cmd(args, nproc=2, port=29539, extra=["--max-restarts=1"]), env=_env(), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, 4, proc)
+    (w1,) = [w for w in _workers(proc) if w.environ().get("RANK") == "1"]
+    w1.kill()
+    try:
+        out, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the restarted job did not finish within 150 s: " + proc.communicate()[1][-3000:])
+    assert proc.returncode == 0, err[-3000:]
+    assert "rank 1 is gone" in err and "torchrun restarts the job (1 restart left)" in err, err[-3000:]
+    assert "launcher restart 1: resuming" in err and "resumed from" in err, err[-3000:]
+    resumed_at = int(err.split("resumed from")[1].split("at step ")[1].split()[0])
+    assert 4 <= resumed_at < 12
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 12
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
+from .faults import attempt_store
 
 log = logging.getLogger("fastm2d.train")
 
@@ -60,7 +61,12 @@ def init_distributed(config: Config, device_type: str) -> None:
     """Process group with a collective timeout: a rank that dies makes the others fail instead of hanging."""
     deepspeed = import_deepspeed()
     timeout = datetime.timedelta(seconds=config.train.dist_timeout_s)
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    store = attempt_store(timeout)
+    if store is not None and not torch.distributed.is_initialized():  # DeepSpeed adopts an initialised group
+        torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def deepspeed_config(config: Config, world_size: int) -> dict:

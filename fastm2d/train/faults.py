@@ -4,7 +4,8 @@
                    current optimiser step, they agree on it through a tiny all-reduce on a gloo side channel
                    (host memory only: no device sync), write one checkpoint together and exit 0. A second
                    signal exits at once, touching nothing (atomic saves: no checkpoint is ever half-written).
-  launcher restart torchrun --max-restarts sets TORCHELASTIC_RESTART_COUNT: a restarted job resumes by itself
+  launcher restart torchrun --max-restarts sets TORCHELASTIC_RESTART_COUNT: a restarted job resumes by itself,
+                   its process group built in a key space of its own (attempt_store)
   lost rank        each rank writes its host:pid into the run folder (.ranks/); when a collective fails, the
                    survivor names the ranks whose processes are gone and the last good checkpoint
   full disk        a checkpoint that cannot be written stops the run with the folder and the space it needs;
@@ -40,6 +41,24 @@ class CheckpointWriteError(RuntimeError):
 def launcher_restart() -> int:
     """How many times torchrun restarted this job (0 on the first attempt or without torchrun)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def attempt_store(timeout) -> Optional[torch.distributed.Store]:
+    """The launcher's store, seen through a prefix naming this attempt; None outside torchrun.
+
+    torchrun's agent keeps ONE TCPStore for all attempts (the static rendezvous and the c10d one share it with
+    the workers), and torch's env:// start writes each rank's address under the same keys every attempt. After a
+    restart a rank can read a dead peer's address before the new peer overwrites it: gloo then fails with
+    "Connection refused" (measured here after SIGKILL of a rank: every time with the static rendezvous, 2 of 3
+    times with c10d), NCCL would hang on a stale unique id. A prefix per attempt leaves no stale keys to read.
+    It relies on every agent counting the same restarts, true when the whole job restarts after a failure; a node
+    that joins an elastic job (--nnodes=MIN:MAX) later counts from 0 and would not meet the others: change the
+    number of nodes by relaunching with --resume instead."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return torch.distributed.PrefixStore(f"fastm2d/attempt_{launcher_restart()}", store)
 
 
 class StopSignals:
@@ -129,7 +148,14 @@ def lost_rank_error(fleet: Fleet, error: Exception, last_good: Optional[Path]) -
            "a peer rank stopped answering (on another host, or still alive but stuck)")
     return RankLost(f"{who} ({type(error).__name__}: {first_line(error, 160)}); "
                     + (f"last good checkpoint: {last_good}; " if last_good else "no checkpoint was written yet; ")
-                    + "the run folder is resumable: relaunch the same command with --resume")
+                    + _what_next())
+
+
+def _what_next() -> str:
+    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) - launcher_restart()
+    if left > 0:  # torchrun restarts the job by itself, and the restart resumes by itself
+        return f"torchrun restarts the job ({left} restart{'s' * (left > 1)} left) and it resumes from there"
+    return "the run folder is resumable: relaunch the same command with --resume"
 
 
 def write_failure(folder: Path, needed_bytes: int, error: OSError, previous: Optional[Path]) -> CheckpointWriteError:
