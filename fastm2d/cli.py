@@ -121,17 +121,19 @@ def cmd_linear_eval(args) -> None:
     hidden = tuple(int(h) for h in args.hidden.split(",")) if args.hidden else ()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    key = weights_key(args.weights, layers, args.untrained)
+    init_seed = args.untrained_seed if args.untrained else None
+    key = weights_key(args.weights, layers, init_seed)
     rows = []
     for task in load_tasks(args.task):
         emb, rate = cached_embeddings(runtime, task, out / "cache", key, layers=layers, batch_size=args.batch_size,
                                       progress=not args.quiet)
         result = linear_eval(emb, task, seeds=args.seeds, hidden=hidden, device=args.device)
-        result.update(weights=str(args.weights), untrained=args.untrained, layers=layers, embedding_dim=emb.shape[1],
+        result.update(weights=str(args.weights), untrained_seed=init_seed, layers=layers, embedding_dim=emb.shape[1],
                       clips_per_s=rate)
-        name = task.name + ("-untrained" if args.untrained else "")
+        name = task.name + (f"-untrained-seed{init_seed}" if args.untrained else "")
         (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        row = (f"| {args.weights}{' (untrained)' if args.untrained else ''} | {task.name} | {result['metric']} | "
+        baseline = f" (untrained, init seed {init_seed})" if args.untrained else ""
+        row = (f"| {args.weights}{baseline} | {task.name} | {result['metric']} | "
                f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f} | {args.seeds} |")
         with open(out / "results.md", "a") as f:
             f.write(row + "\n")

@@ -104,7 +104,9 @@ def test_cached_embeddings_equal_recomputed_ones(tiny_run, tmp_path, capsys):
     assert result["metric"] == "accuracy" and 0 <= result["mean"] <= 1 and result["clips_per_s"] > 0
     assert "synthetic-pitch" in (tmp_path / "results.md").read_text()
     assert main(args + ["--untrained"]) == 0  # the baseline: same architecture, fresh weights
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert main(args + ["--untrained", "--untrained-seed", "1"]) == 0  # another initialisation, not a cache hit
+    cached = sorted((tmp_path / "cache").glob("*.npy"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(cached) == 3 and not np.allclose(np.load(cached[1]), np.load(cached[2]))
 
 
 def test_rank_me_and_explained_variance_by_hand():

@@ -19,15 +19,16 @@ from .tasks import EvalTask
 log = logging.getLogger("fastm2d.eval")
 
 
-def weights_key(weights: str | Path, layers: Optional[Sequence[int]] = None, untrained: bool = False) -> str:
-    """Identifies the weights file by path, size and modification time (a re-written checkpoint is re-embedded)."""
+def weights_key(weights: str | Path, layers: Optional[Sequence[int]] = None, untrained_seed: Optional[int] = None) -> str:
+    """Identifies the weights file by path, size and modification time (a re-written checkpoint is re-embedded);
+    `untrained_seed`: the fresh initialisation used instead of the weights (each seed is its own baseline)."""
     from ..checkpoint import CheckpointError, resolve_checkpoint_file
     try:
         p = resolve_checkpoint_file(weights)
     except CheckpointError:
         p = Path(weights)
     st = p.stat() if p.exists() else None
-    raw = f"{p.resolve()}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}|{layers}|{untrained}"
+    raw = f"{p.resolve()}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}|{layers}|{untrained_seed}"
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
