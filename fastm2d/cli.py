@@ -146,7 +146,7 @@ def cmd_finetune(args) -> None:
     from .eval.tasks import load_tasks
 
     cfg = FinetuneConfig(**{k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "layer_decay", "optimizer",
-                                                          "mixup", "seed")})
+                                                          "mixup", "seed", "attention", "compile")})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for task in load_tasks(args.task):
         r = finetune(args.weights, task, args.out, cfg, device=args.device, frames=args.frames)
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--mixup", type=float, default=0.3)
     ft.add_argument("--frames", type=int, default=0, help="clip length in frames (default: the task's median)")
     ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--attention", choices=("auto", "sdpa", "xformers", "reference"), default="auto")
+    ft.add_argument("--compile", action="store_true", help="torch.compile the classifier (pays off on long runs)")
     ft.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     ft.set_defaults(func=cmd_finetune)
 

@@ -2,8 +2,9 @@
 
 The encoder (position table resampled or trimmed to the task's clip length) + BatchNorm (affine=False) + a linear
 head on the time mean of eq. 4 features; SpecAugment-style time / frequency masks, mixup and random resize crop
-on the log-mel; AdamW (or SGD) with layer-wise lr decay, warm-up then cosine; bf16 autocast on GPU. The
-best-on-valid weights are saved with their test score.
+on the log-mel; AdamW (or SGD) with layer-wise lr decay, warm-up then cosine; bf16 autocast on GPU, the
+attention kernel chosen as in pre-training, optionally torch.compile. The best-on-valid weights are saved with
+their test score.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class FinetuneConfig:
     time_mask: int = 48  # ... and up to this many frames
     rrc: bool = True  # random resize crop of the log-mel
     seed: int = 0
+    attention: str = "auto"  # as model.attention: fused kernels on GPU (xformers / SDPA), 'reference' to check
+    compile: bool = False  # torch.compile the classifier's forward (the first epochs pay the compilation)
 
 
 class Classifier(nn.Module):
@@ -116,9 +119,11 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
     clips = [probe.to_lms(load_clip(i, probe.sample_rate, task), probe.sample_rate)[0, 0] for i in task.items]
     pt = probe.cfg.patch_size[1]
     frames = frames or max(pt, int(np.median([c.shape[-1] for c in clips[:50]])) // pt * pt)
-    runtime = load_encoder(weights, input_frames=frames)  # position table trimmed or resampled to the clip length
+    # position table trimmed or resampled to the clip length
+    runtime = load_encoder(weights, input_frames=frames, attention=cfg.attention)
     x_all = _fixed_length(runtime, clips, frames)
     model = Classifier(runtime, task.labels.shape[1]).to(device)
+    forward = torch.compile(model) if cfg.compile else model  # same parameters: the saved state is the model's
     groups = _layer_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
         torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
@@ -132,7 +137,7 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
     def evaluate(idx) -> float:
         model.eval()
         with torch.no_grad(), torch.autocast(**amp):
-            logits = torch.cat([model(x_all[i].to(device)).float().cpu() for i in np.array_split(idx, max(1, len(idx) // 64))])
+            logits = torch.cat([forward(x_all[i].to(device)).float().cpu() for i in np.array_split(idx, max(1, len(idx) // 64))])
         s, y = logits.numpy(), task.labels[idx]
         return mean_average_precision(s, y) if task.multi_label else accuracy(s, y)
 
@@ -147,7 +152,7 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
                 grp["lr"] = lr * grp["lr_scale"]
             x, y = _augment(x_all[idx], y_all[idx], cfg, g)
             with torch.autocast(**amp):
-                logits = model(x.to(device)).float()
+                logits = forward(x.to(device)).float()
             y = y.to(device)
             loss = F.binary_cross_entropy_with_logits(logits, y) if task.multi_label else \
                 torch.sum(-y * F.log_softmax(logits, -1), -1).mean()
@@ -156,7 +161,7 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
             opt.step()
             step += 1
         valid = evaluate(va)
-        history.append({"epoch": epoch + 1, "loss": float(loss), "valid": valid})
+        history.append({"epoch": epoch + 1, "loss": loss.item(), "valid": valid})
         if valid > best:
             best = valid
             atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "finetune": asdict(cfg), "frames": frames,
