@@ -57,7 +57,7 @@ def test_probe_reaches_100_percent_on_separable_data_and_chance_on_shuffled_labe
 def test_synthetic_tasks_know_their_labels():
     from fastm2d.data.synthetic import synth_labelled_clip
     event, pitch = load_tasks("synthetic")
-    assert (event.name, pitch.name, len(event.items)) == ("synthetic-event", "synthetic-pitch", 600)
+    assert (event.name, pitch.name, len(event.items)) == ("synthetic-event", "synthetic-pitch", 1500)
     for i in (0, 7, 599):
         _, k, b = synth_labelled_clip(event.synthetic["seed"], i, 0.2)
         assert event.labels[i].argmax() == k and pitch.labels[i].argmax() == b

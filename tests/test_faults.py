@@ -164,7 +164,9 @@ def test_torchrun_restarts_a_killed_rank_and_the_job_resumes_by_itself(tmp_path)
     w1.kill()
     try:
         out, err = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:  # kill the workers too: orphans of a hung run would outlive the test
+        for w in _workers(proc):
+            w.kill()
         proc.kill()
         raise AssertionError("the restarted job did not finish within 150 s: " + proc.communicate()[1][-3000:])
     assert proc.returncode == 0, err[-3000:]
