@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=int, default=32)
     ft.add_argument("--lr", type=float, default=1e-3)
     ft.add_argument("--layer-decay", type=float, default=0.75)
-    ft.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    ft.add_argument("--optimizer", choices=("adamw", "lars", "sgd"), default="adamw")
     ft.add_argument("--mixup", type=float, default=0.3)
     ft.add_argument("--frames", type=int, default=0, help="clip length in frames (default: the task's median)")
     ft.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,7 @@
 
 The encoder (position table resampled or trimmed to the task's clip length) + BatchNorm (affine=False) + a linear
 head on the time mean of eq. 4 features; SpecAugment-style time / frequency masks, mixup and random resize crop
-on the log-mel; AdamW (or SGD) with layer-wise lr decay, warm-up then cosine; bf16 autocast on GPU, the
+on the log-mel; AdamW (or LARS, SGD) with layer-wise lr decay, warm-up then cosine; bf16 autocast on GPU, the
 attention kernel chosen as in pre-training, optionally torch.compile. The best-on-valid weights are saved with
 their test score.
 """
@@ -22,6 +22,7 @@ from torch import nn
 
 from ..checkpoint import atomic_save
 from .embeddings import load_clip
+from .lars import LARS
 from .scores import accuracy, mean_average_precision
 from .tasks import EvalTask
 
@@ -36,7 +37,7 @@ class FinetuneConfig:
     layer_decay: float = 0.75
     weight_decay: float = 0.05
     warmup_epochs: int = 5
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw | sgd | lars
     mixup: float = 0.3  # Beta(alpha, alpha); 0 = off
     freq_mask: int = 16  # SpecAugment: up to this many mel bins masked (0 = off)
     time_mask: int = 48  # ... and up to this many frames
@@ -47,12 +48,12 @@ class FinetuneConfig:
 
 
 class Classifier(nn.Module):
-    def __init__(self, runtime, n_classes: int):
+    def __init__(self, runtime, n_classes: int, head_std: float = 2e-5):
         super().__init__()
         self.runtime = runtime
         self.norm = nn.BatchNorm1d(runtime.feature_dim, affine=False)
         self.head = nn.Linear(runtime.feature_dim, n_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.trunc_normal_(self.head.weight, std=head_std)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, lms: torch.Tensor) -> torch.Tensor:
@@ -122,11 +123,17 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
     # position table trimmed or resampled to the clip length
     runtime = load_encoder(weights, input_frames=frames, attention=cfg.attention)
     x_all = _fixed_length(runtime, clips, frames)
-    model = Classifier(runtime, task.labels.shape[1]).to(device)
+    # LARS steps each matrix in proportion to its own norm: a head starting at 2e-5 would hardly move (as MAE's
+    # LARS linear probe, it starts at 0.01)
+    model = Classifier(runtime, task.labels.shape[1], head_std=0.01 if cfg.optimizer == "lars" else 2e-5).to(device)
     forward = torch.compile(model) if cfg.compile else model  # same parameters: the saved state is the model's
     groups = _layer_groups(model, cfg)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
-        torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "lars":
+        opt = LARS(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     tr, va, te = task.index("train"), task.index("valid"), task.index("test")
     y_all = torch.from_numpy(task.labels)
     steps_per_epoch = max(1, len(tr) // cfg.batch_size)
