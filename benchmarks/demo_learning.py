@@ -15,17 +15,20 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from fastm2d.cli import main as fastm2d
+from fastm2d.train import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def probe(weights: Path, out: Path, clips: int, seeds: int, *extra: str) -> dict:
-    """-> {task: (mean %, ci %)} from `fastm2d linear-eval`."""
+def probe(weights: Path, out: Path, clips: int, seeds: int, init_seed: Optional[int] = None) -> dict:
+    """-> {task: (mean %, ci %)} from `fastm2d linear-eval`; `init_seed`: probe that untrained initialisation."""
+    untrained = ["--untrained", "--untrained-seed", str(init_seed)] if init_seed is not None else []
     assert fastm2d(["linear-eval", str(weights), f"synthetic:{clips}", "--seeds", str(seeds), "--out", str(out),
-                    "--quiet", *extra]) == 0
-    suffix = f"-untrained-seed{extra[-1]}" if extra else ""
+                    "--quiet", *untrained]) == 0
+    suffix = f"-untrained-seed{init_seed}" if init_seed is not None else ""
     scores = {}
     for task in ("synthetic-event", "synthetic-pitch"):
         r = json.loads((out / f"{task}{suffix}.json").read_text())
@@ -48,14 +51,13 @@ def main() -> None:
     assert fastm2d(["pretrain", "--config", str(ROOT / "configs/demo.yaml"), f"out_dir={run}", "train.progress=false",
                     "train.tensorboard=false", *args.overrides]) == 0
     wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    loss = [r["loss"] for r in rows if "loss" in r and not r.get("monitor")][-1]
+    loss = read_metrics(run)[-1]["loss"]  # training rows only
     trained = probe(run, args.out / f"eval_{args.name}", args.clips, args.seeds)
 
     baseline_file = args.out / "untrained.json"
     if not baseline_file.is_file():  # the same architecture, several fresh initialisations
-        base = [probe(run, args.out / "eval_untrained", args.clips, args.seeds, "--untrained", "--untrained-seed",
-                      str(s)) for s in range(args.init_seeds)]
+        base = [probe(run, args.out / "eval_untrained", args.clips, args.seeds, init_seed=s)
+                for s in range(args.init_seeds)]
         baseline_file.write_text(json.dumps(base))
     base = json.loads(baseline_file.read_text())
 

@@ -89,13 +89,23 @@ def _in_band(kind: int, band, t, rng, sr):
     return 0.5 * (1 + np.sin(2 * np.pi * rng.uniform(4, 16) * t)) * np.sin(2 * np.pi * np.cumsum(f + fm) / sr)
 
 
+def _labelled_draw(seed: int, index: int):
+    """The clip's generator and its labels, drawn first: the labels cost no audio."""
+    rng = np.random.default_rng([seed, 0x1AB, index])
+    return rng, int(rng.integers(len(EVENT_NAMES))), int(rng.integers(len(BANDS)))
+
+
+def synth_labels(seed: int, index: int):
+    """(event index, band index) of synth_labelled_clip(seed, index), without generating it."""
+    return _labelled_draw(seed, index)[1:]
+
+
 def synth_labelled_clip(seed: int, index: int, seconds: float = 2.0, sample_rate: int = 16000):
     """A clip whose labels are known: one loud dominant event (type in EVENT_NAMES, frequency in one of BANDS)
     over 40-90 % of the clip, plus 1-3 quieter distractors from the unlabelled generators and a noise floor.
     Returns (float32 waveform, event index, band index); a pure function of (seed, index)."""
-    rng = np.random.default_rng([seed, 0x1AB, index])
+    rng, kind, band = _labelled_draw(seed, index)
     n = int(seconds * sample_rate)
-    kind, band = int(rng.integers(len(EVENT_NAMES))), int(rng.integers(len(BANDS)))
     wav = rng.standard_normal(n) * 10 ** (rng.uniform(-70, -50) / 20)
     for _ in range(rng.integers(1, 4)):  # distractors, 12-30 dB below the labelled event
         length = int(n * rng.uniform(0.1, 0.5))

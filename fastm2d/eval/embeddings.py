@@ -6,7 +6,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,37 +42,44 @@ def load_clip(item: str, sample_rate: int, task: EvalTask) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_task(runtime, task: EvalTask, batch_size: int = 64, layers: Optional[Sequence[int]] = None,
-               progress: bool = True) -> Tuple[np.ndarray, float]:
-    """-> ((n, dim) clip embeddings, clips per second). Clips of equal length are batched together."""
-    device = next(runtime.parameters()).device
-    use_bf16 = device.type == "cuda"
-    out = [None] * len(task.items)
-    t0 = time.perf_counter()
-    pending = []
+def clip_embeddings(clips: Iterable[torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor],
+                    device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Clips -> (n, dim) time means of `encode`'s frame features, in order, on the CPU. Consecutive clips of equal
+    shape share a batch; bf16 autocast on GPU."""
+    out, pending = [], []
 
     def flush():
-        x = torch.stack([w for _, w in pending]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            feats = runtime.encode(x, runtime.sample_rate, return_layers=layers is not None)
-        if layers is not None:
-            feats = torch.cat([feats[i] for i in layers], dim=-1)
-        emb = feats.float().mean(1).cpu().numpy()
-        for (i, _), e in zip(pending, emb):
-            out[i] = e
+        x = torch.stack(pending).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(encode(x).float().mean(1).cpu())
         pending.clear()
 
-    for i in tqdm(range(len(task.items)), desc=f"embed {task.name}", disable=not progress):
-        wav = load_clip(task.items[i], runtime.sample_rate, task)
-        if pending and (len(pending) >= batch_size or len(wav) != len(pending[0][1])):
+    for x in clips:
+        if pending and (len(pending) >= batch_size or x.shape != pending[0].shape):
             flush()
-        pending.append((i, wav))
+        pending.append(x)
     if pending:
         flush()
+    return torch.cat(out)
+
+
+def embed_task(runtime, task: EvalTask, batch_size: int = 64, layers: Optional[Sequence[int]] = None,
+               progress: bool = True) -> Tuple[np.ndarray, float]:
+    """-> ((n, dim) clip embeddings, clips per second)."""
+    device = next(runtime.parameters()).device
+
+    def encode(x):
+        feats = runtime.encode(x, runtime.sample_rate, return_layers=layers is not None)
+        return feats if layers is None else torch.cat([feats[i] for i in layers], dim=-1)
+
+    t0 = time.perf_counter()
+    clips = (load_clip(item, runtime.sample_rate, task)
+             for item in tqdm(task.items, desc=f"embed {task.name}", disable=not progress))
+    emb = clip_embeddings(clips, encode, device, batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     rate = len(task.items) / max(time.perf_counter() - t0, 1e-9)
-    return np.stack(out).astype(np.float32), rate
+    return emb.numpy().astype(np.float32), rate
 
 
 def cached_embeddings(runtime, task: EvalTask, cache_dir: Path, key: str, **kw) -> Tuple[np.ndarray, Optional[float]]:

@@ -23,7 +23,6 @@ from torch import nn
 from ..checkpoint import atomic_save
 from .embeddings import load_clip
 from .lars import LARS
-from .scores import accuracy, mean_average_precision
 from .tasks import EvalTask
 
 log = logging.getLogger("fastm2d.finetune")
@@ -145,8 +144,7 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
         model.eval()
         with torch.no_grad(), torch.autocast(**amp):
             logits = torch.cat([forward(x_all[i].to(device)).float().cpu() for i in np.array_split(idx, max(1, len(idx) // 64))])
-        s, y = logits.numpy(), task.labels[idx]
-        return mean_average_precision(s, y) if task.multi_label else accuracy(s, y)
+        return task.score(logits.numpy(), idx)
 
     best, step, history = -1.0, 0, []
     out_dir = Path(out_dir)
@@ -174,7 +172,7 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
             atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "finetune": asdict(cfg), "frames": frames,
                          "classes": task.classes}, out_dir / f"finetuned-{task.name}.pth")
     model.load_state_dict(torch.load(out_dir / f"finetuned-{task.name}.pth", weights_only=True)["model"])
-    result = {"task": task.name, "metric": "mAP" if task.multi_label else "accuracy", "valid": best,
+    result = {"task": task.name, "metric": task.metric, "valid": best,
               "test": evaluate(te), "frames": frames, "weights": str(weights), "config": asdict(cfg), "history": history}
     (out_dir / f"finetuned-{task.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

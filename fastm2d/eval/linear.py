@@ -12,13 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .scores import accuracy, confidence_interval, mean_average_precision
+from .scores import confidence_interval
 from .tasks import EvalTask
-
-
-def _score(logits: torch.Tensor, labels: np.ndarray, multi_label: bool) -> float:
-    s = logits.float().cpu().numpy()
-    return mean_average_precision(s, labels) if multi_label else accuracy(s, labels)
 
 
 def train_linear_probe(x_train, y_train, x_valid, y_valid, multi_label: bool, seed: int, hidden: Sequence[int] = (),
@@ -78,8 +73,8 @@ def linear_eval(embeddings: np.ndarray, task: EvalTask, seeds: int = 5, **probe)
         clf = train_linear_probe(x[tr], task.labels[tr], x[va], task.labels[va], task.multi_label, seed, **probe)
         with torch.no_grad():
             logits = clf(torch.as_tensor(x[te], device=next(clf.parameters()).device))
-        scores.append(_score(logits, task.labels[te], task.multi_label))
+        scores.append(task.score(logits.float().cpu().numpy(), te))
     m, half = confidence_interval(scores)
-    return {"task": task.name, "metric": "mAP" if task.multi_label else "accuracy", "scores": scores, "mean": m,
+    return {"task": task.name, "metric": task.metric, "scores": scores, "mean": m,
             "ci95": half, "seeds": seeds, "n_train": len(tr), "n_valid": len(va), "n_test": len(te),
             "classes": len(task.classes)}

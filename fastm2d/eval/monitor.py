@@ -65,25 +65,12 @@ class Monitor:
                 with torch.inference_mode():  # cached audio -> log-mel, normalised at call time
                     self.tasks.append((t, [frontend(load_clip(item, sr, t)) for item in t.items]))
 
-    @torch.no_grad()
-    def _embed(self, runtime: Runtime, lms, batch: int = 64) -> torch.Tensor:
-        """Normalised log-mel, (N, 1, F, T) or a list of (F, T_i) -> (N, F'*D) clip embeddings; equal lengths batched."""
+    def _embed(self, runtime: Runtime, lms) -> torch.Tensor:
+        """Normalised log-mel, (N, 1, F, T) or a list of (F, T_i) -> (N, F'*D) clip embeddings."""
+        from .embeddings import clip_embeddings
         items = list(lms) if isinstance(lms, list) else list(lms.unbind(0))
-        out, pending = [], []
-
-        def flush():
-            x = torch.stack(pending).to(self.device)
-            x = x if x.dim() == 4 else x.unsqueeze(1)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out.append(runtime.encode_lms(x).float().mean(1).cpu())
-            pending.clear()
-
-        for x in items:
-            if pending and (len(pending) >= batch or x.shape != pending[0].shape):
-                flush()
-            pending.append(x)
-        flush()
-        return torch.cat(out)
+        return clip_embeddings(items, lambda x: runtime.encode_lms(x if x.dim() == 4 else x.unsqueeze(1)),
+                               self.device)
 
     @torch.no_grad()
     def __call__(self) -> Dict:

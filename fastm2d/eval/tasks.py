@@ -11,7 +11,8 @@ from typing import List, Optional
 import numpy as np
 
 from ..data.sources import CSV_COLUMNS, DataError, find_column, read_csv_rows
-from ..data.synthetic import BAND_NAMES, EVENT_NAMES
+from ..data.synthetic import BAND_NAMES, EVENT_NAMES, synth_labels
+from .scores import accuracy, mean_average_precision
 
 SPLITS = ("train", "valid", "test")
 # 1500 clips: 300 test clips; 600 (120 test) spread untrained initialisations over 12 points of accuracy
@@ -31,6 +32,15 @@ class EvalTask:
     def index(self, split: str) -> np.ndarray:
         return np.nonzero(self.splits == split)[0]
 
+    @property
+    def metric(self) -> str:
+        return "mAP" if self.multi_label else "accuracy"
+
+    def score(self, scores: np.ndarray, idx: np.ndarray) -> float:
+        """The task's metric of `scores` (n, classes) against the labels of items `idx`."""
+        return mean_average_precision(scores, self.labels[idx]) if self.multi_label else \
+            accuracy(scores, self.labels[idx])
+
     def key(self) -> str:
         """What the cached embeddings of this task depend on."""
         import hashlib
@@ -40,14 +50,7 @@ class EvalTask:
 
 
 def _synthetic_tasks(n: int = SYNTHETIC_CLIPS) -> List[EvalTask]:
-    from ..data.synthetic import synth_labelled_clip
-    kinds, bands = [], []
-    for i in range(n):  # labels are cheap to regenerate: the rng draws them first (the audio is not kept)
-        rng = np.random.default_rng([SYNTHETIC_SEED, 0x1AB, i])
-        kinds.append(int(rng.integers(len(EVENT_NAMES))))
-        bands.append(int(rng.integers(len(BAND_NAMES))))
-    _, k0, b0 = synth_labelled_clip(SYNTHETIC_SEED, 0, 0.1)
-    assert (k0, b0) == (kinds[0], bands[0]), "synthetic labels out of step with synth_labelled_clip"
+    kinds, bands = np.array([synth_labels(SYNTHETIC_SEED, i) for i in range(n)]).T  # audio is generated on use
     splits = np.array(["train"] * (n * 6 // 10) + ["valid"] * (n * 2 // 10) + ["test"] * (n - n * 8 // 10))
     items = [f"synthetic:{i}" for i in range(n)]
     meta = {"seed": SYNTHETIC_SEED, "seconds": SYNTHETIC_SECONDS}
