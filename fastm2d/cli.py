@@ -46,14 +46,18 @@ def cmd_adapt(args) -> None:
 def cmd_stats(args) -> None:
     from .config import load_config
     from .data import compute_norm_stats
+    from .data.dataset import training_crop
     from .train.trainer import file_source
 
     config = load_config(args.config, args.overrides)
-    source, bad = file_source(args.data, config, config.data.root)
+    source, bad = file_source(args.data, config, config.data.root, pad=not config.data.repeat_short)
     files = source.files
+    for b in bad:  # truncated, too short, undecodable ...: each named with its reason, left out
+        print(f"skipped: {b}", file=sys.stderr)
     if not files:
         raise DataError(f"{args.data}: none of its {len(bad)} files is usable (first: {bad[0]})")
-    mean, std = compute_norm_stats(source, config.model.input_size[1], args.items, config.train.seed, progress=True)
+    mean, std = compute_norm_stats(source, config.model.input_size[1], args.items, config.train.seed, progress=True,
+                                   crop=training_crop(config.data.repeat_short))
     result = {"norm_stats": [mean, std], "items": min(args.items, len(files)), "skipped_files": len(bad)}
     text = json.dumps(result)
     if args.out:
@@ -66,7 +70,7 @@ def cmd_prepare(args) -> None:
     from .data.prepare import prepare
 
     summary = prepare(args.src, args.out, workers=args.workers, files_per_shard=args.files_per_shard,
-                      dtype=args.dtype, sample_rate=args.sample_rate, min_seconds=args.min_seconds,
+                      dtype=args.dtype, sample_rate=args.sample_rate, crop_frames=args.crop_frames,
                       stats_items=args.stats_items, root=args.root, min_patch_frames=args.min_patch_frames)
     print(json.dumps(summary))
 
@@ -201,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--files-per-shard", type=int, default=1000)
     pr.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     pr.add_argument("--sample-rate", type=int, default=16000)
-    pr.add_argument("--min-seconds", type=float, default=6.1, help="zero-pad shorter waveforms to this length")
+    pr.add_argument("--crop-frames", type=int, default=608,
+                    help="the longest training crop the store serves: short clips are zero-padded to it plus 20 ms "
+                         "(608: 6.1 s, as the original); shorter crops read less")
     pr.add_argument("--stats-items", type=int, default=10000)
     pr.add_argument("--min-patch-frames", type=int, default=16,
                     help="files with less audio than this many frames (one patch width) are listed as failures")

@@ -125,6 +125,7 @@ class DataConfig:
     norm_stats: Optional[List[float]] = None  # [mean, std]; None = computed once and saved in the run folder
     stats_items: int = 10000  # how many random crops the statistics are computed from
     min_epoch_items: int = 0  # repeat a small list up to this many items per epoch
+    repeat_short: bool = False  # clips shorter than the crop: tiled (True) or zero-padded to the crop (frontend.py)
     on_bad_file: str = "skip"  # skip (count, log and list) | error
     num_workers: int = 2  # DataLoader processes (reference / store loaders) or DALI CPU threads
     loader: str = "reference"  # reference (folder / CSV / store, exact resume) | dali (raw audio, GPU spectrogram)

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,16 +22,24 @@ N_MELS = 80
 LOG_EPS = float(torch.finfo(torch.float32).eps)  # 1.19e-7, added before the log (no clamping, no dB)
 SILENCE_LOG = math.log(LOG_EPS)  # -15.94: the log-mel of digital silence
 
-# Short clips, one rule on every path (reference loader, `prepare`, DALI): as the original's data preparation,
-# the WAVEFORM is zero-padded at the end to at least PAD_SECONDS (and to at least the training crop), so padded
-# frames are the log-mel of silence, never 0 (which after normalisation would read as loud sound). A log-mel
-# still shorter than the crop (a short precomputed .npy) is padded with SILENCE_LOG.
-PAD_SECONDS = 6.1
+# Short clips, THE rule (every path follows it: reference loader, `prepare` + store, DALI, statistics):
+# a clip shorter than the training crop is zero-padded at the end, as a WAVEFORM, to the crop plus two hops
+# (20 ms). For the original's 608-frame (6.08 s) crop that is exactly its 6.1 s preparation; for a 2 s crop it is
+# 2.02 s, so a crop of a short clip always holds the whole clip (start 0-3 frames), never mostly padding. Padded
+# frames are the log-mel of silence, never 0 (which after normalisation would read as loud sound). Clips longer
+# than that are not padded and are cropped uniformly. `data.repeat_short` tiles short clips instead (the
+# original's other choice); background noise is always tiled.
+PAD_HOPS = 2  # 6.1 s - 6.08 s: the original's margin beyond its crop
 
 
 def pad_samples(sample_rate: int, crop_frames: int) -> int:
-    """Waveform length that short clips are zero-padded to: 6.1 s, or more when the crop is longer."""
-    return max(round(PAD_SECONDS * sample_rate), (crop_frames - 1) * FRONTEND_PARAMS[sample_rate]["hop_length"])
+    """Waveform length that clips shorter than a `crop_frames` crop are zero-padded to (the rule above)."""
+    return (crop_frames + PAD_HOPS) * FRONTEND_PARAMS[sample_rate]["hop_length"]
+
+
+def padded_frames(crop_frames: int) -> int:
+    """Log-mel frames of a short clip padded by the rule: (crop + 2) hops of samples -> crop + 3 frames."""
+    return crop_frames + PAD_HOPS + 1
 
 
 def min_real_samples(sample_rate: int, patch_frames: int) -> int:
@@ -97,12 +107,49 @@ def read_audio(path: str | Path, sample_rate: int, min_samples: int = 0) -> torc
     if have < min_samples:
         raise AudioReadError(f"{path}: too short: {have / sample_rate * 1000:.0f} ms of audio, at least "
                              f"{min_samples / sample_rate * 1000:.0f} ms (one patch width) needed")
+    reason = wav_truncation(path)
+    if reason:
+        raise AudioReadError(f"{path}: {reason}")
     wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
     if not torch.isfinite(wav).all():
         raise AudioReadError(f"{path}: contains NaN or infinite samples")
     if sr != sample_rate:
         wav = torchaudio.functional.resample(wav, sr, sample_rate)
     return wav
+
+
+def wav_truncation(path: str | Path) -> Optional[str]:
+    """'truncated: ...' with both lengths when a WAV's data chunk promises more bytes than the file holds.
+
+    libsndfile sizes a cut WAV by the bytes present and reads it without a word (a FLAC's STREAMINFO count, by
+    contrast, shows up in `frames`), so the RIFF header is read here: the chunks before `data` and its size.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".wav":
+        return None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+                return None  # not a plain RIFF WAVE (RF64, W64 ...): libsndfile's own checks apply
+            order = "<" if head[:4] == b"RIFF" else ">"
+            block_align, pos = 0, 12
+            while pos + 8 <= size:
+                f.seek(pos)
+                chunk_id, chunk_size = struct.unpack(order + "4sI", f.read(8))
+                if chunk_id == b"fmt " and chunk_size >= 14:
+                    block_align = struct.unpack(order + "H", f.read(14)[12:14])[0]
+                elif chunk_id == b"data":
+                    held = size - pos - 8
+                    if chunk_size in (0, 0xFFFFFFFF) or chunk_size <= held or not block_align:
+                        return None  # complete, or a stream writer's placeholder size
+                    return (f"truncated: the header promises {chunk_size // block_align} samples, the file holds "
+                            f"{held // block_align}")
+                pos += 8 + chunk_size + (chunk_size & 1)  # chunks are word-aligned
+    except (OSError, struct.error):
+        return None  # unreadable headers are reported by the decoder
+    return None
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -10,11 +10,12 @@ from fastm2d.frontend import SILENCE_LOG, LogMelSpectrogram, pad_samples, read_a
 pytestmark = pytest.mark.skipif(dali_missing_reason() is not None, reason=str(dali_missing_reason()))
 
 
-def _reference(path, crop_frames=0):
-    """LogMelSpectrogram of the waveform zero-padded by the short-clip rule (6.1 s), written out here."""
+def _reference(path, crop_frames=608):
+    """LogMelSpectrogram of the waveform zero-padded by the short-clip rule (6.1 s for the 608-frame crop),
+    written out here."""
     wav = read_audio(path, 16000)
     n = pad_samples(16000, crop_frames)
-    assert n == 97600
+    assert n == 97600 or crop_frames != 608
     if len(wav) < n:
         wav = torch.cat([wav, torch.zeros(n - len(wav))])
     return LogMelSpectrogram(16000)(wav).numpy()
@@ -37,7 +38,7 @@ def files(tmp_path):
 
 def test_full_length_equals_log_mel_spectrogram_at_the_native_rate(files):
     from fastm2d.data.dali import build_pipeline
-    pipe = build_pipeline(files, batch_size=len(files), crop_frames=None, shuffle=False, num_threads=1)
+    pipe = build_pipeline(files, batch_size=len(files), crop_frames=None, shuffle=False, num_threads=1, pad_for=608)
     out = pipe.run()[0]
     for i, f in enumerate(files):
         dali = np.asarray(out[i])
@@ -106,7 +107,8 @@ def test_a_short_clip_is_padded_alike_on_every_path(tmp_path):
     reference = LogMelSource([clip], pad_to=pad_samples(16000, 608), min_samples=2560, min_frames=16).load(0)
     prepare(str(tmp_path / "src"), tmp_path / "store", workers=1, dtype="float32", progress=False, stats_items=1)
     stored = LogMelStore(tmp_path / "store")[0]
-    dali = np.asarray(build_pipeline([str(clip)], 1, crop_frames=None, shuffle=False, num_threads=1).run()[0][0])
+    dali = np.asarray(build_pipeline([str(clip)], 1, crop_frames=None, shuffle=False, num_threads=1,
+                                     pad_for=608).run()[0][0])
     written_out = _reference(clip)  # the rule, computed independently in this file
     assert reference.shape == stored.shape == dali.shape == written_out.shape == (80, 611)
     np.testing.assert_allclose(reference, written_out, atol=1e-6)

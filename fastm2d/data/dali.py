@@ -24,11 +24,14 @@ def dali_missing_reason() -> Optional[str]:
 
 def build_pipeline(files: Sequence[str], batch_size: int, sample_rate: int = 16000, crop_frames: Optional[int] = 608,
                    device_id: Optional[int] = None, num_threads: int = 4, seed: int = 42, shuffle: bool = True,
-                   shard_id: int = 0, num_shards: int = 1):
+                   shard_id: int = 0, num_shards: int = 1, pad_for: Optional[int] = None):
     """A built DALI pipeline yielding raw log-mel (B, 80, crop_frames), or full length when crop_frames is None.
 
-    device_id=None runs everything with DALI's CPU operators (tests, CPU benchmarks).
+    Short clips are padded by frontend.py's rule for the crop (or for a `pad_for`-frame crop when given: the
+    full-length output of a clip as a crop of that length sees it). device_id=None runs everything with DALI's
+    CPU operators (tests, CPU benchmarks).
     """
+    pad_for = crop_frames if pad_for is None else pad_for
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
@@ -43,8 +46,9 @@ def build_pipeline(files: Sequence[str], batch_size: int, sample_rate: int = 160
         raw, _ = fn.readers.file(files=list(files), random_shuffle=shuffle, name="reader", seed=seed,
                                  shard_id=shard_id, num_shards=num_shards, pad_last_batch=False)
         audio, _ = fn.decoders.audio(raw, sample_rate=sample_rate, downmix=True, dtype=types.FLOAT)
-        # frontend.py's short-clip rule: zero-pad the waveform (a minimum length; longer clips stay as they are).
-        audio = fn.pad(audio, axes=[0], shape=[pad_samples(sample_rate, crop_frames or 0)], fill_value=0.0)
+        # frontend.py's short-clip rule: zero-pad the waveform to the crop (a minimum: longer clips stay as they are).
+        if pad_for is not None:
+            audio = fn.pad(audio, axes=[0], shape=[pad_samples(sample_rate, pad_for)], fill_value=0.0)
         if device_id is not None:
             audio = audio.gpu()
         spec = fn.spectrogram(audio, nfft=p["n_fft"], window_length=p["n_fft"], window_step=p["hop_length"],
@@ -54,8 +58,8 @@ def build_pipeline(files: Sequence[str], batch_size: int, sample_rate: int = 160
         lms = dmath.log(mel + LOG_EPS)
         if crop_frames is None:
             return lms
-        # Still shorter than the crop (only for crops over 6.1 s): pad with the log-mel of silence, like
-        # random_crop; then a uniformly placed window.
+        # The rule's padding leaves every clip longer than the crop; this pad only guards a `pad_for` shorter
+        # than the crop (with the log-mel of silence, like random_crop). Then a uniformly placed window.
         lms = fn.pad(lms, axes=[1], shape=[crop_frames], fill_value=SILENCE_LOG)
         frames = fn.cast(lms.shape()[1], dtype=types.FLOAT)
         start = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (frames - crop_frames + 0.999))

@@ -25,10 +25,11 @@ log = logging.getLogger("fastm2d.data")
 
 
 def load_lms_file(path: Path, frontend: LogMelSpectrogram, pad_to: int = 0, min_samples: int = 0,
-                  min_frames: int = 1) -> np.ndarray:
-    """One file -> (F, T) log-mel. Original-style .npy is memory-mapped (a crop reads only its bytes); audio goes
-    through the reference front end, its waveform zero-padded to `pad_to` samples first (frontend.py's rule for
-    short clips). Files shorter than one patch width (`min_samples` / `min_frames`) raise with the reason."""
+                  min_frames: int = 1) -> Tuple[np.ndarray, int]:
+    """One file -> ((F, T) log-mel, frames of its own audio before any padding). Original-style .npy is
+    memory-mapped (a crop reads only its bytes; its frames all count as audio); audio goes through the reference
+    front end, its waveform zero-padded to `pad_to` samples first (frontend.py's rule for short clips). Files
+    shorter than one patch width (`min_samples` / `min_frames`) raise with the reason."""
     if path.suffix.lower() == LMS_EXT:
         try:
             arr = np.load(path, mmap_mode="r")
@@ -37,18 +38,19 @@ def load_lms_file(path: Path, frontend: LogMelSpectrogram, pad_to: int = 0, min_
         reason = check_lms_array_shape(arr, frontend.mel.n_mels, min_frames)
         if reason:
             raise DataError(f"{path}: {reason}")
-        return arr.reshape(arr.shape[-2], arr.shape[-1])
+        return arr.reshape(arr.shape[-2], arr.shape[-1]), arr.shape[-1]
     wav = read_audio(path, frontend.sample_rate, min_samples)
+    audio_frames = frontend.num_frames(len(wav))
     if len(wav) < pad_to:
         wav = torch.nn.functional.pad(wav, (0, pad_to - len(wav)))
     with torch.inference_mode():
-        return frontend(wav).numpy()
+        return frontend(wav).numpy(), audio_frames
 
 
 class LogMelSource:
-    """Index -> float32 log-mel (F, T) of one item. `names[i]` says what item i is, for error messages.
-
-    pad_to / min_samples / min_frames: the short-clip rule (frontend.pad_samples, min_real_samples).
+    """Index -> float32 log-mel (F, T) of one item, short clips already padded by frontend.py's rule (`pad_to`
+    = frontend.pad_samples of the crop; 0 for sources that tile short clips instead). `names[i]` says what item
+    i is, for error messages. min_samples / min_frames: one patch width (frontend.min_real_samples).
     """
 
     def __init__(self, files: Optional[Sequence[Path]] = None, sample_rate: int = 16000,
@@ -78,7 +80,7 @@ class LogMelSource:
                     wav = torch.nn.functional.pad(wav, (0, self.pad_to - len(wav)))
                 self._cache[i] = self.frontend(wav).numpy()
             return self._cache[i]
-        return load_lms_file(self.files[i], self.frontend, self.pad_to, self.min_samples, self.min_frames)
+        return load_lms_file(self.files[i], self.frontend, self.pad_to, self.min_samples, self.min_frames)[0]
 
 
 def crop_start(t: int, frames: int, rng: np.random.Generator) -> int:
@@ -102,6 +104,22 @@ def random_crop(lms: np.ndarray, frames: int, rng: np.random.Generator, dtype=np
     return crop_at(lms, crop_start(lms.shape[-1], frames, rng), frames, dtype)
 
 
+def crop_clip(lms: np.ndarray, frames: int, rng: np.random.Generator, repeat_short: bool = False,
+              dtype=np.float32) -> Tuple[np.ndarray, int]:
+    """The training crop of one item's log-mel -> (crop, start). Sources hand items over already padded by
+    frontend.py's short-clip rule, so this is a uniform window; with `repeat_short` (sources then pad nothing) a
+    clip shorter than the crop is tiled instead (start 0: offline targets are read from the clip's beginning)."""
+    if repeat_short and lms.shape[-1] < frames:
+        return tile_crop(lms, frames, rng, dtype), 0
+    start = crop_start(lms.shape[-1], frames, rng)
+    return crop_at(lms, start, frames, dtype), start
+
+
+def training_crop(repeat_short: bool):
+    """`crop_clip` as the (lms, frames, rng) -> crop function that statistics take."""
+    return lambda lms, frames, rng: crop_clip(lms, frames, rng, repeat_short)[0]
+
+
 class CropDataset(Dataset):
     """Indexed by (item, crop seed, sample number) from `EpochSampler`.
 
@@ -118,9 +136,10 @@ class CropDataset(Dataset):
     MAX_SUBSTITUTES = 16
 
     def __init__(self, source, frames: int, on_bad_file: str = "skip", noise=None, noise_picker=None,
-                 bad_list: Optional[Path] = None, offline=None):
+                 bad_list: Optional[Path] = None, offline=None, repeat_short: bool = False):
         self.source = source  # a LogMelSource or a LogMelStore: len(), names, load(i) -> (F, T)
         self.frames = frames
+        self.repeat_short = repeat_short
         self.on_bad_file = on_bad_file
         self.dtype = getattr(source, "dtype", np.float32)
         self.noise, self.noise_picker = noise, noise_picker
@@ -131,9 +150,8 @@ class CropDataset(Dataset):
         return len(self.source)
 
     def crop(self, i: int, seed: int) -> Tuple[np.ndarray, int]:
-        full = self.source.load(i)
-        start = crop_start(full.shape[-1], self.frames, np.random.default_rng(seed))
-        lms = crop_at(full, start, self.frames, self.dtype)
+        lms, start = crop_clip(self.source.load(i), self.frames, np.random.default_rng(seed), self.repeat_short,
+                               self.dtype)
         if not np.isfinite(lms).all():
             raise DataError(f"{self.source.names[i]}: log-mel contains NaN or infinite values")
         return lms, start

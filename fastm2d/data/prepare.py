@@ -18,42 +18,44 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram, min_real_samples
+from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram, min_real_samples, pad_samples
 from .dataset import load_lms_file
 from .sources import DataError, list_files
 from .stats import compute_norm_stats
-from .store import FORMAT, VERSION, LogMelStore
+from .store import FORMAT, INDEX_COLUMNS, VERSION, LogMelStore
 
 log = logging.getLogger("fastm2d.prepare")
 
 
-def _item_lms(path: Path, frontend: LogMelSpectrogram, pad_to: int, min_patch_frames: int) -> np.ndarray:
-    """One file -> finite float32 (F, T) log-mel, or an exception whose message is the reason."""
+def _item_lms(path: Path, frontend: LogMelSpectrogram, pad_to: int, min_patch_frames: int) -> Tuple[np.ndarray, int]:
+    """One file -> (finite float32 (F, T) log-mel, frames of its own audio before padding), or an exception whose
+    message is the reason."""
     min_samples = min_real_samples(frontend.sample_rate, min_patch_frames)
-    lms = np.asarray(load_lms_file(path, frontend, pad_to, min_samples, min_patch_frames), dtype=np.float32)
+    lms, audio_frames = load_lms_file(path, frontend, pad_to, min_samples, min_patch_frames)
+    lms = np.asarray(lms, dtype=np.float32)
     if not np.isfinite(lms).all():
         raise AudioReadError("log-mel contains NaN or infinite values")
-    return lms
+    return lms, audio_frames
 
 
-def _write_shard(task: Tuple[int, List[str], str, str, int, float, int]) -> dict:
-    k, files, out, dtype, sample_rate, min_seconds, min_patch_frames = task
+def _write_shard(task: Tuple[int, List[str], str, str, int, int, int]) -> dict:
+    k, files, out, dtype, sample_rate, crop_frames, min_patch_frames = task
     torch.set_num_threads(1)  # one process per core; threads inside would oversubscribe
     out = Path(out)
     frontend = LogMelSpectrogram(sample_rate)
-    min_samples = int(min_seconds * sample_rate)
+    pad_to = pad_samples(sample_rate, crop_frames)
     name = f"shard-{k:05d}"
     tmp = out / f"{name}.bin.tmp"
     items, failures, offset = [], [], 0
     with open(tmp, "wb") as f:
         for file in files:
             try:
-                lms = _item_lms(Path(file), frontend, min_samples, min_patch_frames)
+                lms, audio_frames = _item_lms(Path(file), frontend, pad_to, min_patch_frames)
             except Exception as e:  # every failure is recorded with its reason, never fatal
                 failures.append([file, str(e).replace(str(file) + ": ", "")])
                 continue
             f.write(np.ascontiguousarray(lms.T, dtype=dtype).tobytes())
-            items.append([file, offset, lms.shape[1]])
+            items.append([file, offset, lms.shape[1], audio_frames])
             offset += lms.shape[1]
         f.flush()
         os.fsync(f.fileno())
@@ -75,12 +77,15 @@ def _finished(out: Path, k: int) -> Optional[dict]:
 
 
 def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 1000, dtype: str = "float16",
-            sample_rate: int = 16000, min_seconds: float = 6.1, stats_items: int = 10000, crop_frames: int = 608,
+            sample_rate: int = 16000, stats_items: int = 10000, crop_frames: int = 608,
             root: Optional[str] = None, seed: int = 0, progress: bool = True, min_patch_frames: int = 16) -> dict:
     """Prepare (or complete) a store; returns a summary with counts and timing.
 
-    Files with less audio than `min_patch_frames` frames (one patch width: 160 ms for 16x16 patches) are
-    failures with that reason, not 6.1 s of padding."""
+    `crop_frames` is the longest crop the store serves: short clips are stored padded by frontend.py's rule for
+    it (608 frames: 6.1 s, as the original's preparation) and every item's own audio length is recorded, so a
+    shorter crop reads only the part its own rule pads to (LogMelStore(crop_frames=...)). Files with less
+    audio than `min_patch_frames` frames (one patch width: 160 ms for 16x16 patches) are failures with that
+    reason, not padding."""
     from tqdm import tqdm
 
     if dtype not in ("float16", "float32"):
@@ -95,16 +100,18 @@ def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        if old.get("sources") != len(files) or old.get("files_per_shard") != files_per_shard or old.get("dtype") != dtype:
+        if old.get("version") != VERSION or old.get("sources") != len(files) or old.get("files_per_shard") != files_per_shard or old.get("dtype") != dtype \
+                or old.get("max_crop_frames", crop_frames) != crop_frames:
             raise DataError(f"{out}: holds a store prepared from other inputs or settings; use a new folder")
     params = dict(FRONTEND_PARAMS[sample_rate], sample_rate=sample_rate, n_mels=N_MELS, log_eps=LOG_EPS,
-                  mel_scale="slaney", norm="slaney", min_seconds=min_seconds)
+                  mel_scale="slaney", norm="slaney")
     manifest = {"format": FORMAT, "version": VERSION, "complete": False, "dtype": dtype, "n_mels": N_MELS,
-                "frontend": params, "sources": len(files), "files_per_shard": files_per_shard}
+                "frontend": params, "sources": len(files), "files_per_shard": files_per_shard,
+                "max_crop_frames": crop_frames}
     manifest_path.write_text(json.dumps(manifest, indent=1))
 
     records = {k: r for k in range(len(chunks)) if (r := _finished(out, k))}
-    todo = [(k, chunks[k], str(out), dtype, sample_rate, min_seconds, min_patch_frames) for k in range(len(chunks))
+    todo = [(k, chunks[k], str(out), dtype, sample_rate, crop_frames, min_patch_frames) for k in range(len(chunks))
             if k not in records]
     skipped = len(records)
     workers = workers or os.cpu_count() or 1
@@ -120,9 +127,9 @@ def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 
 
     order = sorted(records)
     with open(out / "index.tsv", "w") as f:
-        f.write("name\tshard\toffset\tframes\n")
+        f.write("\t".join(INDEX_COLUMNS) + "\n")
         for k in order:
-            f.writelines(f"{n}\t{k}\t{o}\t{t}\n" for n, o, t in records[k]["items"])
+            f.writelines(f"{n}\t{k}\t{o}\t{t}\t{a}\n" for n, o, t, a in records[k]["items"])
     failures = [fl for k in order for fl in records[k]["failures"]]
     with open(out / "failures.tsv", "w") as f:
         f.write("path\treason\n")
@@ -135,7 +142,7 @@ def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 
     os.replace(tmp, manifest_path)
 
     if n_items:
-        store = LogMelStore(out)
+        store = LogMelStore(out, crop_frames=crop_frames)
         stats = compute_norm_stats(store, crop_frames, stats_items, seed, progress=progress)
         (out / "stats.json").write_text(json.dumps({"norm_stats": list(stats), "items": min(stats_items, n_items),
                                                     "crop_frames": crop_frames}))

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..frontend import first_line
+from ..frontend import first_line, wav_truncation
 
 log = logging.getLogger("fastm2d.data")
 
@@ -109,7 +109,7 @@ def probe_file(path: Path, n_mels: int = 80, min_seconds: float = 0.0, min_frame
     if info.frames < min_seconds * info.samplerate:
         return (f"too short: {info.frames / info.samplerate * 1000:.0f} ms of audio, at least "
                 f"{min_seconds * 1000:.0f} ms (one patch width) needed")
-    return None
+    return wav_truncation(path)
 
 
 def check_lms_array_shape(arr: np.ndarray, n_mels: int = 80, min_frames: int = 1) -> Optional[str]:

@@ -2,10 +2,14 @@
 
 Layout of a store folder:
   manifest.json      format, dtype, mel bins, front-end parameters, every shard's byte size, counts
-  index.tsv          name, shard, offset (frames), frames: one row per item
+  index.tsv          name, shard, offset (frames), frames (stored), audio_frames (the clip's own): one row per item
   shard-00000.bin    items back to back, each a time-major (T, 80) array in the manifest's dtype
   stats.json         [mean, std] of log-mel over random crops (as the original computes them)
   failures.tsv       path and reason for every input that could not be prepared
+
+Short clips are stored padded by frontend.py's rule for the longest crop the store serves (`max_crop_frames`
+in the manifest; 608 frames = 6.1 s by default, as the original); opened for a shorter crop, a store hands out
+only the frames that crop's own rule pads to (crop + 3), so a 2 s crop of a 1 s clip still holds the whole clip.
 
 Time-major rows make a crop of frames [s, s + n) one contiguous byte range, so a random crop reads only its
 own bytes through the memory map.
@@ -14,15 +18,20 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..frontend import padded_frames
 from .sources import DataError
 
+log = logging.getLogger("fastm2d.data")
+
 FORMAT = "fastm2d-logmel-shards"
-VERSION = 1
+VERSION = 2  # 2: audio_frames per item (version 1 padded every short clip to 6.1 s whatever the crop)
+INDEX_COLUMNS = ("name", "shard", "offset", "frames", "audio_frames")
 
 
 def is_store(path: str | Path) -> bool:
@@ -30,17 +39,22 @@ def is_store(path: str | Path) -> bool:
 
 
 class LogMelStore:
-    """len(store), store.names, store[i] -> float32 (F, T); store.load(i) -> a (F, T) memory-mapped view."""
+    """len(store), store.names, store[i] -> float32 (F, T); store.load(i) -> a (F, T) memory-mapped view.
 
-    def __init__(self, root: str | Path):
+    crop_frames: the training crop; items are then cut to what frontend.py's rule pads a clip to for that crop
+    (None: everything stored). repeat_short: items are cut to their own audio (the crop tiles them instead).
+    """
+
+    def __init__(self, root: str | Path, crop_frames: Optional[int] = None, repeat_short: bool = False):
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
             raise DataError(f"{self.root}: not a prepared log-mel store (no manifest.json); run `fastm2d prepare`")
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise DataError(f"{manifest_path}: unknown store format {self.manifest.get('format')!r} "
-                            f"v{self.manifest.get('version')}")
+            raise DataError(f"{manifest_path}: store format {self.manifest.get('format')!r} "
+                            f"v{self.manifest.get('version')}, this fastm2d reads {FORMAT!r} v{VERSION}: "
+                            f"re-run `fastm2d prepare` into a new folder")
         if not self.manifest.get("complete", False):
             raise DataError(f"{self.root}: preparation did not finish; re-run `fastm2d prepare` to complete it")
         self.dtype = np.dtype(self.manifest["dtype"])
@@ -49,8 +63,18 @@ class LogMelStore:
         self.shard_files = [s["file"] for s in self.manifest["shards"]]
         self._check_shards()
         self._names, rows = self._read_index()
-        self.shard, self.offset, self.frames = (np.asarray(c, dtype=np.int64) for c in zip(*rows)) if rows else \
-            (np.zeros(0, np.int64),) * 3
+        self.shard, self.offset, self.frames, self.audio_frames = \
+            (np.asarray(c, dtype=np.int64) for c in zip(*rows)) if rows else (np.zeros(0, np.int64),) * 4
+        self.crop_frames, self.repeat_short = crop_frames, repeat_short
+        self.span = self.frames  # frames handed out per item
+        if repeat_short:
+            self.span = np.minimum(self.frames, self.audio_frames)
+        elif crop_frames is not None:
+            max_crop = int(self.manifest.get("max_crop_frames", crop_frames))
+            if crop_frames > max_crop:
+                log.warning("%s was prepared for crops of up to %d frames; crops of %d frames pad its short clips "
+                            "with the log-mel of silence", self.root, max_crop, crop_frames)
+            self.span = np.minimum(self.frames, np.maximum(self.audio_frames, padded_frames(crop_frames)))
         self._maps: Dict[int, np.memmap] = {}
 
     def _check_shards(self) -> None:
@@ -71,11 +95,11 @@ class LogMelStore:
         with open(path, newline="") as f:
             reader = csv.reader(f, delimiter="\t")
             header = next(reader, None)
-            if header != ["name", "shard", "offset", "frames"]:
+            if header != list(INDEX_COLUMNS):
                 raise DataError(f"{path}: unexpected header {header}")
             for r in reader:
                 names.append(r[0])
-                rows.append((int(r[1]), int(r[2]), int(r[3])))
+                rows.append((int(r[1]), int(r[2]), int(r[3]), int(r[4])))
         if len(names) != self.manifest["items"]:
             raise DataError(f"{path}: {len(names)} rows, the manifest says {self.manifest['items']} items")
         return names, rows
@@ -100,14 +124,21 @@ class LogMelStore:
 
     @property
     def norm_stats(self) -> Optional[List[float]]:
+        """The statistics `prepare` computed, when they were computed over crops like this store's (else None)."""
         path = self.root / "stats.json"
-        return json.loads(path.read_text())["norm_stats"] if path.is_file() else None
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        if self.crop_frames is not None and (saved.get("crop_frames") != self.crop_frames
+                                             or saved.get("repeat_short", False) != self.repeat_short):
+            return None
+        return saved["norm_stats"]
 
     def load(self, i: int) -> np.ndarray:
-        """(F, T) view of item i: nothing is read until it is sliced and copied."""
-        start = int(self.offset[i]) * self.n_mels
-        flat = self._map(int(self.shard[i]))[start:start + int(self.frames[i]) * self.n_mels]
-        return flat.reshape(int(self.frames[i]), self.n_mels).T
+        """(F, T) view of item i (T = its span for the crop): nothing is read until it is sliced and copied."""
+        start, frames = int(self.offset[i]) * self.n_mels, int(self.span[i])
+        flat = self._map(int(self.shard[i]))[start:start + frames * self.n_mels]
+        return flat.reshape(frames, self.n_mels).T
 
     def __getitem__(self, i: int) -> np.ndarray:
         if not -len(self) <= i < len(self):

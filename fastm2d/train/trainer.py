@@ -24,6 +24,7 @@ from ..checkpoint import (CheckpointError, atomic_save, init_from_weights, lates
                           load_weights, safe_load)
 from ..config import Config, ConfigError, config_from_dict, to_yaml
 from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files, random_crop
+from ..data.dataset import training_crop
 from ..data.noise import NoisePicker, tile_crop
 from ..data.sources import AUDIO_EXTS, require_usable
 from ..frontend import FRONTEND_PARAMS, min_real_samples, pad_samples
@@ -74,22 +75,21 @@ def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] =
                  seed_offset: int = 0):
     """The embedded synthetic set, a prepared LogMelStore folder, or a folder / CSV of files (checked first).
 
-    Short training clips follow frontend.py's rule (waveform zero-padded to 6.1 s); background noise is never
-    padded (it is tiled); synthetic clips are generated at data.synthetic_seconds, padded only up to the crop.
+    Short training clips follow frontend.py's rule (waveform zero-padded to the crop, or tiled with
+    data.repeat_short); background noise is never padded (it is tiled).
     """
     d, frames = config.data, config.model.input_size[1]
-    is_noise = label == "noise"
-    hop = FRONTEND_PARAMS[d.sample_rate]["hop_length"]
+    tiled = label == "noise" or d.repeat_short
     if is_store(spec):
-        store = LogMelStore(spec)
+        store = LogMelStore(spec, crop_frames=frames, repeat_short=tiled)
         if store.sample_rate != d.sample_rate:
             raise ConfigError(f"data.sample_rate={d.sample_rate}, but {spec} was prepared at {store.sample_rate} Hz")
         return store
     if spec == "synthetic":
         return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed + seed_offset, d.synthetic_clips,
                                                                    d.synthetic_seconds),
-                            pad_to=0 if is_noise else (frames - 1) * hop)
-    source, bad = file_source(spec, config, root, pad=not is_noise)
+                            pad_to=0 if tiled else pad_samples(d.sample_rate, frames))
+    source, bad = file_source(spec, config, root, pad=not tiled)
     listing = out_dir / f"bad_{label}_files.txt"
     if bad:
         listing.write_text("".join(f"{b}\n" for b in bad))
@@ -99,7 +99,7 @@ def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] =
 
 def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool = True):
     """A folder / CSV of files, header-checked -> (LogMelSource of the usable ones, the unusable with reasons).
-    Usable = at least one patch width of audio; `pad` applies frontend.py's short-clip rule."""
+    Usable = at least one patch width of audio; `pad` applies frontend.py's short-clip rule for the crop."""
     d, patch_t = config.data, config.model.patch_size[1]
     min_samples = min_real_samples(d.sample_rate, patch_t)
     files, bad = check_files(list_files(spec, root), config.model.input_size[0], min_samples / d.sample_rate, patch_t)
@@ -142,6 +142,9 @@ class Trainer:
             from ..data.dali import dali_missing_reason
             if dali_missing_reason():
                 raise ConfigError(f"data.loader=dali: {dali_missing_reason()}; or use data.loader=reference")
+            if config.data.repeat_short:
+                raise ConfigError("data.repeat_short=true is not available with data.loader=dali (it zero-pads "
+                                  "short clips to the crop); use data.loader=reference")
         self.source = build_source(config.data.train, config, self.out_dir, config.data.root)
         files = getattr(self.source, "files", None)  # a LogMelStore holds no audio files
         if config.data.loader == "dali" and not (files and all(f.suffix.lower() in AUDIO_EXTS for f in files)):
@@ -190,7 +193,8 @@ class Trainer:
         self.step_timer = None  # optional callback(seconds of one optimiser step), e.g. `fastm2d adapt`'s plan
 
         if resume_from is None:
-            stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json")
+            stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json",
+                                    crop=training_crop(config.data.repeat_short))
             self.model.norm_stats.copy_(torch.tensor(stats))
         saved = self.load_state(resume_from) if resume_from else None  # weights before the engine copies them
         groups = param_groups_weight_decay(self.model, t.weight_decay)
@@ -208,7 +212,8 @@ class Trainer:
             self.noise_mean = self.norm_stats(self.noise, noise.norm_stats, "noise_stats.json", crop=tile_crop)[0]
         self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.noise, picker,
                                    bad_list=self.out_dir / "bad_training_files.txt",
-                                   offline=self.offline.targets if self.offline else None)
+                                   offline=self.offline.targets if self.offline else None,
+                                   repeat_short=config.data.repeat_short)
         self.monitor = None
         if t.eval_every and self.dist.is_main:  # rank 0 only; the others wait at the next collective
             from ..eval.monitor import Monitor
