@@ -87,15 +87,33 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 
 # --------------------------------------------------------------------------------------------- reading ----
-def safe_load(path: str | Path):
+def deepspeed_safe_globals() -> list:
+    """The plain-data classes DeepSpeed pickles into its ZeRO checkpoint files (loss scaler, tensor fragment
+    addresses, the stage enum): rebuilt from their fields, never called with arguments from the file."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_deepspeed_checkpoint(folder: Path) -> None:
+    """Every file DeepSpeed would unpickle from `folder` (it loads them allowing any pickle) is first read with
+    `safe_load`: a planted pickle is refused here, before DeepSpeed can run it."""
+    for f in sorted(Path(folder).glob("*.pt")):
+        safe_load(f, deepspeed_safe_globals())
+
+
+def safe_load(path: str | Path, extra_globals: Optional[list] = None):
     """torch.load that can never run code: tensors, numbers, strings, containers and SAFE_GLOBALS only.
 
-    Released weights come from the internet; a pickle can name any callable (os.system ...). Anything outside
-    the allow-list is refused with a CheckpointError naming the file and the offending type.
+    Released weights come from the internet, and a run folder is writable by whoever shares it; a pickle can
+    name any callable (os.system ...). Anything outside the allow-list (plus `extra_globals`: DeepSpeed's data
+    classes for its own files) is refused with a CheckpointError naming the file and the offending type.
+    Every file fastm2d unpickles goes through here (tests/test_safe_loading.py scans the tree for others).
     """
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS + list(extra_globals or [])):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.findall(r"GLOBAL ([\w.]+)", str(e))

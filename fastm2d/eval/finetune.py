@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, safe_load
 from .embeddings import load_clip
 from .lars import LARS
 from .tasks import EvalTask
@@ -171,7 +171,7 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
             best = valid
             atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "finetune": asdict(cfg), "frames": frames,
                          "classes": task.classes}, out_dir / f"finetuned-{task.name}.pth")
-    model.load_state_dict(torch.load(out_dir / f"finetuned-{task.name}.pth", weights_only=True)["model"])
+    model.load_state_dict(safe_load(out_dir / f"finetuned-{task.name}.pth")["model"])
     result = {"task": task.name, "metric": task.metric, "valid": best,
               "test": evaluate(te), "frames": frames, "weights": str(weights), "config": asdict(cfg), "history": history}
     (out_dir / f"finetuned-{task.name}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 
+from ..checkpoint import CheckpointError, check_deepspeed_checkpoint
 from ..config import Config, ConfigError
 from .faults import attempt_store
 
@@ -121,7 +122,9 @@ class SingleEngine(_Engine):
             try:
                 moments = consolidate(path.parent / "deepspeed", f"step{state['step']}",
                                       [g["params"] for g in self.optimizer.param_groups])
-            except (OSError, KeyError, RuntimeError) as e:
+            except CheckpointError:
+                raise  # a partition file that would run code: refuse the resume, never continue past it
+            except (OSError, KeyError, RuntimeError, ImportError) as e:  # ImportError: DeepSpeed not installed
                 log.warning("%s: the DeepSpeed optimiser partitions cannot be read (%s): AdamW moments start from "
                             "zero; weights, schedule position and RNG are restored", path, e)
                 return
@@ -172,6 +175,7 @@ class DeepSpeedEngine(_Engine):
         saved_world = state.get("world_size")
         same_layout = saved_world in (None, self.engine.world_size) or self.stage == 0
         if (folder / tag).is_dir() and same_layout:
+            check_deepspeed_checkpoint(folder / tag)  # DeepSpeed unpickles with weights_only=False
             self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=True, load_optimizer_states=True,
                                         load_lr_scheduler_states=False, load_module_only=False)
             return
@@ -182,6 +186,8 @@ class DeepSpeedEngine(_Engine):
             push_into_zero(self.engine.optimizer, moments, self.groups)
             log.info("%s: AdamW moments re-partitioned from %s to %d processes", path,
                      saved_world or "a single-process run", self.engine.world_size)
+        except CheckpointError:
+            raise  # a file that would run code: refuse the resume, never continue past it
         except (OSError, KeyError, RuntimeError, AttributeError) as e:
             log.warning("%s: no usable optimiser state for this layout (%s): AdamW moments start from zero; weights, "
                         "EMA target, schedules, RNG and data position are restored", path, e)

@@ -16,6 +16,8 @@ from typing import Dict, List
 
 import torch
 
+from ..checkpoint import deepspeed_safe_globals, safe_load
+
 BASE, STEP, PADDINGS, FP32 = ("base_optimizer_state", "base_optimizer_state_step", "group_paddings",
                               "single_partition_of_fp32_groups")
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -32,8 +34,8 @@ def consolidate(folder: Path, tag: str, groups: List[List[torch.nn.Parameter]]) 
     files = _rank_files(folder, tag)
     if not files:
         raise FileNotFoundError(f"{Path(folder) / tag}: no ZeRO optimiser partitions")
-    # Our own run folder's files, written by DeepSpeed with its own pickled objects inside.
-    sds = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    # Written by DeepSpeed with a few of its own data classes inside; read without running any code.
+    sds = [safe_load(f, deepspeed_safe_globals())["optimizer_state_dict"] for f in files]
     state, index = {}, 0
     for g, params in enumerate(groups):
         full, step = {}, None
