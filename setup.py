@@ -1,12 +1,16 @@
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# Discovered, never listed by hand (a hand list once left fastm2d.eval out of every wheel). kernels/ lives at the
+# top of the repository but installs as fastm2d.kernels, never as a bare `kernels`.
+PACKAGES = find_packages(include=["fastm2d", "fastm2d.*"]) + \
+    ["fastm2d.kernels" + p[len("kernels"):] for p in find_packages(include=["kernels", "kernels.*"])]
 
 setup(
     name="fastm2d",
     version="0.1.0",
     description="Fast, tested pre-training and transfer of Masked Modeling Duo (M2D / M2D-X) audio representations",
     python_requires=">=3.10",
-    # kernels/ lives at the top of the repository but installs as fastm2d.kernels, never as a bare `kernels`.
-    packages=["fastm2d", "fastm2d.model", "fastm2d.data", "fastm2d.train", "fastm2d.kernels"],
+    packages=PACKAGES,
     package_dir={"fastm2d": "fastm2d", "fastm2d.kernels": "kernels"},
     install_requires=[
         "torch==2.11.0",

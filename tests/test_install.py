@@ -35,3 +35,43 @@ def test_a_checkout_that_pip_never_installed_imports_fastm2d_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(ROOT / "kernels" / "__init__.py"), "fastm2d.kernels.l2norm_mse"]
+
+
+def _source_modules() -> set:
+    """Every module of the source tree, named as installed (kernels/ -> fastm2d/kernels/)."""
+    found = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastm2d").rglob("*.py")}
+    found |= {"fastm2d/kernels/" + p.relative_to(ROOT / "kernels").as_posix() for p in (ROOT / "kernels").rglob("*.py")}
+    return found
+
+
+@pytest.mark.slow
+def test_a_wheel_in_a_fresh_venv_holds_every_module_and_runs_every_command(tmp_path):
+    """The wheel a user gets (not the editable install CI uses), installed into a new virtual environment:
+    every module of the source tree is in it and imports from there, and `python -m fastm2d --help` and every
+    subcommand's --help run (a hand-written package list once left fastm2d.eval out of every wheel)."""
+    from fastm2d.cli import build_parser
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    wheel = next((tmp_path / "wheel").glob("fastm2d-*.whl"))
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    assert _source_modules() - shipped == set(), "modules missing from the wheel"
+    venv = tmp_path / "venv"  # dependencies (torch ...) come from this interpreter's site-packages, fastm2d from the wheel
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    install = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                             capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    modules = sorted(m[:-3].replace("/", ".").removesuffix(".__init__") for m in _source_modules()
+                     if not m.endswith("__main__.py"))  # that one runs the command: the --help runs below cover it
+    probe = ("import importlib, sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+             f"mods = [importlib.import_module(m) for m in {modules!r}]; "
+             "print('\\n'.join(m.__file__ for m in mods))")
+    out = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert all(line.startswith(str(venv)) for line in out.stdout.split()), out.stdout
+    commands = list(build_parser()._subparsers._group_actions[0].choices)
+    assert {"pretrain", "linear-eval", "finetune", "report"} <= set(commands)
+    for argv in [["--help"], *([c, "--help"] for c in commands)]:
+        run = subprocess.run([py, "-m", "fastm2d", *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 0 and "usage: fastm2d" in run.stdout, (argv, run.stderr)
