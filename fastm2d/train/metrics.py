@@ -1,10 +1,12 @@
 """Where training progress goes: `metrics.jsonl` (for machines), TensorBoard scalars, and a tqdm bar (for people)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from tqdm import tqdm
 
@@ -15,7 +17,7 @@ class MetricsLogger:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int, tensorboard: bool = True,
                  progress: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.file = open(self.path, "a")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.writer = self._tensorboard(Path(out_dir) / "tb") if tensorboard else None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", disable=not progress,
                         dynamic_ncols=True)
@@ -34,8 +36,7 @@ class MetricsLogger:
 
     def write(self, row: Dict[str, float]) -> None:
         """A training row, or a monitor row (marked "monitor": true; its scalars go under eval/ in TensorBoard)."""
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        append_line(self.fd, self.path, json.dumps(row))
         monitor = row.get("monitor", False)
         if self.writer is not None:
             for k, v in row.items():
@@ -49,15 +50,56 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
+        os.close(self.fd)
         if self.writer is not None:
             self.writer.close()
 
 
+def append_line(fd: int, path: Path, text: str) -> None:
+    """Append one whole line or nothing: a write the disk cuts short (full, quota, size limit) is rolled back,
+    so the file never ends in a torn line, and the failure is raised as a machine fault naming the file."""
+    from .faults import CheckpointWriteError
+
+    data = (text + "\n").encode()
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, "short write")
+    except OSError as e:
+        try:
+            os.ftruncate(fd, end)
+        except OSError:
+            pass  # the reader skips a torn last line in any case
+        raise CheckpointWriteError(f"cannot append to {path} ({e.strerror or e}): it holds whole lines up to the "
+                                   f"last one written; free space and relaunch with --resume") from None
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    """Rows of a JSON-lines file. A torn line (the disk filled up while appending: only ever the last) or any
+    other unreadable line is skipped with a warning naming it, never a traceback."""
+    rows = []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row with an integer step")
+        except (ValueError, UnicodeDecodeError) as e:
+            torn = n >= len(lines) - 1 and not line.endswith(b"}")
+            log.warning("%s:%d: %s skipped (%s)", path, n, "a torn last line" if torn else "an unreadable line",
+                        str(e).splitlines()[0][:80])
+            continue
+        rows.append(row)
+    return rows
+
+
 def read_metrics(out_dir: str | Path, monitors: bool = False) -> list:
     """The training rows of metrics.jsonl, or (monitors=True) the monitor rows."""
-    with open(Path(out_dir) / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(Path(out_dir) / "metrics.jsonl")
     return [r for r in rows if bool(r.get("monitor", False)) == monitors]
 
 

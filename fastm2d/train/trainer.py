@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -34,8 +35,9 @@ from ..model.attention import resolve_attention
 from .flops import mfu, peak_flops, train_flops_per_sample
 from .engine import all_reduce_, barrier, dist_from_env, init_distributed, make_engine, wants_deepspeed
 from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error, state_bytes, write_failure
-from .metrics import MetricsLogger, NullLogger
+from .metrics import MetricsLogger, NullLogger, read_jsonl
 from .offline import apply_to_model_config, build_offline_task
+from .run_lock import RunLock
 from .schedule import lr_at, scaled_lr
 
 log = logging.getLogger("fastm2d.train")
@@ -112,6 +114,24 @@ class Trainer:
     def __init__(self, config: Config, resume: bool = False):
         self.config = config
         self.out_dir = Path(config.out_dir)
+        self.dist = dist_from_env()
+        # One process per run folder (rank 0 holds it for the job): a second `pretrain` or a `--resume` of a
+        # running run is refused naming the holder; released when fit() ends, or here when set-up fails.
+        self.lock = RunLock(self.out_dir) if self.dist.is_main else None
+        try:
+            if self.lock is not None and self.out_dir.is_dir():
+                self.lock.acquire()
+            self._setup(config, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (fit() does it when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self, config: Config, resume: bool) -> None:
         if launcher_restart() and not resume:  # torchrun --max-restarts brought us back: continue, never restart
             log.warning("launcher restart %d: resuming from the latest complete checkpoint", launcher_restart())
             resume = True
@@ -122,8 +142,9 @@ class Trainer:
                               f"or choose another out_dir")
         resume_from = latest if resume else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.lock is not None and self.lock.fd is None:
+            self.lock.acquire()
         t = config.train
-        self.dist = dist_from_env()
         use_deepspeed = wants_deepspeed(config, self.dist)
         self.device = pick_device(t.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
@@ -281,6 +302,8 @@ class Trainer:
                     now = time.perf_counter()
                     logger.write(self.log_row(self.step - last_step, now - last_time))
                     last_time, last_step = now, self.step
+                    if self.lock is not None:
+                        self.lock.heartbeat()
                 if self.monitor is not None and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                     logger.write({"step": self.step, "monitor": True, **self.monitor()})
                 saved = self.step % t.save_every == 0 or self.step == self.total_steps
@@ -295,6 +318,7 @@ class Trainer:
                     break
         except BaseException as e:
             logger.close()
+            self.close()
             if self.dist.world_size == 1:
                 signals.uninstall()
             # Several ranks: the handlers stay, so the launcher's SIGTERM to the survivors cannot kill this one
@@ -304,6 +328,7 @@ class Trainer:
             raise
         signals.uninstall()
         logger.close()
+        self.close()
 
     def micro_batches(self) -> Iterator[torch.Tensor]:
         """Endless micro-batches from the position that `self.step` implies (so resuming continues the order)."""
@@ -500,9 +525,11 @@ class Trainer:
     def _truncate_metrics(self, step: int) -> None:
         """Drop rows logged after the checkpoint, so metrics.jsonl stays one continuous curve."""
         path = self.out_dir / "metrics.jsonl"
-        if path.is_file():
-            rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+        if path.is_file():  # torn or unreadable lines are dropped here too (read_jsonl says so)
+            rows = [json.dumps(r) for r in read_jsonl(path) if r["step"] <= step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, path)
 
 
 def _looks_like_comm_failure(e: RuntimeError) -> bool:

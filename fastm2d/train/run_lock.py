@@ -1,0 +1,112 @@
+"""One process trains in a run folder at a time: `out_dir/.fastm2d.lock`, held for the run's life.
+
+The lock is an flock on that file, so the kernel releases it on any exit, SIGKILL included: a lock left by a dead
+process is stale by construction and simply taken over. On a shared file system Linux maps flock to POSIX
+record locks, which NFS forwards to the server, so two hosts exclude each other too. Where the file system has
+no locks at all (ENOLCK, EOPNOTSUPP) the holder line inside the file decides: a live process on this host, or a
+heartbeat younger than HEARTBEAT_S from another host, holds it. The file is removed when the run ends.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..config import ConfigError
+
+LOCK_NAME = ".fastm2d.lock"
+HEARTBEAT_S = 300.0  # without file-system locks: a holder silent for this long is taken as dead
+
+
+class RunFolderInUse(ConfigError):
+    """Another process is training in this run folder."""
+
+
+def _holder_text(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text())
+        return f"pid {h['pid']} on {h['host']} (since {h['started']}: {h['command']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._in_use() from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    os.close(fd)
+                    raise
+                self._check_holder_without_locks()
+            try:  # the file may have been removed by the holder that just finished: lock the one that is there
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd = fd
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        return self
+
+    def _in_use(self) -> RunFolderInUse:
+        return RunFolderInUse(f"{self.path.parent} is in use by {_holder_text(self.path)}: wait for it to finish, "
+                              f"stop it, or choose another out_dir")
+
+    def _check_holder_without_locks(self) -> None:
+        try:
+            h = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except (OSError, ValueError):
+            return  # empty or unreadable: nobody holds it
+        if not isinstance(h, dict) or h.get("pid") == os.getpid():
+            return
+        same_host = h.get("host") == socket.gethostname()
+        if (same_host and _pid_alive(int(h.get("pid", 0)))) or (not same_host and age < HEARTBEAT_S):
+            raise self._in_use()
+
+    def heartbeat(self) -> None:
+        """For file systems without locks: tells other hosts the holder is alive (cheap: one utime)."""
+        if self.fd is not None:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding it: see the inode check in acquire
+        except OSError:
+            pass
+        os.close(self.fd)  # releases the flock
+        self.fd = None
