@@ -98,9 +98,10 @@ def cmd_embed(args) -> None:
             feats, stamps = feats[0], stamps[0]
             feats = feats.mean(0) if args.level == "clip" else feats
         name = Path(f).stem
-        while name in written:  # same file name from different folders: keep both
+        outputs = lambda n: {f"{n}.npy"} | ({f"{n}.timestamps.npy"} if args.level == "timestamp" else set())  # noqa: E731
+        while outputs(name) & written:  # the same name from two folders, or `a` beside `a.timestamps`: keep both
             name += "_"
-        written.add(name)
+        written |= outputs(name)
         np.save(out / f"{name}.npy", feats.cpu().numpy())
         if args.level == "timestamp":  # HEAR: frame embeddings with their centre times (ms)
             np.save(out / f"{name}.timestamps.npy", stamps.cpu().numpy())

@@ -22,7 +22,7 @@ from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelS
 from .dataset import load_lms_file
 from .sources import DataError, list_files
 from .stats import compute_norm_stats
-from .store import FORMAT, INDEX_COLUMNS, VERSION, LogMelStore
+from .store import FORMAT, INDEX_COLUMNS, VERSION, LogMelStore, read_manifest
 
 log = logging.getLogger("fastm2d.prepare")
 
@@ -68,6 +68,23 @@ def _write_shard(task: Tuple[int, List[str], str, str, int, int, int]) -> dict:
     return record
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{'frontend': {'sample_rate': 16000}} -> {'frontend.sample_rate': 16000}: differences named key by key."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def list_digest(files: List[str]) -> str:
+    """sha1 of the ordered input list: which files, in which shard order."""
+    import hashlib
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
 def _finished(out: Path, k: int) -> Optional[dict]:
     marker, data = out / f"shard-{k:05d}.json", out / f"shard-{k:05d}.bin"
     if not (marker.is_file() and data.is_file()):
@@ -98,16 +115,21 @@ def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 
     files = [str(f) for f in list_files(src, root)]
     chunks = [files[i:i + files_per_shard] for i in range(0, len(files), files_per_shard)]
     manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if old.get("version") != VERSION or old.get("sources") != len(files) or old.get("files_per_shard") != files_per_shard or old.get("dtype") != dtype \
-                or old.get("max_crop_frames", crop_frames) != crop_frames:
-            raise DataError(f"{out}: holds a store prepared from other inputs or settings; use a new folder")
     params = dict(FRONTEND_PARAMS[sample_rate], sample_rate=sample_rate, n_mels=N_MELS, log_eps=LOG_EPS,
                   mel_scale="slaney", norm="slaney")
+    # What the store is built from: re-running into the folder resumes only the same build, never mixes two.
     manifest = {"format": FORMAT, "version": VERSION, "complete": False, "dtype": dtype, "n_mels": N_MELS,
-                "frontend": params, "sources": len(files), "files_per_shard": files_per_shard,
-                "max_crop_frames": crop_frames}
+                "frontend": params, "sources": len(files), "sources_sha1": list_digest(files),
+                "files_per_shard": files_per_shard, "max_crop_frames": crop_frames,
+                "min_patch_frames": min_patch_frames}
+    if manifest_path.is_file():
+        old = read_manifest(manifest_path)
+        flat_old, flat_new = _flat(old), _flat(manifest)
+        changed = [f"{k}: {flat_old.get(k)!r} there, {v!r} now" for k, v in flat_new.items()
+                   if k != "complete" and flat_old.get(k) != v]
+        if changed:
+            raise DataError(f"{out}: holds a store built from other inputs or settings ({'; '.join(changed)}); "
+                            f"prepare into a new folder")
     manifest_path.write_text(json.dumps(manifest, indent=1))
 
     records = {k: r for k in range(len(chunks)) if (r := _finished(out, k))}
@@ -128,12 +150,12 @@ def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 
     order = sorted(records)
     with open(out / "index.tsv", "w") as f:
         f.write("\t".join(INDEX_COLUMNS) + "\n")
-        for k in order:
-            f.writelines(f"{n}\t{k}\t{o}\t{t}\t{a}\n" for n, o, t, a in records[k]["items"])
+        for k in order:  # names JSON-quoted: a tab or newline in a file name stays inside its field
+            f.writelines(f"{json.dumps(n)}\t{k}\t{o}\t{t}\t{a}\n" for n, o, t, a in records[k]["items"])
     failures = [fl for k in order for fl in records[k]["failures"]]
     with open(out / "failures.tsv", "w") as f:
-        f.write("path\treason\n")
-        f.writelines(f"{p}\t{r}\n" for p, r in failures)
+        f.write("path\treason\n")  # JSON-quoted like index.tsv's names
+        f.writelines(f"{json.dumps(p)}\t{json.dumps(r)}\n" for p, r in failures)
     n_items = sum(len(records[k]["items"]) for k in order)
     manifest.update(complete=True, items=n_items, failures=len(failures),
                     shards=[{"file": records[k]["file"], "bytes": records[k]["bytes"]} for k in order])

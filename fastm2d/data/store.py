@@ -16,7 +16,6 @@ own bytes through the memory map.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -32,6 +31,17 @@ log = logging.getLogger("fastm2d.data")
 FORMAT = "fastm2d-logmel-shards"
 VERSION = 2  # 2: audio_frames per item (version 1 padded every short clip to 6.1 s whatever the crop)
 INDEX_COLUMNS = ("name", "shard", "offset", "frames", "audio_frames")
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable store manifest ({str(e).splitlines()[0][:80]}); torn by an interrupted "
+                        f"write? re-run `fastm2d prepare` into a new folder") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a store manifest (a JSON object expected)")
+    return manifest
 
 
 def is_store(path: str | Path) -> bool:
@@ -50,7 +60,7 @@ class LogMelStore:
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
             raise DataError(f"{self.root}: not a prepared log-mel store (no manifest.json); run `fastm2d prepare`")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_manifest(manifest_path)
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise DataError(f"{manifest_path}: store format {self.manifest.get('format')!r} "
                             f"v{self.manifest.get('version')}, this fastm2d reads {FORMAT!r} v{VERSION}: "
@@ -92,14 +102,17 @@ class LogMelStore:
         if not path.is_file():
             raise DataError(f"{path}: index missing")
         names, rows = [], []
-        with open(path, newline="") as f:
-            reader = csv.reader(f, delimiter="\t")
-            header = next(reader, None)
+        with open(path, encoding="utf-8") as f:
+            header = f.readline().rstrip("\n").split("\t")
             if header != list(INDEX_COLUMNS):
                 raise DataError(f"{path}: unexpected header {header}")
-            for r in reader:
-                names.append(r[0])
-                rows.append((int(r[1]), int(r[2]), int(r[3]), int(r[4])))
+            for line_no, line in enumerate(f, 2):
+                r = line.rstrip("\n").split("\t")
+                try:  # names are JSON strings: any name a file system allows, tabs and newlines included
+                    names.append(json.loads(r[0]))
+                    rows.append((int(r[1]), int(r[2]), int(r[3]), int(r[4])))
+                except (ValueError, IndexError):
+                    raise DataError(f"{path}:{line_no}: unreadable row; re-run `fastm2d prepare`") from None
         if len(names) != self.manifest["items"]:
             raise DataError(f"{path}: {len(names)} rows, the manifest says {self.manifest['items']} items")
         return names, rows

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import atomic_save, safe_load
+from ..checkpoint import atomic_save
+from ..config import ConfigError
 from .embeddings import load_clip
 from .lars import LARS
 from .tasks import EvalTask
@@ -146,7 +147,9 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
             logits = torch.cat([forward(x_all[i].to(device)).float().cpu() for i in np.array_split(idx, max(1, len(idx) // 64))])
         return task.score(logits.numpy(), idx)
 
-    best, step, history = -1.0, 0, []
+    if cfg.epochs < 1:
+        raise ConfigError(f"finetune epochs={cfg.epochs}: at least 1")
+    best, best_state, step, history = -1.0, None, 0, []
     out_dir = Path(out_dir)
     for epoch in range(cfg.epochs):
         model.train()
@@ -169,9 +172,13 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
         history.append({"epoch": epoch + 1, "loss": loss.item(), "valid": valid})
         if valid > best:
             best = valid
-            atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "finetune": asdict(cfg), "frames": frames,
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            atomic_save({"model": best_state, "epoch": epoch + 1, "finetune": asdict(cfg), "frames": frames,
                          "classes": task.classes}, out_dir / f"finetuned-{task.name}.pth")
-    model.load_state_dict(safe_load(out_dir / f"finetuned-{task.name}.pth")["model"])
+    if best_state is None:  # never a file left in out_dir by another run: only this run's own best weights
+        raise ConfigError(f"finetune: no epoch of {cfg.epochs} gave a finite validation score (diverged?); "
+                          f"try a lower lr")
+    model.load_state_dict(best_state)
     result = {"task": task.name, "metric": task.metric, "valid": best,
               "test": evaluate(te), "frames": frames, "weights": str(weights), "config": asdict(cfg), "history": history}
     (out_dir / f"finetuned-{task.name}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -4,6 +4,7 @@ scenes generated on the fly, 60/20/20 % train/valid/test: event type, 5 classes,
 which need no data; `synthetic:N` takes N clips."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -46,6 +47,13 @@ class EvalTask:
         import hashlib
         h = hashlib.sha1("\n".join(self.items).encode())
         h.update(repr(self.synthetic).encode())
+        if self.synthetic is None:  # the files as they are now: changed audio is embedded again, never stale
+            for item in self.items:
+                try:
+                    st = os.stat(item)
+                    h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    h.update(b"missing\n")
         return h.hexdigest()[:12]  # the clips, not the labels: tasks over the same clips share embeddings
 
 

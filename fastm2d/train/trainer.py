@@ -93,10 +93,20 @@ def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] =
                             pad_to=0 if tiled else pad_samples(d.sample_rate, frames))
     source, bad = file_source(spec, config, root, pad=not tiled)
     listing = out_dir / f"bad_{label}_files.txt"
-    if bad:
-        listing.write_text("".join(f"{b}\n" for b in bad))
+    if bad:  # the header checks' list, keeping what earlier runs of this folder found while training
+        found = _found_while_training(listing, {str(f) for f in source.files})
+        listing.write_text("".join(f"{b}\n" for b in bad) + "".join(found))
     require_usable(source.files, bad, d.on_bad_file, label, listing)
     return source
+
+
+def _found_while_training(listing: Path, files: set) -> List[str]:
+    """Lines of an existing bad-file list that training appended (CropDataset), for files still in the list."""
+    if not listing.is_file():
+        return []
+    suffix = " (found while training)\n"
+    return [line for line in listing.read_text().splitlines(keepends=True)
+            if line.endswith(suffix) and line.split(": ", 1)[0] in files]
 
 
 def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool = True):
@@ -438,15 +448,24 @@ class Trainer:
         return stats
 
     def _norm_stats_main(self, source, path: Path, crop) -> List[float]:
-        if path.is_file():
-            return json.loads(path.read_text())["norm_stats"]
-        if getattr(source, "norm_stats", None) is not None:
-            path.write_text(json.dumps({"norm_stats": list(source.norm_stats), "from": str(getattr(source, "root", ""))}))
-            return list(source.norm_stats)
         n = self.config.data.stats_items
+        # What the statistics are computed from: a file left by an earlier run on other data (or crops) is not reused.
+        basis = _stats_basis(source, self.config, n, crop)
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("basis") == basis:
+                    return saved["norm_stats"]
+            except (OSError, ValueError, AttributeError):
+                pass
+            log.warning("%s was computed from other data or settings: computing the statistics again", path)
+        if getattr(source, "norm_stats", None) is not None:
+            path.write_text(json.dumps({"norm_stats": list(source.norm_stats), "from": str(getattr(source, "root", "")),
+                                        "basis": basis}))
+            return list(source.norm_stats)
         stats = compute_norm_stats(source, self.config.model.input_size[1], n, self.config.train.seed,
                                    progress=self.config.train.progress, crop=crop)
-        path.write_text(json.dumps({"norm_stats": stats, "items": min(n, len(source))}))
+        path.write_text(json.dumps({"norm_stats": stats, "items": min(n, len(source)), "basis": basis}))
         log.info("statistics: mean %.4f std %.4f (saved to %s)", *stats, path)
         return list(stats)
 
@@ -530,6 +549,15 @@ class Trainer:
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(r + "\n" for r in rows))
             os.replace(tmp, path)
+
+
+def _stats_basis(source, config: Config, n_items: int, crop) -> str:
+    """A digest of what statistics depend on: the items, the crop and its short-clip rule, the draw."""
+    import hashlib
+    h = hashlib.sha1("\n".join(source.names).encode("utf-8", "surrogateescape"))
+    h.update(json.dumps([config.model.input_size, config.data.sample_rate, config.data.repeat_short,
+                         getattr(crop, "__name__", "crop"), n_items, config.train.seed]).encode())
+    return h.hexdigest()
 
 
 def _looks_like_comm_failure(e: RuntimeError) -> bool:
