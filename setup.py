@@ -19,6 +19,7 @@ setup(
         "timm>=1.0",
         "numpy",
         "soundfile>=0.12",
+        "soxr>=0.3",  # resampling awkward rates (8009 Hz ...) in bounded memory
         "omegaconf>=2.3",
         "pyyaml",
         "tqdm",

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import ModelConfig, model_config_from_dict
+from .config import ConfigError, ModelConfig, model_config_from_dict
 from .frontend import first_line
 from .model import DEFAULT_NORM_STATS, M2D
 
@@ -87,6 +87,27 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 
 # --------------------------------------------------------------------------------------------- reading ----
+MAX_INFLATION = 10  # torch.save stores zip members uncompressed; a member inflating more was crafted
+
+
+def check_zip_members(path: Path) -> None:
+    """Refuse a zip checkpoint whose compressed members would inflate far beyond the file's size (a zip bomb)
+    before torch.load decompresses anything."""
+    import zipfile
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # legacy pickle format or not a checkpoint: torch.load's own checks apply
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.compress_type != zipfile.ZIP_STORED and \
+                        info.file_size > MAX_INFLATION * max(info.compress_size, 1) + 2**20:
+                    raise CheckpointError(f"{path}: refused to load: member {info.filename} inflates "
+                                          f"{info.file_size / max(info.compress_size, 1):.0f}x to "
+                                          f"{info.file_size / 2**20:.0f} MiB (PyTorch never compresses checkpoints)")
+    except (OSError, zipfile.BadZipFile):
+        return  # unreadable: torch.load reports it
+
+
 def deepspeed_safe_globals() -> list:
     """The plain-data classes DeepSpeed pickles into its ZeRO checkpoint files (loss scaler, tensor fragment
     addresses, the stage enum): rebuilt from their fields, never called with arguments from the file."""
@@ -112,6 +133,7 @@ def safe_load(path: str | Path, extra_globals: Optional[list] = None):
     Every file fastm2d unpickles goes through here (tests/test_safe_loading.py scans the tree for others).
     """
     path = Path(path)
+    check_zip_members(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS + list(extra_globals or [])):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -139,11 +161,14 @@ def load_weights_file(path: Path):
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
         obj = {"model": state}
-        if "model_config" in meta:
-            obj["model_config"] = json.loads(meta["model_config"])
-        for key in ("sample_rate", "epoch"):
-            if key in meta:
-                obj[key] = int(meta[key])
+        try:
+            if "model_config" in meta:
+                obj["model_config"] = json.loads(meta["model_config"])
+            for key in ("sample_rate", "epoch"):
+                if key in meta:
+                    obj[key] = int(meta[key])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable safetensors metadata ({first_line(e)})") from None
         return obj
     return safe_load(path)
 
@@ -220,14 +245,34 @@ def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelCon
         state = {k: v for k, v in state.items() if k.startswith("backbone.")}
     state = strip_wrappers(state)
     if "model_config" in obj:
-        cfg = model_config_from_dict(obj["model_config"])
-        sr = int(obj.get("sample_rate", 16000))
+        if not isinstance(obj["model_config"], dict):
+            raise CheckpointError(f"{path}: model_config is a {type(obj['model_config']).__name__}, not a mapping")
+        try:  # sizes are checked against the limits before anything is built
+            cfg = model_config_from_dict(obj["model_config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        sr = obj.get("sample_rate", 16000)
+        if type(sr) is not int or sr not in (16000, 32000):
+            raise CheckpointError(f"{path}: sample_rate={sr!r}: expected 16000 or 32000")
     else:
         try:
             cfg, sr = infer_model_config(state, path)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         except ValueError as e:
             raise CheckpointError(f"{path}: original checkpoint, but {e}") from None
+    check_tensors(state, path)
     return state, cfg, sr, obj
+
+
+def check_tensors(state: Dict[str, torch.Tensor], path) -> None:
+    """Every entry a tensor, every float tensor finite: NaN weights would give NaN features (a probe at chance)."""
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: {k} is a {type(v).__name__}, not a tensor")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: {k} holds NaN or infinite values (a diverged run?); use an earlier "
+                                  f"checkpoint")
 
 
 def resolve_checkpoint_file(path: str | Path) -> Path:

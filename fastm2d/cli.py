@@ -122,8 +122,8 @@ def cmd_linear_eval(args) -> None:
     if args.untrained:  # the same architecture with fresh weights: the baseline pre-training must beat
         torch.manual_seed(args.untrained_seed)
         runtime.encoder.init_weights()
-    layers = [int(i) for i in args.layers.split(",")] if args.layers else None
-    hidden = tuple(int(h) for h in args.hidden.split(",")) if args.hidden else ()
+    layers = args.layers or None
+    hidden = tuple(args.hidden or ())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     init_seed = args.untrained_seed if args.untrained else None
@@ -171,6 +171,28 @@ def cmd_export(args) -> None:
     print(export_original(args.checkpoint, args.out, encoder_only=args.encoder_only, fmt=args.format))
 
 
+def at_least(minimum: int):
+    """argparse type: an integer >= minimum (the message names the value; argparse names the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {minimum}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def int_list(text: str) -> list:
+    """argparse type: comma-separated integers, e.g. 3,7,11."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 3,7,11") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastm2d", description="Masked Modeling Duo pre-training and transfer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -194,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="dataset mean/std of log-mel over random crops (-> data.norm_stats)")
     st.add_argument("data", help="folder or CSV list of audio / .npy files")
     st.add_argument("--config", help="YAML config for the front end and crop size")
-    st.add_argument("--items", type=int, default=10000)
+    st.add_argument("--items", type=at_least(1), default=10000)
     st.add_argument("--out", help="write the JSON result here too")
     st.add_argument("overrides", nargs="*")
     st.set_defaults(func=cmd_stats)
@@ -202,15 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="audio / .npy files -> memory-mapped log-mel shards (a LogMelStore)")
     pr.add_argument("src", help="folder (recursive) or CSV list of audio or original .npy log-mel files")
     pr.add_argument("out", help="store folder; re-running completes an interrupted preparation")
-    pr.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-    pr.add_argument("--files-per-shard", type=int, default=1000)
+    pr.add_argument("--workers", type=at_least(0), default=0, help="processes (default: all cores)")
+    pr.add_argument("--files-per-shard", type=at_least(1), default=1000)
     pr.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     pr.add_argument("--sample-rate", type=int, default=16000)
-    pr.add_argument("--crop-frames", type=int, default=608,
+    pr.add_argument("--crop-frames", type=at_least(1), default=608,
                     help="the longest training crop the store serves: short clips are zero-padded to it plus 20 ms "
                          "(608: 6.1 s, as the original); shorter crops read less")
-    pr.add_argument("--stats-items", type=int, default=10000)
-    pr.add_argument("--min-patch-frames", type=int, default=16,
+    pr.add_argument("--stats-items", type=at_least(1), default=10000)
+    pr.add_argument("--min-patch-frames", type=at_least(1), default=16,
                     help="files with less audio than this many frames (one patch width) are listed as failures")
     pr.add_argument("--root", help="base folder for relative paths in a CSV")
     pr.set_defaults(func=cmd_prepare)
@@ -229,13 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
                                             "meta.csv, or 'synthetic')")
     le.add_argument("weights", help="run folder, checkpoint, or the original's weights")
     le.add_argument("task", help="CSV (file_name, label, split), a folder with meta.csv, or 'synthetic'")
-    le.add_argument("--seeds", type=int, default=5)
+    le.add_argument("--seeds", type=at_least(1), default=5)
     le.add_argument("--out", default="eval", help="results <task>.json, results.md and the embedding cache")
-    le.add_argument("--layers", help="comma-separated block indices to concatenate (default: the final output)")
-    le.add_argument("--hidden", help="comma-separated hidden layer sizes (default: none, a linear probe)")
+    le.add_argument("--layers", type=int_list, help="comma-separated block indices to concatenate (default: the final output)")
+    le.add_argument("--hidden", type=int_list, help="comma-separated hidden layer sizes (default: none, a linear probe)")
     le.add_argument("--untrained", action="store_true", help="the same architecture, freshly initialised (baseline)")
     le.add_argument("--untrained-seed", type=int, default=0)
-    le.add_argument("--batch-size", type=int, default=64)
+    le.add_argument("--batch-size", type=at_least(1), default=64)
     le.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     le.add_argument("--quiet", action="store_true")
     le.set_defaults(func=cmd_linear_eval)
@@ -245,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("task", help="CSV (file_name, label, split), a folder with meta.csv, or 'synthetic'")
     ft.add_argument("--out", default="finetune")
     ft.add_argument("--epochs", type=int, default=50)
-    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--batch-size", type=at_least(1), default=32)
     ft.add_argument("--lr", type=float, default=1e-3)
     ft.add_argument("--layer-decay", type=float, default=0.75)
     ft.add_argument("--optimizer", choices=("adamw", "lars", "sgd"), default="adamw")
     ft.add_argument("--mixup", type=float, default=0.3)
-    ft.add_argument("--frames", type=int, default=0, help="clip length in frames (default: the task's median)")
+    ft.add_argument("--frames", type=at_least(0), default=0, help="clip length in frames (default: the task's median)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--attention", choices=("auto", "sdpa", "xformers", "reference"), default="auto")
     ft.add_argument("--compile", action="store_true", help="torch.compile the classifier (pays off on long runs)")
@@ -274,12 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:  # argparse's own errors (a bad option value) are user errors too: one line, exit 2, no SystemExit
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     # key=value overrides may also follow options (`fastm2d adapt AUDIO --from W train.epochs=100`)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        print(f"fastm2d {args.command}: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        return 2
     from .train import TrainingDiverged
     from .train.faults import CheckpointWriteError, RankLost
 

@@ -6,6 +6,8 @@ defaults, a YAML file and dotted command-line overrides; an unknown key or a val
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -24,6 +26,23 @@ VIT_SIZES = {
 
 class ConfigError(ValueError):
     """A configuration key is unknown, mistyped or inconsistent."""
+
+
+# The largest model fastm2d builds (a ViT-Large M2D is about 0.4 G parameters): checked on every config, the ones
+# read from checkpoints included, BEFORE anything is allocated. FASTM2D_MAX_PARAMS raises it for bigger research.
+MAX_PARAMS = int(float(os.environ.get("FASTM2D_MAX_PARAMS", 4e9)))
+MAX_TOKENS = 65536  # patches per input: 80x608 at 16x16 is 190, at 80x2 304; 10 s at 16x4 is 1250
+
+
+def estimated_params(m: "ModelConfig") -> int:
+    """Parameters of M2D with this config, from the sizes alone (Python integers: no overflow, no tensors)."""
+    tokens = (m.input_size[0] // m.patch_size[0]) * (m.input_size[1] // m.patch_size[1])
+    hidden = int(m.mlp_ratio * m.embed_dim)
+    block = lambda d, h: 4 * d * d + 2 * d * h + 9 * d + h  # noqa: E731  qkv + proj + mlp + norms + biases
+    encoder = m.depth * block(m.embed_dim, hidden) + (tokens + 1) * m.embed_dim
+    decoder = m.decoder_depth * block(m.decoder_embed_dim, int(m.mlp_ratio * m.decoder_embed_dim)) \
+        + (tokens + 1) * m.decoder_embed_dim + 2 * m.embed_dim * m.decoder_embed_dim
+    return 2 * encoder + decoder + m.patch_size[0] * m.patch_size[1] * m.embed_dim + m.off_dim * m.embed_dim * 80
 
 
 @dataclass
@@ -65,6 +84,21 @@ class ModelConfig:
 def check_model_config(m: ModelConfig) -> None:
     if len(m.input_size) != 2 or len(m.patch_size) != 2:
         raise ConfigError(f"model.input_size and model.patch_size need two numbers, got {m.input_size}, {m.patch_size}")
+    for key in ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)}: must be >= 1")
+    if min(m.input_size) < 1 or min(m.patch_size) < 1:
+        raise ConfigError(f"model.input_size={m.input_size}, model.patch_size={m.patch_size}: sizes must be >= 1")
+    if not m.mlp_ratio > 0:
+        raise ConfigError(f"model.mlp_ratio={m.mlp_ratio}: must be > 0")
+    tokens = (m.input_size[0] // m.patch_size[0]) * (m.input_size[1] // m.patch_size[1])
+    if tokens > MAX_TOKENS:
+        raise ConfigError(f"model.input_size={m.input_size} at patch {m.patch_size}: {tokens} patches, more than "
+                          f"the {MAX_TOKENS} fastm2d handles")
+    if estimated_params(m) > MAX_PARAMS:
+        raise ConfigError(f"model sizes (embed_dim {m.embed_dim}, depth {m.depth}, decoder {m.decoder_embed_dim} x "
+                          f"{m.decoder_depth}, {tokens} patches) give about {estimated_params(m) / 1e9:.3g} G "
+                          f"parameters, over the limit of {MAX_PARAMS / 1e9:.3g} G (FASTM2D_MAX_PARAMS raises it)")
     for axis in (0, 1):
         if m.input_size[axis] % m.patch_size[axis]:
             raise ConfigError(f"model.input_size {m.input_size} is not a multiple of model.patch_size {m.patch_size}")
@@ -197,6 +231,41 @@ def _merge(base, layer, where: str):
         raise _wrap(e, where) from None
 
 
+def _yaml_error(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _read_yaml(path: Path):
+    """The one place config files are parsed: YAML errors, duplicate keys, tags and a top level that is not a
+    mapping are ConfigErrors naming the file (OmegaConf's loader is a safe loader: tags never construct objects)."""
+    import yaml
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_error(e)})") from None
+    except (OmegaConfBaseException, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: unreadable config ({_yaml_error(e)})") from None
+    if not OmegaConf.is_dict(layer):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (model:, data:, train: ...), "
+                          f"not a {type(OmegaConf.to_container(layer)).__name__}")
+    return layer
+
+
+def _overrides(items: Sequence[str]):
+    import yaml
+    layers = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: its value is not valid YAML ({_yaml_error(e)})") from None
+        except OmegaConfBaseException as e:
+            raise _wrap(e, f"override {item!r}") from None
+    return OmegaConf.merge(*layers) if layers else OmegaConf.create({})
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- `a.b=value` overrides. Returns a plain, validated `Config` object."""
     cfg = OmegaConf.structured(Config)
@@ -204,11 +273,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-    config: Config = OmegaConf.to_object(_merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line"))
+        cfg = _merge(cfg, _read_yaml(path), str(path))
+    cfg = _merge(cfg, _overrides(overrides), "command line")
+    try:  # interpolations (${...}) resolve here
+        config: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _wrap(e, "config") from None
     config.model = config.model.resolved()
     check_config(config)
     return config
@@ -244,13 +314,46 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"train.compile_mode={c.train.compile_mode!r}: not a torch.compile mode")
     if c.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={c.train.precision!r}: expected auto, fp32, bf16 or fp16")
-    for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints"):
+    for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints", "dist_timeout_s"):
         if getattr(c.train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(c.train, key)}: must be >= 1")
+    for key in ("stats_items", "synthetic_clips"):
+        if getattr(c.data, key) < 1:
+            raise ConfigError(f"data.{key}={getattr(c.data, key)}: must be >= 1")
+    for key in ("num_workers", "min_epoch_items"):
+        if getattr(c.data, key) < 0:
+            raise ConfigError(f"data.{key}={getattr(c.data, key)}: must be >= 0 (num_workers=0: load in the main process)")
+    if not c.data.synthetic_seconds > 0:
+        raise ConfigError(f"data.synthetic_seconds={c.data.synthetic_seconds}: must be > 0")
+    t = c.train
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas={t.betas}: expected two values in [0, 1), e.g. [0.9, 0.95]")
+    if not (t.epochs > 0 and t.warmup_epochs >= 0 and t.base_lr > 0 and t.weight_decay >= 0 and t.clip_grad >= 0):
+        raise ConfigError(f"train.epochs={t.epochs}, warmup_epochs={t.warmup_epochs}, base_lr={t.base_lr}, "
+                          f"weight_decay={t.weight_decay}, clip_grad={t.clip_grad}: expected epochs > 0, base_lr > 0, "
+                          f"the others >= 0")
+    if not (0.0 <= t.ema_start <= 1.0 and 0.0 <= t.ema_end <= 1.0):
+        raise ConfigError(f"train.ema_start={t.ema_start}, train.ema_end={t.ema_end}: EMA decays lie in [0, 1] "
+                          f"(the paper: 0.99995 -> 0.99999)")
+    if t.peak_tflops is not None and not t.peak_tflops > 0:
+        raise ConfigError(f"train.peak_tflops={t.peak_tflops}: must be > 0")
+    if t.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", t.device):
+        raise ConfigError(f"train.device={t.device!r}: expected auto, cpu, cuda or cuda:N")
+    check_out_dir(Path(c.out_dir))
     if c.train.eval_every < 0 or c.eval.clips < 2:
         raise ConfigError(f"train.eval_every={c.train.eval_every}, eval.clips={c.eval.clips}: expected >= 0 and >= 2")
     if c.train.max_steps is not None and c.train.max_steps < 1:
         raise ConfigError(f"train.max_steps={c.train.max_steps}: must be >= 1")
+
+
+def check_out_dir(out: Path) -> None:
+    """out_dir must be (or become) a folder: not a file, nor under one."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"out_dir={out}: {p} is a file, not a folder" if p == out else
+                                  f"out_dir={out}: {p} is a file, so no folder can be made under it")
+            return
 
 
 def check_offline_config(c: Config) -> None:

@@ -114,8 +114,35 @@ def read_audio(path: str | Path, sample_rate: int, min_samples: int = 0) -> torc
     if not torch.isfinite(wav).all():
         raise AudioReadError(f"{path}: contains NaN or infinite samples")
     if sr != sample_rate:
-        wav = torchaudio.functional.resample(wav, sr, sample_rate)
+        wav = resample(wav, sr, sample_rate, path)
     return wav
+
+
+# torchaudio's polyphase resampler builds (new/g) x (orig/g)-sized sinc kernels, g = gcd: cheap for the usual
+# rates (44.1 -> 16 kHz: 160 x 441), gigabytes for an awkward one (8009 Hz: 16000 x 8009, +2 GB). Past this
+# product soxr (a streaming resampler, cost linear in the samples) takes over.
+MAX_POLYPHASE = 200_000
+MAX_SAMPLE_RATE = 2_000_000
+
+
+def resample(wav: torch.Tensor, sr: int, target: int, path: str | Path = "") -> torch.Tensor:
+    """(N,) float32 at `sr` -> at `target`, with bounded memory for any rate; failures name the file."""
+    if not 1000 <= sr <= MAX_SAMPLE_RATE:
+        raise AudioReadError(f"{path}: sample rate {sr} Hz: outside 1 kHz - {MAX_SAMPLE_RATE // 1000} kHz")
+    g = math.gcd(sr, target)
+    try:
+        if (sr // g) * (target // g) <= MAX_POLYPHASE:
+            return torchaudio.functional.resample(wav, sr, target)
+        try:
+            import soxr
+        except ImportError:
+            raise AudioReadError(f"{path}: resampling {sr} Hz to {target} Hz needs soxr (pip install soxr), or "
+                                 f"convert the file to a common rate first") from None
+        return torch.from_numpy(soxr.resample(wav.numpy(), sr, target, quality="VHQ").astype(np.float32))
+    except AudioReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a resampler raises, it is this file's problem, not the run's
+        raise AudioReadError(f"{path}: cannot resample {sr} Hz to {target} Hz ({first_line(e)})") from None
 
 
 def wav_truncation(path: str | Path) -> Optional[str]:

@@ -97,6 +97,68 @@ def _weights_truncated_for_embed(tmp):
     return ["embed", "--weights", str(ckpt), "--out", str(tmp / "feats"), str(write_tone(tmp / "a.wav"))]
 
 
+def _yaml(text):
+    def setup(tmp):
+        (tmp / "c.yaml").write_text(text)
+        return ["pretrain", "--config", str(tmp / "c.yaml"), f"out_dir={tmp / 'new'}", *TINY_TRAIN]
+    return setup
+
+
+def _csv(content: bytes):
+    def setup(tmp):
+        (tmp / "list.csv").write_bytes(content)
+        _tones(tmp, 2)
+        return _config(f"data.train={tmp / 'list.csv'}", "data.norm_stats=[-8,4]")(tmp)
+    return setup
+
+
+def _out_dir_is_a_file(tmp):
+    (tmp / "afile").write_text("x")
+    return ["pretrain", f"out_dir={tmp / 'afile'}", *TINY_TRAIN]
+
+
+def _out_dir_under_a_file(tmp):
+    (tmp / "afile").write_text("x")
+    return ["pretrain", f"out_dir={tmp / 'afile' / 'run'}", *TINY_TRAIN]
+
+
+def _resume_an_empty_folder(tmp):
+    (tmp / "run").mkdir()
+    return ["pretrain", f"out_dir={tmp / 'run'}", *TINY_TRAIN, "--resume"]
+
+
+def _cmd_on_tones(*argv):
+    return lambda tmp: [argv[0], str(_tones(tmp / "audio", 2)), *argv[1:]]
+
+
+def _linear_eval_layers(tmp):
+    return ["linear-eval", str(_run_folder(tmp)), "synthetic:20", "--layers", "x"]
+
+
+def _finetune_zero_batch(tmp):
+    return ["finetune", str(_run_folder(tmp)), "synthetic:20", "--batch-size", "0"]
+
+
+def _torn_store_manifest(tmp):
+    from fastm2d.data.prepare import prepare
+    prepare(str(_tones(tmp / "audio", 2)), tmp / "store", workers=1, stats_items=2, progress=False)
+    manifest = tmp / "store" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:30])
+    return _config(f"data.train={tmp / 'store'}")(tmp)
+
+
+def _ckpt_meta(command, **changes):
+    def setup(tmp):
+        run = _run_folder(tmp)
+        obj = torch.load(run / "checkpoint-1.pth", weights_only=True)
+        obj.update(changes)
+        torch.save(obj, run / "checkpoint-1.pth")
+        if command == "embed":
+            return ["embed", "--weights", str(run), "--out", str(tmp / "feats"), str(write_tone(tmp / "a.wav"))]
+        return ["pretrain", f"out_dir={run}", *TINY_TRAIN, "train.max_steps=2", "--resume"]
+    return setup
+
+
 CASES = [
     ("zero batch", _config("train.batch_size=0"), ["train.batch_size=0", ">= 1"]),
     ("negative batch", _config("train.batch_size=-4"), ["train.batch_size=-4"]),
@@ -119,6 +181,39 @@ CASES = [
     ("encoder-only to --resume", _ckpt_encoder_only, ["checkpoint-1.pth", "not a fastm2d training checkpoint"]),
     ("existing run without --resume", _ckpt_existing_run_without_resume, ["already holds checkpoints", "--resume"]),
     ("truncated weights to embed", _weights_truncated_for_embed, ["checkpoint-1.pth", "unreadable"]),
+    # YAML and overrides: read in one place (config.load_config)
+    ("yaml syntax", _yaml("model: {size: tiny\n"), ["c.yaml", "not valid YAML"]),
+    ("yaml top-level list", _yaml("- a\n- b\n"), ["c.yaml", "top level must be a mapping", "list"]),
+    ("yaml duplicate key", _yaml("out_dir: a\nout_dir: b\n"), ["c.yaml", "duplicate key"]),
+    ("yaml python tag", _yaml("out_dir: !!python/object/apply:os.system [echo]\n"), ["c.yaml", "python/object"]),
+    ("unknown interpolation", _config("out_dir=${nope}"), ["out_dir", "nope"]),
+    ("unclosed list", _config("model.input_size=[80,"), ["model.input_size=[80,", "not valid YAML"]),
+    # values the schema checks
+    ("zero heads", _config("model.num_heads=0"), ["model.num_heads=0", ">= 1"]),
+    ("zero patch", _config("model.patch_size=[0,16]"), ["model.patch_size=[0, 16]", ">= 1"]),
+    ("negative width", _config("model.embed_dim=-64"), ["model.embed_dim=-64"]),
+    ("zero depth", _config("model.depth=0"), ["model.depth=0", ">= 1"]),
+    ("one beta", _config("train.betas=[0.9]"), ["train.betas=[0.9]", "two values"]),
+    ("unknown device", _config("train.device=foo"), ["train.device='foo'", "cuda:N"]),
+    ("negative workers", _config("data.num_workers=-1"), ["data.num_workers=-1", ">= 0"]),
+    ("ema above 1", _config("train.ema_start=2"), ["train.ema_start=2.0", "[0, 1]"]),
+    ("negative epochs", _config("train.epochs=-5"), ["train.epochs=-5.0", "epochs > 0"]),
+    ("out_dir is a file", _out_dir_is_a_file, ["afile is a file, not a folder"]),
+    ("out_dir under a file", _out_dir_under_a_file, ["afile is a file, so no folder can be made under it"]),
+    ("resume an empty folder", _resume_an_empty_folder, ["--resume", "holds no checkpoint", "leave out --resume"]),
+    # CSV lists
+    ("csv row shorter than header", _csv(b"file_name,label\nt0.wav,a\nt1.wav\n"), ["list.csv:3", "1 fields"]),
+    ("csv not utf-8", _csv(b"file_name\n\xff\xfe.wav\n"), ["list.csv", "not UTF-8"]),
+    # command options
+    ("prepare workers -1", _cmd_on_tones("prepare", "out_store", "--workers", "-1"), ["--workers", "-1: must be >= 0"]),
+    ("prepare 0 files per shard", _cmd_on_tones("prepare", "out_store", "--files-per-shard", "0"),
+     ["--files-per-shard", ">= 1"]),
+    ("stats items -3", _cmd_on_tones("stats", "--items", "-3"), ["--items", "-3: must be >= 1"]),
+    ("linear-eval layers x", _linear_eval_layers, ["--layers", "comma-separated integers"]),
+    ("finetune batch 0", _finetune_zero_batch, ["--batch-size", "0: must be >= 1"]),
+    ("torn store manifest", _torn_store_manifest, ["manifest.json", "unreadable store manifest"]),
+    ("checkpoint sample rate abc", _ckpt_meta("embed", sample_rate="abc"), ["checkpoint-1.pth", "sample_rate='abc'"]),
+    ("checkpoint epoch -3", _ckpt_meta("pretrain", epoch=-3), ["checkpoint-1.pth", "epoch=-3"]),
 ]
 
 

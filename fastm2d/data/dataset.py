@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..frontend import SILENCE_LOG, AudioReadError, LogMelSpectrogram, read_audio
+from ..frontend import SILENCE_LOG, AudioReadError, LogMelSpectrogram, read_audio, wav_truncation
 from .noise import tile_crop
 from .sources import LMS_EXT, DataError, check_lms_array_shape
 from .synthetic import synth_clip
@@ -70,6 +70,34 @@ class LogMelSource:
     def names(self) -> List[str]:
         return [f"synthetic:{i}" for i in range(len(self))] if self.synthetic else [str(f) for f in self.files]
 
+    def crop(self, i: int, frames: int, rng: np.random.Generator, repeat_short: bool = False,
+             dtype=np.float32) -> Tuple[np.ndarray, int]:
+        """`crop_clip` of item i; a long audio file is read only by the crop's window (the same start, the same
+        values as cropping the whole file's log-mel)."""
+        info = self._long_audio(i, frames)
+        if info is None:
+            return crop_clip(self.load(i), frames, rng, repeat_short, dtype)
+        total = self.frontend.num_frames(-(-info.frames * self.sample_rate // info.samplerate))
+        start = crop_start(total, frames, rng)
+        lms = window_read(self.files[i], self.frontend, start, frames, info)
+        if lms is None:  # the window touches the file's ends
+            return crop_at(self.load(i), start, frames, dtype), start
+        return np.ascontiguousarray(lms, dtype=dtype), start
+
+    def _long_audio(self, i: int, frames: int):
+        """The soundfile info of item i when it is a seekable audio file many crops long, else None."""
+        if self.synthetic or self.files[i].suffix.lower() not in SEEKABLE:
+            return None
+        import soundfile as sf
+        try:
+            info = sf.info(str(self.files[i]))
+        except Exception:  # noqa: BLE001 - the whole-file read reports it with the reason
+            return None
+        if info.frames * self.sample_rate < WINDOW_MIN_CROPS * frames * self.frontend.hop_length * info.samplerate \
+                or wav_truncation(self.files[i]) or info.frames < self.min_samples * info.samplerate // self.sample_rate:
+            return None
+        return info
+
     def load(self, i: int) -> np.ndarray:
         """Full log-mel of item i (a memory-mapped view for .npy files)."""
         if self.synthetic:
@@ -81,6 +109,47 @@ class LogMelSource:
                 self._cache[i] = self.frontend(wav).numpy()
             return self._cache[i]
         return load_lms_file(self.files[i], self.frontend, self.pad_to, self.min_samples, self.min_frames)[0]
+
+
+# Long files are read by the crop's window, not whole: a 32-minute WAV costs +0.75 GB per crop otherwise. Formats
+# whose seeking is sample-exact only; resampled by torchaudio (aligned to its polyphase blocks, so the window's
+# samples equal the whole file's); files shorter than this many crops are read whole (cheaper, no edge cases).
+SEEKABLE = {".wav", ".flac", ".aif", ".aiff"}
+WINDOW_MIN_CROPS = 4
+CONTEXT_FRAMES = 2  # frames of context each side: a centred frame reaches n_fft/2 = 1.25 hops beyond its centre
+
+
+def window_read(path: Path, frontend: LogMelSpectrogram, start: int, frames: int, info) -> Optional[np.ndarray]:
+    """(F, frames) log-mel of frames [start, start + frames) computed from the part of the file they need, equal
+    to the same window of the whole file's log-mel; None where the window reaches the file's ends (the whole file's
+    reflect padding applies there)."""
+    import math
+
+    import soundfile as sf
+
+    from ..frontend import MAX_POLYPHASE, resample
+    sr, target, hop = info.samplerate, frontend.sample_rate, frontend.hop_length
+    g = math.gcd(sr, target)
+    if sr != target and (sr // g) * (target // g) > MAX_POLYPHASE:
+        return None  # soxr's stream is not block-aligned: read whole
+    lo_t, hi_t = (start - CONTEXT_FRAMES) * hop, (start + frames - 1 + CONTEXT_FRAMES) * hop + 1  # target samples
+    block_in, block_out = sr // g, target // g
+    margin = max(2, math.ceil(0.05 * sr / block_in))  # 50 ms of resampling-filter context, in whole blocks
+    lo_b, hi_b = lo_t // block_out - margin, -(-hi_t // block_out) + margin
+    if lo_t < 0 or lo_b < 0 or hi_b * block_in > info.frames:
+        return None
+    with sf.SoundFile(str(path)) as f:
+        f.seek(lo_b * block_in)
+        data = f.read((hi_b - lo_b) * block_in, dtype="float32", always_2d=True)
+    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
+    if not torch.isfinite(wav).all():
+        raise AudioReadError(f"{path}: contains NaN or infinite samples")
+    if sr != target:
+        wav = resample(wav, sr, target, path)
+    offset = lo_t - lo_b * block_out
+    with torch.inference_mode():
+        lms = frontend(wav[offset:offset + hi_t - lo_t]).numpy()
+    return lms[:, CONTEXT_FRAMES:CONTEXT_FRAMES + frames]
 
 
 def crop_start(t: int, frames: int, rng: np.random.Generator) -> int:
@@ -150,8 +219,11 @@ class CropDataset(Dataset):
         return len(self.source)
 
     def crop(self, i: int, seed: int) -> Tuple[np.ndarray, int]:
-        lms, start = crop_clip(self.source.load(i), self.frames, np.random.default_rng(seed), self.repeat_short,
-                               self.dtype)
+        rng = np.random.default_rng(seed)
+        if isinstance(self.source, LogMelSource):  # long files by window
+            lms, start = self.source.crop(i, self.frames, rng, self.repeat_short, self.dtype)
+        else:
+            lms, start = crop_clip(self.source.load(i), self.frames, rng, self.repeat_short, self.dtype)
         if not np.isfinite(lms).all():
             raise DataError(f"{self.source.names[i]}: log-mel contains NaN or infinite values")
         return lms, start

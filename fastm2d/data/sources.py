@@ -51,9 +51,21 @@ def list_files(spec: str, root: Optional[str] = None) -> List[Path]:
 
 
 def read_csv_rows(path: Path) -> List[List[str]]:
-    """The non-blank rows of a CSV file (the header first)."""
-    with open(path, newline="") as f:
-        return [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    """The non-blank rows of a CSV file (the header first). UTF-8, with or without a byte-order mark; a row with
+    fewer fields than the header, or text that is not UTF-8, is a DataError naming the file and the line."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the list as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
+    if rows:
+        width = len(rows[0][1])
+        short = next(((n, r) for n, r in rows[1:] if len(r) < width), None)
+        if short:
+            raise DataError(f"{path}:{short[0]}: {len(short[1])} fields, the header has {width}")
+    return [r for _, r in rows]
 
 
 def find_column(rows: List[List[str]], names: Tuple[str, ...]) -> Optional[int]:

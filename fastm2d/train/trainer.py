@@ -150,6 +150,9 @@ class Trainer:
         if latest is not None and not resume:
             raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
                               f"or choose another out_dir")
+        if resume and latest is None and not launcher_restart():  # a restart before the first checkpoint starts fresh
+            raise ConfigError(f"--resume: {self.out_dir} holds no checkpoint to resume from; leave out --resume to "
+                              f"start a new run there")
         resume_from = latest if resume else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.lock is not None and self.lock.fd is None:
@@ -515,6 +518,10 @@ class Trainer:
             raise CheckpointError(f"{path}: not a fastm2d training checkpoint (no {', '.join(missing)}): --resume "
                                   f"needs one written by `fastm2d pretrain`; move it out of {self.out_dir} or use "
                                   f"another out_dir")
+        for key, kind in (("step", int), ("epoch", int), ("config", dict), ("rng", dict)):
+            if key in obj and (type(obj[key]) is not kind or (kind is int and obj[key] < 0)):
+                raise CheckpointError(f"{path}: {key}={obj[key]!r} is not a {'count >= 0' if kind is int else 'mapping'}"
+                                      f"; the checkpoint is damaged or not fastm2d's")
         saved = config_from_dict(obj["config"]).model
         if asdict(saved) != asdict(self.model.cfg):
             diff = {k: (v, getattr(self.model.cfg, k)) for k, v in asdict(saved).items() if getattr(self.model.cfg, k) != v}
