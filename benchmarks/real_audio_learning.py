@@ -5,7 +5,8 @@
     python benchmarks/real_audio_learning.py --data /tmp/real --out /tmp/rl --name lr train.base_lr=6e-3
 
 Pre-trains the config (+ overrides) on DATA/pretrain.csv (labels dropped) once per `--train-seeds` seed, probes
-every DATA/<task>.csv with `fastm2d linear-eval` (`--seeds` probe seeds), probes `--init-seeds` untrained
+every DATA/<task>-fold<K>.csv with `fastm2d linear-eval` (`--seeds` probe seeds; a task's score is the mean over
+its 5 folds, the embeddings computed once), probes `--init-seeds` untrained
 initialisations of the same architecture (once per OUT), and appends one markdown row per pre-training seed to
 OUT/table.md: each task's accuracy, the mean over tasks, and the margin over the mean and over the BEST untrained
 initialisation (the noise floor). Wall times mean something only when nothing else shares the machine.
@@ -27,15 +28,22 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("lmms-family", "collection", "music-theme")
 
 
+FOLDS = 5
+
+
 def probe(weights: Path, data: Path, out: Path, seeds: int, init_seed: Optional[int] = None) -> dict:
-    """-> {task: accuracy %} from `fastm2d linear-eval`; `init_seed`: probe that untrained initialisation."""
+    """-> {task: accuracy %, mean over folds} from `fastm2d linear-eval`; `init_seed`: that untrained init."""
     untrained = ["--untrained", "--untrained-seed", str(init_seed)] if init_seed is not None else []
     suffix = f"-untrained-seed{init_seed}" if init_seed is not None else ""
     scores = {}
     for task in TASKS:
-        assert fastm2d(["linear-eval", str(weights), str(data / f"{task}.csv"), "--seeds", str(seeds), "--out",
-                        str(out), "--quiet", *untrained]) == 0
-        scores[task] = 100 * json.loads((out / f"{task}{suffix}.json").read_text())["mean"]
+        folds = []
+        for k in range(FOLDS):
+            name = f"{task}-fold{k}"
+            assert fastm2d(["linear-eval", str(weights), str(data / f"{name}.csv"), "--seeds", str(seeds), "--out",
+                            str(out), "--quiet", *untrained]) == 0
+            folds.append(100 * json.loads((out / f"{name}{suffix}.json").read_text())["mean"])
+        scores[task] = float(np.mean(folds))
     scores["mean"] = float(np.mean([scores[t] for t in TASKS]))
     return scores
 

@@ -4,11 +4,14 @@
     python benchmarks/real_audio_tasks.py build OUT      # offline from then on
 
 writes OUT/clips/ (16 kHz mono WAV segments, at most 2 s: the short real clips the "Real clips" issue is about),
-one CSV task per label set for `fastm2d linear-eval OUT/TASK.csv` (file_name, label, split), and
-OUT/pretrain.csv: every clip of the train and valid splits, labels dropped, for `data.train=OUT/pretrain.csv`.
+five CSV tasks per label set for `fastm2d linear-eval OUT/TASK-foldK.csv` (file_name, label, split; fold K tests
+on the K-th fifth of the recordings, validates on the next, trains on the rest: the test sets are small, so
+scores are averaged over the folds), and OUT/pretrain.csv: every clip, labels dropped, for
+`data.train=OUT/pretrain.csv` (self-supervised pre-training sees the probe's audio, never its labels, as in the
+paper's transductive setting for small data; the probes' folds cover every clip in turn).
 
-Tasks (labels from folder or package names; train / valid / test split by SOURCE RECORDING, so segments of one
-recording never sit on both sides):
+Tasks (labels from folder or package names; folds split by SOURCE RECORDING, so segments of one recording never
+sit on both sides):
   lmms-family   LMMS's sample library by folder: drums, basses, instruments, strings & pads, bass loops, beats,
                 effects, latin, misc (its synthetic single-cycle `waveforms` and `shapes` left out)
   collection    which collection a sound comes from: LMMS samples, freedesktop / Oxygen / Deepin desktop sounds,
@@ -43,10 +46,17 @@ GAME = {"supertux-data": ("supertux", "usr/share/games/supertux2/sounds"),
 DESKTOP = {"sound-theme-freedesktop": "freedesktop", "oxygen-sounds": "oxygen", "deepin-sound-theme": "deepin"}
 
 
-def split_of(source: str) -> str:
-    """60 / 20 / 20 % by a hash of the source recording's name: stable, and the same on every machine."""
-    h = int(hashlib.sha1(source.encode()).hexdigest()[:8], 16) % 10
-    return "train" if h < 6 else "valid" if h < 8 else "test"
+FOLDS = 5
+
+
+def fifth_of(source: str) -> int:
+    """Which fifth of the recordings a source falls in, by a hash of its name: the same on every machine."""
+    return int(hashlib.sha1(source.encode()).hexdigest()[:8], 16) % FOLDS
+
+
+def split_of(fifth: int, fold: int) -> str:
+    """Fold k: test on fifth k, valid on fifth k+1, train on the other three (60 / 20 / 20 %)."""
+    return "test" if fifth == fold else "valid" if fifth == (fold + 1) % FOLDS else "train"
 
 
 def segments(path: Path, max_segments: int) -> List[np.ndarray]:
@@ -81,7 +91,7 @@ def build(out: Path) -> Dict[str, Counter]:
         raise SystemExit(f"not fetched: {missing}; run: python benchmarks/real_sounds.py fetch --all")
     clips = out / "clips"
     clips.mkdir(parents=True, exist_ok=True)
-    rows: Dict[str, List[Tuple[str, str, str]]] = {}
+    rows: Dict[str, List[Tuple[str, str, int]]] = {}
     pretrain, skipped = [], 0
     for path, labels, max_seg in sources():
         source = f"{path.parent.name}/{path.name}"
@@ -91,26 +101,25 @@ def build(out: Path) -> Dict[str, Counter]:
             print(f"skipped: {e}", file=sys.stderr)
             skipped += 1
             continue
-        split = split_of(source)
+        fifth = fifth_of(source)
         for k, seg in enumerate(segs):
             name = f"clips/{path.parent.name}__{path.stem}__{k}.wav"
             if not (out / name).is_file():
                 sf.write(str(out / name), seg, SR, subtype="PCM_16")
             for task, label in labels.items():
-                rows.setdefault(task, []).append((name, label, split))
-            if split != "test":
-                pretrain.append(name)
+                rows.setdefault(task, []).append((name, label, fifth))
+            pretrain.append(name)
     counts = {}
     for task, task_rows in rows.items():
-        # classes with too few recordings on one side cannot be probed: keep those present in every split
-        by_split = {s: {lab for _, lab, sp in task_rows if sp == s} for s in ("train", "valid", "test")}
-        keep = by_split["train"] & by_split["valid"] & by_split["test"]
+        # a class must have recordings in every fifth to be probed in every fold
+        keep = set.intersection(*({lab for _, lab, f in task_rows if f == k} for k in range(FOLDS)))
         task_rows = [r for r in task_rows if r[1] in keep]
-        with open(out / f"{task}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["file_name", "label", "split"])
-            w.writerows(task_rows)
-        counts[task] = Counter((lab, sp) for _, lab, sp in task_rows)
+        for fold in range(FOLDS):
+            with open(out / f"{task}-fold{fold}.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["file_name", "label", "split"])
+                w.writerows((n, lab, split_of(fifth, fold)) for n, lab, fifth in task_rows)
+        counts[task] = Counter((lab, split_of(fifth, 0)) for _, lab, fifth in task_rows)
     with open(out / "pretrain.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file_name"])
@@ -120,7 +129,7 @@ def build(out: Path) -> Dict[str, Counter]:
           f"({np.percentile(lengths, 10):.2f}-{np.percentile(lengths, 90):.2f} s 10-90 %); {skipped} unreadable")
     for task, c in counts.items():
         classes = sorted({lab for lab, _ in c})
-        print(f"{task}.csv: {len(classes)} classes, " + ", ".join(
+        print(f"{task}-fold0.csv: {len(classes)} classes ({', '.join(classes)}), " + ", ".join(
             f"{s} {sum(v for (lab, sp), v in c.items() if sp == s)}" for s in ("train", "valid", "test")))
     return counts
 
