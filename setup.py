@@ -26,6 +26,8 @@ setup(
         "tensorboard",
         "matplotlib",  # fastm2d report
         "safetensors",  # pickle-free weights (export --format safetensors)
+        "scikit-learn",  # the evaluation's mAP
+        "scipy",  # the evaluation's confidence intervals; polyphase resampling checks
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "wheel", "psutil", "nvidia-dali-cuda130==2.4.0",

@@ -27,11 +27,21 @@ def test_average_precision_by_hand():
     assert mean_average_precision(two, labels) == pytest.approx(((1 + 2 / 3 + 3 / 4) / 3 + (1 + 2 / 3) / 2) / 2)
 
 
+def test_tied_scores_form_one_threshold_whatever_the_order():
+    """The field's AP (sklearn's): a tie between a positive and a negative counts once at precision 1/2, not
+    as the positive first or last depending on where the items happen to stand."""
+    scores, labels = np.array([0.5, 0.5, 0.1]), np.array([1, 0, 1])
+    expected = 0.5 * (1 / 2) + 0.5 * (2 / 3)  # recall steps 1/2 at precision 1/2, then 1/2 at precision 2/3
+    assert average_precision(scores, labels) == pytest.approx(expected)
+    assert average_precision(scores[[1, 0, 2]], labels[[1, 0, 2]]) == pytest.approx(expected)
+
+
 def test_confidence_interval_is_the_t_formula():
     v = [0.71, 0.74, 0.69, 0.73, 0.70]
     m, half = confidence_interval(v)
     s = math.sqrt(sum((x - sum(v) / 5) ** 2 for x in v) / 4)
-    assert m == pytest.approx(sum(v) / 5) and half == pytest.approx(2.776 * s / math.sqrt(5))  # t(0.975, 4)
+    assert m == pytest.approx(sum(v) / 5) and half == pytest.approx(2.7764451 * s / math.sqrt(5))  # t(0.975, 4)
+    assert confidence_interval([0.1, 0.3])[1] == pytest.approx(12.7062047 * math.sqrt(0.02) / math.sqrt(2))  # 1 df
     assert confidence_interval([0.5]) == (0.5, 0.0)
 
 
@@ -220,3 +230,28 @@ def test_lars_steps_equal_the_formula_by_hand():
         eb = [eb[k] - lr * mb[k] for k in range(2)]
     assert torch.allclose(w.detach(), torch.tensor(ew, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(b.detach(), torch.tensor(eb, dtype=torch.float64), atol=1e-12)
+
+
+def test_timm_lars_matches_ours_only_without_weight_decay():
+    """Why eval/lars.py stays: timm.optim.Lars divides by |g| + wd |w|, MAE's rule by |g + wd w|."""
+    from timm.optim import Lars
+
+    from fastm2d.eval.lars import LARS
+
+    def run(make, wd):
+        torch.manual_seed(0)
+        w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        opt = make(w, b, wd)
+        for step in range(3):
+            torch.manual_seed(10 + step)
+            w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+            opt.step()
+        return torch.cat([w.detach().flatten(), b.detach()])
+
+    ours = lambda w, b, wd: LARS([w, b], lr=0.5, momentum=0.9, weight_decay=wd, trust_coefficient=0.01)  # noqa: E731
+    timm = lambda w, b, wd: Lars([{"params": [w], "weight_decay": wd, "always_adapt": True},  # noqa: E731
+                                  {"params": [b], "weight_decay": 0.0}], lr=0.5, momentum=0.9, trust_coeff=0.01,
+                                 eps=0.0)
+    assert torch.allclose(run(ours, 0.0), run(timm, 0.0), atol=1e-12)
+    assert (run(ours, 0.1) - run(timm, 0.1)).abs().max() > 1e-4

@@ -29,3 +29,16 @@ def test_resample_trims_exactly_and_interpolates_longer():
     assert longer.shape == (1, 1 + 5 * 63, 32) and torch.all(longer[0, 0] == 0)
     # Bicubic resampling keeps the endpoints' neighbourhood: first column close to the original's first.
     assert torch.allclose(longer[0, 1], table[0, 1], atol=0.1)
+
+
+def test_resampling_by_timm_equals_plain_bicubic_over_the_grid():
+    """timm's resample_abs_pos_embed (antialias off) against F.interpolate written out here: the table as a
+    (F', T') image per channel, bicubic, align_corners=False (as the original fine-tuning resamples)."""
+    import torch.nn.functional as F
+    table = sincos_2d(32, (5, 38)) + 0.01 * torch.randn(1, 1 + 5 * 38, 32)
+    for new in [(5, 63), (10, 38), (3, 20)]:
+        got = resample_pos_embed(table, (5, 38), new)
+        grid = table[:, 1:].reshape(1, 5, 38, 32).permute(0, 3, 1, 2)
+        ref = F.interpolate(grid, size=new, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        ref = torch.cat([table[:, :1], ref.reshape(1, new[0] * new[1], 32)], dim=1)
+        assert torch.allclose(got, ref, atol=1e-6), new

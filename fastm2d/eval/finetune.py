@@ -61,7 +61,11 @@ class Classifier(nn.Module):
 
 
 def _layer_groups(model: Classifier, cfg: FinetuneConfig) -> List[Dict]:
-    """Layer-wise lr decay: patch embedding and tokens at depth 0, block i at i + 1, norm and head at the top."""
+    """Layer-wise lr decay: patch embedding and tokens at depth 0, block i at i + 1, norm and head at the top.
+
+    Not timm.optim.param_groups_layer_decay: it reads the layer of each parameter from a timm model's
+    `group_matcher`, which our encoder (original key names, M2D's CLS and position handling) does not have; the
+    rule here is the same one (MAE's), written for these parameter names."""
     enc = model.runtime.encoder
     depth = len(enc.blocks) + 1
     groups: Dict[int, List] = {}

@@ -3,6 +3,10 @@
 Each weight matrix's step is rescaled so that its size is `trust_coefficient` times the weight's own norm: layers
 whose gradients are large relative to their weights no longer dominate, which keeps large-batch SGD stable.
 Biases and normalisation parameters (1-D) take the plain momentum-SGD step and no weight decay.
+
+Ours, not timm.optim.Lars: timm's trust ratio is eta |w| / (|g| + wd |w|), MAE's (which the M2D family's
+fine-tuning recipes inherit) eta |w| / |g + wd w|; they agree only without weight decay (tests/test_eval.py
+shows both).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Scores of the linear-evaluation protocol: accuracy, mean average precision, and the 95 % confidence interval
-over seeds (Student's t, as a small sample of runs calls for)."""
+"""Scores of the linear-evaluation protocol: accuracy, mean average precision (scikit-learn's, the field's
+definition) and the 95 % confidence interval over seeds (Student's t from SciPy, as a small sample of runs
+calls for)."""
 from __future__ import annotations
 
 import math
@@ -7,24 +8,19 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom; beyond, the normal 1.96.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
 
 def accuracy(scores: np.ndarray, onehot: np.ndarray) -> float:
     return float((scores.argmax(1) == onehot.argmax(1)).mean())
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
-    """AP of one class: mean over the positives of the precision at their rank (ties broken by order)."""
-    order = np.argsort(-scores, kind="stable")
-    hits = positive[order] > 0
+    """AP of one class, sklearn.metrics.average_precision_score: tied scores form one threshold (no dependence
+    on the items' order); NaN for a class without positives."""
+    from sklearn.metrics import average_precision_score
+    hits = np.asarray(positive) > 0
     if not hits.any():
         return float("nan")
-    precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision_at[hits].mean())
+    return float(average_precision_score(hits, scores))
 
 
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -38,5 +34,6 @@ def confidence_interval(values: Sequence[float]) -> Tuple[float, float]:
     v = np.asarray(values, dtype=np.float64)
     if len(v) < 2:
         return float(v.mean()), 0.0
-    t = _T975[len(v) - 2] if len(v) - 1 <= len(_T975) else 1.96
+    from scipy.stats import t as student_t
+    t = float(student_t.ppf(0.975, len(v) - 1))
     return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))

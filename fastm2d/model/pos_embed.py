@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -35,12 +34,11 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_g
     """
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
-    cls, table = pos_embed[:, :1], pos_embed[:, 1:]
-    d = table.shape[-1]
-    grid = table.reshape(1, old_grid[0], old_grid[1], d)
-    if new_grid[0] == old_grid[0] and new_grid[1] <= old_grid[1]:
-        grid = grid[:, :, : new_grid[1]]
-    else:
-        grid = F.interpolate(grid.permute(0, 3, 1, 2).float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).to(pos_embed.dtype)
-    return torch.cat([cls, grid.reshape(1, new_grid[0] * new_grid[1], d)], dim=1)
+    if new_grid[0] == old_grid[0] and new_grid[1] <= old_grid[1]:  # timm resamples only; trimming is ours
+        cls, table = pos_embed[:, :1], pos_embed[:, 1:]
+        grid = table.reshape(1, old_grid[0], old_grid[1], table.shape[-1])[:, :, : new_grid[1]]
+        return torch.cat([cls, grid.reshape(1, new_grid[0] * new_grid[1], -1)], dim=1)
+    from timm.layers import resample_abs_pos_embed
+    # (F', T') grid, frequency-major, is timm's (H, W); no antialiasing: the original interpolates plainly
+    return resample_abs_pos_embed(pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=1,
+                                  interpolation="bicubic", antialias=False)
