@@ -23,16 +23,19 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
-from .config import Config, ConfigError, ModelConfig, load_config
-from .frontend import AudioReadError, LogMelSpectrogram, read_audio
-from .model import M2D, ViTEncoder
+from .errors import AudioReadError, ConfigError  # noqa: E402
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "LogMelSpectrogram", "read_audio",
-           "AudioReadError", "M2D", "ViTEncoder", "load_model", "load_encoder", "__version__"]
+# Everything that needs torch is imported on first use (PEP 562), so `import fastm2d` and `fastm2d --help` are
+# instant: name -> the module that defines it.
+_LAZY = {"Config": "config", "ModelConfig": "config", "load_config": "config", "LogMelSpectrogram": "frontend",
+         "read_audio": "frontend", "M2D": "model", "ViTEncoder": "model", "load_model": "checkpoint",
+         "load_encoder": "runtime"}
+
+__all__ = ["ConfigError", "AudioReadError", "__version__", *_LAZY]
 
 
-def __getattr__(name):  # transfer helpers import lazily to keep `import fastm2d` light
-    if name in ("load_model", "load_encoder"):
-        from . import checkpoint, runtime
-        return {"load_model": checkpoint.load_model, "load_encoder": runtime.load_encoder}[name]
-    raise AttributeError(name)
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'fastm2d' has no attribute {name!r}")

@@ -21,6 +21,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .config import ConfigError, ModelConfig, model_config_from_dict
+from .errors import CheckpointError  # noqa: F401  (re-exported)
 from .frontend import first_line
 from .model import DEFAULT_NORM_STATS, M2D
 
@@ -33,10 +34,6 @@ WRAPPER_PREFIXES = ("module.ar.runtime.backbone.", "module.", "backbone.")
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
                 pathlib.PureWindowsPath]
 ENCODER_PREFIXES = ("norm_stats", "cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
 
 
 # --------------------------------------------------------------------------------------------- saving -----

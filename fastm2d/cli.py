@@ -7,12 +7,17 @@ import logging
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data.sources import DataError
-from .frontend import AudioReadError
+from . import __version__
+from .errors import AudioReadError, DataError, MachineFault, UserError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, AudioReadError, FileNotFoundError)
+# Nothing heavy at import time: `fastm2d --help` answers without loading torch; each command imports its own.
+USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def _device(name: str) -> str:
+    """'auto' -> cuda when there is one, else cpu; an unknown or unavailable device is a ConfigError."""
+    from .train.trainer import pick_device
+    return str(pick_device(name))
 
 
 def cmd_pretrain(args) -> None:
@@ -20,6 +25,13 @@ def cmd_pretrain(args) -> None:
     from .train import pretrain
 
     config = load_config(args.config, args.overrides)
+    if args.config is None and not args.resume:  # the defaults are the paper's full AudioSet run: say so first
+        m, t = config.model, config.train
+        length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
+        print(f"fastm2d pretrain: no --config: starting the paper's recipe, a ViT-{m.size} M2D ({m.embed_dim} wide, "
+              f"{m.depth} blocks, input {m.input_size[0]}x{m.input_size[1]}) on data.train={config.data.train} for "
+              f"{length} at batch {t.batch_size} into {config.out_dir} (configs/demo.yaml is the 3-minute CPU "
+              f"demo)", file=sys.stderr, flush=True)
     trainer = pretrain(config, resume=args.resume)
     if trainer.preempted is None:
         print(f"done: {trainer.step} steps; checkpoints and metrics.jsonl in {config.out_dir}")
@@ -82,6 +94,7 @@ def cmd_embed(args) -> None:
     from .frontend import read_audio
     from .runtime import load_encoder
 
+    args.device = _device(args.device)
     runtime = load_encoder(args.weights, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +131,7 @@ def cmd_linear_eval(args) -> None:
     from .eval.tasks import load_tasks
     from .runtime import load_encoder
 
+    args.device = _device(args.device)
     runtime = load_encoder(args.weights, device=args.device)
     if args.untrained:  # the same architecture with fresh weights: the baseline pre-training must beat
         torch.manual_seed(args.untrained_seed)
@@ -140,10 +154,18 @@ def cmd_linear_eval(args) -> None:
         baseline = f" (untrained, init seed {init_seed})" if args.untrained else ""
         row = (f"| {args.weights}{baseline} | {task.name} | {result['metric']} | "
                f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f} | {args.seeds} |")
-        with open(out / "results.md", "a") as f:
-            f.write(row + "\n")
+        _upsert_row(out / "results.md", row)
         rows.append(row)
     print("| weights | task | metric | % (95 % CI) | seeds |\n| --- | --- | --- | --- | --- |\n" + "\n".join(rows))
+
+
+def _upsert_row(path: Path, row: str) -> None:
+    """Add a results row, replacing the row of the same weights and task: a re-run updates, never duplicates."""
+    key = "|".join(row.split("|")[:3])
+    rows = [r for r in path.read_text().splitlines() if "|".join(r.split("|")[:3]) != key] if path.is_file() else []
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("".join(r + "\n" for r in [*rows, row]))
+    tmp.replace(path)
 
 
 def cmd_finetune(args) -> None:
@@ -154,7 +176,7 @@ def cmd_finetune(args) -> None:
                                                           "mixup", "seed", "attention", "compile")})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for task in load_tasks(args.task):
-        r = finetune(args.weights, task, args.out, cfg, device=args.device, frames=args.frames)
+        r = finetune(args.weights, task, args.out, cfg, device=_device(args.device), frames=args.frames)
         print(f"{task.name}: best valid {r['metric']} {100 * r['valid']:.2f} %, test {100 * r['test']:.2f} % "
               f"-> {Path(args.out) / f'finetuned-{task.name}.pth'}")
 
@@ -194,8 +216,17 @@ def int_list(text: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastm2d", description="Masked Modeling Duo pre-training and transfer")
-    sub = p.add_subparsers(dest="command", required=True)
+    shows_defaults = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="fastm2d", description="Masked Modeling Duo pre-training and transfer",
+                                formatter_class=shows_defaults)
+    p.add_argument("--version", action="version", version=f"fastm2d {__version__}")
+    commands = p.add_subparsers(dest="command", required=True)
+
+    class Sub:  # every subcommand's --help shows its defaults
+        @staticmethod
+        def add_parser(name, **kw):
+            return commands.add_parser(name, formatter_class=shows_defaults, **kw)
+    sub = Sub
 
     pt = sub.add_parser("pretrain", help="pre-train M2D (the embedded synthetic data by default)")
     pt.add_argument("--config", help="YAML config (see configs/)")
@@ -216,22 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="dataset mean/std of log-mel over random crops (-> data.norm_stats)")
     st.add_argument("data", help="folder or CSV list of audio / .npy files")
     st.add_argument("--config", help="YAML config for the front end and crop size")
-    st.add_argument("--items", type=at_least(1), default=10000)
+    st.add_argument("--items", type=at_least(1), default=10000, help="random crops the statistics use")
     st.add_argument("--out", help="write the JSON result here too")
-    st.add_argument("overrides", nargs="*")
+    st.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.input_size=[80,208]")
     st.set_defaults(func=cmd_stats)
 
     pr = sub.add_parser("prepare", help="audio / .npy files -> memory-mapped log-mel shards (a LogMelStore)")
     pr.add_argument("src", help="folder (recursive) or CSV list of audio or original .npy log-mel files")
     pr.add_argument("out", help="store folder; re-running completes an interrupted preparation")
-    pr.add_argument("--workers", type=at_least(0), default=0, help="processes (default: all cores)")
-    pr.add_argument("--files-per-shard", type=at_least(1), default=1000)
-    pr.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    pr.add_argument("--sample-rate", type=int, default=16000)
+    pr.add_argument("--workers", type=at_least(0), default=None,
+                    help="worker processes; 0 = in this process (as data.num_workers=0); default: one per core")
+    pr.add_argument("--files-per-shard", type=at_least(1), default=1000, help="files per shard")
+    pr.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision")
+    pr.add_argument("--sample-rate", type=int, default=16000, help="front end: 16000 or 32000")
     pr.add_argument("--crop-frames", type=at_least(1), default=608,
                     help="the longest training crop the store serves: short clips are zero-padded to it plus 20 ms "
                          "(608: 6.1 s, as the original); shorter crops read less")
-    pr.add_argument("--stats-items", type=at_least(1), default=10000)
+    pr.add_argument("--stats-items", type=at_least(1), default=10000, help="random crops for stats.json")
     pr.add_argument("--min-patch-frames", type=at_least(1), default=16,
                     help="files with less audio than this many frames (one patch width) are listed as failures")
     pr.add_argument("--root", help="base folder for relative paths in a CSV")
@@ -243,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--level", choices=("frame", "clip", "timestamp"), default="frame",
                     help="frame: (T', D) per file; clip: the time mean (HEAR scene embedding); timestamp: frames "
                          "plus <name>.timestamps.npy with each frame's centre in ms (HEAR timestamp embeddings)")
-    em.add_argument("--device", default="cpu")
+    em.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     em.add_argument("files", nargs="+")
     em.set_defaults(func=cmd_embed)
 
@@ -251,32 +283,33 @@ def build_parser() -> argparse.ArgumentParser:
                                             "meta.csv, or 'synthetic')")
     le.add_argument("weights", help="run folder, checkpoint, or the original's weights")
     le.add_argument("task", help="CSV (file_name, label, split), a folder with meta.csv, or 'synthetic'")
-    le.add_argument("--seeds", type=at_least(1), default=5)
+    le.add_argument("--seeds", type=at_least(1), default=5, help="probe seeds (mean and 95 %% CI over them)")
     le.add_argument("--out", default="eval", help="results <task>.json, results.md and the embedding cache")
     le.add_argument("--layers", type=int_list, help="comma-separated block indices to concatenate (default: the final output)")
     le.add_argument("--hidden", type=int_list, help="comma-separated hidden layer sizes (default: none, a linear probe)")
     le.add_argument("--untrained", action="store_true", help="the same architecture, freshly initialised (baseline)")
-    le.add_argument("--untrained-seed", type=int, default=0)
-    le.add_argument("--batch-size", type=at_least(1), default=64)
-    le.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    le.add_argument("--quiet", action="store_true")
+    le.add_argument("--untrained-seed", type=int, default=0, help="initialisation seed of --untrained")
+    le.add_argument("--batch-size", type=at_least(1), default=64, help="clips per embedding batch")
+    le.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    le.add_argument("--quiet", action="store_true", help="no progress bar")
     le.set_defaults(func=cmd_linear_eval)
 
     ft = sub.add_parser("finetune", help="fine-tune the encoder + a linear head on a task (the original's recipe family)")
-    ft.add_argument("weights")
+    ft.add_argument("weights", help="run folder, checkpoint, or the original's weights")
     ft.add_argument("task", help="CSV (file_name, label, split), a folder with meta.csv, or 'synthetic'")
-    ft.add_argument("--out", default="finetune")
-    ft.add_argument("--epochs", type=int, default=50)
-    ft.add_argument("--batch-size", type=at_least(1), default=32)
-    ft.add_argument("--lr", type=float, default=1e-3)
-    ft.add_argument("--layer-decay", type=float, default=0.75)
-    ft.add_argument("--optimizer", choices=("adamw", "lars", "sgd"), default="adamw")
-    ft.add_argument("--mixup", type=float, default=0.3)
+    ft.add_argument("--out", default="finetune", help="output folder")
+    ft.add_argument("--epochs", type=int, default=50, help="training epochs")
+    ft.add_argument("--batch-size", type=at_least(1), default=32, help="clips per step")
+    ft.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
+    ft.add_argument("--layer-decay", type=float, default=0.75, help="lr factor per block below the head")
+    ft.add_argument("--optimizer", choices=("adamw", "lars", "sgd"), default="adamw", help="optimiser")
+    ft.add_argument("--mixup", type=float, default=0.3, help="mixup alpha (0 = off)")
     ft.add_argument("--frames", type=at_least(0), default=0, help="clip length in frames (default: the task's median)")
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--attention", choices=("auto", "sdpa", "xformers", "reference"), default="auto")
+    ft.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    ft.add_argument("--attention", choices=("auto", "sdpa", "xformers", "reference"), default="auto",
+                    help="attention backend")
     ft.add_argument("--compile", action="store_true", help="torch.compile the classifier (pays off on long runs)")
-    ft.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    ft.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     ft.set_defaults(func=cmd_finetune)
 
     rp = sub.add_parser("report", help="figures (PNG) and a one-page markdown summary of a run")
@@ -286,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a checkpoint in the original M2D folder/file layout")
     ex.add_argument("checkpoint", help="fastm2d checkpoint or run folder")
     ex.add_argument("out", help="folder to create the <name>-<F>x<T>p<pF>x<pT>-<date>/ folder in")
-    ex.add_argument("--encoder-only", action="store_true")
+    ex.add_argument("--encoder-only", action="store_true", help="only the encoder's weights (the original's "
+                                                                "to_encoder_only_weight.py layout)")
     ex.add_argument("--format", choices=("pth", "safetensors"), default="pth",
                     help="safetensors: weights and config without any pickle (safe to publish and to load)")
     ex.set_defaults(func=cmd_export)
@@ -306,15 +340,12 @@ def main(argv=None) -> int:
     elif extra:
         print(f"fastm2d {args.command}: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
         return 2
-    from .train import TrainingDiverged
-    from .train.faults import CheckpointWriteError, RankLost
-
     try:
         args.func(args)
-    except (*USER_ERRORS, TrainingDiverged) as e:
+    except USER_ERRORS as e:
         print(f"fastm2d {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (RankLost, CheckpointWriteError) as e:  # faults of the machine, not of the input
+    except MachineFault as e:  # faults of the machine, not of the input
         print(f"fastm2d {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError  # noqa: F401  (re-exported)
+
 # Encoder presets (SPEC.md "Model"); explicit model.embed_dim / depth / num_heads override them.
 VIT_SIZES = {
     "tiny": dict(embed_dim=192, depth=4, num_heads=3),
@@ -22,10 +24,6 @@ VIT_SIZES = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown, mistyped or inconsistent."""
 
 
 # The largest model fastm2d builds (a ViT-Large M2D is about 0.4 G parameters): checked on every config, the ones

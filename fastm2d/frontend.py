@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torchaudio
 
+from .errors import AudioReadError  # noqa: F401  (re-exported)
+
 # Window / hop / upper mel edge per sample rate, as the original models were trained.
 FRONTEND_PARAMS = {
     16000: dict(n_fft=400, hop_length=160, f_min=50.0, f_max=8000.0),
@@ -45,10 +47,6 @@ def padded_frames(crop_frames: int) -> int:
 def min_real_samples(sample_rate: int, patch_frames: int) -> int:
     """Audio shorter than one patch width holds no usable patch: such files are listed as unusable."""
     return patch_frames * FRONTEND_PARAMS[sample_rate]["hop_length"]
-
-
-class AudioReadError(RuntimeError):
-    """An audio file could not be read; the message names the file and the reason."""
 
 
 class LogMelSpectrogram(torch.nn.Module):

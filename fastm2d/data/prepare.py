@@ -93,7 +93,7 @@ def _finished(out: Path, k: int) -> Optional[dict]:
     return record if data.stat().st_size == record["bytes"] else None
 
 
-def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 1000, dtype: str = "float16",
+def prepare(src: str, out: str | Path, workers: Optional[int] = None, files_per_shard: int = 1000, dtype: str = "float16",
             sample_rate: int = 16000, stats_items: int = 10000, crop_frames: int = 608,
             root: Optional[str] = None, seed: int = 0, progress: bool = True, min_patch_frames: int = 16) -> dict:
     """Prepare (or complete) a store; returns a summary with counts and timing.
@@ -136,10 +136,19 @@ def prepare(src: str, out: str | Path, workers: int = 0, files_per_shard: int = 
     todo = [(k, chunks[k], str(out), dtype, sample_rate, crop_frames, min_patch_frames) for k in range(len(chunks))
             if k not in records]
     skipped = len(records)
-    workers = workers or os.cpu_count() or 1
+    workers = (os.cpu_count() or 1) if workers is None else workers  # 0: in this process, as data.num_workers=0
     bar = tqdm(total=len(files), initial=sum(len(chunks[k]) for k in records), desc="prepare", unit="file",
                disable=not progress)
-    if todo:
+    if todo and workers == 0:
+        threads = torch.get_num_threads()
+        try:
+            for task in todo:
+                record = _write_shard(task)
+                records[record["shard"]] = record
+                bar.update(len(record["items"]) + len(record["failures"]))
+        finally:
+            torch.set_num_threads(threads)  # _write_shard pins one thread for its worker processes
+    elif todo:
         ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
         with ctx.Pool(min(workers, len(todo))) as pool:
             for record in pool.imap_unordered(_write_shard, todo):

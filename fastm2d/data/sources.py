@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..errors import DataError  # noqa: F401  (re-exported)
 from ..frontend import first_line, wav_truncation
 
 log = logging.getLogger("fastm2d.data")
@@ -20,10 +21,6 @@ log = logging.getLogger("fastm2d.data")
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 LMS_EXT = ".npy"
 CSV_COLUMNS = ("file_name", "path", "filename", "file")
-
-
-class DataError(RuntimeError):
-    """Training data is missing or unusable; the message names the file(s)."""
 
 
 @dataclass

@@ -23,19 +23,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..errors import CheckpointWriteError, RankLost  # noqa: F401  (re-exported)
 from ..frontend import first_line
 
 log = logging.getLogger("fastm2d.train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
-class RankLost(RuntimeError):
-    """A peer process died; the message names it and the last good checkpoint."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, quota, unwritable folder)."""
 
 
 def launcher_restart() -> int:

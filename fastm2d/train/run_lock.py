@@ -18,14 +18,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..config import ConfigError
+from ..errors import RunFolderInUse
 
 LOCK_NAME = ".fastm2d.lock"
 HEARTBEAT_S = 300.0  # without file-system locks: a holder silent for this long is taken as dead
-
-
-class RunFolderInUse(ConfigError):
-    """Another process is training in this run folder."""
 
 
 def _holder_text(path: Path) -> str:

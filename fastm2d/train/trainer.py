@@ -30,6 +30,7 @@ from ..data.noise import NoisePicker, tile_crop
 from ..data.sources import AUDIO_EXTS, require_usable
 from ..frontend import FRONTEND_PARAMS, min_real_samples, pad_samples
 from ..data.store import LogMelStore, is_store
+from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
 from .flops import mfu, peak_flops, train_flops_per_sample
@@ -49,10 +50,6 @@ class Batch(NamedTuple):
     x: torch.Tensor
     teacher_x: Optional[torch.Tensor] = None
     offline: Optional[torch.Tensor] = None
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def pick_device(name: str) -> torch.device:

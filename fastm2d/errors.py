@@ -1,0 +1,49 @@
+"""Every error fastm2d raises on purpose, in two families the command line tells apart:
+
+  UserError     something the user gave (a config value, a file, a checkpoint) is wrong or unusable: the
+                `fastm2d` command prints one line naming it and exits 2, touching nothing
+  MachineFault  the machine failed the run (a peer rank died, the disk filled up): one line, exit 1; the run
+                folder is resumable
+
+This module imports nothing, so the command line can name them without loading torch.
+"""
+
+
+class UserError(Exception):
+    """Base of the errors a user fixes (exit status 2)."""
+
+
+class MachineFault(RuntimeError):
+    """Base of the faults of the machine, not of the input (exit status 1)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration key is unknown, mistyped or inconsistent."""
+
+
+class DataError(UserError, RuntimeError):
+    """Training data is missing or unusable; the message names the file(s)."""
+
+
+class AudioReadError(UserError, RuntimeError):
+    """An audio file could not be read; the message names the file and the reason."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunFolderInUse(ConfigError):
+    """Another process is training in this run folder."""
+
+
+class RankLost(MachineFault):
+    """A peer process died; the message names it and the last good checkpoint."""
+
+
+class CheckpointWriteError(MachineFault):
+    """A checkpoint could not be written (disk full, quota, unwritable folder)."""
