@@ -59,6 +59,14 @@ def test_a_torn_store_manifest_is_one_line(tmp_path, capsys):
     assert "unreadable store manifest" in capsys.readouterr().err
 
 
+def test_a_csv_list_with_a_byte_order_mark_is_read(tmp_path):
+    """Spreadsheet programs write UTF-8 with a BOM: the header is still `file_name`, not '\ufefffile_name'."""
+    from fastm2d.data.sources import list_files
+    files = _tones(tmp_path / "a", 2)
+    (tmp_path / "list.csv").write_bytes("\ufefffile_name\na/t0.wav\na/t1.wav\n".encode("utf-8"))
+    assert list_files(str(tmp_path / "list.csv")) == files
+
+
 def test_statistics_left_by_a_run_on_other_data_are_not_reused(tmp_path):
     run = tmp_path / "run"
     _tones(tmp_path / "quiet", 4)

@@ -94,11 +94,13 @@ def test_embed_goes_on_past_a_file_at_an_absurd_rate(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", f"out_dir={run}", *TINY_TRAIN, "train.max_steps=1"]) == 0
     sf.write(str(tmp_path / "fast.wav"), np.zeros(2_100_000, dtype=np.float32), 2_100_000, subtype="FLOAT")
+    sf.write(str(tmp_path / "prime.wav"), np.zeros(999_983, dtype=np.float32), 999_983, subtype="FLOAT")
     sf.write(str(tmp_path / "ok.wav"), np.zeros(16000, dtype=np.float32), 16000)
     assert main(["embed", "--weights", str(run), "--out", str(tmp_path / "f"), str(tmp_path / "fast.wav"),
-                 str(tmp_path / "ok.wav")]) == 0
+                 str(tmp_path / "prime.wav"), str(tmp_path / "ok.wav")]) == 0
     assert "fast.wav: sample rate 2100000 Hz" in capsys.readouterr().err
     assert (tmp_path / "f" / "ok.npy").exists()
+    assert np.load(tmp_path / "f" / "prime.npy").shape[0] == 7  # 1 s at 999,983 Hz resampled (torchaudio raised)
 
 
 def test_long_files_are_read_by_the_crops_window(tmp_path):

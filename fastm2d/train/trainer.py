@@ -574,4 +574,9 @@ def _looks_like_comm_failure(e: RuntimeError) -> bool:
 def pretrain(config: Config, resume: bool = False) -> Trainer:
     trainer = Trainer(config, resume=resume)
     trainer.fit()
+    # Tear the process groups down before the interpreter does: PyTorch warns that a process exiting with live
+    # groups may crash at exit (their C++ threads destroyed while joinable). Every rank gets here together (fit
+    # ends with the same step, or the same agreed stop, and a barrier in save()).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return trainer
