@@ -116,12 +116,12 @@ class Fleet:
                 host, pid = (self.registry / str(r)).read_text().rsplit(":", 1)
             except (OSError, ValueError):
                 continue
-            if host == here and not _alive(int(pid)):
+            if host == here and not process_alive(int(pid)):
                 lost.append(r)
         return lost
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """A process that exists and is not a zombie (a killed rank stays a zombie until its launcher reaps it)."""
     try:
         os.kill(pid, 0)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import RunFolderInUse
+from .faults import process_alive
 
 LOCK_NAME = ".fastm2d.lock"
 HEARTBEAT_S = 300.0  # without file-system locks: a holder silent for this long is taken as dead
@@ -30,16 +31,6 @@ def _holder_text(path: Path) -> str:
         return f"pid {h['pid']} on {h['host']} (since {h['started']}: {h['command']})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -85,8 +76,10 @@ class RunLock:
             return  # empty or unreadable: nobody holds it
         if not isinstance(h, dict) or h.get("pid") == os.getpid():
             return
-        same_host = h.get("host") == socket.gethostname()
-        if (same_host and _pid_alive(int(h.get("pid", 0)))) or (not same_host and age < HEARTBEAT_S):
+        same_host, pid = h.get("host") == socket.gethostname(), h.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return  # not a holder line of ours
+        if (same_host and process_alive(pid)) or (not same_host and age < HEARTBEAT_S):
             raise self._in_use()
 
     def heartbeat(self) -> None:
