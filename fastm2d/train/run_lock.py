@@ -5,6 +5,8 @@ process is stale by construction and simply taken over. On a shared file system 
 record locks, which NFS forwards to the server, so two hosts exclude each other too. Where the file system has
 no locks at all (ENOLCK, EOPNOTSUPP) the holder line inside the file decides: a live process on this host, or a
 heartbeat younger than HEARTBEAT_S from another host, holds it. The file is removed when the run ends.
+Within one process the lock is shared (counted): Python code that builds a second Trainer on a folder while the
+first object is still alive (resume tests, notebooks) is one writer at a time already.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 from ..errors import RunFolderInUse
 from .faults import process_alive
 
 LOCK_NAME = ".fastm2d.lock"
 HEARTBEAT_S = 300.0  # without file-system locks: a holder silent for this long is taken as dead
+_HELD: Dict[str, List[int]] = {}  # this process's locks: real path -> [fd, holders]
 
 
 def _holder_text(path: Path) -> str:
@@ -39,6 +42,11 @@ class RunLock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> "RunLock":
+        key = os.path.realpath(self.path)
+        if key in _HELD:  # this process holds it already
+            _HELD[key][1] += 1
+            self.fd = _HELD[key][0]
+            return self
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -58,6 +66,7 @@ class RunLock:
                 pass
             os.close(fd)
         self.fd = fd
+        _HELD[key] = [fd, 1]
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
         os.ftruncate(fd, 0)
@@ -93,9 +102,17 @@ class RunLock:
     def release(self) -> None:
         if self.fd is None:
             return
+        key = os.path.realpath(self.path)
+        self.fd = None
+        if key in _HELD:
+            _HELD[key][1] -= 1
+            if _HELD[key][1] > 0:
+                return
+            fd = _HELD.pop(key)[0]
+        else:
+            return
         try:
             os.unlink(self.path)  # while still holding it: see the inode check in acquire
         except OSError:
             pass
-        os.close(self.fd)  # releases the flock
-        self.fd = None
+        os.close(fd)  # releases the flock
