@@ -111,3 +111,28 @@ def test_the_zero_path_checks_every_file_deepspeed_would_unpickle(tmp_path):
     with pytest.raises(CheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt: refused to load"):
         check_deepspeed_checkpoint(folder)
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.slow
+def test_a_deepspeed_resume_refuses_a_planted_file_before_deepspeed_reads_it(tmp_path):
+    """The ZeRO path end to end: a one-process DeepSpeed run, a payload planted in its model-states file, and
+    `--resume`: refused with one line, exit 2, nothing ran (DeepSpeed itself would unpickle it allowing code)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RESTART_COUNT",)}
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29547",
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastm2d", "pretrain", f"out_dir={run}", *TINY_TRAIN, "train.engine=deepspeed",
+           "data.norm_stats=[-10,3.5]"]
+    first = subprocess.run([*cmd, "train.max_steps=2"], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    states = run / "deepspeed" / "step2" / "mp_rank_00_model_states.pt"
+    assert states.is_file()
+    plant(states, tmp_path / "ran")
+    second = subprocess.run([*cmd, "train.max_steps=4", "--resume"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "mp_rank_00_model_states.pt: refused to load" in second.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "ran").exists()
