@@ -28,7 +28,7 @@ from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute
 from ..data.dataset import training_crop
 from ..data.noise import NoisePicker, tile_crop
 from ..data.sources import AUDIO_EXTS, require_usable
-from ..frontend import FRONTEND_PARAMS, min_real_samples, pad_samples
+from ..frontend import min_real_samples, pad_samples
 from ..data.store import LogMelStore, is_store
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
