@@ -54,3 +54,13 @@ def test_shipped_configs_load():
     assert base.train.batch_size * base.train.accum_steps == 2048
     assert (base.train.base_lr, base.train.epochs, base.train.warmup_epochs, base.train.clip_grad) == (3e-4, 300, 20, 3.0)
     assert base.data.norm_stats == [-7.1, 4.2]
+
+
+def test_the_real_audio_demo_is_the_demo_at_a_quarter_of_its_learning_rate():
+    """configs/demo_real.yaml is what benchmarks/real_audio_learning.py measured: demo.yaml + train.base_lr=6e-3,
+    trained on the real-audio list."""
+    from dataclasses import asdict
+    real = load_config(CONFIGS / "demo_real.yaml")
+    demo = load_config(CONFIGS / "demo.yaml", ["train.base_lr=6e-3", f"data.train={real.data.train}",
+                                               f"out_dir={real.out_dir}"])
+    assert asdict(real) == asdict(demo) and real.data.train == "runs/real_audio/pretrain.csv"
