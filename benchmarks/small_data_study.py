@@ -75,7 +75,7 @@ def main() -> None:
     small = ["train.batch_size=16", "train.accum_steps=1", f"train.max_steps={args.steps}", "data.min_epoch_items=0",
              f"train.base_lr={args.base_lr}", "train.warmup_epochs=1", "train.progress=false", "train.tensorboard=false",
              "data.num_workers=0", "train.log_every=20", f"train.save_every={args.steps}"]
-    general = args.out / "general"
+    general = args.out / "general"  # the `general` row's run folder: the adapt rows start from it
     rows = {
         "scratch": ["pretrain", *demo, f"data.train={domain}"],
         "general": ["pretrain", *demo, f"data.train={general_data}"],
@@ -94,8 +94,6 @@ def main() -> None:
         argv = [*argv, f"out_dir={run}"] if argv[0] == "pretrain" else [*argv, "--out", str(run)]
         t0 = time.perf_counter()
         assert fastm2d(argv) == 0, name
-        if name == "general":
-            shutil.copytree(run, general, dirs_exist_ok=True)
         mean, ci = probe(run, args.data, args.out / f"eval_{run.name}", args.seeds)
         results[name] = {"mean": mean, "ci95": ci, "wall_s": round(time.perf_counter() - t0)}
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
