@@ -3,7 +3,6 @@ for real on CPU processes: signals to the running command, SIGKILL of a rank, a 
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -12,7 +12,7 @@ Each call reports its own cost (`monitor_seconds`), so the fraction of the run i
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
