@@ -215,18 +215,18 @@ def int_list(text: str) -> list:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 3,7,11") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    shows_defaults = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="fastm2d", description="Masked Modeling Duo pre-training and transfer",
-                                formatter_class=shows_defaults)
-    p.add_argument("--version", action="version", version=f"fastm2d {__version__}")
-    commands = p.add_subparsers(dest="command", required=True)
+class Parser(argparse.ArgumentParser):
+    """Every --help shows the defaults."""
 
-    class Sub:  # every subcommand's --help shows its defaults
-        @staticmethod
-        def add_parser(name, **kw):
-            return commands.add_parser(name, formatter_class=shows_defaults, **kw)
-    sub = Sub
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="fastm2d", description="Masked Modeling Duo pre-training and transfer")
+    p.add_argument("--version", action="version", version=f"fastm2d {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)  # subcommands are built as Parser too
 
     pt = sub.add_parser("pretrain", help="pre-train M2D (the embedded synthetic data by default)")
     pt.add_argument("--config", help="YAML config (see configs/)")

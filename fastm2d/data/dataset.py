@@ -22,6 +22,7 @@ from .sources import LMS_EXT, DataError, check_lms_array_shape
 from .synthetic import synth_clip
 
 log = logging.getLogger("fastm2d.data")
+FOUND_WHILE_TRAINING = " (found while training)"  # how bad_training_files.txt marks what the header check missed
 
 
 def load_lms_file(path: Path, frontend: LogMelSpectrogram, pad_to: int = 0, min_samples: int = 0,
@@ -243,7 +244,7 @@ class CropDataset(Dataset):
         log.warning("skipping bad training item (left out for the rest of the run): %s", reason)
         if self.bad_list is not None:  # one short O_APPEND write per line: safe from several workers and ranks
             with open(self.bad_list, "a") as f:
-                f.write(f"{reason} (found while training)\n")
+                f.write(f"{reason}{FOUND_WHILE_TRAINING}\n")
 
     def __getitem__(self, key: Tuple[int, ...]):
         i, seed = key[0], key[1]

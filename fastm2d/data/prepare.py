@@ -20,7 +20,7 @@ import torch
 
 from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram, min_real_samples, pad_samples
 from .dataset import load_lms_file
-from .sources import DataError, list_files
+from .sources import DataError, list_digest, list_files
 from .stats import compute_norm_stats
 from .store import FORMAT, INDEX_COLUMNS, VERSION, LogMelStore, read_manifest
 
@@ -74,15 +74,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-
-def list_digest(files: List[str]) -> str:
-    """sha1 of the ordered input list: which files, in which shard order."""
-    import hashlib
-    h = hashlib.sha1()
-    for f in files:
-        h.update(f.encode("utf-8", "surrogateescape") + b"\0")
-    return h.hexdigest()
 
 
 def _finished(out: Path, k: int) -> Optional[dict]:

@@ -9,7 +9,7 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +45,15 @@ def list_files(spec: str, root: Optional[str] = None) -> List[Path]:
     if p.suffix.lower() == ".csv" and p.is_file():
         return _read_csv(p, Path(root) if root else p.parent)
     raise DataError(f"data.train={spec!r}: not 'synthetic', an existing folder, or an existing .csv file")
+
+
+def list_digest(names: Sequence[str]) -> str:
+    """sha1 of an ordered list of names (any a file system allows): what a store or statistics were built from."""
+    import hashlib
+    h = hashlib.sha1()
+    for n in names:
+        h.update(n.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
 
 
 def read_csv_rows(path: Path) -> List[List[str]]:

@@ -25,9 +25,9 @@ from ..checkpoint import (CheckpointError, atomic_save, init_from_weights, lates
                           load_weights, safe_load)
 from ..config import Config, ConfigError, config_from_dict, to_yaml
 from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files, random_crop
-from ..data.dataset import training_crop
+from ..data.dataset import FOUND_WHILE_TRAINING, training_crop
 from ..data.noise import NoisePicker, tile_crop
-from ..data.sources import AUDIO_EXTS, require_usable
+from ..data.sources import AUDIO_EXTS, list_digest, require_usable
 from ..frontend import min_real_samples, pad_samples
 from ..data.store import LogMelStore, is_store
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
@@ -101,9 +101,8 @@ def _found_while_training(listing: Path, files: set) -> List[str]:
     """Lines of an existing bad-file list that training appended (CropDataset), for files still in the list."""
     if not listing.is_file():
         return []
-    suffix = " (found while training)\n"
     return [line for line in listing.read_text().splitlines(keepends=True)
-            if line.endswith(suffix) and line.split(": ", 1)[0] in files]
+            if line.endswith(FOUND_WHILE_TRAINING + "\n") and line.split(": ", 1)[0] in files]
 
 
 def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool = True):
@@ -557,11 +556,9 @@ class Trainer:
 
 def _stats_basis(source, config: Config, n_items: int, crop) -> str:
     """A digest of what statistics depend on: the items, the crop and its short-clip rule, the draw."""
-    import hashlib
-    h = hashlib.sha1("\n".join(source.names).encode("utf-8", "surrogateescape"))
-    h.update(json.dumps([config.model.input_size, config.data.sample_rate, config.data.repeat_short,
-                         getattr(crop, "__name__", "crop"), n_items, config.train.seed]).encode())
-    return h.hexdigest()
+    return list_digest([list_digest(source.names), json.dumps(
+        [config.model.input_size, config.data.sample_rate, config.data.repeat_short,
+         getattr(crop, "__name__", "crop"), n_items, config.train.seed])])
 
 
 def _looks_like_comm_failure(e: RuntimeError) -> bool:
