@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastm2d.train import read_metrics
-from fastm2d.train.faults import StopSignals
+from fastm2d.train.faults import Fleet, StopSignals, lost_rank_error
 
 from .conftest import TINY_TRAIN
 
@@ -80,6 +80,30 @@ def test_the_second_signal_exits_at_once(monkeypatch):
     assert s.requested == signal.SIGTERM and exits == []
     s._handle(signal.SIGUSR1, None)
     assert exits == [128 + signal.SIGUSR1]
+
+
+def test_a_peer_whose_exit_shows_late_is_still_named(tmp_path):
+    """The race behind "a peer rank stopped answering" on a loaded machine: a SIGKILLed rank closes its sockets
+    before the kernel marks it dead, so the survivor's collective fails while the peer still looks alive. Provoked
+    here on purpose: the "dead" peer is a real process that exits 0.5 s after the collective error."""
+    import socket
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        fleet = Fleet(0, 2, tmp_path)  # no process group: only the registry is used
+        fleet.registry.mkdir()
+        (fleet.registry / "0").write_text(f"{socket.gethostname()}:{os.getpid()}")
+        (fleet.registry / "1").write_text(f"{socket.gethostname()}:{peer.pid}")
+        error = lost_rank_error(fleet, RuntimeError("Connection reset by peer"), None)
+        assert str(error).startswith("rank 1 is gone"), error
+        peer.wait()
+        # A peer that stays alive (stuck, or on another host) is reported as such after the wait, not named.
+        (fleet.registry / "1").write_text(f"{socket.gethostname()}:{os.getppid()}")
+        t0 = time.monotonic()
+        error = lost_rank_error(fleet, RuntimeError("timed out"), None, wait_s=0.3)
+        assert "a peer rank stopped answering" in str(error) and time.monotonic() - t0 >= 0.3
+    finally:
+        peer.kill()
+        peer.wait()
 
 
 @pytest.mark.slow
