@@ -139,6 +139,9 @@ class SingleEngine(_Engine):
     def save_extra(self, out_dir: Path, step: int) -> None:
         pass
 
+    def weights_loaded(self) -> None:
+        pass  # the optimiser updates the model's own parameters
+
 
 class DeepSpeedEngine(_Engine):
     """ZeRO stage 0-2 around the same model and AdamW. Stage 3 partitions the parameters themselves, which the
@@ -191,6 +194,13 @@ class DeepSpeedEngine(_Engine):
         except (OSError, KeyError, RuntimeError, AttributeError) as e:
             log.warning("%s: no usable optimiser state for this layout (%s): AdamW moments start from zero; weights, "
                         "EMA target, schedules, RNG and data position are restored", path, e)
+
+    def weights_loaded(self) -> None:
+        """ZeRO-1/2 updates an fp32 copy of each rank's partition, made at initialisation: weights loaded into the
+        module afterwards (a resume) must reach that copy, or the next step writes the old weights back."""
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
 
     def save_extra(self, out_dir: Path, step: int) -> None:
         """Collective: every rank writes its optimiser partition."""

@@ -7,23 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
 from .. import __version__, kernels
-from ..checkpoint import (CheckpointError, atomic_save, init_from_weights, latest_checkpoint, list_checkpoints,
-                          load_weights, safe_load)
-from ..config import Config, ConfigError, config_from_dict, to_yaml
+from ..checkpoint import init_from_weights
+from ..config import Config, ConfigError, to_yaml
 from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files, random_crop
 from ..data.dataset import FOUND_WHILE_TRAINING, training_crop
 from ..data.noise import NoisePicker, tile_crop
@@ -35,8 +31,9 @@ from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
 from .flops import mfu, peak_flops, train_flops_per_sample
 from .engine import all_reduce_, barrier, dist_from_env, init_distributed, make_engine, wants_deepspeed
-from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error, state_bytes, write_failure
-from .metrics import MetricsLogger, NullLogger, read_jsonl
+from .checkpointer import Checkpointer, RandomState
+from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error
+from .metrics import MetricsLogger, NullLogger
 from .offline import apply_to_model_config, build_offline_task
 from .run_lock import RunLock
 from .schedule import lr_at, scaled_lr
@@ -142,7 +139,9 @@ class Trainer:
             log.warning("launcher restart %d: resuming from the latest complete checkpoint", launcher_restart())
             resume = True
         # Decide resume-or-not before writing anything, so a refused start leaves the run folder as it was.
-        latest = latest_checkpoint(self.out_dir)
+        self.checkpointer = Checkpointer(self.out_dir, config.train.save_every, config.train.keep_checkpoints,
+                                         self.dist.is_main)
+        latest = self.checkpointer.latest()
         if latest is not None and not resume:
             raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
                               f"or choose another out_dir")
@@ -167,6 +166,7 @@ class Trainer:
         # Masks come from one generator that every rank advances alike; each rank takes its samples' rows, so
         # N processes draw exactly the masks one process with the same global batch draws.
         self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
+        self.rng = RandomState(self.mask_gen, self.device)
 
         if config.data.loader == "dali":
             from ..data.dali import dali_missing_reason
@@ -226,12 +226,11 @@ class Trainer:
             stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json",
                                     crop=training_crop(config.data.repeat_short))
             self.model.norm_stats.copy_(torch.tensor(stats))
-        saved = self.load_state(resume_from) if resume_from else None  # weights before the engine copies them
         groups = param_groups_weight_decay(self.model, t.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(t.betas), fused=self.device.type == "cuda")
         self.engine = make_engine(self.model, optimizer, config, self.amp_dtype, self.dist, use_deepspeed)
-        if saved is not None:
-            self.engine.load_state_dict(saved, resume_from)
+        if resume_from is not None:
+            self.checkpointer.resume(self, resume_from)
         self.mean, self.std = self.model.norm_stats.tolist()
         self.noise, picker, self.eta, self.noise_mean = None, None, 0.0, 0.0
         noise = config.data.noise
@@ -315,8 +314,7 @@ class Trainer:
                         self.lock.heartbeat()
                 if self.monitor is not None and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                     logger.write({"step": self.step, "monitor": True, **self.monitor()})
-                saved = self.step % t.save_every == 0 or self.step == self.total_steps
-                if saved or stop:
+                if self.checkpointer.due(self.step, self.total_steps) or stop:
                     self.check_finite()
                     path = self.save()
                 if stop:
@@ -333,7 +331,7 @@ class Trainer:
             # Several ranks: the handlers stay, so the launcher's SIGTERM to the survivors cannot kill this one
             # before its error (which rank was lost, the last good checkpoint) is printed.
             if self.dist.world_size > 1 and isinstance(e, RuntimeError) and _looks_like_comm_failure(e):
-                raise lost_rank_error(self.fleet, e, latest_checkpoint(self.out_dir)) from None
+                raise lost_rank_error(self.fleet, e, self.checkpointer.latest()) from None
             raise
         signals.uninstall()
         logger.close()
@@ -427,7 +425,7 @@ class Trainer:
 
     def check_finite(self) -> None:
         if all_reduce_(self._nonfinite.clone()).item() > 0:  # any rank's NaN stops every rank
-            saved = latest_checkpoint(self.out_dir)
+            saved = self.checkpointer.latest()
             raise TrainingDiverged(
                 f"the loss became NaN/inf at or before step {self.step}; training stopped. "
                 + (f"Last good checkpoint: {saved}." if saved else "No checkpoint was written before it.")
@@ -468,90 +466,23 @@ class Trainer:
         log.info("statistics: mean %.4f std %.4f (saved to %s)", *stats, path)
         return list(stats)
 
-    # ------------------------------------------------------------------------------------- checkpoints ----
-    def state(self) -> dict:
-        # Only tensors and plain values: checkpoints load with weights_only=True (no pickled code).
-        np_state = np.random.get_state(legacy=False)
-        rng = {"torch": torch.get_rng_state(), "mask": self.mask_gen.get_state(),
-               "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                         "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                         "gauss": float(np_state["gauss"])}}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+    # ------------------------------------------------------------------ the trainer's part of a checkpoint ----
+    def state_dict(self) -> dict:
+        """Position, RNG and the run's description (the model and engine parts are the Checkpointer's to add)."""
         config = OmegaConf.to_container(OmegaConf.structured(self.config))
         epoch = self.step * self.config.train.accum_steps // self.sampler.batches_per_epoch
-        return {"model": self.model.state_dict(), **self.engine.state_dict(), "epoch": int(epoch),
-                "step": self.step, "rng": rng, "args": config, "config": config,
-                "model_config": asdict(self.model.cfg), "sample_rate": self.config.data.sample_rate,
+        return {"epoch": int(epoch), "step": self.step, "rng": self.rng.state_dict(), "args": config,
+                "config": config, "model_config": asdict(self.model.cfg), "sample_rate": self.config.data.sample_rate,
                 "bad_items": sorted(self.sampler.bad), "world_size": self.dist.world_size,
                 "effective_batch": self.effective_batch, "fastm2d_version": __version__}
 
-    def save(self) -> Path:
-        """Every rank calls this (DeepSpeed writes its optimiser partitions collectively); rank 0 writes the
-        checkpoint that single-process runs and `load_model` read."""
-        path = self.out_dir / f"checkpoint-{self.step}.pth"
-        previous, state = latest_checkpoint(self.out_dir), None
-        try:
-            self.engine.save_extra(self.out_dir, self.step)
-            if self.dist.is_main:
-                state = self.state()
-                atomic_save(state, path)
-        except OSError as e:  # disk full, quota, unwritable: stop saying what is needed; the old one stays
-            needed = state_bytes(state) if state is not None else 3 * state_bytes(self.model.state_dict())
-            raise write_failure(self.out_dir, needed, e, previous) from None
-        if self.dist.is_main:
-            for step, old in sorted(list_checkpoints(self.out_dir).items())[: -self.config.train.keep_checkpoints]:
-                old.unlink(missing_ok=True)
-                shutil.rmtree(self.out_dir / "deepspeed" / f"step{step}", ignore_errors=True)
-        barrier()
-        return path
-
-    def load_state(self, path: Path) -> dict:
-        """Model, target, step and RNG from a checkpoint; returns it for the engine's optimiser state."""
-        obj = safe_load(path)
-        missing = [k for k in ("model", "step", "rng", "config") if not isinstance(obj, dict) or k not in obj]
-        if missing:
-            raise CheckpointError(f"{path}: not a fastm2d training checkpoint (no {', '.join(missing)}): --resume "
-                                  f"needs one written by `fastm2d pretrain`; move it out of {self.out_dir} or use "
-                                  f"another out_dir")
-        for key, kind in (("step", int), ("epoch", int), ("config", dict), ("rng", dict)):
-            if key in obj and (type(obj[key]) is not kind or (kind is int and obj[key] < 0)):
-                raise CheckpointError(f"{path}: {key}={obj[key]!r} is not a {'count >= 0' if kind is int else 'mapping'}"
-                                      f"; the checkpoint is damaged or not fastm2d's")
-        saved = config_from_dict(obj["config"]).model
-        if asdict(saved) != asdict(self.model.cfg):
-            diff = {k: (v, getattr(self.model.cfg, k)) for k, v in asdict(saved).items() if getattr(self.model.cfg, k) != v}
-            raise ConfigError(f"{path}: the checkpoint's model config differs from this config (saved, now): {diff}")
-        old_batch = obj.get("effective_batch")
-        if old_batch is not None and old_batch != self.effective_batch:
-            t = self.config.train
-            raise ConfigError(f"{path}: written at an effective batch of {old_batch}, this launch gives {t.batch_size} x "
-                              f"{t.accum_steps} x {self.dist.world_size} process(es) = {self.effective_batch}; keep "
-                              f"it equal (set train.batch_size / train.accum_steps) so the schedules and the data "
-                              f"position continue where they stopped")
-        load_weights(self.model, obj["model"], path)
+    def load_state_dict(self, obj: dict) -> None:
         self.step = int(obj["step"])
-        torch.set_rng_state(obj["rng"]["torch"])
-        np_rng = obj["rng"]["numpy"]
-        np.random.set_state({"bit_generator": "MT19937", "has_gauss": np_rng["has_gauss"], "gauss": np_rng["gauss"],
-                             "state": {"key": np_rng["key"].numpy().astype(np.uint32), "pos": np_rng["pos"]}})
+        self.rng.load_state_dict(obj["rng"])
         self.sampler.bad.update(obj.get("bad_items", []))
-        self.mask_gen.set_state(obj["rng"]["mask"])
-        if "cuda" in obj["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(obj["rng"]["cuda"], self.device)
-        if self.dist.is_main:
-            self._truncate_metrics(self.step)
-        log.info("resumed from %s at step %d", path, self.step)
-        return obj
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop rows logged after the checkpoint, so metrics.jsonl stays one continuous curve."""
-        path = self.out_dir / "metrics.jsonl"
-        if path.is_file():  # torn or unreadable lines are dropped here too (read_jsonl says so)
-            rows = [json.dumps(r) for r in read_jsonl(path) if r["step"] <= step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
-            os.replace(tmp, path)
+    def save(self) -> Path:
+        return self.checkpointer.save(self)
 
 
 def _stats_basis(source, config: Config, n_items: int, crop) -> str:
