@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .config import ATTENTION_CHOICES
 from .errors import AudioReadError, DataError, MachineFault, UserError
 
 # Nothing heavy at import time: `fastm2d --help` answers without loading torch; each command imports its own.
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--mixup", type=float, default=0.3, help="mixup alpha (0 = off)")
     ft.add_argument("--frames", type=at_least(0), default=0, help="clip length in frames (default: the task's median)")
     ft.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
-    ft.add_argument("--attention", choices=("auto", "sdpa", "xformers", "reference"), default="auto",
+    ft.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                     help="attention backend")
     ft.add_argument("--compile", action="store_true", help="torch.compile the classifier (pays off on long runs)")
     ft.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")

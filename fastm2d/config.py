@@ -17,6 +17,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError  # noqa: F401  (re-exported)
 
+# Each setting's choices, typed once: the schema checks them, the command line offers them, the code reads them.
+ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "reference")  # model/attention.py implements each
+KERNEL_CHOICES = ("auto", "triton", "reference")  # kernels/ holds both paths of every fused operation
+ENGINE_CHOICES = ("auto", "single", "deepspeed")
+ZERO_STAGES = (0, 1, 2)  # stage 3 partitions the weights the EMA target update reads whole on every rank
+
+
+def _expected(choices) -> str:
+    names = [str(c) for c in choices]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
 # Encoder presets (SPEC.md "Model"); explicit model.embed_dim / depth / num_heads override them.
 VIT_SIZES = {
     "tiny": dict(embed_dim=192, depth=4, num_heads=3),
@@ -118,10 +129,10 @@ def check_model_config(m: ModelConfig) -> None:
                           f"off_loss norm_mse, bce or ce")
     if m.lambda_m2d < 0 or m.lambda_off < 0:
         raise ConfigError(f"model.lambda_m2d={m.lambda_m2d}, model.lambda_off={m.lambda_off}: must be >= 0")
-    if m.attention not in ("auto", "sdpa", "xformers", "reference"):
-        raise ConfigError(f"model.attention={m.attention!r}: expected auto, sdpa, xformers or reference")
-    if m.kernels not in ("auto", "triton", "reference"):
-        raise ConfigError(f"model.kernels={m.kernels!r}: expected auto, triton or reference")
+    if m.attention not in ATTENTION_CHOICES:
+        raise ConfigError(f"model.attention={m.attention!r}: expected {_expected(ATTENTION_CHOICES)}")
+    if m.kernels not in KERNEL_CHOICES:
+        raise ConfigError(f"model.kernels={m.kernels!r}: expected {_expected(KERNEL_CHOICES)}")
 
 
 @dataclass
@@ -303,11 +314,11 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"data.on_bad_file={c.data.on_bad_file!r}: expected skip or error")
     if c.data.norm_stats is not None and (len(c.data.norm_stats) != 2 or c.data.norm_stats[1] <= 0):
         raise ConfigError(f"data.norm_stats={c.data.norm_stats}: expected [mean, std] with std > 0")
-    if c.train.engine not in ("auto", "single", "deepspeed"):
-        raise ConfigError(f"train.engine={c.train.engine!r}: expected auto, single or deepspeed")
-    if c.train.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"train.zero_stage={c.train.zero_stage}: fastm2d supports ZeRO 0, 1 and 2 (stage 3 "
-                          f"partitions the weights the EMA target update reads whole on every rank)")
+    if c.train.engine not in ENGINE_CHOICES:
+        raise ConfigError(f"train.engine={c.train.engine!r}: expected {_expected(ENGINE_CHOICES)}")
+    if c.train.zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"train.zero_stage={c.train.zero_stage}: fastm2d supports ZeRO {_expected(ZERO_STAGES)} "
+                          f"(stage 3 partitions the weights the EMA target update reads whole on every rank)")
     if c.train.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         raise ConfigError(f"train.compile_mode={c.train.compile_mode!r}: not a torch.compile mode")
     if c.train.precision not in ("auto", "fp32", "bf16", "fp16"):

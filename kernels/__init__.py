@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..config import KERNEL_CHOICES
 from ._triton import HAVE_TRITON, triton_unavailable_reason
 from .l2norm_mse import l2norm_mse_reference, l2norm_mse_triton
 from .masking import (gather_masked_reference, gather_masked_triton, gather_visible_reference, gather_visible_triton,
@@ -24,7 +25,7 @@ __all__ = ["MODES", "ENV_VAR", "OPS", "REFERENCE", "TRITON", "HAVE_TRITON", "sel
            "gather_masked_triton", "restore_order_reference", "restore_order_triton", "l2norm_mse_reference", "l2norm_mse_triton", "noise_mix_reference",
            "noise_mix_triton"]
 
-MODES = ("auto", "triton", "reference")
+MODES = KERNEL_CHOICES  # model.kernels' choices, typed once in the schema
 ENV_VAR = "FASTM2D_KERNELS"
 
 OPS = ("gather_visible", "unshuffle_with_mask_tokens", "gather_masked", "restore_order", "l2norm_mse", "noise_mix")

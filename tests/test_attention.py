@@ -49,3 +49,9 @@ def test_gpu_backends_equal_reference(name):
     fast = BACKENDS[resolve_attention(name, torch.device("cuda"))](q, k, v)
     fast_err = (fast.double() - exact).abs().max().item()
     assert fast_err <= 2 * (plain.double() - exact).abs().max().item() + 1e-2
+
+
+def test_every_attention_choice_has_a_backend():
+    from fastm2d.config import ATTENTION_CHOICES
+    from fastm2d.model.attention import BACKENDS
+    assert set(BACKENDS) == set(ATTENTION_CHOICES)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ATTENTION_CHOICES
+
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q, k, v: (B, H, N, d) -> (B, H, N, d), written out step by step."""
@@ -35,7 +37,7 @@ BACKENDS: Dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
     "xformers": xformers_attention,
     "auto": F.scaled_dot_product_attention,  # until `resolve_attention` picks for a device
 }
-CHOICES = tuple(BACKENDS)
+CHOICES = ATTENTION_CHOICES  # one backend per choice (tests/test_attention.py checks that they agree)
 
 
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
