@@ -77,6 +77,12 @@ class LogMelSpectrogram(torch.nn.Module):
         return num_samples // self.hop_length + 1
 
 
+def normalize(lms, mean: float, std: float):
+    """Log-mel -> the model's input: standardised by the training set's mean and std (computed once per data set
+    and carried in every checkpoint as `norm_stats`). Works on tensors and arrays alike."""
+    return (lms - mean) / std
+
+
 def read_audio(path: str | Path, sample_rate: int, min_samples: int = 0) -> torch.Tensor:
     """Read a file (WAV, FLAC, OGG, MP3 ... via libsndfile), downmix to mono, resample -> float32 (N,).
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .checkpoint import ENCODER_PREFIXES, load_weights, read_checkpoint
 from .config import ModelConfig
-from .frontend import LogMelSpectrogram
+from .frontend import LogMelSpectrogram, normalize
 from .model import ViTEncoder
 from .model.pos_embed import resample_pos_embed
 
@@ -37,8 +37,7 @@ class Runtime(nn.Module):
         return self.encoder.grid[0] * self.cfg.embed_dim
 
     def normalize(self, lms: torch.Tensor) -> torch.Tensor:
-        mean, std = self.encoder.norm_stats
-        return (lms - mean) / std
+        return normalize(lms, *self.encoder.norm_stats)  # 0-dim tensors: no host sync
 
     def encode_lms(self, lms: torch.Tensor, return_layers: bool = False) -> torch.Tensor | List[torch.Tensor]:
         """Normalised log-mel (B, 1, F, T) or (B, F, T), any T -> (B, T', F'*D) frame features (eq. 4).

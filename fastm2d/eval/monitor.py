@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from ..frontend import LogMelSpectrogram, normalize
 from ..runtime import Runtime
 
 
@@ -35,35 +36,36 @@ def explained_variance(embeddings: torch.Tensor) -> np.ndarray:
 
 
 class Monitor:
-    def __init__(self, trainer, n_clips: int = 256, task: Optional[str] = None, valid=None):
-        self.trainer = trainer
-        self.device = trainer.device
-        ds = trainer.dataset
-        rng = np.random.default_rng(trainer.config.train.seed + 77)
-        picks = rng.choice(len(ds), size=min(n_clips, len(ds)), replace=False)
-        mean, std = trainer.mean, trainer.std
+    """Given what it measures, not the trainer: the live model, the training crops, their statistics, the seed."""
+
+    def __init__(self, model, dataset, norm_stats, sample_rate: int, seed: int, n_clips: int = 256,
+                 task: Optional[str] = None, valid=None):
+        self.model, self.sample_rate = model, sample_rate
+        self.device = next(model.parameters()).device
+        self.norm_stats = tuple(norm_stats)
+        rng = np.random.default_rng(seed + 77)
+        picks = rng.choice(len(dataset), size=min(n_clips, len(dataset)), replace=False)
         # Fixed crops (the dataset's own crops with fixed seeds), normalised once, kept on the CPU.
-        self.clips = torch.stack([(ds[(int(i), int(i) * 31 + 5, 0)]["lms"].float() - mean) / std for i in picks])
+        self.clips = torch.stack([normalize(dataset[(int(i), int(i) * 31 + 5, 0)]["lms"].float(), *self.norm_stats)
+                                  for i in picks])
         self.valid = None
         if valid is not None:
-            vr = np.random.default_rng(trainer.config.train.seed + 78)
+            vr = np.random.default_rng(seed + 78)
             vpick = vr.choice(len(valid), size=min(n_clips, len(valid)), replace=False)
             from ..data import CropDataset
-            vds = CropDataset(valid, trainer.config.model.input_size[1])
-            self.valid = torch.stack([(vds[(int(i), int(i) * 17 + 3, 0)]["lms"].float() - mean) / std for i in vpick])
-            g = torch.Generator().manual_seed(trainer.config.train.seed + 79)
-            self.valid_ids = trainer.model.ids_from_noise(torch.rand(len(self.valid), trainer.model.mask_noise_shape,
-                                                                     generator=g))
+            vds = CropDataset(valid, model.cfg.input_size[1])
+            self.valid = torch.stack([normalize(vds[(int(i), int(i) * 17 + 3, 0)]["lms"].float(), *self.norm_stats)
+                                      for i in vpick])
+            g = torch.Generator().manual_seed(seed + 79)
+            self.valid_ids = model.ids_from_noise(torch.rand(len(self.valid), model.mask_noise_shape, generator=g))
         self.tasks = []
         if task is not None:
-            from ..frontend import LogMelSpectrogram
             from .embeddings import load_clip
             from .tasks import load_tasks
-            sr = trainer.config.data.sample_rate
-            frontend = LogMelSpectrogram(sr)
+            frontend = LogMelSpectrogram(sample_rate)
             for t in load_tasks(task):
                 with torch.inference_mode():  # cached audio -> log-mel, normalised at call time
-                    self.tasks.append((t, [frontend(load_clip(item, sr, t)) for item in t.items]))
+                    self.tasks.append((t, [frontend(load_clip(item, sample_rate, t)) for item in t.items]))
 
     def _embed(self, runtime: Runtime, lms) -> torch.Tensor:
         """Normalised log-mel, (N, 1, F, T) or a list of (F, T_i) -> (N, F'*D) clip embeddings."""
@@ -75,9 +77,9 @@ class Monitor:
     @torch.no_grad()
     def __call__(self) -> Dict:
         t0 = time.perf_counter()
-        model = self.trainer.model
+        model = self.model
         was_training = model.training
-        runtime = Runtime(model, self.trainer.config.data.sample_rate)  # eval mode; the same weights
+        runtime = Runtime(model, self.sample_rate)  # eval mode; the same weights
         try:
             emb = self._embed(runtime, self.clips)
             ev = explained_variance(emb)
@@ -92,8 +94,7 @@ class Monitor:
                 row["valid_loss"] = sum(losses) / len(self.valid)
             for task, lms in self.tasks:
                 from .linear import linear_eval
-                mean, std = self.trainer.mean, self.trainer.std
-                emb_t = self._embed(runtime, [(x - mean) / std for x in lms]).numpy()
+                emb_t = self._embed(runtime, [normalize(x, *self.norm_stats) for x in lms]).numpy()
                 result = linear_eval(emb_t, task, seeds=1, max_epochs=50, patience=10)
                 row[f"probe_{task.name}"] = result["mean"]
         finally:

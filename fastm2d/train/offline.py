@@ -10,6 +10,7 @@ width, labels or features that do not fit the training list are each one ConfigE
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,9 @@ from typing import Optional
 import torch
 
 from ..checkpoint import CheckpointError
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, ModelConfig, check_model_config
 from ..data.offline import FeatureTargets, LabelTargets
-from ..frontend import FRONTEND_PARAMS
+from ..frontend import FRONTEND_PARAMS, normalize
 
 log = logging.getLogger("fastm2d.train")
 
@@ -47,7 +48,7 @@ class Teacher(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, raw_lms: torch.Tensor) -> torch.Tensor:
-        return self.runtime.encode_lms((raw_lms - self.mean) / self.std)
+        return self.runtime.encode_lms(normalize(raw_lms, self.mean, self.std))
 
 
 def load_teacher(path: str, config: Config, device: torch.device) -> Teacher:
@@ -110,14 +111,16 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
     return OfflineTask(o.task, teacher.dim, "norm_mse", teacher=teacher)
 
 
-def apply_to_model_config(task: Optional[OfflineTask], config: Config) -> None:
-    """Fill model.off_dim / off_loss from the task; a conflicting explicit value is an error."""
-    m = config.model
+def final_model_config(task: Optional[OfflineTask], m: ModelConfig) -> ModelConfig:
+    """The model config the task needs: model.off_dim / off_loss filled from it (a conflicting explicit value is
+    an error), checked again before any model is built."""
     if task is None:
-        return
+        return m
     if m.off_dim and m.off_dim != task.dim:
         raise ConfigError(f"model.off_dim={m.off_dim}, but offline.task={task.task} gives {task.dim}-wide targets")
-    m.off_dim, m.off_loss = task.dim, task.loss
+    final = dataclasses.replace(m, off_dim=task.dim, off_loss=task.loss)
+    check_model_config(final)
+    return final
 
 
-__all__ = ["OfflineTask", "Teacher", "build_offline_task", "apply_to_model_config"]
+__all__ = ["OfflineTask", "Teacher", "build_offline_task", "final_model_config"]

@@ -24,7 +24,7 @@ from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute
 from ..data.dataset import FOUND_WHILE_TRAINING, training_crop
 from ..data.noise import NoisePicker, tile_crop
 from ..data.sources import AUDIO_EXTS, list_digest, require_usable
-from ..frontend import min_real_samples, pad_samples
+from ..frontend import min_real_samples, normalize, pad_samples
 from ..data.store import LogMelStore, is_store
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
@@ -34,7 +34,7 @@ from .engine import all_reduce_, barrier, dist_from_env, init_distributed, make_
 from .checkpointer import Checkpointer, RandomState
 from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error
 from .metrics import MetricsLogger, NullLogger
-from .offline import apply_to_model_config, build_offline_task
+from .offline import build_offline_task, final_model_config
 from .run_lock import RunLock
 from .schedule import lr_at, scaled_lr
 
@@ -135,12 +135,32 @@ class Trainer:
             self.lock.release()
 
     def _setup(self, config: Config, resume: bool) -> None:
+        """The run, built part by part; each builder reads what the ones before it made."""
+        resume_from = self._resume_point(resume)  # decided before anything is written
+        self._build_devices()
+        self._build_data()
+        self._build_offline_task()  # M2D-X; makes the model config final
+        self._build_model(init=resume_from is None)
+        self._build_schedule()
+        if resume_from is None:
+            stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json",
+                                    crop=training_crop(config.data.repeat_short))
+            self.model.norm_stats.copy_(torch.tensor(stats))
+        self._build_engine()
+        if resume_from is not None:
+            self.checkpointer.resume(self, resume_from)
+        self.mean, self.std = self.model.norm_stats.tolist()
+        self._build_crops()
+        self._build_monitor()
+        (self.out_dir / "config.yaml").write_text(to_yaml(config))
+
+    def _resume_point(self, resume: bool) -> Optional[Path]:
+        """The checkpoint to resume from (None: a fresh run); refusals leave the run folder as it was."""
         if launcher_restart() and not resume:  # torchrun --max-restarts brought us back: continue, never restart
             log.warning("launcher restart %d: resuming from the latest complete checkpoint", launcher_restart())
             resume = True
-        # Decide resume-or-not before writing anything, so a refused start leaves the run folder as it was.
-        self.checkpointer = Checkpointer(self.out_dir, config.train.save_every, config.train.keep_checkpoints,
-                                         self.dist.is_main)
+        t = self.config.train
+        self.checkpointer = Checkpointer(self.out_dir, t.save_every, t.keep_checkpoints, self.dist.is_main)
         latest = self.checkpointer.latest()
         if latest is not None and not resume:
             raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
@@ -148,18 +168,21 @@ class Trainer:
         if resume and latest is None and not launcher_restart():  # a restart before the first checkpoint starts fresh
             raise ConfigError(f"--resume: {self.out_dir} holds no checkpoint to resume from; leave out --resume to "
                               f"start a new run there")
-        resume_from = latest if resume else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.lock is not None and self.lock.fd is None:
             self.lock.acquire()
-        t = config.train
-        use_deepspeed = wants_deepspeed(config, self.dist)
+        return latest if resume else None
+
+    def _build_devices(self) -> None:
+        """Device, precision, process groups, the fault side channel and the mask generator."""
+        t = self.config.train
+        self.use_deepspeed = wants_deepspeed(self.config, self.dist)
         self.device = pick_device(t.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        if use_deepspeed:
-            init_distributed(config, self.device.type)
+        if self.use_deepspeed:
+            init_distributed(self.config, self.device.type)
         self.fleet = Fleet(self.dist.rank, self.dist.world_size, self.out_dir)  # stop agreement, lost-rank reports
         self.preempted: Optional[int] = None  # the signal that stopped fit(), if any
         self.amp_dtype = pick_precision(t.precision, self.device)
@@ -168,6 +191,9 @@ class Trainer:
         self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
         self.rng = RandomState(self.mask_gen, self.device)
 
+    def _build_data(self) -> None:
+        """The training items (audio files, .npy log-mel or a prepared store), checked against the loader."""
+        config, t = self.config, self.config.train
         if config.data.loader == "dali":
             from ..data.dali import dali_missing_reason
             if dali_missing_reason():
@@ -186,17 +212,27 @@ class Trainer:
                               f"{t.batch_size} x {self.dist.world_size} process(es): lower train.batch_size (and "
                               f"raise train.accum_steps to keep the effective batch), or repeat the list with "
                               f"data.min_epoch_items={per_step * 100}")
-        self.offline = build_offline_task(config, self.source, self.device)  # M2D-X; None for plain M2D
-        apply_to_model_config(self.offline, config)
+
+    def _build_offline_task(self) -> None:
+        """M2D-X's offline task (None for plain M2D), the model config it implies, and the epoch sampler (the task
+        may weight the items)."""
+        config, t = self.config, self.config.train
+        self.offline = build_offline_task(config, self.source, self.device)
+        config.model = final_model_config(self.offline, config.model)
         self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items,
                                     self.dist.rank, self.dist.world_size,
                                     weights=self.offline.sample_weights if self.offline else None)
+
+    def _build_model(self, init: bool) -> None:
+        """M2D with its attention kernel, optionally compiled, and its EMA; `init`: a fresh run may start from
+        train.init_from."""
+        t = self.config.train
         torch.manual_seed(t.seed)  # the same initial weights on every rank, whatever the data set-up drew
-        self.model = M2D(config.model).to(self.device)
-        if t.init_from and resume_from is None:
+        self.model = M2D(self.config.model).to(self.device)
+        if t.init_from and init:
             log.info("initialised from %s: %s", t.init_from, init_from_weights(self.model, t.init_from))
         try:
-            self.model.set_attention(resolve_attention(config.model.attention, self.device))
+            self.model.set_attention(resolve_attention(self.config.model.attention, self.device))
         except RuntimeError as e:
             raise ConfigError(str(e)) from None
         if t.compile:
@@ -206,14 +242,16 @@ class Trainer:
             self.model.compile(mode=t.compile_mode)
         self.flops_per_sample = train_flops_per_sample(self.model.cfg)
         self.peak_flops = peak_flops(self.device, t.peak_tflops)
+        self.ema = EMA(self.model.target_parameters(), self.model.online_parameters())
 
+    def _build_schedule(self) -> None:
+        """Steps, warm-up and peak learning rate from the effective batch; the device-side accumulators."""
+        t = self.config.train
         self.effective_batch = t.batch_size * t.accum_steps * self.dist.world_size
         steps_per_epoch = self.sampler.batches_per_epoch / t.accum_steps
         self.total_steps = t.max_steps or max(1, round(t.epochs * steps_per_epoch))
         self.warmup_steps = min(round(t.warmup_epochs * steps_per_epoch), self.total_steps // 2)
         self.peak_lr = scaled_lr(t.base_lr, self.effective_batch)
-
-        self.ema = EMA(self.model.target_parameters(), self.model.online_parameters())
         self.step = 0
         # Device-side accumulators: read only on logging steps, so a step never waits for the host.
         self._loss_sum = torch.zeros((), device=self.device)
@@ -222,16 +260,16 @@ class Trainer:
         self._terms = torch.zeros(2, device=self.device)  # loss_m2d, loss_off summed over steps
         self.step_timer = None  # optional callback(seconds of one optimiser step), e.g. `fastm2d adapt`'s plan
 
-        if resume_from is None:
-            stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json",
-                                    crop=training_crop(config.data.repeat_short))
-            self.model.norm_stats.copy_(torch.tensor(stats))
+    def _build_engine(self) -> None:
+        """AdamW (no decay on norms and biases) inside the single-process or the DeepSpeed engine."""
+        t = self.config.train
         groups = param_groups_weight_decay(self.model, t.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(t.betas), fused=self.device.type == "cuda")
-        self.engine = make_engine(self.model, optimizer, config, self.amp_dtype, self.dist, use_deepspeed)
-        if resume_from is not None:
-            self.checkpointer.resume(self, resume_from)
-        self.mean, self.std = self.model.norm_stats.tolist()
+        self.engine = make_engine(self.model, optimizer, self.config, self.amp_dtype, self.dist, self.use_deepspeed)
+
+    def _build_crops(self) -> None:
+        """Background noise (M2D-X denoising) and the dataset of training crops the loader reads."""
+        config, t = self.config, self.config.train
         self.noise, picker, self.eta, self.noise_mean = None, None, 0.0, 0.0
         noise = config.data.noise
         if noise.train is not None and noise.eta > 0:
@@ -243,13 +281,18 @@ class Trainer:
                                    bad_list=self.out_dir / "bad_training_files.txt",
                                    offline=self.offline.targets if self.offline else None,
                                    repeat_short=config.data.repeat_short)
+
+    def _build_monitor(self) -> None:
+        """Representation monitors every train.eval_every steps, on rank 0 only (the others wait at the next
+        collective)."""
+        config = self.config
         self.monitor = None
-        if t.eval_every and self.dist.is_main:  # rank 0 only; the others wait at the next collective
+        if config.train.eval_every and self.dist.is_main:
             from ..eval.monitor import Monitor
             valid = build_source(config.data.valid, config, self.out_dir, config.data.root, label="valid") \
                 if config.data.valid else None
-            self.monitor = Monitor(self, config.eval.clips, config.eval.task, valid)
-        (self.out_dir / "config.yaml").write_text(to_yaml(config))
+            self.monitor = Monitor(self.model, self.dataset, (self.mean, self.std), config.data.sample_rate,
+                                   config.train.seed, config.eval.clips, config.eval.task, valid)
 
     # ---------------------------------------------------------------------------------------- the step ----
     def train_step(self, micro_batches: List[Batch | torch.Tensor]) -> torch.Tensor:
@@ -399,7 +442,7 @@ class Trainer:
         with background noise, the eq. 5 mix centred by each set's mean and divided by the main std."""
         x = raw.to(self.device, non_blocking=True).float()
         if bg is None:
-            return (x - self.mean) / self.std
+            return normalize(x, self.mean, self.std)
         ops = kernels.select(self.config.model.kernels, self.device)
         return ops.noise_mix(x, bg.to(self.device, non_blocking=True).float(), self.eta, self.mean, self.noise_mean,
                              self.std)
