@@ -183,7 +183,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .eval.report import write_report
+    from .train.report import write_report
 
     print(write_report(args.run))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..data.sources import DataError
-from ..train.metrics import read_metrics
+from .metrics import read_metrics
 
 
 def _plot(path: Path, rows: List[Dict], series: List[str], title: str, right: List[str] = ()) -> bool:
