@@ -64,3 +64,27 @@ def assert_tolerance_rule(fast: torch.Tensor, plain: torch.Tensor, exact: torch.
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}  # relative to the magnitude
 DTYPES = list(ATOL)
+
+
+def labelled_folder(tmp_path, n=8):
+    """A folder of short tones with a multi-label labels.csv (4 classes, some clips with two)."""
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    rows = ["file_name,labels"]
+    for i in range(n):
+        write_tone(folder / f"c{i}.wav", seconds=0.7, freq=200 + 150 * (i % 4))
+        rows.append(f'c{i}.wav,"{["dog", "bird", "car", "rain"][i % 4]}' + (',bird"' if i % 3 == 0 else '"'))
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def write_m2d_checkpoint(tmp_path, name="teacher", **cfg):
+    """A tiny M2D checkpoint (a teacher or a starting point) with fixed weights and statistics."""
+    from fastm2d.checkpoint import atomic_save
+    from fastm2d.model import M2D
+    torch.manual_seed(7)
+    m = M2D(tiny_model_config(**cfg))
+    m.norm_stats.copy_(torch.tensor([-9.0, 3.0]))
+    path = tmp_path / name / "checkpoint-1.pth"
+    atomic_save({"model": m.state_dict(), "model_config": vars(m.cfg), "epoch": 1}, path)
+    return path, m
