@@ -28,7 +28,7 @@ def _expected(choices) -> str:
     names = [str(c) for c in choices]
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
-# Encoder presets (SPEC.md "Model"); explicit model.embed_dim / depth / num_heads override them.
+# Encoder presets (docs/spec.md "Model"); explicit model.embed_dim / depth / num_heads override them.
 VIT_SIZES = {
     "tiny": dict(embed_dim=192, depth=4, num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -164,7 +164,7 @@ class OfflineConfig:
 class DataConfig:
     train: str = "synthetic"  # 'synthetic', a folder (searched recursively) or a CSV list of audio / .npy files
     root: Optional[str] = None  # base folder for relative paths in a CSV (default: the CSV's folder)
-    sample_rate: int = 16000  # front end: 16000 or 32000 (SPEC.md "Front end")
+    sample_rate: int = 16000  # front end: 16000 or 32000 (docs/spec.md "Front end")
     norm_stats: Optional[List[float]] = None  # [mean, std]; None = computed once and saved in the run folder
     stats_items: int = 10000  # how many random crops the statistics are computed from
     min_epoch_items: int = 0  # repeat a small list up to this many items per epoch

@@ -1,4 +1,4 @@
-"""Audio front end: reading audio files and the natural-log mel spectrogram of SPEC.md "Front end".
+"""Audio front end: reading audio files and the natural-log mel spectrogram of docs/spec.md "Front end".
 
 `LogMelSpectrogram` is the reference every other front end (DALI, precomputed shards) must match.
 """

@@ -1,7 +1,7 @@
 """Transfer: audio of any length -> frame features (paper eq. 4) and clip embeddings, with our or original weights.
 
 Long inputs are cut into chunks of the training length, the tail padded to a multiple of the patch width;
-each chunk is encoded on its own and the frames concatenated (SPEC.md "Transfer": 10 s on 80x608 -> 63 frames).
+each chunk is encoded on its own and the frames concatenated (docs/spec.md "Transfer": 10 s on 80x608 -> 63 frames).
 """
 from __future__ import annotations
 

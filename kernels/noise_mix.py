@@ -1,4 +1,4 @@
-"""Background-noise mixing in the log-mel domain (paper eq. 5, SPEC.md "M2D-X"), fused with normalisation.
+"""Background-noise mixing in the log-mel domain (paper eq. 5, docs/spec.md "M2D-X"), fused with normalisation.
 
 `noise_mix_reference` is the definition; `noise_mix_triton` does centring, the log-sum-exp mix, the eps floor
 and the division by std in one pass over memory (and one for the backward).

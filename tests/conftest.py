@@ -54,8 +54,9 @@ def write_tone(path, seconds=1.0, sr=16000, channels=1, freq=440.0, fmt=None):
 
 
 def assert_tolerance_rule(fast: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor, atol: float, what: str = ""):
-    """DESIGN.md: a fast path's max-abs error against a float64 reference <= 2 x the plain PyTorch error in the
-    same dtype + atol, atol relative to the reference's magnitude (gradients are ~1e-3, losses ~1)."""
+    """The tolerance rule (docs/architecture.md): a fast path's max-abs error against a float64 reference <= 2 x the
+    plain PyTorch error in the same dtype + atol, atol relative to the reference's magnitude (gradients are ~1e-3,
+    losses ~1)."""
     fast_err = (fast.double() - exact.double()).abs().max().item()
     plain_err = (plain.double() - exact.double()).abs().max().item()
     bound = 2 * plain_err + atol * max(exact.abs().max().item(), 1e-30)

@@ -1,4 +1,5 @@
-"""FLOPs per sample against a matmul-by-matmul hand count (DESIGN.md: ViT-B 80x608 16x16 at 0.7 ~ 85 GFLOP)."""
+"""FLOPs per sample against a matmul-by-matmul hand count (docs/architecture.md "The speed model": ViT-B 80x608
+16x16 at mask 0.7 ~ 85 GFLOP)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The log-mel front end against an independent float64 NumPy computation of SPEC.md's definition."""
+"""The log-mel front end against an independent float64 NumPy computation of docs/spec.md's definition."""
 import numpy as np
 import pytest
 import torch

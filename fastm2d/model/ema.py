@@ -1,4 +1,4 @@
-"""EMA target update (paper eq. 3) with the linear tau schedule of SPEC.md, as one fused multi-tensor op."""
+"""EMA target update (paper eq. 3) with the linear tau schedule of docs/spec.md, as one fused multi-tensor op."""
 from __future__ import annotations
 
 from typing import Sequence

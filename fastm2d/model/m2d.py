@@ -2,7 +2,7 @@
 and M2D-X's offline branch (paper III-B): every online token, back in patch order, reshaped by eq. 4 and mapped
 per frame by `offline_predictor` to the offline task's target.
 
-Key names are the original implementation's (SPEC.md "Checkpoints"): the encoder keys at the top level
+Key names are the original implementation's (docs/spec.md "Checkpoints"): the encoder keys at the top level
 (inherited from `ViTEncoder`), `mask_token`, `decoder_*` for the predictor, `target_*` for the target and
 `offline_predictor` for M2D-X's mapper.
 """

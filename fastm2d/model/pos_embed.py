@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position encoding (SPEC.md "Model"), and its resampling for other input lengths."""
+"""Fixed 2-D sin-cos position encoding (docs/spec.md "Model"), and its resampling for other input lengths."""
 from __future__ import annotations
 
 import torch

@@ -15,7 +15,7 @@ from ..config import ModelConfig
 from .attention import Attention
 from .pos_embed import sincos_2d
 
-DEFAULT_NORM_STATS = (-7.1, 4.2)  # AudioSet log-mel mean / std (SPEC.md); used when a checkpoint has none
+DEFAULT_NORM_STATS = (-7.1, 4.2)  # AudioSet log-mel mean / std (docs/spec.md); used when a checkpoint has none
 
 
 class Block(nn.Module):
@@ -62,7 +62,7 @@ class ViTEncoder(nn.Module):
         self.blocks = make_blocks(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.attention)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
 
-    # -- initialisation (SPEC.md): xavier-uniform Linear / patch conv as a matrix, N(0, 0.02) tokens ------------
+    # -- initialisation (docs/spec.md): xavier-uniform Linear / patch conv as a matrix, N(0, 0.02) tokens ------------
     def init_weights(self) -> None:
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))

@@ -1,4 +1,4 @@
-"""`fastm2d adapt AUDIO --from CHECKPOINT`: the small-data recipe (paper III-B, SPEC.md "M2D-X") in one command.
+"""`fastm2d adapt AUDIO --from CHECKPOINT`: the small-data recipe (paper III-B, docs/spec.md "M2D-X") in one command.
 
 Further pre-training on a few hundred to a few thousand private clips: start from released (or our) weights,
 keep that model as a frozen offline teacher (regularisation), mix background noise when given, effective batch
@@ -24,7 +24,7 @@ NOISE_ETA = 0.3
 
 
 def recipe_overrides(audio: str, checkpoint: str, noise: Optional[str], out_dir: str) -> List[str]:
-    """The recipe as key=value overrides: the model's shape from the checkpoint, the rest from SPEC.md."""
+    """The recipe as key=value overrides: the model's shape from the checkpoint, the rest from docs/spec.md."""
     _, cfg, sr, _ = read_checkpoint(checkpoint)
     out = [f"out_dir={out_dir}", f"data.train={audio}", f"train.init_from={checkpoint}", "offline.task=regularize",
            f"data.sample_rate={sr}", f"data.min_epoch_items={EPOCH_ITEMS}", f"train.epochs={EPOCHS}",

@@ -1,4 +1,4 @@
-"""The speed model of DESIGN.md in code: training FLOPs per sample and model FLOPs utilisation (MFU).
+"""The speed model of docs/architecture.md in code: training FLOPs per sample and model FLOPs utilisation (MFU).
 
 A ViT layer with n tokens of width d costs 24 n d^2 + 4 n^2 d forward FLOPs (multiply-add = 2). Trained parts
 cost 3x forward (forward + backward), the target encoder 1x (forward only). ViT-B 80x608 16x16 at mask 0.7:
