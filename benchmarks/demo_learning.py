@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def probe(weights: Path, out: Path, clips: int, seeds: int, init_seed: Optional[int] = None) -> dict:
     """-> {task: (mean %, ci %)} from `fastm2d linear-eval`; `init_seed`: probe that untrained initialisation."""
     untrained = ["--untrained", "--untrained-seed", str(init_seed)] if init_seed is not None else []
-    assert fastm2d(["linear-eval", str(weights), f"synthetic:{clips}", "--seeds", str(seeds), "--out", str(out),
+    assert fastm2d(["linear-eval", f"synthetic:{clips}", "--weights", str(weights), "--seeds", str(seeds), "--out", str(out),
                     "--quiet", *untrained]) == 0
     suffix = f"-untrained-seed{init_seed}" if init_seed is not None else ""
     scores = {}

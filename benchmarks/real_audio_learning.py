@@ -40,7 +40,7 @@ def probe(weights: Path, data: Path, out: Path, seeds: int, init_seed: Optional[
         folds = []
         for k in range(FOLDS):
             name = f"{task}-fold{k}"
-            assert fastm2d(["linear-eval", str(weights), str(data / f"{name}.csv"), "--seeds", str(seeds), "--out",
+            assert fastm2d(["linear-eval", str(data / f"{name}.csv"), "--weights", str(weights), "--seeds", str(seeds), "--out",
                             str(out), "--quiet", *untrained]) == 0
             folds.append(100 * json.loads((out / f"{name}{suffix}.json").read_text())["mean"])
         scores[task] = float(np.mean(folds))

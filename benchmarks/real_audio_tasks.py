@@ -4,7 +4,7 @@
     python benchmarks/real_audio_tasks.py build OUT      # offline from then on
 
 writes OUT/clips/ (16 kHz mono WAV segments, at most 2 s: the short real clips the "Real clips" issue is about),
-five CSV tasks per label set for `fastm2d linear-eval OUT/TASK-foldK.csv` (file_name, label, split; fold K tests
+five CSV tasks per label set for `fastm2d linear-eval OUT/TASK-foldK.csv --weights W` (file_name, label, split; fold K tests
 on the K-th fifth of the recordings, validates on the next, trains on the rest: the test sets are small, so
 scores are averaged over the folds), and OUT/pretrain.csv: every clip, labels dropped, for
 `data.train=OUT/pretrain.csv` (self-supervised pre-training sees the probe's audio, never its labels, as in the

@@ -53,7 +53,7 @@ def write_lists(data: Path, out: Path):
 def probe(weights: Path, data: Path, out: Path, seeds: int) -> tuple:
     folds = []
     for k in range(FOLDS):
-        assert fastm2d(["linear-eval", str(weights), str(data / f"lmms-family-fold{k}.csv"), "--seeds", str(seeds),
+        assert fastm2d(["linear-eval", str(data / f"lmms-family-fold{k}.csv"), "--weights", str(weights), "--seeds", str(seeds),
                         "--out", str(out), "--quiet"]) == 0
         folds.append(100 * json.loads((out / f"lmms-family-fold{k}.json").read_text())["mean"])
     return confidence_interval(folds)
@@ -79,11 +79,11 @@ def main() -> None:
     rows = {
         "scratch": ["pretrain", *demo, f"data.train={domain}"],
         "general": ["pretrain", *demo, f"data.train={general_data}"],
-        "adapt eta 0": ["adapt", str(domain), "--from", str(general), *small, "offline.task=none"],
-        "adapt noise": ["adapt", str(domain), "--from", str(general), "--noise", str(noise), *small,
+        "adapt eta 0": ["adapt", str(domain), "--weights", str(general), *small, "offline.task=none"],
+        "adapt noise": ["adapt", str(domain), "--weights", str(general), "--noise", str(noise), *small,
                         "offline.task=none"],
-        "adapt eta 0 + reg": ["adapt", str(domain), "--from", str(general), *small],
-        "adapt noise + reg": ["adapt", str(domain), "--from", str(general), "--noise", str(noise), *small],
+        "adapt eta 0 + reg": ["adapt", str(domain), "--weights", str(general), *small],
+        "adapt noise + reg": ["adapt", str(domain), "--weights", str(general), "--noise", str(noise), *small],
     }
     wanted = args.only.split(",") if args.only else list(rows)
     results = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}

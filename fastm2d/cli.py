@@ -10,6 +10,7 @@ from pathlib import Path
 from . import __version__
 from .config import ATTENTION_CHOICES
 from .errors import AudioReadError, DataError, MachineFault, UserError
+from .spellings import settle
 
 # Nothing heavy at import time: `fastm2d --help` answers without loading torch; each command imports its own.
 USER_ERRORS = (UserError, FileNotFoundError)
@@ -42,7 +43,7 @@ def cmd_adapt(args) -> None:
     from .train import Trainer
     from .train.adapt import adapt_config, describe_plan
 
-    config = adapt_config(args.audio, args.from_, args.noise, args.out, args.overrides)
+    config = adapt_config(args.audio, args.weights, args.noise, args.out, args.overrides)
     trainer = Trainer(config, resume=args.resume)
     print(describe_plan(trainer), flush=True)
 
@@ -128,10 +129,12 @@ def cmd_linear_eval(args) -> None:
     import torch
 
     from .eval.embeddings import cached_embeddings, weights_key
-    from .eval.linear import linear_eval
+    from .config import settings_from
+    from .eval.linear import ProbeConfig, linear_eval
     from .eval.tasks import load_tasks
     from .runtime import load_encoder
 
+    probe = settings_from(ProbeConfig, {}, args.overrides, "linear-eval")
     args.device = _device(args.device)
     runtime = load_encoder(args.weights, device=args.device)
     if args.untrained:  # the same architecture with fresh weights: the baseline pre-training must beat
@@ -147,9 +150,9 @@ def cmd_linear_eval(args) -> None:
     for task in load_tasks(args.task):
         emb, rate = cached_embeddings(runtime, task, out / "cache", key, layers=layers, batch_size=args.batch_size,
                                       progress=not args.quiet)
-        result = linear_eval(emb, task, seeds=args.seeds, hidden=hidden, device=args.device)
+        result = linear_eval(emb, task, seeds=args.seeds, hidden=hidden, device=args.device, **vars(probe))
         result.update(weights=str(args.weights), untrained_seed=init_seed, layers=layers, embedding_dim=emb.shape[1],
-                      clips_per_s=rate)
+                      clips_per_s=rate, probe=vars(probe))
         name = task.name + (f"-untrained-seed{init_seed}" if args.untrained else "")
         (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         baseline = f" (untrained, init seed {init_seed})" if args.untrained else ""
@@ -170,11 +173,13 @@ def _upsert_row(path: Path, row: str) -> None:
 
 
 def cmd_finetune(args) -> None:
+    from .config import settings_from
     from .eval.finetune import FinetuneConfig, finetune
     from .eval.tasks import load_tasks
 
-    cfg = FinetuneConfig(**{k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "layer_decay", "optimizer",
-                                                          "mixup", "seed", "attention", "compile")})
+    options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "layer_decay", "optimizer", "mixup", "seed",
+                                             "attention", "compile")}
+    cfg = settings_from(FinetuneConfig, options, args.overrides, "finetune")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for task in load_tasks(args.task):
         r = finetune(args.weights, task, args.out, cfg, device=_device(args.device), frames=args.frames)
@@ -191,7 +196,7 @@ def cmd_report(args) -> None:
 def cmd_export(args) -> None:
     from .checkpoint import export_original
 
-    print(export_original(args.checkpoint, args.out, encoder_only=args.encoder_only, fmt=args.format))
+    print(export_original(args.weights, args.out, encoder_only=args.encoder_only, fmt=args.format))
 
 
 def at_least(minimum: int):
@@ -232,18 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pre-train M2D (the embedded synthetic data by default)")
     pt.add_argument("--config", help="YAML config (see configs/)")
     pt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    pt.add_argument("--out", help="run folder (the same as out_dir=DIR)")
     pt.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     pt.set_defaults(func=cmd_pretrain)
 
     ad = sub.add_parser("adapt", help="further pre-train released weights on your own (small) data: M2D-X with the "
                                       "starting model as a regulariser, noise mixing, batch 128, 10k items/epoch")
     ad.add_argument("audio", help="folder or CSV of your audio files")
-    ad.add_argument("--from", dest="from_", required=True, help="checkpoint to start from (ours or the original's)")
+    ad.add_argument("--weights", help="checkpoint to start from (ours or the original's)")
+    ad.add_argument("--from", dest="from_", help=argparse.SUPPRESS)  # 0.1's spelling of --weights
     ad.add_argument("--noise", help="folder or CSV of background noise (mixed at eta 0.3)")
     ad.add_argument("--out", default="runs/adapt", help="run folder")
     ad.add_argument("--resume", action="store_true", help="continue the run in --out")
     ad.add_argument("overrides", nargs="*", help="key=value overrides of the recipe, e.g. train.epochs=100")
-    ad.set_defaults(func=cmd_adapt)
+    ad.set_defaults(func=cmd_adapt, weights_required=True)
 
     st = sub.add_parser("stats", help="dataset mean/std of log-mel over random crops (-> data.norm_stats)")
     st.add_argument("data", help="folder or CSV list of audio / .npy files")
@@ -255,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prepare", help="audio / .npy files -> memory-mapped log-mel shards (a LogMelStore)")
     pr.add_argument("src", help="folder (recursive) or CSV list of audio or original .npy log-mel files")
-    pr.add_argument("out", help="store folder; re-running completes an interrupted preparation")
+    pr.add_argument("positional_out", nargs="?", help=argparse.SUPPRESS)  # 0.1's spelling of --out
+    pr.add_argument("--out", help="store folder; re-running completes an interrupted preparation")
     pr.add_argument("--workers", type=at_least(0), default=None,
                     help="worker processes; 0 = in this process (as data.num_workers=0); default: one per core")
     pr.add_argument("--files-per-shard", type=at_least(1), default=1000, help="files per shard")
@@ -268,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-patch-frames", type=at_least(1), default=16,
                     help="files with less audio than this many frames (one patch width) are listed as failures")
     pr.add_argument("--root", help="base folder for relative paths in a CSV")
-    pr.set_defaults(func=cmd_prepare)
+    pr.set_defaults(func=cmd_prepare, out_required=True)
 
     em = sub.add_parser("embed", help="audio files -> features (.npy per file)")
     em.add_argument("--weights", required=True, help="fastm2d checkpoint / run folder, or original weights")
@@ -282,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     le = sub.add_parser("linear-eval", help="the paper's linear-evaluation protocol on a task (CSV, folder with "
                                             "meta.csv, or 'synthetic')")
-    le.add_argument("weights", help="run folder, checkpoint, or the original's weights")
     le.add_argument("task", help="CSV (file_name, label, split), a folder with meta.csv, or 'synthetic'")
+    le.add_argument("positional", nargs="*", metavar="key=value",
+                    help="overrides of the probe: lr, max_epochs, patience, batch_size (the probe's own)")
+    le.add_argument("--weights", help="run folder, checkpoint, or the original's weights")
     le.add_argument("--seeds", type=at_least(1), default=5, help="probe seeds (mean and 95 %% CI over them)")
     le.add_argument("--out", default="eval", help="results <task>.json, results.md and the embedding cache")
     le.add_argument("--layers", type=int_list, help="comma-separated block indices to concatenate (default: the final output)")
@@ -293,11 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--batch-size", type=at_least(1), default=64, help="clips per embedding batch")
     le.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     le.add_argument("--quiet", action="store_true", help="no progress bar")
-    le.set_defaults(func=cmd_linear_eval)
+    le.set_defaults(func=cmd_linear_eval, weights_required=True, overrides=[])
 
     ft = sub.add_parser("finetune", help="fine-tune the encoder + a linear head on a task (the original's recipe family)")
-    ft.add_argument("weights", help="run folder, checkpoint, or the original's weights")
     ft.add_argument("task", help="CSV (file_name, label, split), a folder with meta.csv, or 'synthetic'")
+    ft.add_argument("positional", nargs="*", metavar="key=value",
+                    help="overrides of the recipe: weight_decay, warmup_epochs, freq_mask, time_mask, rrc, and the "
+                         "options below (epochs, lr, ...)")
+    ft.add_argument("--weights", help="run folder, checkpoint, or the original's weights")
     ft.add_argument("--out", default="finetune", help="output folder")
     ft.add_argument("--epochs", type=int, default=50, help="training epochs")
     ft.add_argument("--batch-size", type=at_least(1), default=32, help="clips per step")
@@ -311,20 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="attention backend")
     ft.add_argument("--compile", action="store_true", help="torch.compile the classifier (pays off on long runs)")
     ft.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
-    ft.set_defaults(func=cmd_finetune)
+    ft.set_defaults(func=cmd_finetune, weights_required=True, overrides=[])
 
     rp = sub.add_parser("report", help="figures (PNG) and a one-page markdown summary of a run")
     rp.add_argument("run", help="run folder (holds metrics.jsonl)")
     rp.set_defaults(func=cmd_report)
 
     ex = sub.add_parser("export", help="write a checkpoint in the original M2D folder/file layout")
-    ex.add_argument("checkpoint", help="fastm2d checkpoint or run folder")
-    ex.add_argument("out", help="folder to create the <name>-<F>x<T>p<pF>x<pT>-<date>/ folder in")
+    ex.add_argument("positional", nargs="*", help=argparse.SUPPRESS)  # 0.1's spelling: CHECKPOINT OUT
+    ex.add_argument("--weights", help="fastm2d checkpoint or run folder")
+    ex.add_argument("--out", help="folder to create the <name>-<F>x<T>p<pF>x<pT>-<date>/ folder in")
     ex.add_argument("--encoder-only", action="store_true", help="only the encoder's weights (the original's "
                                                                 "to_encoder_only_weight.py layout)")
     ex.add_argument("--format", choices=("pth", "safetensors"), default="pth",
                     help="safetensors: weights and config without any pickle (safe to publish and to load)")
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=cmd_export, weights_required=True, out_required=True)
     return p
 
 
@@ -342,6 +356,7 @@ def main(argv=None) -> int:
         print(f"fastm2d {args.command}: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
         return 2
     try:
+        settle(args)  # one spelling: --weights, --out, key=value (the old ones warned)
         args.func(args)
     except USER_ERRORS as e:
         print(f"fastm2d {args.command}: error: {e}", file=sys.stderr)

@@ -275,6 +275,17 @@ def _overrides(items: Sequence[str]):
     return OmegaConf.merge(*layers) if layers else OmegaConf.create({})
 
 
+def settings_from(cls, options: dict, overrides: Sequence[str], command: str):
+    """A command's own settings dataclass (fine-tuning, the linear probe): its defaults <- the command's options
+    <- `key=value` overrides, with load_config's errors (an unknown key or a wrong type names the key)."""
+    cfg = _merge(OmegaConf.structured(cls), OmegaConf.create(options), f"{command} options")
+    cfg = _merge(cfg, _overrides(overrides), "command line")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _wrap(e, "command line") from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- `a.b=value` overrides. Returns a plain, validated `Config` object."""
     cfg = OmegaConf.structured(Config)

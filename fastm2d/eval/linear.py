@@ -6,6 +6,7 @@ accuracy for single-label tasks, mAP for multi-label ones; mean and 95 % confide
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Dict, Sequence
 
 import numpy as np
@@ -14,6 +15,15 @@ from torch import nn
 
 from .scores import confidence_interval
 from .tasks import EvalTask
+
+
+@dataclass
+class ProbeConfig:
+    """The probe's settings (`fastm2d linear-eval TASK --weights W key=value ...` overrides them)."""
+    lr: float = 1e-3  # Adam
+    max_epochs: int = 300
+    patience: int = 20  # epochs without a better validation loss before stopping
+    batch_size: int = 64  # the probe's own batch (not the embedding batch, --batch-size)
 
 
 def train_linear_probe(x_train, y_train, x_valid, y_valid, multi_label: bool, seed: int, hidden: Sequence[int] = (),
