@@ -12,6 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir={"fastm2d": "fastm2d", "fastm2d.kernels": "kernels"},
+    package_data={"fastm2d": ["assets/*.csv", "assets/README.md"]},  # AudioSet's class names (source and licence inside)
     install_requires=[
         "torch==2.11.0",
         "torchaudio==2.11.0",

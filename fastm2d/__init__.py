@@ -29,7 +29,8 @@ from .errors import AudioReadError, ConfigError  # noqa: E402
 # instant: name -> the module that defines it.
 _LAZY = {"Config": "config", "ModelConfig": "config", "load_config": "config", "LogMelSpectrogram": "frontend",
          "read_audio": "frontend", "M2D": "model", "ViTEncoder": "model", "load_model": "checkpoint",
-         "load_encoder": "runtime"}
+         "load_encoder": "runtime", "load_classifier": "classifier", "audioset_classes": "classifier",
+         "save_pretrained": "pretrained", "from_pretrained": "pretrained"}
 
 __all__ = ["ConfigError", "AudioReadError", "__version__", *_LAZY]
 

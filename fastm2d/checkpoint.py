@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import pickle
@@ -20,20 +21,32 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import ConfigError, ModelConfig, model_config_from_dict
+from .config import ConfigError, ModelConfig, model_config_from_dict, unseen_frames
 from .errors import CheckpointError  # noqa: F401  (re-exported)
 from .frontend import first_line
 from .model import DEFAULT_NORM_STATS, M2D
 
+log = logging.getLogger("fastm2d")
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 # Prefixes that wrappers add, longest first: the original's evaluation package (EVAR) saves fine-tuned encoders
 # under `module.ar.runtime.backbone.`, DDP under `module.`, the original's RuntimeM2D under `backbone.`.
-WRAPPER_PREFIXES = ("module.ar.runtime.backbone.", "module.", "backbone.")
+WRAPPER_PREFIXES = ("module.ar.runtime.backbone.", "runtime.encoder.", "module.", "backbone.")
+# Classifier heads, as each layout names them (after the wrappers are stripped) -> the canonical `classifier.*`:
+# the original's fine-tuned files (EVAR: BatchNorm1d without affine + one Linear, `module.head.*`) and
+# `fastm2d finetune` output (`Classifier`: `norm` + `head`).
+HEAD_LAYOUTS = {
+    "original": {"head.norm.running_mean": "norm.running_mean", "head.norm.running_var": "norm.running_var",
+                 "head.mlp.mlp.0.weight": "head.weight", "head.mlp.mlp.0.bias": "head.bias"},
+    "fastm2d": {"norm.running_mean": "norm.running_mean", "norm.running_var": "norm.running_var",
+                "head.weight": "head.weight", "head.bias": "head.bias"},
+}
+PROJECTION_PREFIXES = ("audio_proj.", "text_proj.")  # M2D-CLAP: audio and text into one space
 # Everything a real checkpoint's pickle may reference beyond tensors and plain containers: the original's
 # `args` is an argparse.Namespace (its values sometimes paths). Nothing here can run code when unpickled.
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
                 pathlib.PureWindowsPath]
 ENCODER_PREFIXES = ("norm_stats", "cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+EXTRA_PREFIXES = ("classifier.", *PROJECTION_PREFIXES)  # beside the encoder / M2D weights in some files
 
 
 # --------------------------------------------------------------------------------------------- saving -----
@@ -158,12 +171,18 @@ def load_weights_file(path: Path):
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
         obj = {"model": state}
+        if path.name == "model.safetensors" and (path.parent / "config.json").is_file():
+            from .pretrained import read_pretrained_config
+            obj.update(read_pretrained_config(path))
         try:
             if "model_config" in meta:
                 obj["model_config"] = json.loads(meta["model_config"])
             for key in ("sample_rate", "epoch"):
                 if key in meta:
                     obj[key] = int(meta[key])
+            for key in ("classes", "multi_label"):
+                if key in meta:
+                    obj[key] = json.loads(meta[key])
         except ValueError as e:
             raise CheckpointError(f"{path}: unreadable safetensors metadata ({first_line(e)})") from None
         return obj
@@ -182,6 +201,17 @@ def strip_wrappers(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
                     k, changed = k[len(p):], True
         out[k] = v
     return out
+
+
+def canonical_heads(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A classifier head under any known layout -> `classifier.norm.running_*`, `classifier.head.*` (BatchNorm's
+    step counter dropped); other keys unchanged."""
+    for layout in HEAD_LAYOUTS.values():
+        if all(k in state for k in layout):
+            out = {k: v for k, v in state.items() if k not in layout and not k.endswith("num_batches_tracked")}
+            out.update({"classifier." + new: state[old] for old, new in layout.items()})
+            return out
+    return state
 
 
 def parse_original_name(name: str) -> Tuple[list, list, int, str]:
@@ -240,7 +270,7 @@ def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelCon
         raise CheckpointError(f"{path}: no M2D weights (expected a 'model' state dict with cls_token)")
     if any(k.startswith("backbone.") for k in state):  # the original's RuntimeM2D: keep only its backbone
         state = {k: v for k, v in state.items() if k.startswith("backbone.")}
-    state = strip_wrappers(state)
+    state = canonical_heads(strip_wrappers(state))
     if "model_config" in obj:
         if not isinstance(obj["model_config"], dict):
             raise CheckpointError(f"{path}: model_config is a {type(obj['model_config']).__name__}, not a mapping")
@@ -259,6 +289,8 @@ def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelCon
         except ValueError as e:
             raise CheckpointError(f"{path}: original checkpoint, but {e}") from None
     check_tensors(state, path)
+    if unseen_frames(cfg):
+        log.info("%s: %s", path, unseen_frames(cfg))
     return state, cfg, sr, obj
 
 
@@ -277,6 +309,9 @@ def resolve_checkpoint_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         return path
+    from .pretrained import WEIGHTS, is_pretrained_folder
+    if is_pretrained_folder(path):  # save_pretrained's layout
+        return path / WEIGHTS
     found = latest_checkpoint(path)
     if found is None:
         tensors = sorted(path.glob("checkpoint-*.safetensors"), key=lambda p: p.stat().st_mtime)
@@ -309,8 +344,10 @@ def load_model(path: str | Path, kernels: Optional[str] = None, attention: Optio
     cfg.kernels = kernels or cfg.kernels
     cfg.attention = attention or cfg.attention
     model = M2D(cfg)
-    load_weights(model, state, path)
+    load_weights(model, {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIXES)}, path)
     model.sample_rate = sr
+    from .clap import attach_projections
+    attach_projections(model, state, path)  # M2D-CLAP files: audio_proj / text_proj kept with the model
     return model
 
 
@@ -360,15 +397,21 @@ def export_original(path: str | Path, out_root: str | Path, encoder_only: bool =
     if fmt not in ("pth", "safetensors"):
         raise CheckpointError(f"export format {fmt!r}: expected pth or safetensors")
     state, cfg, sr, obj = read_checkpoint(path)
-    if encoder_only:
-        state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    if encoder_only:  # a classifier head and M2D-CLAP projections stay: they are useless without their encoder
+        state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES + EXTRA_PREFIXES)}
+    # The head under the original's names (portable_m2d reads `module.head.*`), everything else as loaded.
+    names = {"classifier." + new: old for old, new in HEAD_LAYOUTS["original"].items()}
+    state = {("module." + names[k] if k in names else k): v for k, v in state.items()}
     folder = Path(out_root) / (original_folder_name(cfg, sr, date or time.strftime("%y%m%d"))
                                + ("_enconly" if encoder_only else ""))
     epoch = int(obj.get("epoch", 0)) if isinstance(obj, dict) else 0
     out = folder / f"checkpoint-{epoch}.{fmt}"
+    extra = {k: obj[k] for k in ("classes", "multi_label") if isinstance(obj, dict) and k in obj}
     if fmt == "safetensors":
         save_safetensors(state, out, {"model_config": json.dumps(asdict(cfg)), "sample_rate": str(sr),
-                                      "epoch": str(epoch), "format": "fastm2d-weights"})
-    else:
-        atomic_save({"model": state, "epoch": epoch, "args": {"model_config": asdict(cfg), "sample_rate": sr}}, out)
+                                      "epoch": str(epoch), "format": "fastm2d-weights",
+                                      **{k: json.dumps(v) for k, v in extra.items()}})
+    else:  # every setting where loading reads it (the original reads only 'model' and the folder's name)
+        atomic_save({"model": state, "epoch": epoch, "model_config": asdict(cfg), "sample_rate": sr, **extra,
+                     "args": {"model_config": asdict(cfg), "sample_rate": sr}}, out)
     return out

@@ -187,6 +187,61 @@ def cmd_finetune(args) -> None:
               f"-> {Path(args.out) / f'finetuned-{task.name}.pth'}")
 
 
+def cmd_tag(args) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from .classifier import load_classifier
+    from .frontend import read_audio
+
+    device = _device(args.device)
+    tagger = load_classifier(args.weights, device=device)
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    rows, failed = [], 0
+    for f in tqdm(args.files, desc="tag", unit="file", disable=len(args.files) < 2 or args.quiet):
+        try:
+            wav = read_audio(f, tagger.runtime.sample_rate).to(device)
+        except AudioReadError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            if args.frames:
+                probs, times = tagger.frame_scores(wav, tagger.runtime.sample_rate)
+                rows += [{"file": str(f), "time_ms": round(float(t), 1), **_top(tagger, p, args.topk)}
+                         for t, p in zip(times.tolist(), probs[0].float().cpu())]
+            else:
+                rows.append({"file": str(f), **_top(tagger, tagger.scores(wav, tagger.runtime.sample_rate)[0].float().cpu(),
+                                                    args.topk)})
+    text = _format_rows(rows, args.out)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    if failed == len(args.files):
+        raise AudioReadError("no file could be read")
+
+
+def _top(tagger, probs, k: int) -> dict:
+    values, idx = probs.topk(min(k, len(tagger.classes)))
+    return {"labels": [tagger.classes[i] for i in idx.tolist()], "scores": [round(float(v), 5) for v in values]}
+
+
+def _format_rows(rows, out) -> str:
+    """JSON lines, or CSV (one row per label) when --out ends in .csv."""
+    if out and str(out).endswith(".csv"):
+        import csv
+        import io
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "time_ms", "rank", "label", "score"])
+        for r in rows:
+            for rank, (label, score) in enumerate(zip(r["labels"], r["scores"]), 1):
+                w.writerow([r["file"], r.get("time_ms", ""), rank, label, score])
+        return buf.getvalue()
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def cmd_report(args) -> None:
     from .train.report import write_report
 
@@ -325,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--compile", action="store_true", help="torch.compile the classifier (pays off on long runs)")
     ft.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     ft.set_defaults(func=cmd_finetune, weights_required=True, overrides=[])
+
+    tg = sub.add_parser("tag", help="audio files -> class scores from a fine-tuned head (the original's AS-FT "
+                                    "weights: AudioSet's 527 classes; or `fastm2d finetune` output)")
+    tg.add_argument("files", nargs="+", help="audio files")
+    tg.add_argument("--weights", required=True, help="weights with a classifier head")
+    tg.add_argument("--topk", type=at_least(1), default=5, help="labels per clip (or per frame)")
+    tg.add_argument("--frames", action="store_true", help="scores per feature frame with its centre time in ms "
+                                                          "(sound event detection)")
+    tg.add_argument("--out", help="write here: .csv (one row per label) or JSON lines; default: print JSON lines")
+    tg.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    tg.add_argument("--quiet", action="store_true", help="no progress bar")
+    tg.set_defaults(func=cmd_tag)
 
     rp = sub.add_parser("report", help="figures (PNG) and a one-page markdown summary of a run")
     rp.add_argument("run", help="run folder (holds metrics.jsonl)")

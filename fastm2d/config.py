@@ -24,6 +24,18 @@ ENGINE_CHOICES = ("auto", "single", "deepspeed")
 ZERO_STAGES = (0, 1, 2)  # stage 3 partitions the weights the EMA target update reads whole on every rank
 
 
+def unseen_frames(m: "ModelConfig") -> str:
+    """'' when the patch divides the input; else what the rounded-down grid leaves out (the original rounds down
+    too: its recommended 80x1001 16x16 models see 62 patches = 992 of every 1001 frames)."""
+    grid = (m.input_size[0] // m.patch_size[0], m.input_size[1] // m.patch_size[1])
+    left = (m.input_size[0] - grid[0] * m.patch_size[0], m.input_size[1] - grid[1] * m.patch_size[1])
+    if left == (0, 0):
+        return ""
+    return (f"input {m.input_size[0]}x{m.input_size[1]} at patch {m.patch_size[0]}x{m.patch_size[1]}: a grid of "
+            f"{grid[0]} x {grid[1]}; the last {left[1]} frames (and {left[0]} mel bins) of each {m.input_size[1]}-frame "
+            f"input are not seen, as in the original")
+
+
 def _expected(choices) -> str:
     names = [str(c) for c in choices]
     return f"{', '.join(names[:-1])} or {names[-1]}"
@@ -108,9 +120,8 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError(f"model sizes (embed_dim {m.embed_dim}, depth {m.depth}, decoder {m.decoder_embed_dim} x "
                           f"{m.decoder_depth}, {tokens} patches) give about {estimated_params(m) / 1e9:.3g} G "
                           f"parameters, over the limit of {MAX_PARAMS / 1e9:.3g} G (FASTM2D_MAX_PARAMS raises it)")
-    for axis in (0, 1):
-        if m.input_size[axis] % m.patch_size[axis]:
-            raise ConfigError(f"model.input_size {m.input_size} is not a multiple of model.patch_size {m.patch_size}")
+    if m.input_size[0] < m.patch_size[0] or m.input_size[1] < m.patch_size[1]:
+        raise ConfigError(f"model.input_size {m.input_size} is smaller than one patch {m.patch_size}")
     if m.embed_dim % m.num_heads or m.decoder_embed_dim % m.decoder_num_heads:
         raise ConfigError("model.embed_dim (decoder_embed_dim) must be divisible by num_heads (decoder_num_heads)")
     if m.embed_dim % 4 or m.decoder_embed_dim % 4:

@@ -77,11 +77,28 @@ class Runtime(nn.Module):
         """Duration of one feature frame: one patch width (0.16 s for 16x16 at 16 kHz)."""
         return self.cfg.patch_size[1] * self.frontend.hop_length / self.sample_rate
 
+    def frame_times_ms(self, lms_frames: int) -> torch.Tensor:
+        """The centre (ms) of each feature frame `encode_lms` gives for `lms_frames` log-mel frames: chunk by chunk,
+        so a grid that leaves frames unseen (80x1001 at 16x16: 62 patches per 1001 frames) keeps true times."""
+        unit, patch_t = self.cfg.input_size[1], self.cfg.patch_size[1]
+        total = lms_frames + (patch_t - lms_frames % unit % patch_t) % patch_t
+        centres = [start + patch_t * (j + 0.5) for start in range(0, total, unit)
+                   for j in range(min(unit, total - start) // patch_t)]
+        return torch.tensor(centres, dtype=torch.float64) * (self.frontend.hop_length / self.sample_rate * 1000)
+
     def timestamp_embeddings(self, waveform: torch.Tensor, sample_rate: int):
         """HEAR-style: (frame features (B, T', F'*D), timestamps (B, T') in milliseconds, each frame's centre)."""
-        feats = self.encode(waveform, sample_rate)
-        ts = (torch.arange(feats.shape[1], device=feats.device) + 0.5) * self.frame_seconds * 1000
+        lms = self.to_lms(waveform, sample_rate)
+        feats = self.encode_lms(lms)
+        ts = self.frame_times_ms(lms.shape[-1]).to(device=feats.device, dtype=torch.float32)
         return feats, ts.expand(feats.shape[0], -1)
+
+    def clap_audio(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """M2D-CLAP: waveform -> the audio embedding in the audio-text space (B, E)."""
+        if getattr(self, "audio_proj", None) is None:
+            raise ValueError("these weights have no audio_proj: not an M2D-CLAP model")
+        from .clap import audio_embedding
+        return audio_embedding(self.encode(waveform, sample_rate), self.audio_proj)
 
     def scene_embedding(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """Clip embedding: the mean of the frame features over time -> (B, F'*D)."""
@@ -95,10 +112,9 @@ def load_encoder(path: str | Path, input_frames: Optional[int] = None, attention
     input_frames: another training length for fine-tuning; the position table is trimmed or resampled.
     """
     state, cfg, sr, _ = read_checkpoint(path)
-    state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
     cfg.attention = attention or cfg.attention
     encoder = ViTEncoder(cfg)
-    load_weights(encoder, state, path)
+    load_weights(encoder, {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}, path)
     if input_frames is not None and input_frames != cfg.input_size[1]:
         new_t = input_frames // cfg.patch_size[1]
         pos = resample_pos_embed(encoder.pos_embed, encoder.grid, (encoder.grid[0], new_t))
@@ -106,4 +122,7 @@ def load_encoder(path: str | Path, input_frames: Optional[int] = None, attention
         encoder.grid = (encoder.grid[0], new_t)
         encoder.num_patches = encoder.grid[0] * new_t
         encoder.pos_embed = pos
-    return Runtime(encoder, sr).to(device)
+    runtime = Runtime(encoder, sr)
+    from .clap import attach_projections
+    attach_projections(runtime, state, path)  # M2D-CLAP: audio_proj / text_proj travel with the encoder
+    return runtime.to(device)

@@ -89,3 +89,13 @@ def write_m2d_checkpoint(tmp_path, name="teacher", **cfg):
     path = tmp_path / name / "checkpoint-1.pth"
     atomic_save({"model": m.state_dict(), "model_config": vars(m.cfg), "epoch": 1}, path)
     return path, m
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step tiny pre-training run (with monitors), shared by the tests of one module."""
+    from fastm2d.cli import main
+    run = tmp_path_factory.mktemp("run") / "run"
+    assert main(["pretrain", f"out_dir={run}", *TINY_TRAIN, "train.max_steps=2", "train.eval_every=1",
+                 "eval.clips=16", "data.valid=synthetic"]) == 0
+    return run

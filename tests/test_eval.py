@@ -14,7 +14,7 @@ from fastm2d.eval.monitor import explained_variance, rank_me
 from fastm2d.eval.scores import average_precision
 from fastm2d.eval.tasks import EvalTask, load_tasks
 
-from .conftest import TINY_TRAIN, write_tone
+from .conftest import write_tone
 
 
 def test_average_precision_by_hand():
@@ -87,15 +87,6 @@ def test_csv_task_and_its_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("file_name,label,split\na0.wav,x,training\n")
     with pytest.raises(DataError, match="split 'training'"):
         load_tasks(str(tmp_path / "bad.csv"))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from fastm2d.cli import main
-    run = tmp_path_factory.mktemp("run") / "run"
-    assert main(["pretrain", f"out_dir={run}", *TINY_TRAIN, "train.max_steps=2", "train.eval_every=1",
-                 "eval.clips=16", "data.valid=synthetic"]) == 0
-    return run
 
 
 def test_cached_embeddings_equal_recomputed_ones(tiny_run, tmp_path, capsys):

@@ -56,6 +56,7 @@ def test_a_wheel_in_a_fresh_venv_holds_every_module_and_runs_every_command(tmp_p
     wheel = next((tmp_path / "wheel").glob("fastm2d-*.whl"))
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
     assert _source_modules() - shipped == set(), "modules missing from the wheel"
+    assert "fastm2d/assets/audioset_class_labels_indices.csv" in zipfile.ZipFile(wheel).namelist()  # class names
     venv = tmp_path / "venv"  # dependencies (torch ...) come from this interpreter's site-packages, fastm2d from the wheel
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py = str(venv / "bin" / "python")
@@ -66,7 +67,7 @@ def test_a_wheel_in_a_fresh_venv_holds_every_module_and_runs_every_command(tmp_p
                      if not m.endswith("__main__.py"))  # that one runs the command: the --help runs below cover it
     probe = ("import importlib, sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
              f"mods = [importlib.import_module(m) for m in {modules!r}]; "
-             "print('\\n'.join(m.__file__ for m in mods))")
+             "print('\\n'.join(m.__file__ for m in mods)); import fastm2d; assert len(fastm2d.audioset_classes()) == 527")
     out = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert all(line.startswith(str(venv)) for line in out.stdout.split()), out.stdout

@@ -177,8 +177,11 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
         if valid > best:
             best = valid
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            # Everything a reload needs: `load_encoder` / `load_classifier` / `fastm2d tag` read this file alone.
             atomic_save({"model": best_state, "epoch": epoch + 1, "finetune": asdict(cfg), "frames": frames,
-                         "classes": task.classes}, out_dir / f"finetuned-{task.name}.pth")
+                         "classes": list(task.classes), "multi_label": bool(task.multi_label), "task": task.name,
+                         "model_config": asdict(runtime.cfg), "sample_rate": runtime.sample_rate},
+                        out_dir / f"finetuned-{task.name}.pth")
     if best_state is None:  # never a file left in out_dir by another run: only this run's own best weights
         raise ConfigError(f"finetune: no epoch of {cfg.epochs} gave a finite validation score (diverged?); "
                           f"try a lower lr")

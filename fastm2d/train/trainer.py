@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .. import __version__, kernels
 from ..checkpoint import init_from_weights
-from ..config import Config, ConfigError, to_yaml
+from ..config import Config, ConfigError, to_yaml, unseen_frames
 from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files, random_crop
 from ..data.dataset import FOUND_WHILE_TRAINING, training_crop
 from ..data.noise import NoisePicker, tile_crop
@@ -227,6 +227,8 @@ class Trainer:
         """M2D with its attention kernel, optionally compiled, and its EMA; `init`: a fresh run may start from
         train.init_from."""
         t = self.config.train
+        if unseen_frames(self.config.model):
+            log.warning("model.%s", unseen_frames(self.config.model))
         torch.manual_seed(t.seed)  # the same initial weights on every rank, whatever the data set-up drew
         self.model = M2D(self.config.model).to(self.device)
         if t.init_from and init:

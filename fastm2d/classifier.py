@@ -1,0 +1,95 @@
+"""Tagging and event detection with a classifier head: the original's AudioSet fine-tuned files (`*_AS-FT*`, 527
+classes) and `fastm2d finetune` output, through one `Tagger`.
+
+The head is the original's: clip embedding (the time mean of the frame features) -> BatchNorm1d without affine
+(running statistics only) -> Linear; the same head applied to each frame gives per-frame scores (event
+detection). A head whose input is the encoder width D (not F' x D) reads "flat" features: the mean over every
+patch token, as the original decides from the head's shape.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@functools.lru_cache(maxsize=1)
+def audioset_classes() -> List[str]:
+    """AudioSet's 527 class names in the order the released heads use: sorted by `mid` (see assets/README.md)."""
+    with open(ASSETS / "audioset_class_labels_indices.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["display_name"] for r in sorted(rows, key=lambda r: r["mid"])]
+
+
+class Tagger(nn.Module):
+    """A Runtime plus a classifier head; `scores` per clip, `frame_scores` per feature frame (with times)."""
+
+    def __init__(self, runtime, head_state: dict, classes: Optional[List[str]] = None, multi_label: bool = True):
+        super().__init__()
+        self.runtime = runtime
+        weight = head_state["head.weight"]
+        n_classes, d_in = weight.shape
+        if d_in not in (runtime.feature_dim, runtime.cfg.embed_dim):
+            raise CheckpointError(f"the classifier head reads {d_in}-wide features; this encoder gives "
+                                  f"{runtime.feature_dim} (or {runtime.cfg.embed_dim} flat)")
+        self.flat = d_in == runtime.cfg.embed_dim != runtime.feature_dim
+        self.norm = nn.BatchNorm1d(d_in, affine=False)
+        self.head = nn.Linear(d_in, n_classes)
+        self.load_state_dict({"norm.running_mean": head_state["norm.running_mean"],
+                              "norm.running_var": head_state["norm.running_var"],
+                              "norm.num_batches_tracked": torch.tensor(0), "head.weight": weight,
+                              "head.bias": head_state["head.bias"]}, strict=False)
+        self.classes = list(classes) if classes is not None else \
+            (audioset_classes() if n_classes == 527 else [str(i) for i in range(n_classes)])
+        if len(self.classes) != n_classes:
+            raise CheckpointError(f"{len(self.classes)} class names for a {n_classes}-class head")
+        self.multi_label = multi_label
+        self.eval()
+
+    def _frames(self, lms: torch.Tensor) -> torch.Tensor:
+        """Normalised log-mel -> the frame features the head reads: (B, T', F'*D), or (B, T', D) when flat."""
+        feats = self.runtime.encode_lms(lms)
+        if self.flat:  # mean over the F' frequency patches of each time step
+            b, t, _ = feats.shape
+            feats = feats.reshape(b, t, self.runtime.encoder.grid[0], -1).mean(2)
+        return feats
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+
+    @torch.no_grad()
+    def scores(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """(B, N) waveform -> (B, classes) probabilities of the clip (sigmoid for multi-label heads)."""
+        return self._activate(self.head(self.norm(self._frames(self.runtime.to_lms(waveform, sample_rate)).mean(1))))
+
+    @torch.no_grad()
+    def frame_scores(self, waveform: torch.Tensor, sample_rate: int):
+        """-> (probabilities (B, T', classes), frame centres (T',) in ms): the head applied to every frame."""
+        lms = self.runtime.to_lms(waveform, sample_rate)
+        frames = self._frames(lms)
+        b, t, d = frames.shape
+        logits = self.head(self.norm(frames.reshape(b * t, d))).reshape(b, t, -1)
+        return self._activate(logits), self.runtime.frame_times_ms(lms.shape[-1])
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Tagger:
+    """A Tagger from a file with a classifier head: the original's AS-FT weights or `fastm2d finetune` output."""
+    from .checkpoint import read_checkpoint
+    from .runtime import load_encoder
+
+    state, _, _, obj = read_checkpoint(path)
+    head = {k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}
+    if not head:
+        raise CheckpointError(f"{path}: no classifier head (the original's *_AS-FT* files and `fastm2d finetune` "
+                              f"output have one); for features use fastm2d.load_encoder")
+    classes = obj.get("classes") if isinstance(obj, dict) else None
+    multi_label = bool(obj.get("multi_label", True)) if isinstance(obj, dict) else True
+    return Tagger(load_encoder(path), head, classes, multi_label).to(device)

@@ -1,0 +1,62 @@
+"""A model folder the Hugging Face ecosystem knows: `config.json` + `model.safetensors`.
+
+  save_pretrained(weights, folder)   any weights fastm2d reads (a run, a checkpoint, an original release, a
+                                     fine-tuned file) -> folder/config.json (model config, sample rate, front-end
+                                     settings, normalisation statistics, class names) + folder/model.safetensors
+  from_pretrained(folder)            -> a Runtime (load_classifier(folder) gives the Tagger, load_model(folder) the
+                                     full M2D when the folder holds one)
+
+JSON and safetensors only: loading a folder never unpickles anything and never runs code from it. The layout is
+huggingface_hub's (`huggingface_hub.upload_folder` publishes it as it is); no network is used here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import CheckpointError
+
+CONFIG, WEIGHTS, FORMAT = "config.json", "model.safetensors", "fastm2d-pretrained"
+
+
+def save_pretrained(weights, folder: str | Path) -> Path:
+    from . import __version__
+    from .checkpoint import read_checkpoint, save_safetensors
+    from .frontend import FRONTEND_PARAMS, N_MELS
+
+    state, cfg, sr, obj = read_checkpoint(weights)
+    folder = Path(folder)
+    norm = state.get("norm_stats")
+    config = {"format": FORMAT, "fastm2d_version": __version__, "model_config": asdict(cfg), "sample_rate": sr,
+              "frontend": {"n_mels": N_MELS, **FRONTEND_PARAMS[sr]},
+              "norm_stats": norm.tolist() if norm is not None else None}
+    for key in ("classes", "multi_label"):
+        if isinstance(obj, dict) and key in obj:
+            config[key] = obj[key]
+    save_safetensors(state, folder / WEIGHTS, {"format": FORMAT})
+    (folder / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    return folder
+
+
+def is_pretrained_folder(path: Path) -> bool:
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def read_pretrained_config(path: Path) -> dict:
+    """config.json beside a model.safetensors -> the fields a checkpoint object carries."""
+    try:
+        config = json.loads((path.parent / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path.parent / CONFIG}: unreadable ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{path.parent / CONFIG}: not a fastm2d model folder (format "
+                              f"{config.get('format') if isinstance(config, dict) else config!r})")
+    return {k: config[k] for k in ("model_config", "sample_rate", "classes", "multi_label") if k in config}
+
+
+def from_pretrained(folder: str | Path, device="cpu"):
+    from .runtime import load_encoder
+    if not is_pretrained_folder(Path(folder)):
+        raise CheckpointError(f"{folder}: expected {CONFIG} and {WEIGHTS} (written by fastm2d.save_pretrained)")
+    return load_encoder(folder, device=device)
