@@ -29,11 +29,11 @@ def unseen_frames(m: "ModelConfig") -> str:
     too: its recommended 80x1001 16x16 models see 62 patches = 992 of every 1001 frames)."""
     grid = (m.input_size[0] // m.patch_size[0], m.input_size[1] // m.patch_size[1])
     left = (m.input_size[0] - grid[0] * m.patch_size[0], m.input_size[1] - grid[1] * m.patch_size[1])
-    if left == (0, 0):
+    if left[1] == 0:
         return ""
     return (f"input {m.input_size[0]}x{m.input_size[1]} at patch {m.patch_size[0]}x{m.patch_size[1]}: a grid of "
-            f"{grid[0]} x {grid[1]}; the last {left[1]} frames (and {left[0]} mel bins) of each {m.input_size[1]}-frame "
-            f"input are not seen, as in the original")
+            f"{grid[0]} x {grid[1]}; the last {left[1]} of each {m.input_size[1]} frames are not seen, as in the "
+            f"original")
 
 
 def _expected(choices) -> str:
@@ -120,8 +120,11 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError(f"model sizes (embed_dim {m.embed_dim}, depth {m.depth}, decoder {m.decoder_embed_dim} x "
                           f"{m.decoder_depth}, {tokens} patches) give about {estimated_params(m) / 1e9:.3g} G "
                           f"parameters, over the limit of {MAX_PARAMS / 1e9:.3g} G (FASTM2D_MAX_PARAMS raises it)")
-    if m.input_size[0] < m.patch_size[0] or m.input_size[1] < m.patch_size[1]:
-        raise ConfigError(f"model.input_size {m.input_size} is smaller than one patch {m.patch_size}")
+    if m.input_size[0] % m.patch_size[0]:  # no release does this; eq. 4 stacks whole frequency patches
+        raise ConfigError(f"model.patch_size {m.patch_size} does not divide the {m.input_size[0]} mel bins of "
+                          f"model.input_size {m.input_size}")
+    if m.input_size[1] < m.patch_size[1]:  # time: rounded down to whole patches, as the original (80x1001 at 16)
+        raise ConfigError(f"model.input_size {m.input_size} is shorter than one patch {m.patch_size}")
     if m.embed_dim % m.num_heads or m.decoder_embed_dim % m.decoder_num_heads:
         raise ConfigError("model.embed_dim (decoder_embed_dim) must be divisible by num_heads (decoder_num_heads)")
     if m.embed_dim % 4 or m.decoder_embed_dim % 4:

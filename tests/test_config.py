@@ -25,7 +25,7 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
 
 
 @pytest.mark.parametrize("item, key", [("model.mask_ratio=1.5", "mask_ratio"), ("model.attention=flash", "attention"),
-                                       ("model.patch_size=[16,15]", "patch_size"), ("data.sample_rate=22050", "sample_rate"),
+                                       ("model.patch_size=[15,16]", "patch_size"), ("data.sample_rate=22050", "sample_rate"),
                                        ("model.size=huge", "model.size"), ("train.batch_size=0", "batch_size")])
 def test_bad_values_name_the_key(item, key):
     with pytest.raises(ConfigError, match=key):
@@ -64,3 +64,11 @@ def test_the_real_audio_demo_is_the_demo_at_a_quarter_of_its_learning_rate():
     demo = load_config(CONFIGS / "demo.yaml", ["train.base_lr=6e-3", f"data.train={real.data.train}",
                                                f"out_dir={real.out_dir}"])
     assert asdict(real) == asdict(demo) and real.data.train == "runs/real_audio/pretrain.csv"
+
+
+def test_a_time_axis_the_patch_does_not_divide_is_rounded_down_as_the_original():
+    """80x1001 at 16x16 (the recommended AS-FT releases): a 5 x 62 grid, 9 frames per input unseen, stated."""
+    from fastm2d.config import unseen_frames
+    cfg = load_config(None, ["model.input_size=[80,1001]"]).model
+    assert "a grid of 5 x 62; the last 9 of each 1001 frames are not seen" in unseen_frames(cfg)
+    assert unseen_frames(load_config(None, []).model) == ""
