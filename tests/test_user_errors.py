@@ -164,7 +164,7 @@ CASES = [
     ("negative batch", _config("train.batch_size=-4"), ["train.batch_size=-4"]),
     ("mask ratio 1", _config("model.mask_ratio=1.0"), ["model.mask_ratio=1.0", "between 0 and 1"]),
     ("mask ratio 0", _config("model.mask_ratio=0.0"), ["model.mask_ratio=0.0"]),
-    ("patch does not divide", _config("model.patch_size=[16,15]"), ["model.patch_size", "multiple"]),
+    ("patch does not divide", _config("model.patch_size=[15,16]"), ["model.patch_size", "does not divide"]),
     ("eta 1", _config("data.noise.train=synthetic", "data.noise.eta=1.0"), ["data.noise.eta=1.0", "[0, 1)"]),
     ("eta negative", _config("data.noise.train=synthetic", "data.noise.eta=-0.1"), ["data.noise.eta=-0.1"]),
     ("sample rate", _config("data.sample_rate=44100"), ["data.sample_rate=44100", "16000 or 32000"]),
