@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..frontend import SILENCE_LOG, AudioReadError, LogMelSpectrogram, read_audio, wav_truncation
+from .file_list import as_file_list
 from .noise import tile_crop
 from .sources import LMS_EXT, DataError, check_lms_array_shape
 from .synthetic import synth_clip
@@ -57,7 +58,7 @@ class LogMelSource:
     def __init__(self, files: Optional[Sequence[Path]] = None, sample_rate: int = 16000,
                  synthetic: Tuple[int, int, float] | None = None, pad_to: int = 0, min_samples: int = 0,
                  min_frames: int = 1):
-        self.files = list(files or [])
+        self.files = as_file_list(files or [])  # compact, shared by forked loader workers (file_list.py)
         self.sample_rate = sample_rate
         self.synthetic = synthetic  # (seed, n_clips, seconds) or None
         self.frontend = LogMelSpectrogram(sample_rate)
@@ -68,8 +69,8 @@ class LogMelSource:
         return self.synthetic[1] if self.synthetic else len(self.files)
 
     @property
-    def names(self) -> List[str]:
-        return [f"synthetic:{i}" for i in range(len(self))] if self.synthetic else [str(f) for f in self.files]
+    def names(self) -> Sequence[str]:
+        return [f"synthetic:{i}" for i in range(len(self))] if self.synthetic else self.files.names()
 
     def crop(self, i: int, frames: int, rng: np.random.Generator, repeat_short: bool = False,
              dtype=np.float32) -> Tuple[np.ndarray, int]:

@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader
 from .. import __version__, kernels
 from ..checkpoint import init_from_weights
 from ..config import Config, ConfigError, to_yaml, unseen_frames
-from ..data import CropDataset, EpochSampler, LogMelSource, check_files, compute_norm_stats, list_files, random_crop
+from ..data import CropDataset, EpochSampler, LogMelSource, compute_norm_stats, list_files, random_crop
+from ..data.file_checks import check_files_once
+from ..data.file_list import FileList
 from ..data.dataset import FOUND_WHILE_TRAINING, training_crop
 from ..data.noise import NoisePicker, tile_crop
 from ..data.sources import AUDIO_EXTS, list_digest, require_usable
@@ -85,7 +87,7 @@ def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] =
         return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed + seed_offset, d.synthetic_clips,
                                                                    d.synthetic_seconds),
                             pad_to=0 if tiled else pad_samples(d.sample_rate, frames))
-    source, bad = file_source(spec, config, root, pad=not tiled)
+    source, bad = file_source(spec, config, root, pad=not tiled, cache_dir=out_dir)
     listing = out_dir / f"bad_{label}_files.txt"
     if bad:  # the header checks' list, keeping what earlier runs of this folder found while training
         found = _found_while_training(listing, {str(f) for f in source.files})
@@ -102,12 +104,28 @@ def _found_while_training(listing: Path, files: set) -> List[str]:
             if line.endswith(FOUND_WHILE_TRAINING + "\n") and line.split(": ", 1)[0] in files]
 
 
-def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool = True):
+def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool = True,
+                cache_dir: Optional[Path] = None):
     """A folder / CSV of files, header-checked -> (LogMelSource of the usable ones, the unusable with reasons).
-    Usable = at least one patch width of audio; `pad` applies frontend.py's short-clip rule for the crop."""
+    Usable = at least one patch width of audio; `pad` applies frontend.py's short-clip rule for the crop.
+
+    The checks run in parallel and, with a cache_dir (the run folder), once per data set: saved there and reused
+    by --resume and restarts; under several processes the first rank of each node checks while the others wait
+    at a barrier, then read its result."""
     d, patch_t = config.data, config.model.patch_size[1]
     min_samples = min_real_samples(d.sample_rate, patch_t)
-    files, bad = check_files(list_files(spec, root), config.model.input_size[0], min_samples / d.sample_rate, patch_t)
+    check = dict(n_mels=config.model.input_size[0], min_seconds=min_samples / d.sample_rate, min_frames=patch_t,
+                 cache_dir=cache_dir, progress=config.train.progress)
+    paths = FileList(list_files(spec, root))
+    dist = dist_from_env()
+    together = cache_dir is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if together and dist.local_rank != 0:
+        barrier()  # the node's first rank is checking
+        files, bad = check_files_once(paths, **check, reuse_only=True)
+    else:
+        files, bad = check_files_once(paths, **check)
+        if together:
+            barrier()
     return LogMelSource(files, sample_rate=d.sample_rate,
                         pad_to=pad_samples(d.sample_rate, config.model.input_size[1]) if pad else 0,
                         min_samples=min_samples, min_frames=patch_t), bad
@@ -532,7 +550,8 @@ class Trainer:
 
 def _stats_basis(source, config: Config, n_items: int, crop) -> str:
     """A digest of what statistics depend on: the items, the crop and its short-clip rule, the draw."""
-    return list_digest([list_digest(source.names), json.dumps(
+    names = source.files.digest() if isinstance(getattr(source, "files", None), FileList) else list_digest(source.names)
+    return list_digest([names, json.dumps(
         [config.model.input_size, config.data.sample_rate, config.data.repeat_short,
          getattr(crop, "__name__", "crop"), n_items, config.train.seed])])
 
