@@ -47,11 +47,11 @@ def test_parallel_checks_equal_the_sequential_ones_and_are_reused(tmp_path, monk
     settings = dict(n_mels=80, min_seconds=0.16, min_frames=16)
     want_good, want_bad = check_files(files, **settings)
     calls = _counting(monkeypatch)
-    good, bad = file_checks.check_files_once(files, **settings, cache_dir=tmp_path, threads=4)
+    good, bad = file_checks.check_files_once(files, **settings, cache_dir=tmp_path, workers=2)
     assert list(good) == want_good and [str(b) for b in bad] == [str(b) for b in want_bad]
     assert len(calls) == len(files)
     calls.clear()  # a resume: nothing is probed again but what cannot be stat'ed (it may have appeared since)
-    good2, bad2 = file_checks.check_files_once(files, **settings, cache_dir=tmp_path, threads=4)
+    good2, bad2 = file_checks.check_files_once(files, **settings, cache_dir=tmp_path, workers=2)
     assert calls == [str(tmp_path / "clips" / "gone.wav")] and list(good2) == want_good and [str(b) for b in bad2] == [str(b) for b in want_bad]
     # a file that changed (new size and time) is checked again, and only that one
     calls.clear()
@@ -59,12 +59,12 @@ def test_parallel_checks_equal_the_sequential_ones_and_are_reused(tmp_path, monk
     assert changed in want_good
     write_tone(changed, seconds=0.05)
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
-    good3, bad3 = file_checks.check_files_once(files, **settings, cache_dir=tmp_path, threads=4)
+    good3, bad3 = file_checks.check_files_once(files, **settings, cache_dir=tmp_path, workers=2)
     assert sorted(calls) == sorted([str(changed), str(tmp_path / "clips" / "gone.wav")])
     assert changed not in list(good3)
     assert any(str(changed) in str(b) and "too short" in str(b) for b in bad3)
     calls.clear()  # another list (other order) is another data set: checked in full
-    file_checks.check_files_once(files[::-1], **settings, cache_dir=tmp_path, threads=4)
+    file_checks.check_files_once(files[::-1], **settings, cache_dir=tmp_path, workers=2)
     assert len(calls) == len(files)
 
 
@@ -148,20 +148,21 @@ def test_prepare_survives_kill_9_at_any_moment(tmp_path):
                    capture_output=True)
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Killed: right after the first shard's data file appears (its record not yet written, or just written),
-    # two shards further on, and 0.3 s into a restart (opening the half-done store).
-    for shards, extra in ((1, 0.0), (3, 0.05), (None, 0.3)):
+    # Killed: as its first shard's record appears, two more shards on, and 0.3 s into a restart (while it
+    # opens the half-done store); a shard's .json record is written after its data.
+    done = lambda: len(list(killed.glob("shard-*.json")))  # noqa: E731
+    for more, extra in ((1, 0.0), (2, 0.02), (None, 0.3)):
+        start = done()
         p = subprocess.Popen([sys.executable, "-m", "fastm2d.cli", "prepare", str(src), "--out", str(killed), *args],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         t0 = time.time()
-        while shards is not None and len(list(killed.glob("shard-*.bin"))) < shards and time.time() - t0 < 60:
+        while more is not None and done() < start + more and time.time() - t0 < 60:
             assert p.poll() is None, "prepare finished before it could be killed"
-            time.sleep(0.01)
+            time.sleep(0.005)
         time.sleep(extra)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        if shards is not None:
-            assert len(list(killed.glob("shard-*.bin"))) < 10, "killed too late: nothing left to resume"
+    assert done() < 10, "killed too late: nothing left to resume"
     r = subprocess.run([sys.executable, "-m", "fastm2d.cli", "prepare", str(src), "--out", str(killed), *args],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

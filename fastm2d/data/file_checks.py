@@ -4,15 +4,14 @@ run and reused by `--resume`, launcher restarts and the other ranks of a node.
 The saved result (`file_checks-<key>.npz` in the run folder) is keyed by the ordered list of names and the check's
 settings; inside, each file's size and modification time: a file that changed since is checked again, the rest
 is read back. One sequential pass of soundfile header reads costs ~0.1 ms per file on a warm local disk and far
-more on the network file systems clusters use (2 million files: minutes per rank per start); threads overlap the
-waits (soundfile and os.stat release the GIL).
+more on the network file systems clusters use (2 million files: minutes per rank per start). The checks run in
+forked processes, one per core.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -22,58 +21,77 @@ from tqdm import tqdm
 from .file_list import FileList, as_file_list
 from .sources import BadFile, probe_file
 
-CHUNK = 2048  # files per task: amortises the executor's overhead, keeps the bar moving
+CHUNK = 2048  # files per task: amortises the pool's overhead, keeps the bar moving
+_FILES: Optional[FileList] = None  # the list being checked, inherited by forked workers (never pickled)
 
 
-def default_threads() -> int:
-    return min(64, 4 * (os.cpu_count() or 1))  # waits on the file system, not the CPU
+def default_workers() -> int:
+    return os.cpu_count() or 1
 
 
-def _stat(files: FileList, lo: int, hi: int) -> np.ndarray:
+def _stat(lo: int, hi: int) -> np.ndarray:
     out = np.full((hi - lo, 2), -1, dtype=np.int64)
     for j, i in enumerate(range(lo, hi)):
         try:
-            st = os.stat(files.name(i))
+            st = os.stat(_FILES.name(i))
             out[j] = st.st_size, st.st_mtime_ns
         except OSError:
             pass
     return out
 
 
-def _probe(files: FileList, idx: np.ndarray, settings: tuple) -> List[Optional[str]]:
-    return [probe_file(files[int(i)], *settings) for i in idx]
+def _probe(idx: np.ndarray, settings: tuple) -> List[Optional[str]]:
+    return [probe_file(_FILES[int(i)], *settings) for i in idx]
 
 
-def _parallel(fn, tasks, threads: int, total: int, desc: str, progress: bool):
-    with ThreadPoolExecutor(threads) as pool, tqdm(total=total, desc=desc, unit="file", disable=not progress,
-                                                   dynamic_ncols=True) as bar:
-        results = []
-        for size, result in pool.map(lambda t: (t[0], fn(*t[1:])), tasks):
-            results.append(result)
-            bar.update(size)
-    return results
+def _parallel(fn, tasks, workers: int, total: int, desc: str, progress: bool):
+    """fn(*task) for every task, in forked processes (header parsing is Python: threads would queue on the GIL;
+    processes also overlap the waits of a network file system), in order, with a progress bar."""
+    import multiprocessing as mp
+    with tqdm(total=total, desc=desc, unit="file", disable=not progress, dynamic_ncols=True) as bar:
+        if workers <= 1 or len(tasks) <= 1 or "fork" not in mp.get_all_start_methods():
+            results = []
+            for t in tasks:
+                results.append(fn(*t[1:]))
+                bar.update(t[0])
+            return results
+        with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+            results = []
+            for size, result in zip((t[0] for t in tasks), pool.imap(_call, [(fn, *t[1:]) for t in tasks])):
+                results.append(result)
+                bar.update(size)
+            return results
+
+
+def _call(task):
+    fn, *args = task
+    return fn(*args)
 
 
 def check_key(files: FileList, settings: tuple) -> str:
-    return hashlib.sha1((files.digest() + json.dumps(settings)).encode()).hexdigest()[:16]
+    h = hashlib.sha1(files.buffer.tobytes())
+    h.update(files.offsets.tobytes())
+    h.update(json.dumps(settings).encode())
+    return h.hexdigest()[:16]
 
 
 def check_files_once(paths, n_mels: int = 80, min_seconds: float = 0.0, min_frames: int = 1,
-                     cache_dir: Optional[Path] = None, threads: Optional[int] = None, progress: bool = False,
+                     cache_dir: Optional[Path] = None, workers: Optional[int] = None, progress: bool = False,
                      reuse_only: bool = False) -> Tuple[FileList, List[BadFile]]:
     """-> (usable files, unusable ones with reasons), as `sources.check_files`, reusing a saved result where the
     files did not change. reuse_only: another rank of this node has just written the result: read it as it is."""
+    global _FILES
     files = as_file_list(paths)
     settings = (n_mels, min_seconds, min_frames)
-    threads = threads or default_threads()
+    workers = workers or default_workers()
+    _FILES = files
     path = Path(cache_dir) / f"file_checks-{check_key(files, settings)}.npz" if cache_dir is not None else None
     saved = _load(path, len(files))
     if reuse_only and saved is not None:
         stats, ok, reasons = saved
     else:
-        spans = [(min(CHUNK, len(files) - lo), files, lo, min(lo + CHUNK, len(files)))
-                 for lo in range(0, len(files), CHUNK)]
-        stats = np.concatenate(_parallel(_stat, spans, threads, len(files), "stat", progress)) if spans \
+        spans = [(min(CHUNK, len(files) - lo), lo, min(lo + CHUNK, len(files))) for lo in range(0, len(files), CHUNK)]
+        stats = np.concatenate(_parallel(_stat, spans, workers, len(files), "stat", progress)) if spans \
             else np.zeros((0, 2), np.int64)
         ok, reasons = np.zeros(len(files), dtype=bool), {}
         todo = np.arange(len(files))
@@ -83,9 +101,8 @@ def check_files_once(paths, n_mels: int = 80, min_seconds: float = 0.0, min_fram
             ok[same] = old_ok[same]
             reasons = {i: r for i, r in old_reasons.items() if same[i]}
             todo = np.flatnonzero(~same)
-        chunks = [(len(c), files, c, settings) for c in np.array_split(todo, max(1, -(-len(todo) // CHUNK)))
-                  if len(c)]
-        for c, found in zip([t[2] for t in chunks], _parallel(_probe, chunks, threads, len(todo), "check files",
+        chunks = [(len(c), c, settings) for c in np.array_split(todo, max(1, -(-len(todo) // CHUNK))) if len(c)]
+        for c, found in zip([t[1] for t in chunks], _parallel(_probe, chunks, workers, len(todo), "check files",
                                                               progress)):
             for i, reason in zip(c.tolist(), found):
                 ok[i] = reason is None
@@ -93,9 +110,9 @@ def check_files_once(paths, n_mels: int = 80, min_seconds: float = 0.0, min_fram
                     reasons[i] = reason
         if path is not None:
             _save(path, stats, ok, reasons)
-    good = FileList(files.name(i) for i in np.flatnonzero(ok))
+    _FILES = None
     bad = [BadFile(files[i], reasons[i]) for i in sorted(reasons)]
-    return good, bad
+    return files.select(ok), bad
 
 
 def _load(path: Optional[Path], n: int):

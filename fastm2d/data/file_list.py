@@ -50,10 +50,21 @@ class FileList(Sequence):
 
     def digest(self) -> str:
         """sha1 of the names in order, equal to `sources.list_digest([str(p) for p in self])`."""
-        h = hashlib.sha1()
-        for i in range(len(self)):
-            h.update(self.buffer[self.offsets[i]:self.offsets[i + 1]].tobytes() + b"\0")
-        return h.hexdigest()
+        # every name followed by a NUL, in one vectorised insert: 2 million names in well under a second
+        return hashlib.sha1(np.insert(self.buffer, self.offsets[1:], 0).tobytes()).hexdigest()
+
+    def select(self, keep: np.ndarray) -> "FileList":
+        """The items where `keep` (a boolean mask) is true, without building any string."""
+        if keep.all():
+            return self
+        idx = np.flatnonzero(keep)
+        lengths = self.offsets[idx + 1] - self.offsets[idx]
+        out = FileList()
+        out.offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=out.offsets[1:])
+        starts = np.repeat(self.offsets[idx] - out.offsets[:-1], lengths)  # source start minus target start
+        out.buffer = self.buffer[np.arange(int(out.offsets[-1])) + starts] if len(idx) else np.zeros(0, np.uint8)
+        return out
 
     @property
     def nbytes(self) -> int:

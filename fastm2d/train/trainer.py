@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader
 from .. import __version__, kernels
 from ..checkpoint import init_from_weights
 from ..config import Config, ConfigError, to_yaml, unseen_frames
-from ..data import CropDataset, EpochSampler, LogMelSource, compute_norm_stats, list_files, random_crop
+from ..data import CropDataset, EpochSampler, LogMelSource, compute_norm_stats, random_crop
 from ..data.file_checks import check_files_once
 from ..data.file_list import FileList
 from ..data.dataset import FOUND_WHILE_TRAINING, training_crop
 from ..data.noise import NoisePicker, tile_crop
-from ..data.sources import AUDIO_EXTS, list_digest, require_usable
+from ..data.sources import AUDIO_EXTS, list_digest, list_file_names, require_usable
 from ..frontend import min_real_samples, normalize, pad_samples
 from ..data.store import LogMelStore, is_store
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
@@ -116,7 +116,7 @@ def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool
     min_samples = min_real_samples(d.sample_rate, patch_t)
     check = dict(n_mels=config.model.input_size[0], min_seconds=min_samples / d.sample_rate, min_frames=patch_t,
                  cache_dir=cache_dir, progress=config.train.progress)
-    paths = FileList(list_files(spec, root))
+    paths = list_file_names(spec, root)
     dist = dist_from_env()
     together = cache_dir is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
     if together and dist.local_rank != 0:
