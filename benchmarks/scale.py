@@ -4,6 +4,7 @@
     python benchmarks/scale.py startup --items 200000 --out DIR     # file checks: old sequential, first, resume
     python benchmarks/scale.py memory --items 1000000 --workers 2 --out DIR   # USS of the loader, list vs FileList
     python benchmarks/scale.py index --rows 2000000 --out DIR      # opening a prepared store's index
+    python benchmarks/scale.py throughput --out DIR                # crops/s per worker: store, WAV, FLAC, DALI
 
 Each prints one markdown row per measurement; figures for this machine go to benchmarks/results/.
 """
@@ -179,6 +180,40 @@ def _synthetic_store(out: Path, rows: int) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 
+GPU_APPETITE = 4700  # samples/s: ViT-B 80x608 at 50 % MFU on one H100 (docs/architecture.md "The speed model")
+
+
+def throughput(args) -> None:
+    """Crops/s per loader worker (one worker process) for each path, on 10 s clips; cores to feed the GPU."""
+    import torch
+
+    from data_cases import dali_rate, make_clips, prepare_rate, reference_loader_rate, shard_loader_rate
+    out = Path(args.out)
+    clips = make_clips(out / "wav", args.clips)
+    flac = out / "flac"
+    if not flac.is_dir():
+        import soundfile as sf
+        flac.mkdir(parents=True)
+        for c in clips:
+            data, sr = sf.read(str(c))
+            sf.write(str(flac / (c.stem + ".flac")), data, sr)
+    store = out / "store"
+    if not (store / "manifest.json").is_file():
+        prepare_rate(out / "wav", store, 1)
+    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.clips} clips of 10 s, "
+          f"80x608 crops")
+    print("| path | crops/s per worker | cores for 4,700 crops/s |\n| --- | --- | --- |")
+    rows = [("prepared store (fp16 shards, memory-mapped)", shard_loader_rate(store, 1, batch=64, batches=20)),
+            ("raw WAV, reference front end", reference_loader_rate(sorted((out / "wav").glob("*.wav")), 1)),
+            ("raw FLAC, reference front end", reference_loader_rate(sorted(flac.glob("*.flac")), 1))]
+    try:
+        rows.append(("DALI, CPU operators (1 thread)", dali_rate([str(c) for c in clips], torch.device("cpu"), 1)))
+    except Exception as e:  # DALI not installed or no CPU operators here
+        print(f"(DALI skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.0f} | {GPU_APPETITE / rate:.1f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -195,8 +230,11 @@ def main() -> None:
     i = sub.add_parser("index")
     i.add_argument("--rows", type=int, default=2_000_000)
     i.add_argument("--out", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--clips", type=int, default=64)
+    t.add_argument("--out", required=True)
     args = p.parse_args()
-    {"startup": startup, "memory": memory, "index": index}[args.what](args)
+    {"startup": startup, "memory": memory, "index": index, "throughput": throughput}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def test_file_list_holds_any_name_compactly():
 
 def _store_files(store):
     return {p.name: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file() and not p.name.startswith(".")
-            and p.name != "manifest.json"}
+            and p.name not in ("manifest.json", "index.npz")}  # index.npz: a cache keyed by index.tsv's time
 
 
 @pytest.mark.slow
@@ -174,3 +174,30 @@ def test_prepare_survives_kill_9_at_any_moment(tmp_path):
     from fastm2d.data import LogMelStore
     s1, s2 = LogMelStore(whole), LogMelStore(killed)
     assert len(s1) == len(s2) == 60 and s1.norm_stats == pytest.approx(s2.norm_stats, rel=1e-6)
+    assert list(s1.names) == list(s2.names) and (s1.offset == s2.offset).all() and (s1.frames == s2.frames).all()
+
+
+def test_a_store_index_is_parsed_once_and_equals_the_tsv(tmp_path):
+    """index.npz (written at the first opening) gives the same names and columns as parsing index.tsv, names with
+    tabs, quotes and backslashes included; an edited index.tsv is parsed again."""
+    from fastm2d.data import LogMelStore
+    from fastm2d.data.store import parse_index
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(["plain", 'quo"te', "back\\slash", "tab\tname", "ünï"]):
+        write_tone(src / f"{name}{i}.wav", seconds=0.5 + 0.1 * i)
+    from fastm2d.data.prepare import prepare
+    prepare(str(src), tmp_path / "store", workers=0, stats_items=4, progress=False)
+    a = LogMelStore(tmp_path / "store")
+    assert (tmp_path / "store" / "index.npz").is_file()
+    b = LogMelStore(tmp_path / "store")  # read from index.npz
+    names, columns = parse_index(tmp_path / "store" / "index.tsv")
+    assert list(a.names) == list(b.names) == list(names.names()) and len(names) == 5
+    assert (b.offset == columns[:, 1]).all() and (b.audio_frames == columns[:, 3]).all()
+    import json
+    tsv = tmp_path / "store" / "index.tsv"
+    lines = tsv.read_text().splitlines(keepends=True)
+    first = lines[1].split("\t")
+    lines[1] = "\t".join([json.dumps("renamed.wav"), *first[1:]])
+    tsv.write_text("".join(lines))
+    assert LogMelStore(tmp_path / "store").names[0] == "renamed.wav"

@@ -27,6 +27,12 @@ class FileList(Sequence):
         np.cumsum(np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded)), out=self.offsets[1:])
         self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
 
+    @classmethod
+    def from_arrays(cls, buffer: np.ndarray, offsets: np.ndarray) -> "FileList":
+        out = cls()
+        out.buffer, out.offsets = np.asarray(buffer, dtype=np.uint8), np.asarray(offsets, dtype=np.int64)
+        return out
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..frontend import padded_frames
+from .file_list import FileList
 from .sources import DataError
 
 log = logging.getLogger("fastm2d.data")
@@ -72,9 +74,8 @@ class LogMelStore:
         self.sample_rate = int(self.manifest["frontend"]["sample_rate"])
         self.shard_files = [s["file"] for s in self.manifest["shards"]]
         self._check_shards()
-        self._names, rows = self._read_index()
-        self.shard, self.offset, self.frames, self.audio_frames = \
-            (np.asarray(c, dtype=np.int64) for c in zip(*rows)) if rows else (np.zeros(0, np.int64),) * 4
+        self._names, columns = self._read_index()
+        self.shard, self.offset, self.frames, self.audio_frames = (np.ascontiguousarray(c) for c in columns.T)
         self.crop_frames, self.repeat_short = crop_frames, repeat_short
         self.span = self.frames  # frames handed out per item
         if repeat_short:
@@ -97,25 +98,26 @@ class LogMelStore:
             if size != s["bytes"]:
                 raise DataError(f"{path}: {size} bytes, the manifest says {s['bytes']} (truncated or replaced?)")
 
-    def _read_index(self) -> Tuple[List[str], List[Tuple[int, int, int]]]:
+    def _read_index(self) -> Tuple[FileList, np.ndarray]:
+        """index.tsv -> (names, (N, 4) int64 columns). The parsed index is kept beside it in index.npz, keyed by
+        the TSV's size and time: a 2-million-row store opens in a fraction of a second after its first opening
+        (or right away: `prepare` writes it), where parsing the TSV takes seconds."""
         path = self.root / "index.tsv"
         if not path.is_file():
             raise DataError(f"{path}: index missing")
-        names, rows = [], []
-        with open(path, encoding="utf-8") as f:
-            header = f.readline().rstrip("\n").split("\t")
-            if header != list(INDEX_COLUMNS):
-                raise DataError(f"{path}: unexpected header {header}")
-            for line_no, line in enumerate(f, 2):
-                r = line.rstrip("\n").split("\t")
-                try:  # names are JSON strings: any name a file system allows, tabs and newlines included
-                    names.append(json.loads(r[0]))
-                    rows.append((int(r[1]), int(r[2]), int(r[3]), int(r[4])))
-                except (ValueError, IndexError):
-                    raise DataError(f"{path}:{line_no}: unreadable row; re-run `fastm2d prepare`") from None
+        st = path.stat()
+        stamp = np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+        try:
+            with np.load(self.root / INDEX_CACHE) as z:  # numpy refuses pickled objects by default
+                if np.array_equal(z["tsv"], stamp) and len(z["columns"]) == self.manifest["items"]:
+                    return FileList.from_arrays(z["buffer"], z["offsets"]), z["columns"]
+        except (OSError, ValueError, KeyError):
+            pass
+        names, columns = parse_index(path)
         if len(names) != self.manifest["items"]:
             raise DataError(f"{path}: {len(names)} rows, the manifest says {self.manifest['items']} items")
-        return names, rows
+        write_index_cache(self.root, names, columns, stamp)
+        return names, columns
 
     # Memory maps are per process: not pickled to DataLoader workers, reopened there on first use.
     def __getstate__(self):
@@ -132,8 +134,8 @@ class LogMelStore:
         return len(self._names)
 
     @property
-    def names(self) -> List[str]:
-        return self._names
+    def names(self) -> Sequence[str]:
+        return self._names.names()
 
     @property
     def norm_stats(self) -> Optional[List[float]]:
@@ -157,3 +159,34 @@ class LogMelStore:
         if not -len(self) <= i < len(self):
             raise IndexError(f"item {i} out of range for a store of {len(self)} items")
         return np.ascontiguousarray(self.load(i % len(self)), dtype=np.float32)
+
+
+INDEX_CACHE = "index.npz"
+
+
+def parse_index(path: Path) -> Tuple[FileList, np.ndarray]:
+    names, rows = [], []
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if header != list(INDEX_COLUMNS):
+            raise DataError(f"{path}: unexpected header {header}")
+        for line_no, line in enumerate(f, 2):
+            r = line.rstrip("\n").split("\t")
+            try:  # names are JSON strings: any name a file system allows, tabs and newlines included
+                name = r[0]
+                names.append(name[1:-1] if "\\" not in name and name[:1] == name[-1:] == '"' and len(name) > 1
+                             else json.loads(name))
+                rows.append((int(r[1]), int(r[2]), int(r[3]), int(r[4])))
+            except (ValueError, IndexError):
+                raise DataError(f"{path}:{line_no}: unreadable row; re-run `fastm2d prepare`") from None
+    return FileList(names), np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def write_index_cache(root: Path, names: FileList, columns: np.ndarray, stamp: np.ndarray) -> None:
+    """Best effort (a read-only store is still read, only more slowly): atomic, so readers never see half."""
+    tmp = Path(root) / f".{INDEX_CACHE}.{os.getpid()}.tmp.npz"
+    try:
+        np.savez(tmp, buffer=names.buffer, offsets=names.offsets, columns=columns, tsv=stamp)
+        os.replace(tmp, Path(root) / INDEX_CACHE)
+    except OSError:
+        tmp.unlink(missing_ok=True)
