@@ -201,3 +201,33 @@ def test_a_store_index_is_parsed_once_and_equals_the_tsv(tmp_path):
     lines[1] = "\t".join([json.dumps("renamed.wav"), *first[1:]])
     tsv.write_text("".join(lines))
     assert LogMelStore(tmp_path / "store").names[0] == "renamed.wav"
+
+
+def test_m2d_x_runs_from_a_prepared_store_as_from_the_files(tmp_path, tiny_config):
+    """Labels (M2D-AS) and precomputed teacher features (M2D-S) reach the store's items by their names: the
+    offline targets equal those of the same files read directly, and a step trains."""
+    from fastm2d.data.prepare import prepare
+    from fastm2d.train import Trainer
+
+    from .conftest import labelled_folder
+    folder = labelled_folder(tmp_path)
+    prepare(str(folder), tmp_path / "store", workers=0, stats_items=4, progress=False, crop_frames=64)
+    common = ["train.batch_size=2", "data.norm_stats=[-8,4]", "train.max_steps=1", "offline.task=labels",
+              f"offline.labels={folder / 'labels.csv'}"]
+    direct = Trainer(tiny_config(f"data.train={folder}", *common, f"out_dir={tmp_path / 'a'}"))
+    stored = Trainer(tiny_config(f"data.train={tmp_path / 'store'}", *common, f"out_dir={tmp_path / 'b'}"))
+    assert list(stored.source.names) == list(direct.source.names)
+    assert np.array_equal(stored.offline.targets.matrix, direct.offline.targets.matrix)
+    assert stored.offline.targets.matrix.sum() > len(direct.source)  # multi-hot rows: some clips hold two labels
+    stored.fit()
+    direct.close()
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    for f in sorted(folder.glob("*.wav")):
+        import soundfile as sf
+        np.save(feats / f"{f.stem}.npy", np.ones((int(sf.info(str(f)).duration * 50), 6), np.float32))
+    distill = Trainer(tiny_config(f"data.train={tmp_path / 'store'}", "train.batch_size=2", "data.norm_stats=[-8,4]",
+                                  "train.max_steps=1", "offline.task=distill", f"offline.features={feats}",
+                                  f"out_dir={tmp_path / 'c'}"))
+    assert distill.model.cfg.off_dim == 6
+    distill.fit()
