@@ -5,6 +5,7 @@
     python benchmarks/scale.py memory --items 1000000 --workers 2 --out DIR   # USS of the loader, list vs FileList
     python benchmarks/scale.py index --rows 2000000 --out DIR      # opening a prepared store's index
     python benchmarks/scale.py throughput --out DIR                # crops/s per worker: store, WAV, FLAC, DALI
+    python benchmarks/scale.py workflow --items 200000 --out DIR   # the README's prepare -> pretrain -> resume
 
 Each prints one markdown row per measurement; figures for this machine go to benchmarks/results/.
 """
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def real_recordings(n: int = 8):
+def real_recordings(n: int = 48):
     """A few real WAVs from the Debian sound packages (benchmarks/real_sounds.py fetch), else generated tones."""
     import soundfile as sf
     from real_sounds import sound_files
@@ -37,7 +38,8 @@ def real_recordings(n: int = 8):
 
 
 def corpus(out: Path, items: int) -> Path:
-    """out/corpus.csv listing `items` hard links (a few real files, linked over and over)."""
+    """out/corpus.csv listing `items` hard links (a few dozen real files, linked over and over: ext4 allows 65,000
+    links per file)."""
     out.mkdir(parents=True, exist_ok=True)
     csv, links = out / "corpus.csv", out / "links"
     if csv.is_file() and sum(1 for _ in open(csv)) == items + 1:
@@ -95,49 +97,61 @@ def startup(args) -> None:
     _row("another rank of the node: saved result only", len(files), time.perf_counter() - t, "after the barrier")
 
 
-def _uss(pids):
+def _mem(pids, field: str = "uss"):
+    """Summed USS (pages only that process holds) or PSS (every page shared by k processes counted 1/k: the
+    group's true physical total, which USS alone misses for pages a parent shares with its forked workers)."""
     import psutil
     total = 0
     for pid in pids:
         try:
-            total += psutil.Process(pid).memory_full_info().uss
+            total += getattr(psutil.Process(pid).memory_full_info(), field)
         except psutil.Error:
             pass
     return total
 
 
 def memory(args) -> None:
-    """USS of the main process and its loader workers over the first steps, with the old list of Path objects and
-    with FileList; the items are real file names (the loader reads one real clip per item)."""
+    """USS of the main process and its loader workers after the first steps, with the old list of Path objects
+    and with FileList, each in a fresh process; the items are real files (one real clip read per item)."""
+    import subprocess
+    csv = corpus(Path(args.out), args.items)
+    if args.kind:
+        return _memory_one(args, csv)
+    print(f"{platform.machine()}, {os.cpu_count()} cores; {args.items:,} items, {args.workers} workers, "
+          f"{args.steps} batches of {args.batch}")
+    print("| item list | main USS | workers USS (sum) | per worker USS | all processes PSS | PSS per 1M items |\n"
+          "| --- | --- | --- | --- | --- | --- |", flush=True)
+    for kind in ("paths", "filelist"):
+        subprocess.run([sys.executable, __file__, "memory", "--items", str(args.items), "--workers", str(args.workers),
+                        "--steps", str(args.steps), "--batch", str(args.batch), "--out", args.out, "--kind", kind],
+                       check=True)
+
+
+def _memory_one(args, csv) -> None:
+    import gc
+
     import psutil
     import torch
     from torch.utils.data import DataLoader
 
-    from fastm2d.data import CropDataset, LogMelSource
-    from fastm2d.data.sources import list_files
-    csv = corpus(Path(args.out), args.items)
-    files = list_files(str(csv))
-    print(f"{platform.machine()}, {os.cpu_count()} cores; {args.items:,} items, {args.workers} workers, "
-          f"{args.steps} batches of {args.batch}")
-    print("| item list | main USS | workers USS (sum) | per worker | total per 1M items |\n| --- | --- | --- | --- | --- |")
-    for kind in ("list of Path (before)", "FileList"):
-        source = LogMelSource(files[:1], pad_to=16000 * 2)
-        source.files = list(files) if kind.startswith("list") else __import__(
-            "fastm2d.data.file_list", fromlist=["FileList"]).FileList(files)
-        ds = CropDataset(source, 208)
-        loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                            generator=torch.Generator().manual_seed(0))
-        it = iter(loader)
-        for _ in range(args.steps):
-            next(it)
-        me = psutil.Process()
-        workers = [c.pid for c in me.children(recursive=True)]
-        main, kids = _uss([me.pid]), _uss(workers)
-        per_m = (main + kids) / args.items * 1e6
-        print(f"| {kind} | {main / 2**20:.0f} MiB | {kids / 2**20:.0f} MiB | {kids / max(len(workers), 1) / 2**20:.0f} MiB "
-              f"| {per_m / 2**20:.0f} MiB |", flush=True)
-        del it, loader
-        time.sleep(1)
+    from fastm2d.data import CropDataset, EpochSampler, LogMelSource
+    from fastm2d.data.sources import list_file_names, list_files
+    files = list_files(str(csv)) if args.kind == "paths" else list_file_names(str(csv))
+    source = LogMelSource([], pad_to=16000 * 2)
+    source.files = files  # the trainer's source, holding the list as each version did
+    gc.collect()
+    ds = CropDataset(source, 208)
+    loader = DataLoader(ds, batch_size=args.batch, sampler=EpochSampler(len(ds), args.batch, seed=0),
+                        num_workers=args.workers, drop_last=True, generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    for _ in range(args.steps):
+        next(it)
+    me = psutil.Process()
+    workers = [c.pid for c in me.children(recursive=True)]
+    main, kids, pss = _mem([me.pid]), _mem(workers), _mem([me.pid, *workers], "pss")
+    name = "list of Path (before)" if args.kind == "paths" else "FileList"
+    print(f"| {name} | {main / 2**20:.0f} MiB | {kids / 2**20:.0f} MiB | {kids / max(len(workers), 1) / 2**20:.0f} MiB "
+          f"| {pss / 2**20:.0f} MiB | {pss / args.items * 1e6 / 2**20:.0f} MiB |", flush=True)
 
 
 def index(args) -> None:
@@ -148,10 +162,13 @@ def index(args) -> None:
     out = Path(args.out) / "store"
     if not (out / "index.tsv").is_file() or sum(1 for _ in open(out / "index.tsv")) < args.rows:
         _synthetic_store(out, args.rows)
-    t = time.perf_counter()
-    store = LogMelStore(out)
-    seconds = time.perf_counter() - t
-    print(f"| open a store index | {len(store):,} rows | {seconds:.2f} s | {seconds / len(store) * 1e6:.2f} us/row |")
+    (out / "index.npz").unlink(missing_ok=True)
+    print("| opening | rows | seconds | per row |\n| --- | --- | --- | --- |")
+    for what in ("first (parses index.tsv, writes index.npz)", "every later one (index.npz)"):
+        t = time.perf_counter()
+        store = LogMelStore(out)
+        seconds = time.perf_counter() - t
+        print(f"| {what} | {len(store):,} | {seconds:.2f} s | {seconds / len(store) * 1e6:.2f} us |", flush=True)
     json.dumps(store.norm_stats)
 
 
@@ -178,6 +195,31 @@ def _synthetic_store(out: Path, rows: int) -> None:
         if key in manifest:
             manifest[key] = rows
     (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def workflow(args) -> None:
+    """The README's "Data at scale" commands, end to end, on a corpus of real files and the tiny model."""
+    import shlex
+    import subprocess
+    out = Path(args.out)
+    csv = corpus(out, args.items)
+    store, run = out / "as_store", out / "run"
+    tiny = ("model.size=tiny model.embed_dim=64 model.depth=2 model.num_heads=2 model.decoder_embed_dim=32 "
+            "model.decoder_depth=1 model.decoder_num_heads=2 model.input_size=[80,208] train.batch_size=16 "
+            "train.max_steps=20 train.accum_steps=1 train.save_every=10 train.log_every=5 data.num_workers=2 "
+            "train.progress=false")
+    commands = [f"fastm2d prepare {csv} --out {store} --workers {os.cpu_count()} --crop-frames 208",
+                f"fastm2d pretrain --config configs/m2d_vit_base.yaml data.train={store} out_dir={run} {tiny}",
+                f"fastm2d pretrain --config configs/m2d_vit_base.yaml data.train={store} out_dir={run} {tiny} "
+                f"train.max_steps=30 --resume"]
+    print(f"{platform.machine()}, {os.cpu_count()} cores; {args.items:,} items")
+    print("| command | seconds |\n| --- | --- |")
+    for c in commands:
+        t = time.perf_counter()
+        r = subprocess.run(shlex.split(c), capture_output=True, text=True, cwd=ROOT)
+        if r.returncode:
+            raise SystemExit(f"{c}\n{r.stderr[-2000:]}")
+        print(f"| `{c.replace(str(out), 'OUT')}` | {time.perf_counter() - t:.1f} |", flush=True)
 
 
 GPU_APPETITE = 4700  # samples/s: ViT-B 80x608 at 50 % MFU on one H100 (docs/architecture.md "The speed model")
@@ -224,17 +266,21 @@ def main() -> None:
     m = sub.add_parser("memory")
     m.add_argument("--items", type=int, default=1_000_000)
     m.add_argument("--workers", type=int, default=2)
-    m.add_argument("--steps", type=int, default=20)
+    m.add_argument("--steps", type=int, default=200)
     m.add_argument("--batch", type=int, default=16)
     m.add_argument("--out", required=True)
+    m.add_argument("--kind", choices=("paths", "filelist"), help=argparse.SUPPRESS)
     i = sub.add_parser("index")
     i.add_argument("--rows", type=int, default=2_000_000)
     i.add_argument("--out", required=True)
     t = sub.add_parser("throughput")
     t.add_argument("--clips", type=int, default=64)
     t.add_argument("--out", required=True)
+    w = sub.add_parser("workflow")
+    w.add_argument("--items", type=int, default=200_000)
+    w.add_argument("--out", required=True)
     args = p.parse_args()
-    {"startup": startup, "memory": memory, "index": index, "throughput": throughput}[args.what](args)
+    {"startup": startup, "memory": memory, "index": index, "throughput": throughput, "workflow": workflow}[args.what](args)
 
 
 if __name__ == "__main__":
