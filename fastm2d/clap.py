@@ -11,6 +11,7 @@ examples/portable_m2d.py, rebuilt here from the tensor shapes alone):
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional
 
 import torch
@@ -86,3 +87,117 @@ def audio_embedding(frames: torch.Tensor, audio_proj: nn.Module) -> torch.Tensor
     if isinstance(audio_proj, SemanticProjector):
         return audio_proj(frames)
     return audio_proj(frames.mean(dim=1))
+
+
+# ------------------------------------------------------------------------------------------- zero-shot -----
+# The text encoder a release name declares (the letter after the sample rate: "...p16kpB..."), as the original's
+# portable_m2d picks it, and how it pools tokens into one embedding.
+TEXT_ENCODERS = {"A": ("GTE-base", "thenlper/gte-base", "mean"), "B": ("BERT-base", "google-bert/bert-base-uncased",
+                                                                      "cls")}
+
+
+def declared_text_encoder(weights) -> str:
+    """'A' (GTE-base, also when the name says nothing: the 2024 models) or 'B' (BERT-base) from the release name."""
+    from pathlib import Path
+    for name in (Path(weights).parent.name, Path(weights).stem, Path(weights).name):
+        parts = name.split("-")
+        if len(parts) > 1 and "x" in parts[1]:
+            extra = parts[1].split("p")[3:]
+            kind = extra[0] if extra else "A"
+            if kind not in TEXT_ENCODERS:
+                raise CheckpointError(f"{weights}: text encoder {kind!r} ({'NV-Embed-v2' if kind == 'N' else '?'}) is "
+                                      f"not supported; GTE-base (A) and BERT-base (B) are")
+            return kind
+    return "A"
+
+
+@contextlib.contextmanager
+def checkout_kernels_hidden():
+    """Run from a checkout, the repository root is on sys.path and its kernels/ folder (installed as
+    fastm2d.kernels) looks like the Hugging Face package `kernels` to transformers, which then imports it as a
+    top-level module and fails. Hide the checkout's root while transformers loads its models."""
+    import importlib
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "kernels", "__init__.py")):
+        yield
+        return
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face text model from a local folder (or the local cache: never the network), pooled as the
+    release was trained: mean over tokens (GTE) or the [CLS] token (BERT)."""
+
+    def __init__(self, source: str, pooling: str):
+        super().__init__()
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError:
+            raise CheckpointError("zero-shot needs transformers: pip install 'fastm2d[clap]'") from None
+        try:
+            with checkout_kernels_hidden():
+                self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+                self.model = AutoModel.from_pretrained(source, local_files_only=True).eval()
+        except OSError as e:
+            raise CheckpointError(f"text encoder {source}: not found locally ({str(e).splitlines()[0][:160]}); "
+                                  f"download it once (huggingface-cli download {source}) or pass --text-encoder "
+                                  f"DIR") from None
+        self.pooling = pooling
+
+    @torch.no_grad()
+    def forward(self, texts):
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=512, return_tensors="pt").to(device)
+        hidden = self.model(**batch).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"][..., None].to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+
+class ZeroShot(nn.Module):
+    """M2D-CLAP zero-shot: audio and text embeddings in one space, l2-normalised; scores are cosine similarities.
+
+        zs = ZeroShot(W)                                # the text encoder the release name declares
+        sims = zs.similarity(waveform, 16000, ["dog barking", "rain"])   # (B, labels)
+    """
+
+    def __init__(self, weights, text_encoder: Optional[str] = None, device="cpu"):
+        super().__init__()
+        from .checkpoint import read_checkpoint
+        from .runtime import load_encoder
+        self.runtime = load_encoder(weights, device=device)
+        if getattr(self.runtime, "text_proj", None) is None:
+            raise CheckpointError(f"{weights}: no text_proj: not an M2D-CLAP model")
+        kind = declared_text_encoder(weights)
+        self.text_encoder_name = TEXT_ENCODERS[kind][0]
+        self.text = TextEncoder(text_encoder or TEXT_ENCODERS[kind][1], TEXT_ENCODERS[kind][2]).to(device)
+        state = read_checkpoint(weights)[0]
+        inside = _sub(state, "text_encoder.")
+        if inside:  # 'TI' releases carry the fine-tuned text encoder (under the original's wrapper names)
+            inside = {k.split(".", 1)[1] if k.split(".", 1)[0] in ("text_encoder", "model") else k: v
+                      for k, v in inside.items()}
+            try:
+                self.text.model.load_state_dict(inside)
+            except RuntimeError as e:
+                raise CheckpointError(f"{weights}: its text_encoder.* weights do not fit {text_encoder or kind} "
+                                      f"({str(e).splitlines()[0][:160]})") from None
+
+    @torch.no_grad()
+    def audio(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        return nn.functional.normalize(self.runtime.clap_audio(waveform, sample_rate), dim=-1)
+
+    @torch.no_grad()
+    def texts(self, labels) -> torch.Tensor:
+        return nn.functional.normalize(self.runtime.text_proj(self.text(labels)), dim=-1)
+
+    def similarity(self, waveform: torch.Tensor, sample_rate: int, labels) -> torch.Tensor:
+        return self.audio(waveform, sample_rate) @ self.texts(labels).T

@@ -222,6 +222,29 @@ def cmd_tag(args) -> None:
         raise AudioReadError("no file could be read")
 
 
+def cmd_zeroshot(args) -> None:
+    import torch
+
+    from .clap import ZeroShot
+    from .frontend import read_audio
+
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    if len(labels) < 2:
+        raise DataError(f"--labels {args.labels!r}: give at least two comma-separated labels")
+    zs = ZeroShot(args.weights, args.text_encoder, device=_device(args.device))
+    texts = zs.texts(labels)
+    for f in args.files:
+        try:
+            wav = read_audio(f, zs.runtime.sample_rate).to(texts.device)
+        except AudioReadError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            continue
+        sims = (zs.audio(wav[None], zs.runtime.sample_rate) @ texts.T)[0]
+        order = torch.argsort(sims, descending=True)[:args.topk].tolist()
+        print(json.dumps({"file": str(f), "labels": [labels[i] for i in order],
+                          "similarity": [round(float(sims[i]), 5) for i in order]}))
+
+
 def _top(tagger, probs, k: int) -> dict:
     values, idx = probs.topk(min(k, len(tagger.classes)))
     return {"labels": [tagger.classes[i] for i in idx.tolist()], "scores": [round(float(v), 5) for v in values]}
@@ -251,6 +274,10 @@ def cmd_report(args) -> None:
 def cmd_export(args) -> None:
     from .checkpoint import export_original
 
+    if args.format == "onnx":
+        from .onnx_export import export_onnx
+        print(export_onnx(args.weights, args.out))
+        return
     print(export_original(args.weights, args.out, encoder_only=args.encoder_only, fmt=args.format))
 
 
@@ -393,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--quiet", action="store_true", help="no progress bar")
     tg.set_defaults(func=cmd_tag)
 
+    zs = sub.add_parser("zeroshot", help="M2D-CLAP: rank text labels for each audio file (cosine similarity in the "
+                                         "audio-text space)")
+    zs.add_argument("files", nargs="+", help="audio files")
+    zs.add_argument("--weights", required=True, help="M2D-CLAP weights (with audio_proj / text_proj)")
+    zs.add_argument("--labels", required=True, help='comma-separated labels, e.g. "dog barking,rain,siren"')
+    zs.add_argument("--text-encoder", help="local folder of the text encoder (default: the one the release name "
+                                           "declares, from the local Hugging Face cache; never downloaded)")
+    zs.add_argument("--topk", type=at_least(1), default=5, help="labels shown per file")
+    zs.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    zs.set_defaults(func=cmd_zeroshot)
+
     rp = sub.add_parser("report", help="figures (PNG) and a one-page markdown summary of a run")
     rp.add_argument("run", help="run folder (holds metrics.jsonl)")
     rp.set_defaults(func=cmd_report)
@@ -403,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="folder to create the <name>-<F>x<T>p<pF>x<pT>-<date>/ folder in")
     ex.add_argument("--encoder-only", action="store_true", help="only the encoder's weights (the original's "
                                                                 "to_encoder_only_weight.py layout)")
-    ex.add_argument("--format", choices=("pth", "safetensors"), default="pth",
-                    help="safetensors: weights and config without any pickle (safe to publish and to load)")
+    ex.add_argument("--format", choices=("pth", "safetensors", "onnx"), default="pth",
+                    help="safetensors: weights and config without any pickle (safe to publish and to load); onnx: "
+                         "the encoder graph (log-mel in) + frontend.json, for onnxruntime and other runtimes")
     ex.set_defaults(func=cmd_export, weights_required=True, out_required=True)
     return p
 

@@ -85,3 +85,86 @@ def test_s3prl_upstream_handles_padding_and_reports_its_rate(tiny_run):
 def test_hubconf_exposes_the_upstream(tiny_run):
     hub = torch.hub.load(str(Path(__file__).resolve().parent.parent), "m2d_local", ckpt=str(tiny_run), source="local")
     assert hub.get_downsample_rates("last_hidden_state") == 2560
+
+
+def _tiny_bert(folder):
+    """A randomly initialised 1-layer BERT and a WordPiece tokenizer over a small vocabulary, saved locally."""
+    transformers = pytest.importorskip("transformers", reason="zero-shot needs transformers (the clap extra)")
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "dog", "barking", "rain", "siren", "a", "car", "engine"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    from fastm2d.clap import checkout_kernels_hidden
+    with checkout_kernels_hidden():  # this checkout's kernels/ would pass for the HF `kernels` package
+        tok = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+        torch.manual_seed(5)
+        model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=16,
+                                                               num_hidden_layers=1, num_attention_heads=2,
+                                                               intermediate_size=32))
+    tok.save_pretrained(str(folder))
+    model.save_pretrained(str(folder))
+    return tok, model.eval()
+
+
+def test_clap_zero_shot_ranks_labels_as_the_computation_written_here(tmp_path, capsys):
+    from fastm2d.cli import main
+    from fastm2d.clap import ZeroShot
+
+    from .conftest import write_tone
+    from .test_released_models import build_release
+    tok, bert = _tiny_bert(tmp_path / "bert")
+    folder = "m2d_clap_vit_base-80x608p16x16p16kpB-240128"  # 'B': BERT, [CLS] pooling
+    path, vit, parts, _ = build_release(tmp_path / "w", folder, "checkpoint-300.pth", "full", ("clap2024",))
+    text_proj = torch.nn.Linear(16, parts["text_proj"].out_features)  # this test's BERT is 16 wide
+    state = torch.load(path, weights_only=False)
+    state["model"].update({f"text_proj.{k}": v for k, v in text_proj.state_dict().items()})
+    torch.save(state, path)
+    labels = ["dog barking", "rain", "siren", "car engine"]
+    zs = ZeroShot(path, text_encoder=str(tmp_path / "bert"))
+    assert zs.text_encoder_name == "BERT-base"
+    wav = torch.randn(2, 16000 * 3) * 0.1
+    sims = zs.similarity(wav, 16000, labels)
+    with torch.no_grad():
+        batch = tok(labels, padding=True, return_tensors="pt")
+        t = torch.nn.functional.normalize(text_proj(bert(**batch).last_hidden_state[:, 0]), dim=-1)
+        frames = zs.runtime.encode(wav, 16000)
+        a = torch.nn.functional.normalize(parts["audio_proj"](frames.mean(1)), dim=-1)
+    assert torch.allclose(zs.audio(wav, 16000).norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(sims, a @ t.T, atol=1e-5)
+    assert (sims.argsort(dim=1) == (a @ t.T).argsort(dim=1)).all()
+    clip = tmp_path / "a.wav"
+    write_tone(clip, seconds=2.0)
+    assert main(["zeroshot", str(clip), "--weights", str(path), "--labels", ",".join(labels), "--text-encoder",
+                 str(tmp_path / "bert"), "--device", "cpu", "--topk", "2"]) == 0
+    import json
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(row["labels"]) == 2 and row["similarity"] == sorted(row["similarity"], reverse=True)
+    assert main(["zeroshot", str(clip), "--weights", str(path), "--labels", "dog", "--text-encoder",
+                 str(tmp_path / "bert")]) == 2
+    # no local text encoder: one line naming it, never a download
+    assert main(["zeroshot", str(clip), "--weights", str(path), "--labels", "a,b"]) == 2
+    assert "not found locally" in capsys.readouterr().err
+
+
+def test_onnx_export_runs_in_onnxruntime_like_pytorch(tiny_run, tmp_path):
+    """Dynamic batch and length (any multiple of the patch width up to the position table), the same frames as
+    PyTorch's Runtime to 1e-4 (measured max error ~1e-6); frontend.json states the pre-processing."""
+    ort = pytest.importorskip("onnxruntime", reason="running the export needs onnxruntime (the onnx extra)")
+    pytest.importorskip("onnxscript", reason="exporting needs onnx and onnxscript (the onnx extra)")
+    import json
+
+    from fastm2d import load_encoder
+    from fastm2d.cli import main
+    assert main(["export", "--weights", str(tiny_run), "--out", str(tmp_path), "--format", "onnx"]) == 0
+    session = ort.InferenceSession(str(tmp_path / "m2d_encoder.onnx"))
+    front = json.loads((tmp_path / "frontend.json").read_text())
+    assert front["max_frames"] == 64 and front["hop_length"] == 160 and len(front["norm_stats"]) == 2
+    rt = load_encoder(tiny_run)
+    worst = 0.0
+    for batch, frames in ((1, 16), (3, 48), (2, 64)):
+        x = torch.randn(batch, 1, 80, frames)
+        got = session.run(None, {"lms": x.numpy()})[0]
+        with torch.no_grad():
+            want = rt.encode_lms(x).numpy()
+        assert got.shape == want.shape
+        worst = max(worst, float(abs(got - want).max()))
+    assert worst < 1e-4, worst
