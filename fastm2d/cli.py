@@ -90,38 +90,16 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    import numpy as np
-    import torch
-
-    from .frontend import read_audio
+    from .eval.embed_corpus import embed_corpus
     from .runtime import load_encoder
 
-    args.device = _device(args.device)
-    runtime = load_encoder(args.weights, device=args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed, written = 0, set()
-    for f in args.files:
-        try:
-            wav = read_audio(f, runtime.sample_rate).to(args.device)
-        except AudioReadError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        with torch.inference_mode():
-            feats, stamps = runtime.timestamp_embeddings(wav, runtime.sample_rate)
-            feats, stamps = feats[0], stamps[0]
-            feats = feats.mean(0) if args.level == "clip" else feats
-        name = Path(f).stem
-        outputs = lambda n: {f"{n}.npy"} | ({f"{n}.timestamps.npy"} if args.level == "timestamp" else set())  # noqa: E731
-        while outputs(name) & written:  # the same name from two folders, or `a` beside `a.timestamps`: keep both
-            name += "_"
-        written |= outputs(name)
-        np.save(out / f"{name}.npy", feats.cpu().numpy())
-        if args.level == "timestamp":  # HEAR: frame embeddings with their centre times (ms)
-            np.save(out / f"{name}.timestamps.npy", stamps.cpu().numpy())
-    print(f"wrote {len(args.files) - failed} feature files to {out}" + (f"; {failed} failed" if failed else ""))
-    if failed == len(args.files):
+    runtime = load_encoder(args.weights, device=_device(args.device))
+    stats = embed_corpus(runtime, args.files, args.out, level=args.level, layers=args.layers or None,
+                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    print(f"wrote {stats['written']} feature files to {args.out}"
+          + (f"; {stats['skipped']} already there" if stats["skipped"] else "")
+          + (f"; {stats['failed']} failed" if stats["failed"] else "") + f" ({stats['clips_per_s']:.1f} clips/s)")
+    if stats["failed"] and not stats["written"] and not stats["skipped"]:
         raise AudioReadError("no file could be read")
 
 
@@ -360,14 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--root", help="base folder for relative paths in a CSV")
     pr.set_defaults(func=cmd_prepare, out_required=True)
 
-    em = sub.add_parser("embed", help="audio files -> features (.npy per file)")
+    em = sub.add_parser("embed", help="audio files, folders or CSV lists -> features (.npy per clip, mirrored "
+                                      "paths, manifest.jsonl; re-run to resume)")
     em.add_argument("--weights", required=True, help="fastm2d checkpoint / run folder, or original weights")
     em.add_argument("--out", required=True, help="output folder")
-    em.add_argument("--level", choices=("frame", "clip", "timestamp"), default="frame",
-                    help="frame: (T', D) per file; clip: the time mean (HEAR scene embedding); timestamp: frames "
-                         "plus <name>.timestamps.npy with each frame's centre in ms (HEAR timestamp embeddings)")
+    em.add_argument("--level", choices=("frame", "clip", "scene", "timestamp"), default="frame",
+                    help="frame: (T', D) per file; clip (= scene): the time mean (HEAR scene embedding); timestamp: "
+                         "frames plus <name>.timestamps.npy with each frame's centre in ms (HEAR timestamp embeddings)")
+    em.add_argument("--layers", type=int_list, help="comma-separated block indices to concatenate (default: the output)")
+    em.add_argument("--batch-size", type=at_least(1), default=16, help="clips of one length per forward pass")
+    em.add_argument("--workers", type=at_least(0), default=2, help="decoding worker processes")
     em.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
-    em.add_argument("files", nargs="+")
+    em.add_argument("--quiet", action="store_true", help="no progress bar")
+    em.add_argument("files", nargs="+", help="audio files, folders (searched recursively) or CSV lists")
     em.set_defaults(func=cmd_embed)
 
     le = sub.add_parser("linear-eval", help="the paper's linear-evaluation protocol on a task (CSV, folder with "

@@ -50,13 +50,19 @@ class Runtime(nn.Module):
         pad = (patch_t - lms.shape[-1] % unit % patch_t) % patch_t
         if pad:
             lms = F.pad(lms, (0, pad))
-        n_f = self.encoder.grid[0]
-        per_chunk = []
-        for start in range(0, lms.shape[-1], unit):
-            out = self.encoder.encode_patches(lms[..., start:start + unit], return_layers=True)
-            # (B, F'*T', D) -> (B, F', T', D) -> (B, T', F'*D)   (eq. 4)
-            per_chunk.append([z.reshape(z.shape[0], n_f, -1, z.shape[-1]).transpose(1, 2).flatten(2) for z in out])
-        layers = [torch.cat([c[i] for c in per_chunk], dim=1) for i in range(len(per_chunk[0]))]
+        n_f, b = self.encoder.grid[0], lms.shape[0]
+        eq4 = lambda z, n: z.reshape(n, n_f, -1, z.shape[-1]).transpose(1, 2).flatten(2)  # noqa: E731
+        # (B, F'*T', D) -> (B, F', T', D) -> (B, T', F'*D)   (eq. 4)
+        full = lms.shape[-1] // unit
+        parts = []
+        if full:  # every whole chunk of every clip in one batch, not one after another
+            x = lms[..., :full * unit].reshape(b, 1, lms.shape[2], full, unit).permute(0, 3, 1, 2, 4)
+            out = self.encoder.encode_patches(x.reshape(b * full, 1, lms.shape[2], unit), return_layers=True)
+            parts.append([eq4(z, b * full).reshape(b, -1, z.shape[-1] * n_f) for z in out])
+        if lms.shape[-1] > full * unit:  # the shorter tail chunk
+            out = self.encoder.encode_patches(lms[..., full * unit:], return_layers=True)
+            parts.append([eq4(z, b) for z in out])
+        layers = [torch.cat([p[i] for p in parts], dim=1) for i in range(len(parts[0]))]
         return layers if return_layers else layers[-1]
 
     def to_lms(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:

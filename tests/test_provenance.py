@@ -109,7 +109,7 @@ def test_embed_keeps_both_when_one_name_is_the_others_timestamps(tmp_path):
     b = write_tone(tmp_path / "a.timestamps.wav", seconds=2.0, freq=900)
     out = tmp_path / "feats"
     assert main(["embed", "--level", "timestamp", "--weights", str(run), "--out", str(out), str(a), str(b)]) == 0
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.iterdir() if p.suffix == ".npy")  # manifest.jsonl beside them
     assert len(files) == 4, files
     shapes = {np.load(out / f).shape[0] for f in files if not f.endswith("timestamps.npy")}
     assert len(shapes) == 2  # 1 s and 2 s of frames: neither output replaced the other

@@ -1,0 +1,169 @@
+"""`fastm2d embed`: a whole corpus (files, folders, CSV lists) -> one array per clip under --out, resumable.
+
+Clips are decoded in DataLoader workers; clips of the same length are encoded together in batches (clips of
+different lengths never share a batch: padding would change their features); long clips have their chunks
+encoded in one batch (Runtime.encode_lms). Outputs mirror the inputs' relative paths (a folder's tree, a CSV's
+paths under its root; single files by name), each written atomically, and `manifest.jsonl` records every clip:
+input file, array, shape, frame times. A re-run skips what the manifest holds (a killed run resumes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data.sources import AUDIO_EXTS, list_files
+from ..errors import AudioReadError, DataError
+from ..frontend import read_audio
+
+MANIFEST = "manifest.jsonl"
+LEVELS = ("frame", "clip", "scene", "timestamp")  # scene = clip (HEAR's word)
+
+
+@dataclass
+class Item:
+    path: Path
+    name: str  # output path under --out, without the .npy
+
+
+def expand_inputs(inputs: Sequence[str], level: str) -> List[Item]:
+    """Files, folders (every audio file below, by relative path) and CSV lists (paths under the CSV's folder)."""
+    items: List[Item] = []
+    for spec in inputs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS and f.is_file())
+            if not found:
+                raise DataError(f"{p}: no audio files found (looked for {sorted(AUDIO_EXTS)})")
+            items += [Item(f, f.relative_to(p).with_suffix("").as_posix()) for f in found]
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            for f in list_files(str(p)):
+                try:
+                    name = f.resolve().relative_to(p.parent.resolve()).with_suffix("").as_posix()
+                except ValueError:  # outside the CSV's folder
+                    name = f.stem
+                items.append(Item(f, name))
+        else:
+            items.append(Item(p, p.stem))
+    written: set = set()
+    outputs = lambda n: {n} | ({n + ".timestamps"} if level == "timestamp" else set())  # noqa: E731
+    for it in items:  # two inputs with one output name (or `a` beside `a.timestamps`): keep both, the manifest says which
+        while outputs(it.name) & written:
+            it.name += "_"
+        written |= outputs(it.name)
+    return items
+
+
+class _Decoded(Dataset):
+    def __init__(self, items: List[Item], sample_rate: int):
+        self.items, self.sample_rate = items, sample_rate
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, read_audio(self.items[i].path, self.sample_rate), None
+        except AudioReadError as e:
+            return i, None, str(e)
+
+
+def _done(out: Path) -> Dict[str, dict]:
+    """The manifest's finished clips (a torn last line from a kill is ignored)."""
+    done, kept = {}, []
+    path = out / MANIFEST
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                if (out / row["array"]).is_file():
+                    done[row["file"]] = row
+                    kept.append(json.dumps(row) + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")  # torn or stale lines gone before anything is appended
+        os.replace(tmp, path)
+    return done
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def embed_corpus(runtime, inputs: Sequence[str], out: str | Path, level: str = "frame",
+                 layers: Optional[List[int]] = None, batch_size: int = 16, workers: int = 2,
+                 progress: bool = True) -> dict:
+    """-> {'written', 'skipped' (already done), 'failed', 'clips_per_s'}; every failure is printed with its reason."""
+    import sys
+    if level not in LEVELS:
+        raise DataError(f"--level {level!r}: expected one of {LEVELS}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = expand_inputs(inputs, level)
+    done = _done(out)
+    todo = [i for i, it in enumerate(items) if str(it.path) not in done]
+    device = next(runtime.parameters()).device
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    loader = DataLoader(_Decoded(items, runtime.sample_rate), batch_size=None, sampler=todo, num_workers=workers)
+    buckets: Dict[int, list] = {}
+    stats = {"written": 0, "skipped": len(items) - len(todo), "failed": 0}
+    manifest = open(out / MANIFEST, "a", encoding="utf-8")
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="embed", unit="clip", disable=not progress, dynamic_ncols=True)
+
+    def flush(length: int) -> None:
+        group = buckets.pop(length)
+        wav = torch.stack([w for _, w in group]).to(device)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            lms = runtime.to_lms(wav, runtime.sample_rate)
+            feats = runtime.encode_lms(lms, return_layers=layers is not None)
+        if layers is not None:
+            feats = torch.cat([feats[k] for k in layers], dim=-1)
+        feats = feats.float().cpu().numpy()
+        times = runtime.frame_times_ms(lms.shape[-1]).numpy()
+        for (i, _), f in zip(group, feats):
+            it = items[i]
+            array = f.mean(0) if level in ("clip", "scene") else f
+            _save(out / f"{it.name}.npy", array)
+            row = {"file": str(it.path), "array": f"{it.name}.npy", "shape": list(array.shape), "level": level,
+                   "seconds": length / runtime.sample_rate}
+            if level == "timestamp":
+                _save(out / f"{it.name}.timestamps.npy", times)
+                row["timestamps"] = f"{it.name}.timestamps.npy"
+            if array.ndim == 2:
+                row["frame_ms"] = [float(times[0]), float(times[1] - times[0]) if len(times) > 1 else 0.0]
+            manifest.write(json.dumps(row) + "\n")  # one whole line per clip, after its array
+            stats["written"] += 1
+        manifest.flush()
+        bar.update(len(group))
+        bar.set_postfix(clips_s=f"{stats['written'] / max(time.perf_counter() - t0, 1e-9):.1f}")
+
+    try:
+        for i, wav, error in loader:
+            if error is not None:
+                print(f"skipped: {error}", file=sys.stderr)
+                stats["failed"] += 1
+                bar.update(1)
+                continue
+            buckets.setdefault(wav.shape[-1], []).append((i, wav))
+            if len(buckets[wav.shape[-1]]) >= batch_size:
+                flush(wav.shape[-1])
+        for length in list(buckets):
+            flush(length)
+    finally:
+        bar.close()
+        manifest.close()
+    stats["clips_per_s"] = stats["written"] / max(time.perf_counter() - t0, 1e-9)
+    return stats
