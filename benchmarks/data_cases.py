@@ -72,3 +72,23 @@ def prepare_rate(files_dir, out_dir, workers: int) -> dict:
     from fastm2d.data.prepare import prepare
     return prepare(str(files_dir), out_dir, workers=workers, files_per_shard=max(1, len(os.listdir(files_dir)) // (2 * workers)),
                    stats_items=64, progress=False)
+
+
+def vit_base_weights(folder: Path) -> Path:
+    """A ViT-B 80x608 16x16 encoder with random weights, in the original's encoder-only layout and naming."""
+    from fastm2d.config import ModelConfig
+    from fastm2d.model import ViTEncoder
+    path = Path(folder) / "m2d_vit_base-80x608p16x16-000000_enconly" / "checkpoint-0.pth"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ViTEncoder(ModelConfig(size="base").resolved()).state_dict(), path)
+    return path
+
+
+def embed_rate(files, device: torch.device, out: Path, batch: int = 16, workers: int = 2) -> float:
+    """Clips/s of `embed_corpus` (decode in workers, batches of one length, bf16 on CUDA) with a ViT-B."""
+    from fastm2d.eval.embed_corpus import embed_corpus
+    from fastm2d.runtime import load_encoder
+    runtime = load_encoder(vit_base_weights(out), device=device)
+    return embed_corpus(runtime, [str(f) for f in files], Path(out) / "feats", batch_size=batch, workers=workers,
+                        progress=False)["clips_per_s"]

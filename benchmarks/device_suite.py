@@ -107,7 +107,7 @@ def data_rows(device: torch.device, tiny: bool) -> list:
     """Shard loader (all cores), reference loader and DALI (GPU when present) on generated 10 s clips."""
     import tempfile
 
-    from data_cases import dali_rate, make_clips, prepare_rate, reference_loader_rate, shard_loader_rate
+    from data_cases import dali_rate, embed_rate, make_clips, prepare_rate, reference_loader_rate, shard_loader_rate
     from fastm2d.data.dali import dali_missing_reason
 
     workers = os.cpu_count() or 1
@@ -127,6 +127,9 @@ def data_rows(device: torch.device, tiny: bool) -> list:
         else:
             rows.append({"path": f"DALI ({device.type})", "workers": workers, "unit": "clips/s",
                          "rate": dali_rate(files, device, workers, batch=8 if tiny else 64, epochs=1 if tiny else 2)})
+        rows.append({"path": f"embed a corpus, ViT-B ({device.type})", "workers": min(workers, 8), "unit": "clips/s",
+                     "rate": embed_rate(files[:16 if tiny else 256], device, Path(tmp), batch=16 if tiny else 64,
+                                        workers=min(workers, 8))})
     return rows
 
 

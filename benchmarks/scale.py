@@ -6,6 +6,7 @@
     python benchmarks/scale.py index --rows 2000000 --out DIR      # opening a prepared store's index
     python benchmarks/scale.py throughput --out DIR                # crops/s per worker: store, WAV, FLAC, DALI
     python benchmarks/scale.py workflow --items 200000 --out DIR   # the README's prepare -> pretrain -> resume
+    python benchmarks/scale.py embed --clips 32 --out DIR          # fastm2d embed with a ViT-B: clips/s
 
 Each prints one markdown row per measurement; figures for this machine go to benchmarks/results/.
 """
@@ -256,6 +257,19 @@ def throughput(args) -> None:
         print(f"| {name} | {rate:.0f} | {GPU_APPETITE / rate:.1f} |", flush=True)
 
 
+def embed(args) -> None:
+    """`fastm2d embed` over generated 10 s clips with a ViT-B (random weights): clips/s on this machine."""
+    import torch
+
+    from data_cases import embed_rate, make_clips
+    out = Path(args.out)
+    clips = make_clips(out / "wav", args.clips)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rate = embed_rate(clips, device, out / f"run{time.time_ns()}", batch=args.batch, workers=args.workers)
+    print(f"{platform.machine()}, {os.cpu_count()} cores, {device}; ViT-B 80x608 16x16, {args.clips} clips of 10 s")
+    print(f"| embed a corpus | {rate:.2f} clips/s | batch {args.batch}, {args.workers} decoding workers |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -279,8 +293,13 @@ def main() -> None:
     w = sub.add_parser("workflow")
     w.add_argument("--items", type=int, default=200_000)
     w.add_argument("--out", required=True)
+    e = sub.add_parser("embed")
+    e.add_argument("--clips", type=int, default=32)
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--out", required=True)
     args = p.parse_args()
-    {"startup": startup, "memory": memory, "index": index, "throughput": throughput, "workflow": workflow}[args.what](args)
+    {"embed": embed, "startup": startup, "memory": memory, "index": index, "throughput": throughput, "workflow": workflow}[args.what](args)
 
 
 if __name__ == "__main__":
