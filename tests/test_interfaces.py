@@ -168,3 +168,35 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(tiny_run, tmp_path):
         assert got.shape == want.shape
         worst = max(worst, float(abs(got - want).max()))
     assert worst < 1e-4, worst
+
+
+def _s3prl_source():
+    """s3prl 0.4.18's source (PyPI sdist), for its Featurizer: it needs only torch and numpy."""
+    import tarfile
+    cache = Path.home() / ".cache" / "fastm2d" / "s3prl"
+    src = cache / "s3prl-0.4.18"
+    if not (src / "s3prl" / "upstream" / "interfaces.py").is_file():
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                            "s3prl==0.4.18", "-d", str(cache)], capture_output=True, text=True, timeout=180)
+        archives = sorted(cache.glob("s3prl-0.4.18.tar.gz"))
+        if r.returncode or not archives:
+            pytest.skip(f"s3prl cannot be fetched from PyPI here: {r.stderr.strip()[-200:]}")
+        with tarfile.open(archives[0]) as t:
+            t.extractall(cache, filter="data")
+    return src
+
+
+def test_s3prl_featurizer_reads_the_upstream(tiny_run, monkeypatch):
+    """s3prl's own Featurizer (what every SUPERB downstream calls) on the expert: it accepts the outputs, its
+    weighted layer sum runs, and each waveform gets round(samples / downsample rate) frames."""
+    monkeypatch.syspath_prepend(str(_s3prl_source()))
+    from s3prl.upstream.interfaces import Featurizer
+
+    from fastm2d.interfaces.s3prl import UpstreamExpert
+    expert = UpstreamExpert(str(tiny_run))
+    featurizer = Featurizer(expert, "hidden_states", upstream_device="cpu")
+    wavs = [torch.randn(16000 * 3) * 0.1, torch.randn(16000 * 2) * 0.1]
+    with torch.no_grad():
+        feats = featurizer(wavs, expert(wavs))
+    assert [f.shape[0] for f in feats] == [round(len(w) / 2560) for w in wavs]
+    assert feats[0].shape[1] == featurizer.output_dim == 5 * 64
