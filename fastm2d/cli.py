@@ -170,33 +170,40 @@ def cmd_tag(args) -> None:
     from tqdm import tqdm
 
     from .classifier import load_classifier
-    from .frontend import read_audio
+    from .eval.embed_corpus import length_batches
 
     device = _device(args.device)
     tagger = load_classifier(args.weights, device=device)
+    sr = tagger.runtime.sample_rate
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    rows, failed = [], 0
-    for f in tqdm(args.files, desc="tag", unit="file", disable=len(args.files) < 2 or args.quiet):
-        try:
-            wav = read_audio(f, tagger.runtime.sample_rate).to(device)
-        except AudioReadError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            failed += 1
-            continue
+    results, failed = {}, []
+    bar = tqdm(total=len(args.files), desc="tag", unit="file", disable=len(args.files) < 2 or args.quiet)
+
+    def skipped(i: int, error: str) -> None:
+        print(f"skipped: {error}", file=sys.stderr)
+        failed.append(i)
+        bar.update(1)
+
+    # clips of one length tagged together (batched, chunked as encode does), decoded in workers
+    for idx, wav in length_batches(args.files, sr, args.batch_size, args.workers, skipped):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             if args.frames:
-                probs, times = tagger.frame_scores(wav, tagger.runtime.sample_rate)
-                rows += [{"file": str(f), "time_ms": round(float(t), 1), **_top(tagger, p, args.topk)}
-                         for t, p in zip(times.tolist(), probs[0].float().cpu())]
+                probs, times = tagger.frame_scores(wav.to(device), sr)
+                for i, p in zip(idx, probs.float().cpu()):
+                    results[i] = [{"file": str(args.files[i]), "time_ms": round(float(t), 1), **_top(tagger, q, args.topk)}
+                                  for t, q in zip(times.tolist(), p)]
             else:
-                rows.append({"file": str(f), **_top(tagger, tagger.scores(wav, tagger.runtime.sample_rate)[0].float().cpu(),
-                                                    args.topk)})
+                for i, p in zip(idx, tagger.scores(wav.to(device), sr).float().cpu()):
+                    results[i] = [{"file": str(args.files[i]), **_top(tagger, p, args.topk)}]
+        bar.update(len(idx))
+    bar.close()
+    rows = [r for i in sorted(results) for r in results[i]]  # in the order the files were given
     text = _format_rows(rows, args.out)
     if args.out:
         Path(args.out).write_text(text)
     else:
         print(text, end="")
-    if failed == len(args.files):
+    if len(failed) == len(args.files):
         raise AudioReadError("no file could be read")
 
 
@@ -399,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--frames", action="store_true", help="scores per feature frame with its centre time in ms "
                                                           "(sound event detection)")
     tg.add_argument("--out", help="write here: .csv (one row per label) or JSON lines; default: print JSON lines")
+    tg.add_argument("--batch-size", type=at_least(1), default=16, help="clips of one length per forward pass")
+    tg.add_argument("--workers", type=at_least(0), default=2, help="decoding worker processes")
     tg.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     tg.add_argument("--quiet", action="store_true", help="no progress bar")
     tg.set_defaults(func=cmd_tag)

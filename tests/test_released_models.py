@@ -240,6 +240,17 @@ def test_tag_command_prints_scores_with_names_and_frame_times(tmp_path, capsys):
     lines = (tmp_path / "t.csv").read_text().splitlines()
     assert lines[0] == "file,time_ms,rank,label,score" and lines[1].split(",")[1] == "80.0"
     assert main(["tag", str(wav), "--weights", str(tmp_path / "nope.pth")]) == 2
+    # many files, two lengths: batched by length, rows in the order given, each equal to tagging it alone
+    others = [write_tone(tmp_path / f"o{i}.wav", seconds=2.0 if i % 2 else 3.0, freq=300 + 80 * i) for i in range(5)]
+    capsys.readouterr()
+    assert main(["tag", *map(str, others), "--weights", str(path), "--topk", "2", "--batch-size", "2", "--quiet"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["file"] for r in rows] == list(map(str, others))
+    from fastm2d import load_classifier, read_audio
+    tagger = load_classifier(path)
+    for r, f in zip(rows, others):
+        alone = tagger.scores(read_audio(f, 16000)[None], 16000)[0]
+        assert r["scores"] == pytest.approx(alone.topk(2).values.tolist(), abs=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors", "pretrained"])

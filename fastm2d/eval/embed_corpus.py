@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -76,6 +76,28 @@ class _Decoded(Dataset):
             return i, None, str(e)
 
 
+def length_batches(paths: Sequence, sample_rate: int, batch_size: int, workers: int, on_error,
+                   order: Optional[Sequence[int]] = None) -> Iterator[Tuple[List[int], torch.Tensor]]:
+    """(indices, (B, N) waveforms) batches of clips of one length N, decoded in DataLoader workers; a clip that
+    cannot be read goes to on_error(index, message). The clips of a length wait until their batch is full, the
+    rest come at the end."""
+    items = [Item(Path(p), "") for p in paths]
+    loader = DataLoader(_Decoded(items, sample_rate), batch_size=None,
+                        sampler=list(order) if order is not None else range(len(items)), num_workers=workers)
+    buckets: Dict[int, list] = {}
+    for i, wav, error in loader:
+        if error is not None:
+            on_error(i, error)
+            continue
+        bucket = buckets.setdefault(wav.shape[-1], [])
+        bucket.append((i, wav))
+        if len(bucket) >= batch_size:
+            del buckets[wav.shape[-1]]
+            yield [j for j, _ in bucket], torch.stack([w for _, w in bucket])
+    for bucket in buckets.values():
+        yield [j for j, _ in bucket], torch.stack([w for _, w in bucket])
+
+
 def _done(out: Path) -> Dict[str, dict]:
     """The manifest's finished clips (a torn last line from a kill is ignored)."""
     done, kept = {}, []
@@ -116,52 +138,42 @@ def embed_corpus(runtime, inputs: Sequence[str], out: str | Path, level: str = "
     todo = [i for i, it in enumerate(items) if str(it.path) not in done]
     device = next(runtime.parameters()).device
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    loader = DataLoader(_Decoded(items, runtime.sample_rate), batch_size=None, sampler=todo, num_workers=workers)
-    buckets: Dict[int, list] = {}
     stats = {"written": 0, "skipped": len(items) - len(todo), "failed": 0}
     manifest = open(out / MANIFEST, "a", encoding="utf-8")
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="embed", unit="clip", disable=not progress, dynamic_ncols=True)
 
-    def flush(length: int) -> None:
-        group = buckets.pop(length)
-        wav = torch.stack([w for _, w in group]).to(device)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            lms = runtime.to_lms(wav, runtime.sample_rate)
-            feats = runtime.encode_lms(lms, return_layers=layers is not None)
-        if layers is not None:
-            feats = torch.cat([feats[k] for k in layers], dim=-1)
-        feats = feats.float().cpu().numpy()
-        times = runtime.frame_times_ms(lms.shape[-1]).numpy()
-        for (i, _), f in zip(group, feats):
-            it = items[i]
-            array = f.mean(0) if level in ("clip", "scene") else f
-            _save(out / f"{it.name}.npy", array)
-            row = {"file": str(it.path), "array": f"{it.name}.npy", "shape": list(array.shape), "level": level,
-                   "seconds": length / runtime.sample_rate}
-            if level == "timestamp":
-                _save(out / f"{it.name}.timestamps.npy", times)
-                row["timestamps"] = f"{it.name}.timestamps.npy"
-            if array.ndim == 2:
-                row["frame_ms"] = [float(times[0]), float(times[1] - times[0]) if len(times) > 1 else 0.0]
-            manifest.write(json.dumps(row) + "\n")  # one whole line per clip, after its array
-            stats["written"] += 1
-        manifest.flush()
-        bar.update(len(group))
-        bar.set_postfix(clips_s=f"{stats['written'] / max(time.perf_counter() - t0, 1e-9):.1f}")
+    def failed(i: int, error: str) -> None:
+        print(f"skipped: {error}", file=sys.stderr)
+        stats["failed"] += 1
+        bar.update(1)
 
     try:
-        for i, wav, error in loader:
-            if error is not None:
-                print(f"skipped: {error}", file=sys.stderr)
-                stats["failed"] += 1
-                bar.update(1)
-                continue
-            buckets.setdefault(wav.shape[-1], []).append((i, wav))
-            if len(buckets[wav.shape[-1]]) >= batch_size:
-                flush(wav.shape[-1])
-        for length in list(buckets):
-            flush(length)
+        for group, wav in length_batches([it.path for it in items], runtime.sample_rate, batch_size, workers,
+                                         failed, order=todo):
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                lms = runtime.to_lms(wav.to(device), runtime.sample_rate)
+                feats = runtime.encode_lms(lms, return_layers=layers is not None)
+            if layers is not None:
+                feats = torch.cat([feats[k] for k in layers], dim=-1)
+            feats = feats.float().cpu().numpy()
+            times = runtime.frame_times_ms(lms.shape[-1]).numpy()
+            for i, f in zip(group, feats):
+                it = items[i]
+                array = f.mean(0) if level in ("clip", "scene") else f
+                _save(out / f"{it.name}.npy", array)
+                row = {"file": str(it.path), "array": f"{it.name}.npy", "shape": list(array.shape), "level": level,
+                       "seconds": wav.shape[-1] / runtime.sample_rate}
+                if level == "timestamp":
+                    _save(out / f"{it.name}.timestamps.npy", times)
+                    row["timestamps"] = f"{it.name}.timestamps.npy"
+                if array.ndim == 2:
+                    row["frame_ms"] = [float(times[0]), float(times[1] - times[0]) if len(times) > 1 else 0.0]
+                manifest.write(json.dumps(row) + "\n")  # one whole line per clip, after its array
+                stats["written"] += 1
+            manifest.flush()
+            bar.update(len(group))
+            bar.set_postfix(clips_s=f"{stats['written'] / max(time.perf_counter() - t0, 1e-9):.1f}")
     finally:
         bar.close()
         manifest.close()
