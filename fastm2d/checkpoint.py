@@ -97,6 +97,26 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 
 # --------------------------------------------------------------------------------------------- reading ----
+# save_pretrained's folder (pretrained.py writes it): JSON + safetensors, nothing that runs code
+PRETRAINED_CONFIG, PRETRAINED_WEIGHTS, PRETRAINED_FORMAT = "config.json", "model.safetensors", "fastm2d-pretrained"
+
+
+def is_pretrained_folder(path: Path) -> bool:
+    return (path / PRETRAINED_CONFIG).is_file() and (path / PRETRAINED_WEIGHTS).is_file()
+
+
+def read_pretrained_config(path: Path) -> dict:
+    """config.json beside a model.safetensors -> the fields a checkpoint object carries."""
+    try:
+        config = json.loads((path.parent / PRETRAINED_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path.parent / PRETRAINED_CONFIG}: unreadable ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != PRETRAINED_FORMAT:
+        raise CheckpointError(f"{path.parent / PRETRAINED_CONFIG}: not a fastm2d model folder (format "
+                              f"{config.get('format') if isinstance(config, dict) else config!r})")
+    return {k: config[k] for k in ("model_config", "sample_rate", "classes", "multi_label") if k in config}
+
+
 MAX_INFLATION = 10  # torch.save stores zip members uncompressed; a member inflating more was crafted
 
 
@@ -171,8 +191,7 @@ def load_weights_file(path: Path):
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
         obj = {"model": state}
-        if path.name == "model.safetensors" and (path.parent / "config.json").is_file():
-            from .pretrained import read_pretrained_config
+        if path.name == PRETRAINED_WEIGHTS and (path.parent / PRETRAINED_CONFIG).is_file():
             obj.update(read_pretrained_config(path))
         try:
             if "model_config" in meta:
@@ -309,9 +328,8 @@ def resolve_checkpoint_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         return path
-    from .pretrained import WEIGHTS, is_pretrained_folder
     if is_pretrained_folder(path):  # save_pretrained's layout
-        return path / WEIGHTS
+        return path / PRETRAINED_WEIGHTS
     found = latest_checkpoint(path)
     if found is None:
         tensors = sorted(path.glob("checkpoint-*.safetensors"), key=lambda p: p.stat().st_mtime)
@@ -346,7 +364,7 @@ def load_model(path: str | Path, kernels: Optional[str] = None, attention: Optio
     model = M2D(cfg)
     load_weights(model, {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIXES)}, path)
     model.sample_rate = sr
-    from .clap import attach_projections
+    from .model.projections import attach_projections
     attach_projections(model, state, path)  # M2D-CLAP files: audio_proj / text_proj kept with the model
     return model
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-CONFIG, WEIGHTS, FORMAT = "config.json", "model.safetensors", "fastm2d-pretrained"
+from .checkpoint import PRETRAINED_CONFIG as CONFIG, PRETRAINED_FORMAT as FORMAT, PRETRAINED_WEIGHTS as WEIGHTS
+from .checkpoint import is_pretrained_folder
 
 
 def save_pretrained(weights, folder: str | Path) -> Path:
@@ -37,22 +38,6 @@ def save_pretrained(weights, folder: str | Path) -> Path:
     save_safetensors(state, folder / WEIGHTS, {"format": FORMAT})
     (folder / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return folder
-
-
-def is_pretrained_folder(path: Path) -> bool:
-    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
-
-
-def read_pretrained_config(path: Path) -> dict:
-    """config.json beside a model.safetensors -> the fields a checkpoint object carries."""
-    try:
-        config = json.loads((path.parent / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path.parent / CONFIG}: unreadable ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{path.parent / CONFIG}: not a fastm2d model folder (format "
-                              f"{config.get('format') if isinstance(config, dict) else config!r})")
-    return {k: config[k] for k in ("model_config", "sample_rate", "classes", "multi_label") if k in config}
 
 
 def from_pretrained(folder: str | Path, device="cpu"):

@@ -103,7 +103,7 @@ class Runtime(nn.Module):
         """M2D-CLAP: waveform -> the audio embedding in the audio-text space (B, E)."""
         if getattr(self, "audio_proj", None) is None:
             raise ValueError("these weights have no audio_proj: not an M2D-CLAP model")
-        from .clap import audio_embedding
+        from .model.projections import audio_embedding
         return audio_embedding(self.encode(waveform, sample_rate), self.audio_proj)
 
     def scene_embedding(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
@@ -129,6 +129,6 @@ def load_encoder(path: str | Path, input_frames: Optional[int] = None, attention
         encoder.num_patches = encoder.grid[0] * new_t
         encoder.pos_embed = pos
     runtime = Runtime(encoder, sr)
-    from .clap import attach_projections
+    from .model.projections import attach_projections
     attach_projections(runtime, state, path)  # M2D-CLAP: audio_proj / text_proj travel with the encoder
     return runtime.to(device)

@@ -173,7 +173,7 @@ def test_each_release_loads_and_gives_the_original_features(tmp_path, lms_12s, f
         assert (getattr(model, "audio_proj", None) is not None) == ("clap2024" in extras)
         assert model.cfg.off_dim == {"offline527": 527, "offline768": 768}.get(next(iter(extras), ""), 0)
     if "audio_proj" in parts:  # M2D-CLAP: the audio embedding, as portable_m2d's encode_clap_audio computes it
-        from fastm2d.clap import SemanticProjector
+        from fastm2d.model.projections import SemanticProjector
         ap = parts["audio_proj"]
         with torch.no_grad():
             if "clap2025" in extras:
@@ -184,7 +184,7 @@ def test_each_release_loads_and_gives_the_original_features(tmp_path, lms_12s, f
                 assert isinstance(rt.audio_proj, SemanticProjector)
             else:
                 want = ap(ref.mean(1))
-            from fastm2d.clap import audio_embedding
+            from fastm2d.model.projections import audio_embedding
             got = audio_embedding(ours, rt.audio_proj)
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
             text = torch.randn(3, 768)
