@@ -94,14 +94,14 @@ class ZeroShot(nn.Module):
     def __init__(self, weights, text_encoder: Optional[str] = None, device="cpu"):
         super().__init__()
         from .checkpoint import read_checkpoint
-        from .runtime import load_encoder
-        self.runtime = load_encoder(weights, device=device)
+        from .runtime import runtime_from_state
+        state, cfg, sr, _ = read_checkpoint(weights)  # read once: encoder, projections and any text encoder
+        self.runtime = runtime_from_state(state, cfg, sr, weights).to(device)
         if getattr(self.runtime, "text_proj", None) is None:
             raise CheckpointError(f"{weights}: no text_proj: not an M2D-CLAP model")
         kind = declared_text_encoder(weights)
         self.text_encoder_name = TEXT_ENCODERS[kind][0]
         self.text = TextEncoder(text_encoder or TEXT_ENCODERS[kind][1], TEXT_ENCODERS[kind][2]).to(device)
-        state = read_checkpoint(weights)[0]
         inside = sub_state(state, "text_encoder.")
         if inside:  # 'TI' releases carry the fine-tuned text encoder (under the original's wrapper names)
             inside = {k.split(".", 1)[1] if k.split(".", 1)[0] in ("text_encoder", "model") else k: v

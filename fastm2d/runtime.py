@@ -46,8 +46,8 @@ class Runtime(nn.Module):
         """
         if lms.dim() == 3:
             lms = lms.unsqueeze(1)
-        unit, patch_t = self.cfg.input_size[1], self.cfg.patch_size[1]
-        pad = (patch_t - lms.shape[-1] % unit % patch_t) % patch_t
+        unit = self.cfg.input_size[1]
+        pad = self.padded_frames(lms.shape[-1]) - lms.shape[-1]
         if pad:
             lms = F.pad(lms, (0, pad))
         n_f, b = self.encoder.grid[0], lms.shape[0]
@@ -83,11 +83,16 @@ class Runtime(nn.Module):
         """Duration of one feature frame: one patch width (0.16 s for 16x16 at 16 kHz)."""
         return self.cfg.patch_size[1] * self.frontend.hop_length / self.sample_rate
 
+    def padded_frames(self, lms_frames: int) -> int:
+        """The original's rule: the last chunk padded to a whole number of patches (chunks of the input length)."""
+        unit, patch_t = self.cfg.input_size[1], self.cfg.patch_size[1]
+        return lms_frames + (patch_t - lms_frames % unit % patch_t) % patch_t
+
     def frame_times_ms(self, lms_frames: int) -> torch.Tensor:
         """The centre (ms) of each feature frame `encode_lms` gives for `lms_frames` log-mel frames: chunk by chunk,
         so a grid that leaves frames unseen (80x1001 at 16x16: 62 patches per 1001 frames) keeps true times."""
         unit, patch_t = self.cfg.input_size[1], self.cfg.patch_size[1]
-        total = lms_frames + (patch_t - lms_frames % unit % patch_t) % patch_t
+        total = self.padded_frames(lms_frames)
         centres = [start + patch_t * (j + 0.5) for start in range(0, total, unit)
                    for j in range(min(unit, total - start) // patch_t)]
         return torch.tensor(centres, dtype=torch.float64) * (self.frontend.hop_length / self.sample_rate * 1000)
@@ -118,6 +123,12 @@ def load_encoder(path: str | Path, input_frames: Optional[int] = None, attention
     input_frames: another training length for fine-tuning; the position table is trimmed or resampled.
     """
     state, cfg, sr, _ = read_checkpoint(path)
+    return runtime_from_state(state, cfg, sr, path, input_frames, attention).to(device)
+
+
+def runtime_from_state(state, cfg: ModelConfig, sr: int, path, input_frames: Optional[int] = None,
+                       attention: Optional[str] = None) -> Runtime:
+    """`load_encoder` from what `read_checkpoint` returned (for callers that need the rest of the file too)."""
     cfg.attention = attention or cfg.attention
     encoder = ViTEncoder(cfg)
     load_weights(encoder, {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}, path)
@@ -131,4 +142,4 @@ def load_encoder(path: str | Path, input_frames: Optional[int] = None, attention
     runtime = Runtime(encoder, sr)
     from .model.projections import attach_projections
     attach_projections(runtime, state, path)  # M2D-CLAP: audio_proj / text_proj travel with the encoder
-    return runtime.to(device)
+    return runtime
