@@ -69,10 +69,7 @@ def _call(task):
 
 
 def check_key(files: FileList, settings: tuple) -> str:
-    h = hashlib.sha1(files.buffer.tobytes())
-    h.update(files.offsets.tobytes())
-    h.update(json.dumps(settings).encode())
-    return h.hexdigest()[:16]
+    return hashlib.sha1((files.digest() + json.dumps(settings)).encode()).hexdigest()[:16]
 
 
 def check_files_once(paths, n_mels: int = 80, min_seconds: float = 0.0, min_frames: int = 1,
@@ -84,35 +81,38 @@ def check_files_once(paths, n_mels: int = 80, min_seconds: float = 0.0, min_fram
     files = as_file_list(paths)
     settings = (n_mels, min_seconds, min_frames)
     workers = workers or default_workers()
-    _FILES = files
     path = Path(cache_dir) / f"file_checks-{check_key(files, settings)}.npz" if cache_dir is not None else None
     saved = _load(path, len(files))
     if reuse_only and saved is not None:
-        stats, ok, reasons = saved
+        reasons = saved[1]
     else:
-        spans = [(min(CHUNK, len(files) - lo), lo, min(lo + CHUNK, len(files))) for lo in range(0, len(files), CHUNK)]
-        stats = np.concatenate(_parallel(_stat, spans, workers, len(files), "stat", progress)) if spans \
-            else np.zeros((0, 2), np.int64)
-        ok, reasons = np.zeros(len(files), dtype=bool), {}
-        todo = np.arange(len(files))
-        if saved is not None:
-            old_stats, old_ok, old_reasons = saved
-            same = (old_stats == stats).all(axis=1) & (stats[:, 0] >= 0)
-            ok[same] = old_ok[same]
-            reasons = {i: r for i, r in old_reasons.items() if same[i]}
-            todo = np.flatnonzero(~same)
-        chunks = [(len(c), c, settings) for c in np.array_split(todo, max(1, -(-len(todo) // CHUNK))) if len(c)]
-        for c, found in zip([t[1] for t in chunks], _parallel(_probe, chunks, workers, len(todo), "check files",
-                                                              progress)):
-            for i, reason in zip(c.tolist(), found):
-                ok[i] = reason is None
-                if reason is not None:
-                    reasons[i] = reason
+        _FILES = files
+        try:
+            stats, reasons = _check(files, settings, workers, saved, progress)
+        finally:
+            _FILES = None
         if path is not None:
-            _save(path, stats, ok, reasons)
-    _FILES = None
-    bad = [BadFile(files[i], reasons[i]) for i in sorted(reasons)]
-    return files.select(ok), bad
+            _save(path, stats, reasons)
+    ok = np.ones(len(files), dtype=bool)
+    ok[list(reasons)] = False
+    return files.select(ok), [BadFile(files[i], reasons[i]) for i in sorted(reasons)]
+
+
+def _check(files: FileList, settings: tuple, workers: int, saved, progress: bool):
+    """-> (each file's (size, mtime_ns), {index: reason} of the unusable), probing only what changed since `saved`."""
+    spans = [(min(CHUNK, len(files) - lo), lo, min(lo + CHUNK, len(files))) for lo in range(0, len(files), CHUNK)]
+    stats = np.concatenate(_parallel(_stat, spans, workers, len(files), "stat", progress)) if spans \
+        else np.zeros((0, 2), np.int64)
+    reasons, todo = {}, np.arange(len(files))
+    if saved is not None:
+        old_stats, old_reasons = saved
+        same = (old_stats == stats).all(axis=1) & (stats[:, 0] >= 0)
+        reasons = {i: r for i, r in old_reasons.items() if same[i]}
+        todo = np.flatnonzero(~same)
+    chunks = [(len(c), c, settings) for c in np.array_split(todo, max(1, -(-len(todo) // CHUNK))) if len(c)]
+    for (_, idx, _), found in zip(chunks, _parallel(_probe, chunks, workers, len(todo), "check files", progress)):
+        reasons.update((i, r) for i, r in zip(idx.tolist(), found) if r is not None)
+    return stats, reasons
 
 
 def _load(path: Optional[Path], n: int):
@@ -120,16 +120,16 @@ def _load(path: Optional[Path], n: int):
         return None
     try:
         with np.load(path) as z:  # numpy refuses pickled objects by default: arrays and one JSON string only
-            stats, ok = z["stats"], z["ok"]
+            stats = z["stats"]
             reasons = {int(k): v for k, v in json.loads(str(z["reasons"])).items()}
     except (OSError, ValueError, KeyError):
         return None  # unreadable: checked again
-    if stats.shape != (n, 2) or ok.shape != (n,):
+    if stats.shape != (n, 2) or any(not 0 <= i < n for i in reasons):
         return None
-    return stats, ok, reasons
+    return stats, reasons
 
 
-def _save(path: Path, stats: np.ndarray, ok: np.ndarray, reasons: dict) -> None:
+def _save(path: Path, stats: np.ndarray, reasons: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, stats=stats, ok=ok, reasons=np.array(json.dumps({str(k): v for k, v in reasons.items()})))
+    np.savez(tmp, stats=stats, reasons=np.array(json.dumps({str(k): v for k, v in reasons.items()})))
     os.replace(tmp, path)  # atomic: a rank reading it sees the old file or the new one, never half of one

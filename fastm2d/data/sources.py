@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import DataError  # noqa: F401  (re-exported)
 from ..frontend import first_line, wav_truncation
+from .file_list import FileList
 
 log = logging.getLogger("fastm2d.data")
 
@@ -40,7 +41,6 @@ def list_files(spec: str, root: Optional[str] = None) -> List[Path]:
 
 def list_file_names(spec: str, root: Optional[str] = None):
     """`list_files` as a FileList, built from strings without a Path per item (2 million CSV rows: seconds)."""
-    from .file_list import FileList
     return FileList(_list(spec, root))
 
 
@@ -59,8 +59,12 @@ def _list(spec: str, root: Optional[str]):
 
 
 def list_digest(names: Sequence[str]) -> str:
-    """sha1 of an ordered list of names (any a file system allows): what a store or statistics were built from."""
+    """sha1 of an ordered list of names (any a file system allows): what a store or statistics were built from.
+    The names of a FileList (or a store) are hashed straight from its byte buffer, in one vectorised pass."""
     import hashlib
+    files = getattr(names, "files", None)
+    if isinstance(files, FileList):  # a NameView
+        return files.digest()
     h = hashlib.sha1()
     for n in names:
         h.update(n.encode("utf-8", "surrogateescape") + b"\0")

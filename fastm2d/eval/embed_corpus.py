@@ -39,8 +39,8 @@ def expand_inputs(inputs: Sequence[str], level: str) -> List[Item]:
     items: List[Item] = []
     for spec in inputs:
         p = Path(spec)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS and f.is_file())
+        if p.is_dir():  # the training lists' own walk, its audio files only
+            found = [f for f in list_files(str(p)) if f.suffix.lower() in AUDIO_EXTS and f.is_file()]
             if not found:
                 raise DataError(f"{p}: no audio files found (looked for {sorted(AUDIO_EXTS)})")
             items += [Item(f, f.relative_to(p).with_suffix("").as_posix()) for f in found]

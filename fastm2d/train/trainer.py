@@ -22,7 +22,6 @@ from ..checkpoint import init_from_weights
 from ..config import Config, ConfigError, to_yaml, unseen_frames
 from ..data import CropDataset, EpochSampler, LogMelSource, compute_norm_stats, random_crop
 from ..data.file_checks import check_files_once
-from ..data.file_list import FileList
 from ..data.dataset import FOUND_WHILE_TRAINING, training_crop
 from ..data.noise import NoisePicker, tile_crop
 from ..data.sources import AUDIO_EXTS, list_digest, list_file_names, require_usable
@@ -90,7 +89,7 @@ def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] =
     source, bad = file_source(spec, config, root, pad=not tiled, cache_dir=out_dir)
     listing = out_dir / f"bad_{label}_files.txt"
     if bad:  # the header checks' list, keeping what earlier runs of this folder found while training
-        found = _found_while_training(listing, {str(f) for f in source.files})
+        found = _found_while_training(listing, set(source.files.names()))
         listing.write_text("".join(f"{b}\n" for b in bad) + "".join(found))
     require_usable(source.files, bad, d.on_bad_file, label, listing)
     return source
@@ -550,8 +549,7 @@ class Trainer:
 
 def _stats_basis(source, config: Config, n_items: int, crop) -> str:
     """A digest of what statistics depend on: the items, the crop and its short-clip rule, the draw."""
-    names = source.files.digest() if isinstance(getattr(source, "files", None), FileList) else list_digest(source.names)
-    return list_digest([names, json.dumps(
+    return list_digest([list_digest(source.names), json.dumps(
         [config.model.input_size, config.data.sample_rate, config.data.repeat_short,
          getattr(crop, "__name__", "crop"), n_items, config.train.seed])])
 
