@@ -21,11 +21,16 @@ from fastm2d.data.sources import check_files, list_digest
 from .conftest import TINY_TRAIN, write_tone
 
 
-def _mixed_folder(root):
-    """Good clips, a short one, an empty file, a WAV cut in half, a folder named like audio, a dangling link."""
+def _mixed_folder(root, real: bool = False):
+    """Good clips, a short one, an empty file, a WAV cut in half, a folder named like audio, a dangling link, and
+    (when fetched: benchmarks/real_sounds.py) real recordings of LMMS's sample library in OGG, FLAC and WAV,
+    mislabelled package files included."""
+    from benchmarks.real_sounds import sound_files
     root.mkdir()
     for i in range(12):
         write_tone(root / f"ok{i:02d}.wav", seconds=0.5 + 0.1 * i)
+    for f in sound_files("lmms-common", "usr/share/lmms/samples")[::12][:20] if real else []:
+        os.symlink(f, root / f"real_{f.parent.name}_{f.name}")
     write_tone(root / "short.wav", seconds=0.05)
     (root / "empty.wav").write_bytes(b"")
     data = (root / "ok00.wav").read_bytes()
@@ -43,7 +48,7 @@ def _counting(monkeypatch):
 
 
 def test_parallel_checks_equal_the_sequential_ones_and_are_reused(tmp_path, monkeypatch):
-    files = _mixed_folder(tmp_path / "clips")
+    files = _mixed_folder(tmp_path / "clips", real=True)
     settings = dict(n_mels=80, min_seconds=0.16, min_frames=16)
     want_good, want_bad = check_files(files, **settings)
     calls = _counting(monkeypatch)
