@@ -44,6 +44,43 @@ def _source_modules() -> set:
     return found
 
 
+def _dependency_folders() -> list:
+    """The folders this interpreter imports third-party packages (torch ...) from, wherever the README's commands
+    were run: a virtual environment, conda, or the system interpreter. (`venv --system-site-packages` would give a
+    new environment the BASE interpreter's packages, which has no torch when the tests themselves run in a venv.)"""
+    return [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+
+
+def _venv_seeing_these_dependencies(venv: Path):
+    """A new, empty virtual environment that finds this interpreter's dependencies AFTER its own site-packages (a
+    path file: their folders are appended to sys.path, their own .pth files, the editable finder of this
+    checkout among them, are not run), so fastm2d can come only from what is installed into it."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    Path(own, "zz_dependencies_of_the_test_interpreter.pth").write_text("\n".join(_dependency_folders()) + "\n")
+    return venv, str(py)
+
+
+def test_the_wheel_venv_finds_torch_wherever_the_tests_run(tmp_path):
+    """Run from inside a virtual environment (how most users run the README's commands), the fresh venv of the wheel
+    test must still import the dependencies; fastm2d itself must not leak in from this checkout."""
+    outer = tmp_path / "outer"  # the user's venv: the test interpreter's packages, reached as the user's would be
+    _, outer_py = _venv_seeing_these_dependencies(outer)
+    probe = ("import sys; sys.path.insert(0, {root!r}); sys.argv = ['t']; import tests.test_install as t, pathlib; "
+             "venv, py = t._venv_seeing_these_dependencies(pathlib.Path({inner!r})); print(py)")
+    made = subprocess.run([outer_py, "-c", probe.format(root=str(ROOT), inner=str(tmp_path / "inner"))],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    inner_py = made.stdout.split()[-1]
+    out = subprocess.run([inner_py, "-c", "import torch, sys; import importlib.util as u; "
+                          "print(u.find_spec('fastm2d') is None, sys.prefix)"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", str(tmp_path / "inner")]
+
+
 @pytest.mark.slow
 def test_a_wheel_in_a_fresh_venv_holds_every_module_and_runs_every_command(tmp_path):
     """The wheel a user gets (not the editable install CI uses), installed into a new virtual environment:
@@ -57,9 +94,7 @@ def test_a_wheel_in_a_fresh_venv_holds_every_module_and_runs_every_command(tmp_p
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
     assert _source_modules() - shipped == set(), "modules missing from the wheel"
     assert "fastm2d/assets/audioset_class_labels_indices.csv" in zipfile.ZipFile(wheel).namelist()  # class names
-    venv = tmp_path / "venv"  # dependencies (torch ...) come from this interpreter's site-packages, fastm2d from the wheel
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
+    venv, py = _venv_seeing_these_dependencies(tmp_path / "venv")
     install = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                              capture_output=True, text=True)
     assert install.returncode == 0, install.stderr
