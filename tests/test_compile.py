@@ -30,3 +30,32 @@ def test_compiled_training_equals_eager(tiny_config, tmp_path):
     # The first step's row is folded into the compile report; the later ones match eager step for step.
     assert b == pytest.approx(a[-len(b):], rel=1e-4, abs=1e-5)
     assert all(".." not in k and "_orig_mod" not in k for k in compiled.model.state_dict())  # keys unchanged
+
+
+@pytest.mark.parametrize("resume_with_one_step_left", [False, True])
+def test_a_compiled_run_whose_first_step_is_its_last_keeps_its_bookkeeping(tiny_config, tmp_path, monkeypatch,
+                                                                           resume_with_one_step_left):
+    """train.compile=true and the first step of this process is the run's last (max_steps=1, or a resume with one
+    step left): the run must still end with its metrics row, its monitor pass and its final checkpoint. What is
+    tested is the loop's bookkeeping around the compiled step, so compilation itself is replaced by a no-op (on 2
+    CPU cores it takes minutes)."""
+    from fastm2d.model import M2D
+    monkeypatch.setattr(M2D, "compile", lambda self, **kw: None)
+    run = tmp_path / "run"
+    monitor = ["train.eval_every=1", "eval.clips=8"]
+    if resume_with_one_step_left:
+        pretrain(tiny_config(f"out_dir={run}", "train.max_steps=2", "train.save_every=1"))  # eager, 2 steps
+        (run / "checkpoint-2.pth").unlink()  # as if stopped after step 1: one step left
+        trainer = pretrain(tiny_config(f"out_dir={run}", "train.max_steps=2", "train.save_every=1000",
+                                       "train.compile=true", *monitor), resume=True)
+        last = 2
+    else:
+        trainer = pretrain(tiny_config(f"out_dir={run}", "train.max_steps=1", "train.save_every=1000",
+                                       "train.compile=true", *monitor))
+        last = 1
+    assert trainer.step == last
+    train_rows = read_metrics(run)
+    assert train_rows[-1]["step"] == last and "first_step_seconds" in train_rows[-1]
+    assert train_rows[-1]["loss"] > 0  # the step's own loss, not an emptied sum
+    assert [r["step"] for r in read_metrics(run, monitors=True)][-1:] == [last]
+    assert (run / f"checkpoint-{last}.pth").is_file()

@@ -364,10 +364,14 @@ class Trainer:
                 if first and t.compile:  # report compilation apart from the step rate (one sync, once)
                     self._first_step_seconds = self.sync_time() - last_time
                     log.info("first step (torch.compile included): %.1f s", self._first_step_seconds)
-                    last_time, last_step, first = self.sync_time(), self.step, False
-                    self._loss_sum.zero_()
-                    self._terms.zero_()
-                    continue
+                    first = False
+                    # The rate leaves the compiling step out, unless it is all there is; its loss still counts,
+                    # and the step goes through the bookkeeping below (a one-step run ends with its metrics row,
+                    # monitor pass and checkpoint, like any other).
+                    if self.step % t.log_every != 0 and self.step != self.total_steps:
+                        self._loss_sum.zero_()
+                        self._terms.zero_()
+                        last_time, last_step = self.sync_time(), self.step
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     logger.write(self.log_row(self.step - last_step, now - last_time))
