@@ -132,3 +132,46 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, stage, one
                         f"out_dir={single}", "train.batch_size=2", "train.engine=single", "train.max_steps=14",
                         "--resume"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "effective batch of 8" in r.stderr  # a changed global batch is refused
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed is not installed (pip install 'fastm2d[deepspeed]')")
+def test_the_forward_under_deepspeed_runs_in_bf16_autocast(tmp_path, monkeypatch):
+    """DeepSpeed re-enters autocast with enabled=False inside its forward when autocast is on outside but not in its
+    config; it asks `torch.is_autocast_enabled()`, which is about CUDA only. Answered here with the CPU's state,
+    the CPU run takes the GPU run's branch: the model's forward must still see bf16 autocast, and the master
+    weights and the EMA target stay fp32."""
+    import socket
+
+    from fastm2d.train import Trainer
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    cuda_only = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: cuda_only(*a) if a else cuda_only("cpu"))
+    cfg = load_config(None, [f"out_dir={tmp_path / 'run'}", *TINY_TRAIN, "train.engine=deepspeed",
+                             "train.precision=bf16", "train.max_steps=2"])
+    seen = []
+    try:
+        trainer = Trainer(cfg)
+        trainer.model.register_forward_pre_hook(
+            lambda m, a: seen.append((cuda_only("cpu"), torch.get_autocast_dtype("cpu"))))
+        trainer.train_step([torch.randn(4, 1, 80, 64)])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert seen == [(True, torch.bfloat16)]
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # online, predictor and EMA target
+    assert {p.dtype for p in trainer.model.target_parameters()} == {torch.float32}
+
+
+def test_deepspeed_refuses_fp16_and_keeps_gradients_in_fp32():
+    cfg = load_config(None, [])
+    assert "torch_autocast" not in deepspeed_config(cfg, 8)  # fp32 runs
+    bf16 = deepspeed_config(cfg, 8, torch.bfloat16)["torch_autocast"]
+    assert bf16["enabled"] and bf16["dtype"] == "bfloat16" and bf16["lower_precision_safe_modules"] == []
+    with pytest.raises(ConfigError, match="fp16"):
+        deepspeed_config(cfg, 8, torch.float16)

@@ -4,9 +4,16 @@ Both engines expose the same three calls to `Trainer.train_step`: `backward(loss
 `step()` at the accumulation boundary, and `param_groups` for the per-step learning rate. One code path serves
 1 and N processes; single-GPU users never import DeepSpeed.
 
-Precision under DeepSpeed: parameters stay fp32 and the forward runs under torch.autocast (bf16), instead of
-DeepSpeed's bf16 mode, which casts the whole module: an EMA with tau = 0.99999 applied to bf16 target weights
-would round every update away.
+Precision under DeepSpeed: parameters (the master weights and the EMA target) stay fp32 and the forward runs
+under torch.autocast (bf16), instead of DeepSpeed's bf16 mode, which casts the whole module: an EMA with
+tau = 0.99999 applied to bf16 target weights would round every update away. The autocast must be DeepSpeed's own
+`torch_autocast` section: when autocast is on outside the engine but not configured in it, DeepSpeed 0.19 re-enters
+autocast with enabled=False inside its forward (deepspeed/runtime/torch_autocast.py, `autocast_if_enabled`), and
+every multi-GPU run trained in fp32. Gradients are still reduced in fp32 (no module is listed as
+"lower-precision safe"), as one process computes them.
+
+fp32 (train.precision=fp32) means IEEE fp32 matmuls on a GPU: TF32 stays off, PyTorch's default. It is the
+setting for exact comparisons; bf16 autocast is the fast path and the default on CUDA.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
 import torch
 
 from ..checkpoint import CheckpointError, check_deepspeed_checkpoint
@@ -70,10 +79,16 @@ def init_distributed(config: Config, device_type: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
-def deepspeed_config(config: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON, generated from fastm2d's config (never kept by hand in a second place)."""
+def deepspeed_config(config: Config, world_size: int, amp_dtype: Optional[torch.dtype] = None) -> dict:
+    """The DeepSpeed JSON, generated from fastm2d's config (never kept by hand in a second place); `amp_dtype`:
+    the trainer's autocast dtype (None: fp32)."""
     t = config.train
-    return {
+    if amp_dtype == torch.float16:
+        raise ConfigError("train.precision=fp16 is not available with DeepSpeed (its torch autocast scales no "
+                          "losses under ZeRO); use train.precision=bf16")
+    autocast = {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}} \
+        if amp_dtype == torch.bfloat16 else {}
+    return {**autocast,
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.accum_steps,
         "train_batch_size": t.batch_size * t.accum_steps * world_size,
@@ -147,9 +162,10 @@ class DeepSpeedEngine(_Engine):
     """ZeRO stage 0-2 around the same model and AdamW. Stage 3 partitions the parameters themselves, which the
     EMA target update reads whole on every rank, so it is refused at start-up."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config, world_size: int):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config, world_size: int,
+                 amp_dtype: Optional[torch.dtype] = None):
         deepspeed = import_deepspeed()
-        self.ds_config = deepspeed_config(config, world_size)
+        self.ds_config = deepspeed_config(config, world_size, amp_dtype)
         self.stage = config.train.zero_stage
         self.groups = [list(g["params"]) for g in optimizer.param_groups]  # before ZeRO flattens them
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -206,7 +222,7 @@ class DeepSpeedEngine(_Engine):
 
 def make_engine(model, optimizer, config: Config, amp_dtype, dist: DistInfo, use_deepspeed: bool):
     if use_deepspeed:
-        return DeepSpeedEngine(model, optimizer, config, dist.world_size)
+        return DeepSpeedEngine(model, optimizer, config, dist.world_size, amp_dtype)
     return SingleEngine(model, optimizer, amp_dtype, config.train.clip_grad)
 
 
