@@ -115,3 +115,61 @@ def test_a_short_clip_is_padded_alike_on_every_path(tmp_path):
     np.testing.assert_allclose(stored, written_out, atol=1e-6)
     np.testing.assert_allclose(dali, written_out, atol=1e-3)
     assert np.allclose(written_out[:, 90:], SILENCE_LOG, atol=1e-3)  # silence, which normalises to about -2
+
+
+RANK_READS = """
+import json, sys
+import torch
+from fastm2d.config import load_config
+from fastm2d.train import Trainer
+out, overrides = sys.argv[1], sys.argv[2:]
+trainer = Trainer(load_config(None, overrides))
+files = [str(f) for f in trainer.source.files]
+epoch = [files[i] for _, index in trainer.dali_loader(with_index=True) for i in index.tolist()]
+with open(f"{out}/rank{trainer.dist.rank}.json", "w") as f:
+    json.dump(epoch, f)
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_each_rank_reads_its_own_shard_and_together_the_list(tmp_path):
+    """2 gloo processes (torchrun, DeepSpeed on CPU), each with the trainer's DALI loader on DALI's CPU operators:
+    the files each rank reads in an epoch are disjoint and together are the list (before: every rank read the
+    whole list in the same order, so the global batch was 2 copies of one batch)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    from .conftest import TINY_TRAIN
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed: the trainer runs several processes on it")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        sf.write(str(clips / f"c{i:02d}.wav"), (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+    (tmp_path / "reads.py").write_text(RANK_READS)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        str(tmp_path / "reads.py"), str(tmp_path), *TINY_TRAIN, f"out_dir={tmp_path / 'run'}",
+                        f"data.train={clips}", "data.loader=dali", "train.batch_size=2", "data.norm_stats=[-8,4]",
+                        "train.engine=deepspeed"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    reads = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert len(reads[0]) == len(reads[1]) == 6
+    assert not set(reads[0]) & set(reads[1])
+    assert sorted(reads[0] + reads[1]) == sorted(str(p) for p in clips.glob("*.wav"))
+
+
+def test_dali_threads_take_the_ranks_share_of_the_cores():
+    from fastm2d.data.dali import dali_threads
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert dali_threads(2, 1) == max(2, cores)
+    assert dali_threads(64, 8) == 64  # an explicit larger data.num_workers wins
+    assert dali_threads(0, 10 * cores) == 1

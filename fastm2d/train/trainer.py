@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -430,14 +431,22 @@ class Trainer:
     def _dali_batches(self) -> Iterator[torch.Tensor]:
         """DALI decodes on CPU threads and computes the log-mel on the GPU; model state resumes exactly, the
         data order restarts at an epoch boundary (DALI's reader keeps its own shuffling state)."""
-        from ..data.dali import DaliLogMelLoader
-
-        loader = DaliLogMelLoader(self.source.files, self.config.train.batch_size, self.device,
-                                  sample_rate=self.config.data.sample_rate, crop_frames=self.config.model.input_size[1],
-                                  num_threads=max(1, self.config.data.num_workers), seed=self.config.train.seed)
+        loader = self.dali_loader()
         while True:
             for lms in loader:
                 yield self.to_batch(lms)
+
+    def dali_loader(self, with_index: bool = False):
+        """This rank's DALI loader: its own shard of the files (the global batch is N different batches, not N
+        copies of one), its own crop positions (seed + rank), and the node's cores shared among its ranks."""
+        from ..data.dali import DaliLogMelLoader, dali_threads
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        return DaliLogMelLoader(self.source.files, self.config.train.batch_size, self.device,
+                                sample_rate=self.config.data.sample_rate, crop_frames=self.config.model.input_size[1],
+                                num_threads=dali_threads(self.config.data.num_workers, local),
+                                seed=self.config.train.seed + self.dist.rank, shard_id=self.dist.rank,
+                                num_shards=self.dist.world_size, with_index=with_index)
 
     def sync_time(self) -> float:
         if self.device.type == "cuda":
