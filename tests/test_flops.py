@@ -41,3 +41,27 @@ def test_metrics_carry_mfu_and_the_peak_used(tiny_config):
     assert all(r["peak_tflops"] == 0.5 and 0 < r["mfu"] for r in rows)
     assert rows[0]["gflop_per_sample"] == pytest.approx(
         train_flops_per_sample(tiny_config().model) / 1e9)
+
+
+@pytest.mark.parametrize("card, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
+                                          ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce RTX 4090", 165)])
+def test_the_peak_is_the_exact_cards_dense_bf16_data_sheet_figure(card, tflops, monkeypatch):
+    """By exact name: an H100 PCIe (756) or NVL (835) is not an SXM H100 (989), which a substring match made them."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: card)
+    assert peak_flops(torch.device("cuda", 0)) == tflops * 1e12
+
+
+def test_an_unknown_card_has_no_mfu_until_its_peak_is_configured(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 Super Ultra")
+    with caplog.at_level("WARNING"):
+        assert peak_flops(torch.device("cuda", 0)) is None
+    assert "train.peak_tflops" in caplog.text and "H100 Super Ultra" in caplog.text
+    assert peak_flops(torch.device("cuda", 0), override_tflops=500) == 500e12
+
+
+def test_the_target_is_forty_percent_mfu_on_an_sxm_h100():
+    """docs/architecture.md, README and the device suite state the target the same way: 4,700 samples/s of ViT-B
+    80x608 = 40 % of the H100 SXM's 989 TFLOP/s."""
+    from fastm2d.train.flops import TARGET_SAMPLES_PER_S
+    assert mfu(TARGET_SAMPLES_PER_S, train_flops_per_sample(ModelConfig()), 989e12) == pytest.approx(0.40, abs=0.005)

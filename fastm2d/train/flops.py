@@ -6,14 +6,36 @@ online 58 tokens, target 134, predictor 191 at width 512 -> about 85 GFLOP per s
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 
 from ..config import ModelConfig
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s). Override with train.peak_tflops.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
+log = logging.getLogger("fastm2d.train")
+
+# MFU, one definition everywhere (README, docs/architecture.md, the device suite): achieved model FLOPs per second
+# (train_flops_per_sample x samples/s) / the card's DENSE bf16 tensor-core peak from the vendor's data sheet,
+# looked up by the exact name torch.cuda.get_device_name() gives (an H100 PCIe or NVL is not an SXM H100).
+# Unknown cards get no MFU until train.peak_tflops names their peak. The target (docs/architecture.md): ViT-B at
+# 4,700 samples/s on one H100 SXM = 398 TFLOP/s = 40 % MFU (about half of the ~790 TFLOP/s a large bf16 matmul
+# reaches on that card).
+PEAK_BF16_DENSE = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
+    "NVIDIA H100": 989e12,  # some drivers report the SXM part without its memory
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA GeForce RTX 4090": 165e12,
+}
+TARGET_SAMPLES_PER_S = 4700  # ViT-B 80x608 16x16, mask 0.7, one H100 SXM: 40 % MFU
 
 
 def layer_flops(n: int, d: int) -> float:
@@ -33,13 +55,21 @@ def train_flops_per_sample(cfg: ModelConfig) -> float:
 
 
 def peak_flops(device: torch.device, override_tflops: Optional[float] = None) -> Optional[float]:
-    """The peak used for MFU: the configured figure, else the data-sheet bf16 peak of a known GPU, else None."""
+    """The peak used for MFU: the configured figure, else the data-sheet dense bf16 peak of this exact card, else
+    None (CPU, or a card not in the table: a warning names it and the setting)."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return card_peak(torch.cuda.get_device_name(device))
+
+
+def card_peak(name: str) -> Optional[float]:
+    peak = PEAK_BF16_DENSE.get(name.strip())
+    if peak is None:
+        log.warning("no data-sheet bf16 peak is known for %r: MFU is not reported; set train.peak_tflops to the "
+                    "card's dense bf16 TFLOP/s", name)
+    return peak
 
 
 def mfu(samples_per_s: float, flops_per_sample: float, peak: Optional[float]) -> Optional[float]:
