@@ -55,3 +55,35 @@ def test_every_attention_choice_has_a_backend():
     from fastm2d.config import ATTENTION_CHOICES
     from fastm2d.model.attention import BACKENDS
     assert set(BACKENDS) == set(ATTENTION_CHOICES)
+
+
+def test_xformers_is_chosen_only_when_it_beats_sdpa_beyond_the_timing_noise():
+    from fastm2d.model.attention import faster_beyond_noise
+    assert faster_beyond_noise({"sdpa": [1.00, 1.04, 0.98], "xformers": [0.97, 0.99, 1.02]}) == "sdpa"  # overlap
+    assert faster_beyond_noise({"sdpa": [1.00, 1.04, 0.98], "xformers": [0.90, 0.92, 0.91]}) == "xformers"
+    assert faster_beyond_noise({"sdpa": [1.0]}) == "sdpa"
+
+
+def _rank_times_its_own(rank, world, init_file, out):
+    """A rank of a 2-process gloo job resolving `auto` on a 'GPU' whose timing gives each rank another answer."""
+    import json
+
+    import torch.distributed as dist
+
+    import fastm2d.model.attention as attention
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    attention._fastest = lambda device: "xformers" if rank == 0 else "sdpa"  # what each rank's timing says
+    torch.cuda.get_device_name = lambda *a: "the same card"
+    chosen = attention.resolve_attention("auto", torch.device("cuda", 0))
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(chosen, f)
+    dist.destroy_process_group()
+
+
+def test_every_rank_runs_the_backend_rank_zero_measured(tmp_path):
+    """model.attention=auto timed on every rank could give ranks different kernels; rank 0 decides."""
+    import json
+
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_times_its_own, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == ["xformers", "xformers"]
