@@ -6,13 +6,13 @@ import json
 
 import torch
 
-from ladder import CPU_RUNGS, RUNGS, ladder
+from ladder import DRY_RUN, RUNGS, ladder
 
 
 def test_ladder(benchmark):
     on_gpu = torch.cuda.is_available()
-    rows = benchmark.pedantic(lambda: ladder("vit_base" if on_gpu else "demo", 256 if on_gpu else 8,
-                                             RUNGS if on_gpu else CPU_RUNGS, steps=5 if on_gpu else 15),
+    sizes = {"model": "vit_base", "batch": 256} if on_gpu else {**DRY_RUN, "batch": 8}
+    rows = benchmark.pedantic(lambda: ladder(sizes, RUNGS, steps=5 if on_gpu else 15),
                               rounds=1, iterations=1)
     benchmark.extra_info["rows"] = rows
     device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"

@@ -1,84 +1,166 @@
 """The training-step ladder: each rung adds one speed feature, so every gain is attributed.
 
 eager fp32 (explicit-softmax attention, reference kernels) -> +bf16 -> +fused attention (each backend) ->
-+torch.compile -> +Triton kernels -> +CUDA graphs (compile mode reduce-overhead). Each rung reports samples/s,
-MFU (against the stated peak), peak memory and compile time (the first step, reported apart).
++torch.compile -> +Triton kernels -> +CUDA graphs (compile mode reduce-overhead); then what users run: the shipped
+ViT-B recipe exactly as `fastm2d pretrain --config configs/m2d_vit_base.yaml` runs it (its micro-batch, its
+accumulation, precision / attention / kernels `auto`), alone and under DeepSpeed ZeRO-2 in one process. Each rung
+reports samples/s, MFU (train/flops.py's one definition), peak memory and the first step (compilation) apart.
+
+One config builder (`rung_config`) serves the GPU run, its CPU dry run and the test that constructs every GPU
+rung's exact config on CPU: the dry run changes the sizes (`DRY_RUN`), the device, and the compile backend only
+(Inductor's C++ builds take minutes on 2 cores; `eager` traces the same graphs).
 """
 from __future__ import annotations
 
+import gc
+import os
+import socket
 import tempfile
 import time
+from pathlib import Path
+from typing import Callable, List, Optional
 
 import torch
 
-from fastm2d.config import load_config
-from fastm2d.train import Trainer
+from fastm2d.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "configs" / "m2d_vit_base.yaml"
 
 BASE = ["model.attention=reference", "model.kernels=reference", "train.precision=fp32"]
+BF16_SDPA = ["train.precision=bf16", "model.attention=sdpa"]
+# (name, overrides, built on the shipped recipe?)
 RUNGS = [
-    ("eager fp32", []),
-    ("+bf16", ["train.precision=bf16"]),
-    ("+fused attention (sdpa)", ["train.precision=bf16", "model.attention=sdpa"]),
-    ("+fused attention (xformers)", ["train.precision=bf16", "model.attention=xformers"]),
-    ("+compile", ["train.precision=bf16", "model.attention=sdpa", "train.compile=true"]),
-    ("+Triton kernels", ["train.precision=bf16", "model.attention=sdpa", "train.compile=true", "model.kernels=triton"]),
-    ("+CUDA graphs", ["train.precision=bf16", "model.attention=sdpa", "train.compile=true", "model.kernels=triton",
-                      "train.compile_mode=reduce-overhead"]),
-]
-# This CPU has no bf16 arithmetic (autocast bf16 measured 12x slower here), so its ladder stays in fp32.
-CPU_RUNGS = [
-    ("eager fp32", []),
-    ("fp32 +fused attention (sdpa)", ["model.attention=sdpa"]),
-    ("fp32 +sdpa +compile", ["model.attention=sdpa", "train.compile=true"]),
+    ("eager fp32", [], False),
+    ("+bf16", ["train.precision=bf16"], False),
+    ("+fused attention (sdpa)", BF16_SDPA, False),
+    ("+fused attention (xformers)", ["train.precision=bf16", "model.attention=xformers"], False),
+    ("+compile", [*BF16_SDPA, "train.compile=true"], False),
+    ("+Triton kernels", [*BF16_SDPA, "train.compile=true", "model.kernels=triton"], False),
+    ("+CUDA graphs", [*BF16_SDPA, "train.compile=true", "model.kernels=triton", "train.compile_mode=reduce-overhead"],
+     False),
+    ("ViT-B recipe (configs/m2d_vit_base.yaml)", [], True),
+    ("ViT-B recipe, DeepSpeed ZeRO-2, 1 process", ["train.engine=deepspeed"], True),
 ]
 MODELS = {
     "vit_base": ["model.size=base"],
     "demo": ["model.size=tiny", "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4"],
 }
+GPU_RUN = {"model": "vit_base", "batch": 512}  # the ladder's rungs fill an 80 GB card; the recipe keeps its own
+DRY_RUN = {"model": "demo", "batch": 4}
 
 
-def measure_rung(name: str, overrides: list, model: str, batch: int, steps: int = 5) -> dict:
+def rung_config(overrides: List[str], recipe: bool, model: str, batch: int, out_dir: str,
+                dry_run: bool = False, device: Optional[str] = None) -> Config:
+    """The exact config a rung trains with. The data set is synthetic and repeated to a full batch
+    (`data.min_epoch_items`): the step reads random tensors, but the Trainer checks the list can fill a batch."""
+    data = ["data.train=synthetic", "data.synthetic_clips=32", "data.synthetic_seconds=2.0", "data.num_workers=0",
+            f"data.min_epoch_items={batch * 4}"]
+    run = [f"out_dir={out_dir}", "train.max_steps=1000", "train.progress=false", "train.tensorboard=false",
+           "train.eval_every=0"]
+    sizes = ([] if model == "vit_base" else MODELS[model]) if recipe else MODELS[model]
+    # The recipe keeps its micro-batch x accumulation (512 x 4) on the GPU; the dry run shrinks both sides alike.
+    batch_override = [f"train.batch_size={batch}"] if (dry_run or not recipe) else []
+    ladder_base = [] if recipe else [*BASE, "data.norm_stats=[-7.1,4.2]"]
+    extra = ["train.compile_backend=eager"] if dry_run else []
+    extra += [f"train.device={device}"] if device else []
+    return load_config(RECIPE if recipe else None,
+                       [*run, *data, *sizes, *ladder_base, *overrides, *batch_override, *extra])
+
+
+def _one_process_group_env() -> dict:
+    """What a launcher would set for a single process (DeepSpeed needs a process group even for one)."""
+    if "RANK" in os.environ:
+        return {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port))
+
+
+def _release(trainer=None) -> None:
+    """Free what a rung held, so the next starts clean (also after an OOM or a compile error)."""
+    del trainer
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_rung(name: str, cfg: Config, steps: int = 5) -> dict:
+    """Samples/s of `steps` optimiser steps after two (compilation, autotuning) that are timed apart. Any failure
+    (a backend missing here, an OOM, a compile or CUDA-graph error) is this rung's row, never the ladder's end."""
+    from fastm2d.train import Trainer
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [f"out_dir={tmp}", *MODELS[model], *BASE, *overrides, f"train.batch_size={batch}",
-                                 "data.norm_stats=[-7.1,4.2]", "data.synthetic_clips=32", "train.max_steps=1000",
-                                 "train.progress=false", "train.tensorboard=false"])
-        try:
-            trainer = Trainer(cfg)
-        except Exception as e:  # a rung that cannot run here (no xformers, no CUDA) is a row with the reason
-            return {"rung": name, "note": f"skipped: {str(e).splitlines()[0][:160]}"}
-        lms = torch.randn(batch, 1, 80, 608, device=trainer.device)
+    env = _one_process_group_env() if cfg.train.engine == "deepspeed" else {}
+    os.environ.update(env)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        t = cfg.train
+        micro = [torch.randn(t.batch_size, 1, *cfg.model.input_size, device=trainer.device)
+                 for _ in range(t.accum_steps)]
         t0 = trainer.sync_time()
-        trainer.train_step([lms])  # compilation / autotuning happen here
+        trainer.train_step(micro)  # compilation / autotuning happen here
         first = trainer.sync_time() - t0
-        trainer.train_step([lms])
+        trainer.train_step(micro)
         t0 = trainer.sync_time()
         for _ in range(steps):
-            trainer.train_step([lms])
+            trainer.train_step(micro)
         sec = (trainer.sync_time() - t0) / steps
-        rate = batch / sec
-        row = {"rung": name, "batch": batch, "ms": sec * 1e3, "samples_s": rate, "first_step_s": first,
-               "mfu": rate * trainer.flops_per_sample / trainer.peak_flops if trainer.peak_flops else None,
-               "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None}
-        del trainer
-        return row
+        samples = t.batch_size * t.accum_steps
+        rate = samples / sec
+        return {"rung": name, "batch": samples, "ms": sec * 1e3, "samples_s": rate, "first_step_s": first,
+                "mfu": rate * trainer.flops_per_sample / trainer.peak_flops if trainer.peak_flops else None,
+                "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""),
+                "attention": next(m.backend for m in trainer.model.modules() if hasattr(m, "backend")),
+                "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None}
+    except Exception as e:
+        return {"rung": name, "note": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+    finally:
+        if trainer is not None:
+            trainer.close()
+        _release(trainer)
+        for k in env:
+            os.environ.pop(k, None)
 
 
-def ladder(model: str, batch: int, rungs=RUNGS, steps: int = 5, stop=lambda: False) -> list:
-    rows = []
+def cuda_usable() -> bool:
+    """False once a rung left the CUDA context broken (an illegal address is sticky): later rungs would only fail."""
+    if not torch.cuda.is_available():
+        return True
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception:
+        return False
+
+
+def ladder(sizes: dict, rungs=RUNGS, steps: int = 5, dry_run: bool = False, stop: Callable[[], bool] = lambda: False,
+           on_row: Callable[[dict], None] = lambda row: None) -> list:
+    """Every rung in turn; `on_row` gets each row as it finishes (the device suite writes it out at once)."""
+    rows: list = []
     base_rate = None
-    for name, overrides in rungs:
+    for name, overrides, recipe in rungs:
         if stop():
-            rows.append({"rung": name, "note": "skipped: time budget"})
-            continue
-        t0 = time.perf_counter()
-        row = measure_rung(name, overrides, model, batch, steps)
-        row["wall_s"] = time.perf_counter() - t0
-        if "samples_s" in row:
-            base_rate = base_rate or row["samples_s"]
-            row["x_vs_eager"] = row["samples_s"] / base_rate
+            row = {"rung": name, "note": "skipped: time budget"}
+        elif not cuda_usable():
+            row = {"rung": name, "note": "skipped: an earlier rung left the CUDA context unusable"}
+        else:
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                row = measure_rung(name, rung_config(overrides, recipe, sizes["model"], sizes["batch"], tmp,
+                                                     dry_run=dry_run), steps)
+            row["wall_s"] = time.perf_counter() - t0
+            if "samples_s" in row and not recipe:
+                base_rate = base_rate or row["samples_s"]
+                row["x_vs_eager"] = row["samples_s"] / base_rate
         rows.append(row)
+        on_row(row)
     return rows

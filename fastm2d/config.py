@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError  # noqa: F401  (re-exported)
 
 # Each setting's choices, typed once: the schema checks them, the command line offers them, the code reads them.
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "reference")  # model/attention.py implements each
 KERNEL_CHOICES = ("auto", "triton", "reference")  # kernels/ holds both paths of every fused operation
 ENGINE_CHOICES = ("auto", "single", "deepspeed")
@@ -215,6 +216,9 @@ class TrainConfig:
     progress: bool = True
     compile: bool = False  # torch.compile the model's forward (fuses LayerNorm / GELU / residual / bias glue)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    # inductor (the fast one) | aot_eager | eager: the last two trace the same graphs without generating code
+    # (debugging graph breaks; the device suite's CPU dry run, where Inductor's C++ builds take minutes)
+    compile_backend: str = "inductor"
     peak_tflops: Optional[float] = None  # for MFU; default: the data-sheet bf16 peak of a known GPU
     engine: str = "auto"  # auto (DeepSpeed when launched with several processes) | single | deepspeed
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1 or 2
@@ -346,6 +350,8 @@ def check_config(c: Config) -> None:
                           f"(stage 3 partitions the weights the EMA target update reads whole on every rank)")
     if c.train.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         raise ConfigError(f"train.compile_mode={c.train.compile_mode!r}: not a torch.compile mode")
+    if c.train.compile_backend not in COMPILE_BACKENDS:
+        raise ConfigError(f"train.compile_backend={c.train.compile_backend!r}: choose one of {COMPILE_BACKENDS}")
     if c.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={c.train.precision!r}: expected auto, fp32, bf16 or fp16")
     for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints", "dist_timeout_s"):

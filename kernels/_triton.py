@@ -43,3 +43,11 @@ def check_float(name: str, *tensors: torch.Tensor) -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def cpu_kernel(triton_impl, reference_impl):
+    """A custom op's CPU kernel: the reference, except under TRITON_INTERPRET=1, where the Triton code itself runs
+    interpreted (how the CPU tests check the kernels; the reference would only be compared with itself)."""
+    def cpu(*args):
+        return triton_impl(*args) if interpreting() else reference_impl(*args)
+    return cpu

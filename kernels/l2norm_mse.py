@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAVE_TRITON, check_float, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, check_float, cpu_kernel, next_pow2, tl, triton
 
 STD_EPS = 1e-6  # (t - mean) / sqrt(var + 1e-6), var unbiased as in the original
 NORM_EPS = 1e-12  # F.normalize's floor on the norm
@@ -51,11 +51,11 @@ if HAVE_TRITON:
         tl.store(LOSS + row, 2.0 - 2.0 * cos)
 
     @triton.jit
-    def _l2norm_mse_bwd(P, T, GRAD, DP, DT, D, inv_rows, stride_p, stride_t, STANDARDIZE: tl.constexpr,
+    def _l2norm_mse_bwd(P, T, GRAD, DP, DT, D, stride_p, stride_t, STANDARDIZE: tl.constexpr,
                         NEED_DT: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         p, t, s, pn, tn, cos, cols, mask = _row_terms(P, T, row, D, stride_p, stride_t, STANDARDIZE, BLOCK_D)
-        g = tl.load(GRAD).to(tl.float32) * (-2.0 * inv_rows)  # d loss / d cos of this row
+        g = tl.load(GRAD + row).to(tl.float32) * -2.0  # d loss / d cos of this row (the row's own gradient)
         ph, th = p / pn, t / tn
         dp = g * (th - cos * ph) / pn
         tl.store(DP + row * stride_p + cols, dp.to(DP.dtype.element_ty), mask=mask)
@@ -66,28 +66,90 @@ if HAVE_TRITON:
             tl.store(DT + row * stride_t + cols, dt.to(DT.dtype.element_ty), mask=mask)
 
 
-class _L2NormMSE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, target, standardize):
-        d = pred.shape[-1]
-        p, t = pred.reshape(-1, d).contiguous(), target.reshape(-1, d).contiguous()  # documented copy if strided
-        rows = torch.empty(p.shape[0], device=p.device, dtype=torch.float32)
-        _l2norm_mse_fwd[(p.shape[0],)](p, t, rows, d, p.stride(0), t.stride(0), STANDARDIZE=standardize,
-                                       BLOCK_D=next_pow2(d))
-        ctx.save_for_backward(p, t)
-        ctx.standardize, ctx.shape = standardize, pred.shape
-        return rows.mean()
+# As PyTorch custom ops (torch.library): the loss (one value per token row, fp32) and its backward, with fake
+# (shape-only) implementations and the autograd formula registered, so torch.compile keeps them as ops. CUDA runs
+# the Triton kernels; CPU the reference formulas (kernels/_triton.py `cpu_kernel`).
+def _rows_triton(p, t, standardize):
+    rows = torch.empty(p.shape[0], device=p.device, dtype=torch.float32)
+    _l2norm_mse_fwd[(p.shape[0],)](p, t, rows, p.shape[1], p.stride(0), t.stride(0), STANDARDIZE=standardize,
+                                   BLOCK_D=next_pow2(p.shape[1]))
+    return rows
 
-    @staticmethod
-    def backward(ctx, grad):
-        p, t = ctx.saved_tensors
-        need_dt = ctx.needs_input_grad[1]
-        dp = torch.empty_like(p)
-        dt = torch.empty_like(t) if need_dt else dp  # DT is never written when NEED_DT is False
-        _l2norm_mse_bwd[(p.shape[0],)](p, t, grad.float().contiguous(), dp, dt, p.shape[1], 1.0 / p.shape[0],
-                                       p.stride(0), t.stride(0), STANDARDIZE=ctx.standardize, NEED_DT=need_dt,
-                                       BLOCK_D=next_pow2(p.shape[1]))
-        return dp.view(ctx.shape), (dt.view(ctx.shape) if need_dt else None), None
+
+def _rows_backward_triton(p, t, grad, standardize, need_dt):
+    dp = torch.empty_like(p)
+    dt = torch.empty_like(t) if need_dt else t.new_empty(0)
+    _l2norm_mse_bwd[(p.shape[0],)](p, t, grad.float().contiguous(), dp, dt if need_dt else dp, p.shape[1],
+                                   p.stride(0), t.stride(0), STANDARDIZE=standardize, NEED_DT=need_dt,
+                                   BLOCK_D=next_pow2(p.shape[1]))
+    return dp, dt
+
+
+def _standardized(t):
+    t = t.float()
+    centred = t - t.mean(dim=-1, keepdim=True)
+    s = ((centred * centred).sum(dim=-1, keepdim=True) / (t.shape[-1] - 1) + STD_EPS).sqrt()
+    return centred / s, s
+
+
+def _rows_reference(p, t, standardize):
+    t = _standardized(t)[0] if standardize else t.float()
+    return 2.0 - 2.0 * (F.normalize(p.float(), dim=-1) * F.normalize(t, dim=-1)).sum(dim=-1)
+
+
+def _rows_backward_reference(p, t, grad, standardize, need_dt):
+    """The kernel's gradient formulas written with PyTorch ops (grad: one value per row; d loss / d cos = -2)."""
+    ts, s = _standardized(t) if standardize else (t.float(), None)
+    pf = p.float()
+    pn = pf.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    tn = ts.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    ph, th = pf / pn, ts / tn
+    cos = (ph * th).sum(dim=-1, keepdim=True)
+    g = grad.float().unsqueeze(-1) * -2.0
+    dp = (g * (th - cos * ph) / pn).to(p.dtype)
+    if not need_dt:
+        return dp, t.new_empty(0)
+    dt = g * (ph - cos * th) / tn
+    if standardize:
+        d = t.shape[-1]
+        dt = (dt - dt.mean(dim=-1, keepdim=True) - ts * (dt * ts).sum(dim=-1, keepdim=True) / (d - 1)) / s
+    return dp, dt.to(t.dtype)
+
+
+loss_rows = torch.library.custom_op("fastm2d::l2norm_mse_rows", mutates_args=(),
+                                    schema="(Tensor pred, Tensor target, bool standardize) -> Tensor")(_rows_triton)
+loss_rows_backward = torch.library.custom_op(
+    "fastm2d::l2norm_mse_rows_backward", mutates_args=(),
+    schema="(Tensor pred, Tensor target, Tensor grad, bool standardize, bool need_dt) -> (Tensor, Tensor)",
+)(_rows_backward_triton)
+loss_rows.register_kernel("cpu")(cpu_kernel(_rows_triton, _rows_reference))
+loss_rows_backward.register_kernel("cpu")(cpu_kernel(_rows_backward_triton, _rows_backward_reference))
+
+
+@loss_rows.register_fake
+def _(p, t, standardize):
+    return p.new_empty(p.shape[0], dtype=torch.float32)
+
+
+@loss_rows_backward.register_fake
+def _(p, t, grad, standardize, need_dt):
+    return torch.empty_like(p), (torch.empty_like(t) if need_dt else t.new_empty(0))
+
+
+def _save_rows(ctx, inputs, output):
+    p, t, standardize = inputs
+    ctx.save_for_backward(p, t)
+    ctx.standardize = standardize
+
+
+def _rows_grad(ctx, grad_rows):
+    p, t = ctx.saved_tensors
+    need_dt = ctx.needs_input_grad[1]
+    dp, dt = loss_rows_backward(p, t, grad_rows, ctx.standardize, need_dt)
+    return dp, (dt if need_dt else None), None
+
+
+loss_rows.register_autograd(_rows_grad, setup_context=_save_rows)
 
 
 def l2norm_mse_triton(pred: torch.Tensor, target: torch.Tensor, standardize_target: bool = True) -> torch.Tensor:
@@ -97,4 +159,6 @@ def l2norm_mse_triton(pred: torch.Tensor, target: torch.Tensor, standardize_targ
     if pred.dim() < 1 or pred.shape[-1] < 2 or pred.numel() == 0:
         raise ValueError(f"l2norm_mse: need (..., D) with D >= 2 and at least one token, got {tuple(pred.shape)}")
     check_float("l2norm_mse", pred, target)
-    return _L2NormMSE.apply(pred, target, bool(standardize_target))
+    d = pred.shape[-1]
+    # One row per token; a strided input is copied once (documented cost), a contiguous one is only viewed.
+    return loss_rows(pred.reshape(-1, d).contiguous(), target.reshape(-1, d).contiguous(), bool(standardize_target)).mean()

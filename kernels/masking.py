@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAVE_TRITON, check_float, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, check_float, cpu_kernel, next_pow2, tl, triton
 
 
 def _gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -86,65 +86,76 @@ def _scatter(src, idx, n_out, add=None):
     return _launch(src, idx, add, n_out, gather=False, out=out)
 
 
-class _GatherVisible(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, pos, ids, k):
-        out = _gather(x, ids, pos[0].to(x.dtype).contiguous())
-        ctx.save_for_backward(ids)
-        ctx.k = k
-        return out[:, :k], out[:, k:]
-
-    @staticmethod
-    def backward(ctx, d_vis, d_msk):
-        (ids,) = ctx.saved_tensors
-        ref = d_vis if d_vis is not None else d_msk
-        b, n, d = ref.shape[0], ids.shape[1], ref.shape[2]
-        # A branch without gradient (the target runs under no_grad) contributes zeros.
-        d_vis = d_vis if d_vis is not None else ref.new_zeros(b, ctx.k, d)
-        d_msk = d_msk if d_msk is not None else ref.new_zeros(b, n - ctx.k, d)
-        return _scatter(torch.cat([d_vis, d_msk], dim=1).contiguous(), ids, n), None, None, None
+# The two row movers as PyTorch custom ops (torch.library): Dynamo and Inductor see an opaque op with a fake
+# (shape-only) implementation and a registered autograd formula, so a compiled step keeps them in its graph
+# instead of tracing into Triton launches. CUDA runs the Triton kernel; CPU runs the reference (kernels/_triton.py
+# `cpu_kernel`). `add` (the position table, (n_src or n_out, D)) gets its gradient too, though M2D's is a buffer.
+def _gather_rows_reference(src, idx, add):
+    rows = _gather_rows(src.float(), idx)
+    if add is not None:
+        rows = rows + add.float()[idx]
+    return rows.to(src.dtype)
 
 
-class _Unshuffle(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_vis, mask_token, pos, ids):
-        b, k, d = x_vis.shape
-        src = torch.cat([x_vis, mask_token.to(x_vis.dtype).expand(b, ids.shape[1] - k, d)], dim=1).contiguous()
-        ctx.save_for_backward(ids)
-        ctx.k = k
-        return _scatter(src, ids, ids.shape[1], pos[0].to(x_vis.dtype).contiguous())
-
-    @staticmethod
-    def backward(ctx, d_out):
-        (ids,) = ctx.saved_tensors
-        d_src = _gather(d_out.contiguous(), ids)
-        d_mask = d_src[:, ctx.k:].float().sum(dim=(0, 1)).view(1, 1, -1)
-        return d_src[:, :ctx.k], d_mask, None, None
+def _scatter_rows_reference(src, idx, add, n_out):
+    vals = src.float() + (add.float()[idx] if add is not None else 0)
+    out = torch.zeros(src.shape[0], n_out, src.shape[2], device=src.device, dtype=src.dtype)
+    return out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, src.shape[2]), vals.to(src.dtype))
 
 
-class _GatherMasked(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ids_masked):
-        ctx.save_for_backward(ids_masked)
-        ctx.n = x.shape[1]
-        return _gather(x, ids_masked)
-
-    @staticmethod
-    def backward(ctx, d_out):
-        (ids_masked,) = ctx.saved_tensors
-        return _scatter(d_out.contiguous(), ids_masked, ctx.n), None
+def _gather_rows_triton(src, idx, add):
+    """out[b, j] = src[b, idx[b, j]] (+ add[idx[b, j]])."""
+    return _gather(src.contiguous(), idx.contiguous(), add.contiguous() if add is not None else None)
 
 
-class _RestoreOrder(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ids):
-        ctx.save_for_backward(ids)
-        return _scatter(x, ids, ids.shape[1])  # out[ids[j]] = x[j]
+def _scatter_rows_triton(src, idx, add, n_out):
+    """out[b, idx[b, j]] = src[b, j] (+ add[idx[b, j]]); rows no index reaches are 0."""
+    return _scatter(src.contiguous(), idx.contiguous(), n_out, add.contiguous() if add is not None else None)
 
-    @staticmethod
-    def backward(ctx, d_out):
-        (ids,) = ctx.saved_tensors
-        return _gather(d_out.contiguous(), ids), None
+
+gather_rows = torch.library.custom_op("fastm2d::gather_rows", mutates_args=(),
+                                      schema="(Tensor src, Tensor idx, Tensor? add) -> Tensor")(_gather_rows_triton)
+scatter_rows = torch.library.custom_op("fastm2d::scatter_rows", mutates_args=(),
+                                       schema="(Tensor src, Tensor idx, Tensor? add, SymInt n_out) -> Tensor"
+                                       )(_scatter_rows_triton)
+gather_rows.register_kernel("cpu")(cpu_kernel(_gather_rows_triton, _gather_rows_reference))
+scatter_rows.register_kernel("cpu")(cpu_kernel(_scatter_rows_triton, _scatter_rows_reference))
+
+
+@gather_rows.register_fake
+def _(src, idx, add):
+    return src.new_empty(src.shape[0], idx.shape[1], src.shape[2])
+
+
+@scatter_rows.register_fake
+def _(src, idx, add, n_out):
+    return src.new_empty(src.shape[0], n_out, src.shape[2])
+
+
+def _save_for_rows(ctx, inputs, output):
+    src, idx, add = inputs[:3]
+    ctx.save_for_backward(idx)
+    ctx.n_src, ctx.has_add = src.shape[1], add is not None
+
+
+def _gather_rows_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    d_src = scatter_rows(grad, idx, None, ctx.n_src)  # a permutation's rows: an exact scatter, no atomics
+    d_add = d_src.float().sum(0) if ctx.has_add and ctx.needs_input_grad[2] else None
+    return d_src, None, d_add
+
+
+def _scatter_rows_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    d_src = gather_rows(grad, idx, None)
+    d_add = None
+    if ctx.has_add and ctx.needs_input_grad[2]:  # add reaches only the rows an index names
+        d_add = scatter_rows(d_src, idx, None, grad.shape[1]).float().sum(0)
+    return d_src, None, d_add, None
+
+
+gather_rows.register_autograd(_gather_rows_backward, setup_context=_save_for_rows)
+scatter_rows.register_autograd(_scatter_rows_backward, setup_context=_save_for_rows)
 
 
 def _check(name, x, ids, n):
@@ -159,19 +170,22 @@ def gather_visible_triton(x, pos, ids_shuffle, n_visible):
     _check("gather_visible", x, ids_shuffle, x.shape[1])
     if pos.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"gather_visible: pos {tuple(pos.shape)} does not fit tokens {tuple(x.shape)}")
-    return _GatherVisible.apply(x.contiguous(), pos.reshape(1, *x.shape[1:]), ids_shuffle.contiguous(), n_visible)
+    out = gather_rows(x, ids_shuffle, pos.reshape(x.shape[1:]).to(x.dtype))
+    return out[:, :n_visible], out[:, n_visible:]
 
 
 def unshuffle_with_mask_tokens_triton(x_vis, mask_token, pos, ids_shuffle):
     _check("unshuffle_with_mask_tokens", x_vis, ids_shuffle, pos.shape[-2])
-    return _Unshuffle.apply(x_vis, mask_token, pos.reshape(1, *pos.shape[-2:]), ids_shuffle.contiguous())
+    b, k, d = x_vis.shape
+    src = torch.cat([x_vis, mask_token.to(x_vis.dtype).expand(b, ids_shuffle.shape[1] - k, d)], dim=1)
+    return scatter_rows(src, ids_shuffle, pos.reshape(pos.shape[-2:]).to(x_vis.dtype), ids_shuffle.shape[1])
 
 
 def gather_masked_triton(x, ids_shuffle, n_visible):
     _check("gather_masked", x, ids_shuffle, x.shape[1])
-    return _GatherMasked.apply(x.contiguous(), ids_shuffle[:, n_visible:].contiguous())
+    return gather_rows(x, ids_shuffle[:, n_visible:], None)
 
 
 def restore_order_triton(x, ids_shuffle):
     _check("restore_order", x, ids_shuffle, x.shape[1])
-    return _RestoreOrder.apply(x.contiguous(), ids_shuffle.contiguous())
+    return scatter_rows(x, ids_shuffle, None, ids_shuffle.shape[1])

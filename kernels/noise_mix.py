@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ._triton import HAVE_TRITON, check_float, tl, triton
+from ._triton import HAVE_TRITON, check_float, cpu_kernel, tl, triton
 
 MIX_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -70,30 +70,77 @@ if HAVE_TRITON:
         tl.store(DBG + b * L + offs, (g * ey).to(DBG.dtype.element_ty), mask=mask)
 
 
-class _NoiseMix(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bg, eta, x_mean, bg_mean, std):
-        b = x.shape[0]
-        xs, bs = x.reshape(b, -1).contiguous(), bg.reshape(b, -1).contiguous()
-        per_sample = isinstance(eta, torch.Tensor)
-        eta_t = eta.float().contiguous() if per_sample else xs  # ETA is not read for a scalar eta
-        args = (xs.shape[1], float(x_mean), float(bg_mean), 1.0 / float(std), math.log(MIX_EPS),
-                0.0 if per_sample else float(eta))
-        out = torch.empty_like(xs)
-        grid = (b, triton.cdiv(xs.shape[1], BLOCK))
-        _noise_mix_fwd[grid](xs, bs, eta_t, out, *args, PER_SAMPLE=per_sample, BLOCK=BLOCK)
-        ctx.save_for_backward(xs, bs, eta_t)
-        ctx.args, ctx.per_sample, ctx.shape = args, per_sample, x.shape
-        return out.view(x.shape)
+# As PyTorch custom ops (torch.library), so torch.compile keeps them as ops: (B, L) rows, `eta_rows` the per-sample
+# eta (B,) or None for the scalar `eta`. CUDA runs the Triton kernels; CPU the reference formulas.
+def _mix_args(x, x_mean, bg_mean, std, eta):
+    return (x.shape[1], float(x_mean), float(bg_mean), 1.0 / float(std), math.log(MIX_EPS), float(eta))
 
-    @staticmethod
-    def backward(ctx, gout):
-        xs, bs, eta_t = ctx.saved_tensors
-        dx, dbg = torch.empty_like(xs), torch.empty_like(bs)
-        grid = (xs.shape[0], triton.cdiv(xs.shape[1], BLOCK))
-        _noise_mix_bwd[grid](xs, bs, eta_t, gout.reshape(xs.shape).contiguous(), dx, dbg, *ctx.args,
-                             PER_SAMPLE=ctx.per_sample, BLOCK=BLOCK)
-        return dx.view(ctx.shape), dbg.view(ctx.shape), None, None, None, None
+
+def _mix_triton(x, bg, eta_rows, eta, x_mean, bg_mean, std):
+    out = torch.empty_like(x)
+    grid = (x.shape[0], triton.cdiv(x.shape[1], BLOCK))
+    _noise_mix_fwd[grid](x, bg, eta_rows if eta_rows is not None else x, out, *_mix_args(x, x_mean, bg_mean, std, eta),
+                         PER_SAMPLE=eta_rows is not None, BLOCK=BLOCK)  # ETA is not read for a scalar eta
+    return out
+
+
+def _mix_backward_triton(x, bg, eta_rows, gout, eta, x_mean, bg_mean, std):
+    dx, dbg = torch.empty_like(x), torch.empty_like(bg)
+    grid = (x.shape[0], triton.cdiv(x.shape[1], BLOCK))
+    _noise_mix_bwd[grid](x, bg, eta_rows if eta_rows is not None else x, gout.contiguous(), dx, dbg,
+                         *_mix_args(x, x_mean, bg_mean, std, eta), PER_SAMPLE=eta_rows is not None, BLOCK=BLOCK)
+    return dx, dbg
+
+
+def _mix_reference(x, bg, eta_rows, eta, x_mean, bg_mean, std):
+    return noise_mix_reference(x, bg, eta_rows if eta_rows is not None else eta, x_mean, bg_mean, std)
+
+
+def _mix_backward_reference(x, bg, eta_rows, gout, eta, x_mean, bg_mean, std):
+    """The kernel's gradient formulas with PyTorch ops: d/dx = g e_x / (e_x + e_bg), zero under the eps floor."""
+    xf, yf = x.float() - x_mean, bg.float() - bg_mean
+    e = eta_rows.float().view(-1, 1) if eta_rows is not None else torch.tensor(float(eta), device=x.device)
+    m = torch.maximum(xf, yf)
+    ex, ey = (1 - e) * torch.exp(xf - m), e * torch.exp(yf - m)
+    mixed = m + torch.log(ex + ey)
+    g = torch.where(mixed >= math.log(MIX_EPS), gout.float() / float(std), 0.0) / (ex + ey)
+    return (g * ex).to(x.dtype), (g * ey).to(bg.dtype)
+
+
+_SCALARS = "float eta, float x_mean, float bg_mean, float std"
+mix = torch.library.custom_op("fastm2d::noise_mix", mutates_args=(),
+                              schema=f"(Tensor x, Tensor bg, Tensor? eta_rows, {_SCALARS}) -> Tensor")(_mix_triton)
+mix_backward = torch.library.custom_op(
+    "fastm2d::noise_mix_backward", mutates_args=(),
+    schema=f"(Tensor x, Tensor bg, Tensor? eta_rows, Tensor gout, {_SCALARS}) -> (Tensor, Tensor)",
+)(_mix_backward_triton)
+mix.register_kernel("cpu")(cpu_kernel(_mix_triton, _mix_reference))
+mix_backward.register_kernel("cpu")(cpu_kernel(_mix_backward_triton, _mix_backward_reference))
+
+
+@mix.register_fake
+def _(x, bg, eta_rows, eta, x_mean, bg_mean, std):
+    return torch.empty_like(x)
+
+
+@mix_backward.register_fake
+def _(x, bg, eta_rows, gout, eta, x_mean, bg_mean, std):
+    return torch.empty_like(x), torch.empty_like(bg)
+
+
+def _save_mix(ctx, inputs, output):
+    x, bg, eta_rows, *scalars = inputs
+    ctx.save_for_backward(x, bg, eta_rows)
+    ctx.scalars = scalars
+
+
+def _mix_grad(ctx, gout):
+    x, bg, eta_rows = ctx.saved_tensors
+    dx, dbg = mix_backward(x, bg, eta_rows, gout, *ctx.scalars)
+    return dx, dbg, None, None, None, None, None  # eta is a setting, not learned
+
+
+mix.register_autograd(_mix_grad, setup_context=_save_mix)
 
 
 BLOCK = 1024
@@ -112,4 +159,8 @@ def noise_mix_triton(x: torch.Tensor, bg: torch.Tensor, eta, x_mean: float = 0.0
     if isinstance(eta, torch.Tensor) and (eta.shape != (x.shape[0],) or eta.device != x.device):
         raise ValueError(f"noise_mix: per-sample eta must be ({x.shape[0]},) on {x.device}, got "
                          f"{tuple(eta.shape)} on {eta.device}")
-    return _NoiseMix.apply(x, bg, eta, x_mean, bg_mean, std)
+    b = x.shape[0]
+    eta_rows = eta.float().contiguous() if isinstance(eta, torch.Tensor) else None
+    out = mix(x.reshape(b, -1).contiguous(), bg.reshape(b, -1).contiguous(), eta_rows,
+              0.0 if eta_rows is not None else float(eta), float(x_mean), float(bg_mean), float(std))
+    return out.view(x.shape)

@@ -32,7 +32,7 @@ def main() -> int:
                                             "stride_t": "i32"}, {"STANDARDIZE": std, "BLOCK_D": 1024})
             for need_dt in (True, False):
                 compile_one(L._l2norm_mse_bwd, {"P": f"*{p}", "T": f"*{t}", "GRAD": "*fp32", "DP": f"*{p}",
-                                                "DT": f"*{t}", "D": "i32", "inv_rows": "fp32", "stride_p": "i32",
+                                                "DT": f"*{t}", "D": "i32", "stride_p": "i32",
                                                 "stride_t": "i32"},
                             {"STANDARDIZE": std, "NEED_DT": need_dt, "BLOCK_D": 1024})
     scalars = {"L": "i32", "x_mean": "fp32", "bg_mean": "fp32", "inv_std": "fp32", "log_eps": "fp32",
