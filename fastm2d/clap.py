@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .devices import autocast
 from .errors import CheckpointError
 from .model.projections import sub_state
 
@@ -114,7 +115,8 @@ class ZeroShot(nn.Module):
 
     @torch.no_grad()
     def audio(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        return nn.functional.normalize(self.runtime.clap_audio(waveform, sample_rate), dim=-1)
+        with autocast(waveform.device):  # bf16 where the hardware does it fast (fastm2d/devices.py)
+            return nn.functional.normalize(self.runtime.clap_audio(waveform, sample_rate).float(), dim=-1)
 
     @torch.no_grad()
     def texts(self, labels) -> torch.Tensor:

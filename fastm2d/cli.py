@@ -18,7 +18,7 @@ USER_ERRORS = (UserError, FileNotFoundError)
 
 def _device(name: str) -> str:
     """'auto' -> cuda when there is one, else cpu; an unknown or unavailable device is a ConfigError."""
-    from .train.trainer import pick_device
+    from .devices import pick_device
     return str(pick_device(name))
 
 
@@ -175,7 +175,7 @@ def cmd_tag(args) -> None:
     device = _device(args.device)
     tagger = load_classifier(args.weights, device=device)
     sr = tagger.runtime.sample_rate
-    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    from .devices import autocast
     results, failed = {}, []
     bar = tqdm(total=len(args.files), desc="tag", unit="file", disable=len(args.files) < 2 or args.quiet)
 
@@ -186,7 +186,7 @@ def cmd_tag(args) -> None:
 
     # clips of one length tagged together (batched, chunked as encode does), decoded in workers
     for idx, wav in length_batches(args.files, sr, args.batch_size, args.workers, skipped):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device):  # bf16 on a GPU and on a CPU with fast bf16 (fastm2d/devices.py)
             if args.frames:
                 probs, times = tagger.frame_scores(wav.to(device), sr)
                 for i, p in zip(idx, probs.float().cpu()):

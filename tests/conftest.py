@@ -9,6 +9,10 @@ import torch
 # through the NumPy interpreter (slow, so they use small grids). Set before fastm2d.kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Precision `auto` is bf16 on a CPU with fast bf16 units (fastm2d/devices.py): the suite's exactness checks (N ranks
+# == 1 rank, resume == uninterrupted, compiled == eager) compare fp32 runs, so `auto` means fp32 here; the bf16
+# path has its own tests (tests/test_devices.py), which set the precision they test.
+os.environ.setdefault("FASTM2D_PRECISION", "fp32")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

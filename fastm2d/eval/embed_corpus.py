@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..devices import autocast
 from ..data.sources import AUDIO_EXTS, list_files
 from ..errors import AudioReadError, DataError
 from ..frontend import read_audio
@@ -137,7 +138,6 @@ def embed_corpus(runtime, inputs: Sequence[str], out: str | Path, level: str = "
     done = _done(out)
     todo = [i for i, it in enumerate(items) if str(it.path) not in done]
     device = next(runtime.parameters()).device
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     stats = {"written": 0, "skipped": len(items) - len(todo), "failed": 0}
     manifest = open(out / MANIFEST, "a", encoding="utf-8")
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def embed_corpus(runtime, inputs: Sequence[str], out: str | Path, level: str = "
     try:
         for group, wav in length_batches([it.path for it in items], runtime.sample_rate, batch_size, workers,
                                          failed, order=todo):
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad(), autocast(device):
                 lms = runtime.to_lms(wav.to(device), runtime.sample_rate)
                 feats = runtime.encode_lms(lms, return_layers=layers is not None)
             if layers is not None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..devices import autocast
 from ..data.synthetic import synth_labelled_clip
 from ..frontend import read_audio
 from .tasks import EvalTask
@@ -45,12 +46,12 @@ def load_clip(item: str, sample_rate: int, task: EvalTask) -> torch.Tensor:
 def clip_embeddings(clips: Iterable[torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor],
                     device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """Clips -> (n, dim) time means of `encode`'s frame features, in order, on the CPU. Consecutive clips of equal
-    shape share a batch; bf16 autocast on GPU."""
+    shape share a batch; bf16 autocast where the hardware does it fast (fastm2d/devices.py)."""
     out, pending = [], []
 
     def flush():
         x = torch.stack(pending).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             out.append(encode(x).float().mean(1).cpu())
         pending.clear()
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import autocast_dtype
 from ..checkpoint import atomic_save
 from ..config import ConfigError
 from .embeddings import load_clip
@@ -143,7 +144,8 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
     steps_per_epoch = max(1, len(tr) // cfg.batch_size)
     total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     g = torch.Generator().manual_seed(cfg.seed)
-    amp = dict(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    dtype = autocast_dtype(torch.device(device))  # bf16 on a GPU and on a CPU with fast bf16 (fastm2d/devices.py)
+    amp = dict(device_type=torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def evaluate(idx) -> float:
         model.eval()

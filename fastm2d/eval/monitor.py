@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from ..devices import autocast
 from ..frontend import LogMelSpectrogram, normalize
 from ..runtime import Runtime
 
@@ -89,7 +90,7 @@ class Monitor:
                 losses = []
                 for i in range(0, len(self.valid), 64):
                     x = self.valid[i:i + 64].to(self.device)
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    with autocast(self.device):
                         losses.append(float(model(x, self.valid_ids[i:i + 64].to(self.device))["loss_m2d"]) * len(x))
                 row["valid_loss"] = sum(losses) / len(self.valid)
             for task, lms in self.tasks:

@@ -18,6 +18,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ..devices import autocast
+
 BATCH = 16  # sounds per forward pass
 
 
@@ -50,7 +52,7 @@ def get_timestamp_embeddings(audio: Tensor, model: HearModel) -> Tuple[Tensor, T
     rt = model.runtime
     outs = []
     for i in range(0, len(audio), BATCH):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=audio.is_cuda):
+        with autocast(audio.device):  # bf16 where the hardware does it fast (fastm2d/devices.py)
             outs.append(rt.encode(audio[i:i + BATCH], rt.sample_rate).float())
     emb = torch.cat(outs) if outs else torch.zeros(0, 0, model.timestamp_embedding_size, device=audio.device)
     n_frames = rt.frontend.num_frames(audio.shape[1])

@@ -18,6 +18,8 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
+from ..devices import autocast
+
 
 class UpstreamExpert(nn.Module):
     def __init__(self, ckpt: str, model_config: str = None, **kwargs):
@@ -42,7 +44,8 @@ class UpstreamExpert(nn.Module):
         layers = None
         for n, idx in by_length.items():
             batch = torch.stack([wavs[i].reshape(-1) for i in idx]).to(device)
-            out = rt.encode(batch, rt.sample_rate, return_layers=True)
+            with autocast(device):  # bf16 where the hardware does it fast (fastm2d/devices.py)
+                out = [z.float() for z in rt.encode(batch, rt.sample_rate, return_layers=True)]
             if layers is None:
                 layers = [torch.zeros(len(wavs), t_max, z.shape[-1], device=device, dtype=z.dtype) for z in out]
             for full, z in zip(layers, out):

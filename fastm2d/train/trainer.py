@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
-from .. import __version__, kernels
+from .. import __version__, devices, kernels
 from ..checkpoint import init_from_weights
 from ..config import Config, ConfigError, to_yaml, unseen_frames
 from ..data import CropDataset, EpochSampler, LogMelSource, compute_norm_stats, random_crop
@@ -52,21 +52,18 @@ class Batch(NamedTuple):
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here")
-    return device
+    try:
+        return devices.pick_device(name)
+    except ConfigError:
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here") from None
 
 
 def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for fp32. bf16 needs no loss scaling; fp16 gets a GradScaler (CUDA only)."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    """The autocast dtype, or None for fp32 (fastm2d/devices.py decides `auto`: bf16 on a GPU, and on a CPU with
+    fast bf16). bf16 needs no loss scaling; fp16 gets a GradScaler (CUDA only)."""
     if name == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA (loss scaling); use fp32 or bf16 on CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return devices.autocast_dtype(device, name)
 
 
 def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",
