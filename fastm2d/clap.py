@@ -74,6 +74,10 @@ class TextEncoder(nn.Module):
                                   f"DIR") from None
         self.pooling = pooling
 
+    @property
+    def width(self) -> int:
+        return int(self.model.config.hidden_size)
+
     @torch.no_grad()
     def forward(self, texts):
         device = next(self.model.parameters()).device
@@ -98,8 +102,8 @@ class ZeroShot(nn.Module):
         from .runtime import runtime_from_state
         state, cfg, sr, _ = read_checkpoint(weights)  # read once: encoder, projections and any text encoder
         self.runtime = runtime_from_state(state, cfg, sr, weights).to(device)
-        if getattr(self.runtime, "text_proj", None) is None:
-            raise CheckpointError(f"{weights}: no text_proj: not an M2D-CLAP model")
+        if getattr(self.runtime, "audio_proj", None) is None:
+            raise CheckpointError(f"{weights}: no audio_proj: not an M2D-CLAP model")
         kind = declared_text_encoder(weights)
         self.text_encoder_name = TEXT_ENCODERS[kind][0]
         self.text = TextEncoder(text_encoder or TEXT_ENCODERS[kind][1], TEXT_ENCODERS[kind][2]).to(device)
@@ -112,6 +116,22 @@ class ZeroShot(nn.Module):
             except RuntimeError as e:
                 raise CheckpointError(f"{weights}: its text_encoder.* weights do not fit {text_encoder or kind} "
                                       f"({str(e).splitlines()[0][:160]})") from None
+        # No text_proj in the file: the original's text projection is the identity (a caption encoder as wide as
+        # the audio side); any other width cannot share the space.
+        self.text_proj = getattr(self.runtime, "text_proj", None) or nn.Identity()
+        if isinstance(self.text_proj, nn.Identity):
+            text_width, audio_width = self.text.width, self.audio_width()
+            if text_width != audio_width:
+                raise CheckpointError(f"{weights}: no text_proj, and the text encoder's width {text_width} differs "
+                                      f"from the audio embedding's {audio_width}: another text encoder was meant")
+
+    def audio_width(self) -> int:
+        """The audio embedding's width: the projection's output (the encoder's width for the releases)."""
+        proj = self.runtime.audio_proj
+        if isinstance(proj, nn.Identity):
+            return self.runtime.cfg.embed_dim
+        last = [m for m in proj.modules() if isinstance(m, (nn.Linear, nn.LayerNorm))][-1]
+        return last.normalized_shape[0] if isinstance(last, nn.LayerNorm) else last.out_features
 
     @torch.no_grad()
     def audio(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
@@ -120,7 +140,7 @@ class ZeroShot(nn.Module):
 
     @torch.no_grad()
     def texts(self, labels) -> torch.Tensor:
-        return nn.functional.normalize(self.runtime.text_proj(self.text(labels)), dim=-1)
+        return nn.functional.normalize(self.text_proj(self.text(labels)), dim=-1)
 
     def similarity(self, waveform: torch.Tensor, sample_rate: int, labels) -> torch.Tensor:
         return self.audio(waveform, sample_rate) @ self.texts(labels).T

@@ -65,10 +65,19 @@ class Tagger(nn.Module):
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
 
+    def logits_lms(self, lms: torch.Tensor) -> torch.Tensor:
+        """Normalised log-mel (B, 1, F, T) -> clip logits (B, classes): the head over the time mean of the frames."""
+        return self.head(self.norm(self._frames(lms).mean(1)))
+
+    def forward(self, waveform: torch.Tensor, sample_rate: Optional[int] = None) -> torch.Tensor:
+        """(B, N) waveform -> (B, classes) clip logits (`scores` applies the sigmoid / softmax), so a Tagger is a
+        module like any other: called, compiled, exported."""
+        return self.logits_lms(self.runtime.to_lms(waveform, sample_rate or self.runtime.sample_rate))
+
     @torch.no_grad()
     def scores(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """(B, N) waveform -> (B, classes) probabilities of the clip (sigmoid for multi-label heads)."""
-        return self._activate(self.head(self.norm(self._frames(self.runtime.to_lms(waveform, sample_rate)).mean(1))))
+        return self._activate(self(waveform, sample_rate))
 
     @torch.no_grad()
     def frame_scores(self, waveform: torch.Tensor, sample_rate: int):

@@ -34,6 +34,17 @@ class EncoderGraph(nn.Module):
         return z.reshape(b, f, n // f, d).transpose(1, 2).flatten(2)
 
 
+class ClassifierGraph(nn.Module):
+    """A fine-tuned head over one chunk: normalised log-mel -> clip logits (Tagger.logits_lms)."""
+
+    def __init__(self, tagger):
+        super().__init__()
+        self.tagger = tagger
+
+    def forward(self, lms: torch.Tensor) -> torch.Tensor:
+        return self.tagger.logits_lms(lms)
+
+
 def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
     from .frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
     from .runtime import load_encoder
@@ -52,13 +63,35 @@ def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.onnx"
+    shapes = {"lms": {0: batch, 3: patch_t * patches}}
     torch.onnx.export(graph, (example,), str(path), dynamo=True, input_names=["lms"], output_names=["frames"],
-                      dynamic_shapes={"lms": {0: batch, 3: patch_t * patches}}, verbose=False)
+                      dynamic_shapes=shapes, verbose=False)
+    head = {}
+    tagger = _tagger_or_none(weights)
+    if tagger is not None:  # weights with a fine-tuned head: the classifier too, beside the encoder
+        torch.onnx.export(ClassifierGraph(tagger).eval(), (example,), str(out / "m2d_classifier.onnx"), dynamo=True,
+                          input_names=["lms"], output_names=["logits"], dynamic_shapes=shapes, verbose=False)
+        head = {"classifier": "m2d_classifier.onnx: lms -> clip logits (batch, classes) of one chunk; for longer "
+                              "audio average the chunks' frames first (the encoder graph) or the logits",
+                "activation": "sigmoid" if tagger.multi_label else "softmax", "classes": tagger.classes}
     (out / "frontend.json").write_text(json.dumps({
         "input": "lms: (batch, 1, n_mels, frames) float32, frames a multiple of patch_frames up to max_frames",
         "sample_rate": rt.sample_rate, "n_mels": N_MELS, **FRONTEND_PARAMS[rt.sample_rate], "window": "hann (periodic)",
         "center": True, "power": 2.0, "mel_scale": "slaney", "mel_norm": "slaney",
         "log": f"natural log of (mel + {LOG_EPS})", "norm_stats": rt.encoder.norm_stats.tolist(),
         "normalise": "(log_mel - norm_stats[0]) / norm_stats[1]", "patch_frames": patch_t,
-        "max_frames": patch_t * n_t, "feature_dim": rt.feature_dim, "frame_ms": rt.frame_seconds * 1000}, indent=1))
+        "max_frames": patch_t * n_t, "feature_dim": rt.feature_dim, "frame_ms": rt.frame_seconds * 1000, **head},
+        indent=1))
     return path
+
+
+def _tagger_or_none(weights):
+    from .classifier import load_classifier
+    try:
+        tagger = load_classifier(weights)
+    except CheckpointError as e:
+        if "no classifier head" in str(e):
+            return None
+        raise
+    tagger.runtime.encoder.set_attention("sdpa")
+    return tagger.eval()

@@ -105,11 +105,19 @@ class Runtime(nn.Module):
         return feats, ts.expand(feats.shape[0], -1)
 
     def clap_audio(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        """M2D-CLAP: waveform -> the audio embedding in the audio-text space (B, E)."""
+        """M2D-CLAP: waveform -> the audio embedding in the audio-text space (B, E). The projection reads the
+        encoder's patch tokens taken flat, each D wide (the original's `flat_features`, as M2D_CLAP_ViT trains
+        it), not the F'*D-wide frames of eq. 4."""
         if getattr(self, "audio_proj", None) is None:
             raise ValueError("these weights have no audio_proj: not an M2D-CLAP model")
         from .model.projections import audio_embedding
-        return audio_embedding(self.encode(waveform, sample_rate), self.audio_proj)
+        return audio_embedding(self.patch_tokens(self.encode(waveform, sample_rate)), self.audio_proj)
+
+    def patch_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 frames (B, T', F'*D) -> every patch token (B, T'*F', D): each frame holds its F' tokens side by
+        side ((f d) order), so this is a view."""
+        b, t, _ = frames.shape
+        return frames.reshape(b, t * self.encoder.grid[0], self.cfg.embed_dim)
 
     def scene_embedding(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """Clip embedding: the mean of the frame features over time -> (B, F'*D)."""

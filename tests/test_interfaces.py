@@ -87,7 +87,7 @@ def test_hubconf_exposes_the_upstream(tiny_run):
     assert hub.get_downsample_rates("last_hidden_state") == 2560
 
 
-def _tiny_bert(folder):
+def _tiny_bert(folder, width=16):
     """A randomly initialised 1-layer BERT and a WordPiece tokenizer over a small vocabulary, saved locally."""
     transformers = pytest.importorskip("transformers", reason="zero-shot needs transformers (the clap extra)")
     folder.mkdir()
@@ -97,9 +97,9 @@ def _tiny_bert(folder):
     with checkout_kernels_hidden():  # this checkout's kernels/ would pass for the HF `kernels` package
         tok = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
         torch.manual_seed(5)
-        model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=16,
+        model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=width,
                                                                num_hidden_layers=1, num_attention_heads=2,
-                                                               intermediate_size=32))
+                                                               intermediate_size=2 * width))
     tok.save_pretrained(str(folder))
     model.save_pretrained(str(folder))
     return tok, model.eval()
@@ -110,11 +110,11 @@ def test_clap_zero_shot_ranks_labels_as_the_computation_written_here(tmp_path, c
     from fastm2d.clap import ZeroShot
 
     from .conftest import write_tone
-    from .test_released_models import build_release
+    from .test_released_models import D, build_release
     tok, bert = _tiny_bert(tmp_path / "bert")
     folder = "m2d_clap_vit_base-80x608p16x16p16kpB-240128"  # 'B': BERT, [CLS] pooling
     path, vit, parts, _ = build_release(tmp_path / "w", folder, "checkpoint-300.pth", "full", ("clap2024",))
-    text_proj = torch.nn.Linear(16, parts["text_proj"].out_features)  # this test's BERT is 16 wide
+    text_proj = torch.nn.Linear(16, D)  # this test's BERT is 16 wide: a file with a text projection
     state = torch.load(path, weights_only=False)
     state["model"].update({f"text_proj.{k}": v for k, v in text_proj.state_dict().items()})
     torch.save(state, path)
@@ -126,8 +126,8 @@ def test_clap_zero_shot_ranks_labels_as_the_computation_written_here(tmp_path, c
     with torch.no_grad():
         batch = tok(labels, padding=True, return_tensors="pt")
         t = torch.nn.functional.normalize(text_proj(bert(**batch).last_hidden_state[:, 0]), dim=-1)
-        frames = zs.runtime.encode(wav, 16000)
-        a = torch.nn.functional.normalize(parts["audio_proj"](frames.mean(1)), dim=-1)
+        frames = zs.runtime.encode(wav, 16000)  # eq. 4 frames (B, T', F'*D): their D-wide tokens' mean
+        a = torch.nn.functional.normalize(parts["audio_proj"](frames.reshape(2, -1, D).mean(1)), dim=-1)
     assert torch.allclose(zs.audio(wav, 16000).norm(dim=-1), torch.ones(2), atol=1e-5)
     assert torch.allclose(sims, a @ t.T, atol=1e-5)
     assert (sims.argsort(dim=1) == (a @ t.T).argsort(dim=1)).all()
@@ -143,6 +143,62 @@ def test_clap_zero_shot_ranks_labels_as_the_computation_written_here(tmp_path, c
     # no local text encoder: one line naming it, never a download
     assert main(["zeroshot", str(clip), "--weights", str(path), "--labels", "a,b"]) == 2
     assert "not found locally" in capsys.readouterr().err
+
+
+CLAP_RELEASES = [("m2d_clap_vit_base-80x608p16x16-240128", "checkpoint-300.pth", "full", ("clap2024",)),
+                 ("m2d_clap_vit_base-80x1001p16x16-240128_AS-FT_enconly", "weights_ep67it3124-0.48558.pth",
+                  "finetuned", ("clap2024",)),
+                 ("m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025", "checkpoint-30.pth", "enconly", ("clap2025",))]
+
+
+@pytest.mark.parametrize("folder, file, kind, extras", CLAP_RELEASES, ids=[r[0] for r in CLAP_RELEASES])
+def test_zero_shot_on_each_released_clap_layout(tmp_path, folder, file, kind, extras):
+    """The three released M2D-CLAP files, in their exact key layout and shapes (D-wide audio projections, no text
+    projection): ZeroShot and `fastm2d zeroshot` score them as the original computes (flat tokens -> audio_proj;
+    the caption encoder's pooled output as it is), the text side an identity because it is as wide."""
+    from fastm2d.clap import ZeroShot
+    from fastm2d.frontend import LogMelSpectrogram
+
+    from .test_released_models import D, _sizes, build_release, original_clap_audio, original_frames
+    tok, bert = _tiny_bert(tmp_path / "text", width=D)  # as wide as the audio side, as GTE-base / BERT-base are
+    path, vit, parts, norm_stats = build_release(tmp_path / "w", folder, file, kind, extras)
+    if "clap2025" in extras:  # 'TI': the fine-tuned text encoder inside the file
+        state = torch.load(path, weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("text_encoder.")}
+        state.update({f"text_encoder.{k}": v for k, v in bert.state_dict().items()})
+        torch.save(state, path)
+    labels = ["dog barking", "rain", "siren"]
+    zs = ZeroShot(path, text_encoder=str(tmp_path / "text"))
+    wav = torch.randn(2, 16000 * 3) * 0.1
+    sims = zs.similarity(wav, 16000, labels)
+    input_size, patch = _sizes(folder)
+    with torch.no_grad():
+        lms = (LogMelSpectrogram(16000)(wav).unsqueeze(1) - norm_stats[0]) / norm_stats[1]  # the log-mel, normalised
+        a = original_clap_audio(parts["audio_proj"], original_frames(vit, lms, input_size, patch, flat=True),
+                                "clap2025" in extras)
+        batch = tok(labels, padding=True, return_tensors="pt")
+        hidden = bert(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        t = hidden[:, 0] if "pB" in folder else (hidden * mask).sum(1) / mask.sum(1)  # BERT: [CLS]; GTE: the mean
+    want = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
+    assert sims.shape == (2, 3) and torch.allclose(sims, want, atol=1e-4), (sims, want)
+    import soundfile as sf
+
+    from fastm2d.cli import main
+    sf.write(str(tmp_path / "a.wav"), wav[0].numpy(), 16000)
+    assert main(["zeroshot", str(tmp_path / "a.wav"), "--weights", str(path), "--labels", ",".join(labels),
+                 "--text-encoder", str(tmp_path / "text"), "--device", "cpu"]) == 0
+
+
+def test_zero_shot_refuses_a_text_encoder_of_another_width(tmp_path):
+    from fastm2d.checkpoint import CheckpointError
+    from fastm2d.clap import ZeroShot
+
+    from .test_released_models import build_release
+    _tiny_bert(tmp_path / "text", width=16)
+    path, *_ = build_release(tmp_path / "w", *CLAP_RELEASES[0])
+    with pytest.raises(CheckpointError, match="width 16 differs from the audio embedding's 64"):
+        ZeroShot(path, text_encoder=str(tmp_path / "text"))
 
 
 def test_onnx_export_runs_in_onnxruntime_like_pytorch(tiny_run, tmp_path):
@@ -200,3 +256,36 @@ def test_s3prl_featurizer_reads_the_upstream(tiny_run, monkeypatch):
         feats = featurizer(wavs, expert(wavs))
     assert [f.shape[0] for f in feats] == [round(len(w) / 2560) for w in wavs]
     assert feats[0].shape[1] == featurizer.output_dim == 5 * 64
+
+
+def test_a_tagger_is_a_module_and_exports_its_classifier_to_onnx(tmp_path):
+    """load_classifier(W)(wav) gives the clip logits (scores = their sigmoid), it compiles like any module, and
+    `export --format onnx` writes the classifier beside the encoder when the weights have a head."""
+    ort = pytest.importorskip("onnxruntime", reason="running the export needs onnxruntime (the onnx extra)")
+    pytest.importorskip("onnxscript", reason="exporting needs onnx and onnxscript (the onnx extra)")
+    import json
+
+    from fastm2d import load_classifier
+    from fastm2d.cli import main
+
+    from .test_released_models import RELEASES, build_release
+    folder, file, kind, extras = RELEASES[1]  # m2d_as ... AS-FT: a 527-class head
+    path, *_ = build_release(tmp_path / "w", folder, file, kind, extras)
+    tagger = load_classifier(path)
+    wav = torch.randn(2, 16000 * 2) * 0.1
+    with torch.no_grad():
+        logits = tagger(wav)
+        assert logits.shape == (2, 527) and torch.allclose(torch.sigmoid(logits), tagger.scores(wav, 16000))
+        torch._dynamo.reset()
+        compiled = torch.compile(tagger.logits_lms, backend="eager")
+        lms = tagger.runtime.to_lms(wav, 16000)
+        assert torch.allclose(compiled(lms), logits, atol=1e-5)
+    assert main(["export", "--weights", str(path), "--out", str(tmp_path / "onnx"), "--format", "onnx"]) == 0
+    front = json.loads((tmp_path / "onnx" / "frontend.json").read_text())
+    assert front["activation"] == "sigmoid" and len(front["classes"]) == 527
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "m2d_classifier.onnx"))
+    lms = lms[..., :192]  # the graph's contract: a whole number of patch widths (frontend.json)
+    got = session.run(None, {"lms": lms.numpy()})[0]
+    with torch.no_grad():
+        want = tagger.logits_lms(lms).numpy()
+    assert got.shape == (2, 527) and abs(got - want).max() < 1e-4

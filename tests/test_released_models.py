@@ -24,7 +24,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 D, DEPTH, DEC_D = 64, 2, 32  # reduced widths: 64 / 64 = one head, the original's 64 channels per head
 # (folder, file, kind, extras): the README's three tables, plus M2D-CLAP 2025
 RELEASES = [
-    ("m2d_clap_vit_base-80x1001p16x16-240128_AS-FT_enconly", "weights_ep67it3124-0.48558.pth", "finetuned", ()),
+    ("m2d_clap_vit_base-80x1001p16x16-240128_AS-FT_enconly", "weights_ep67it3124-0.48558.pth", "finetuned",
+     ("clap2024",)),
     ("m2d_as_vit_base-80x1001p16x16-240213_AS-FT_enconly", "weights_ep69it3124-0.48494.pth", "finetuned", ()),
     ("m2d_vit_base-80x1001p16x16-221006-mr7_as_46ab246d", "weights_ep69it3124-0.47929.pth", "finetuned", ()),
     ("m2d_vit_base-80x200p16x4-230529", "checkpoint-300.pth", "full", ()),
@@ -85,22 +86,21 @@ def build_release(root, folder, file, kind, extras, seed=0):
                 state["offline_predictor.bias"] = torch.randn(width)
     else:
         state = dict(enc)
-    if "clap2024" in extras:  # audio: MLP over the clip embedding; text: one Linear from GTE-base's 768
-        e = grid[0] * D
-        audio = _randomise(torch.nn.Sequential(torch.nn.Linear(e, e), torch.nn.ReLU(), torch.nn.Linear(e, e)), seed + 2)
-        text = _randomise(torch.nn.Linear(768, e), seed + 3)
-        parts = {"audio_proj": audio, "text_proj": text}
-    if "clap2025" in extras:  # the semantic head over the frames (2 one-head blocks) and an MLP text projection
-        e = grid[0] * D
+    # M2D-CLAP, as the original builds it (portable_m2d.make_it_CLAP, M2D_CLAP_ViT): the audio projection reads the
+    # encoder's patch tokens taken flat, so it is D wide (768 in the releases, not the 3840 of eq. 4's frames); no
+    # text_proj keys: the original's text projection is an identity when the caption encoder is as wide (GTE-base
+    # in 2024, BERT-base in 2025: 768).
+    if "clap2024" in extras:  # get_MLP_projector(D, D, D) over the token mean
+        audio = _randomise(torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.ReLU(), torch.nn.Linear(D, D)), seed + 2)
+        parts = {"audio_proj": audio}
+    if "clap2025" in extras:  # AudioToSemantic(D): a token and one-head blocks over the flat tokens (2 here)
         sem = torch.nn.Module()
-        sem.sem_token = torch.nn.Parameter(torch.randn(1, 1, e))
-        sem.sem_blocks = torch.nn.ModuleList([Block(e, 1, 1, qkv_bias=True, norm_layer=torch.nn.LayerNorm)
+        sem.sem_token = torch.nn.Parameter(torch.randn(1, 1, D))
+        sem.sem_blocks = torch.nn.ModuleList([Block(D, 1, 1, qkv_bias=True, norm_layer=torch.nn.LayerNorm)
                                               for _ in range(2)])
-        sem.norm = torch.nn.LayerNorm(e)
+        sem.norm = torch.nn.LayerNorm(D)
         _randomise(sem, seed + 4)
-        text = _randomise(torch.nn.Sequential(torch.nn.Linear(768, 768), torch.nn.ReLU(), torch.nn.Linear(768, e)),
-                          seed + 5)
-        parts = {"audio_proj": sem, "text_proj": text}
+        parts = {"audio_proj": sem}
         state["text_encoder.embeddings.word_embeddings.weight"] = torch.randn(8, 4)  # 'TI': text encoder inside
     for name, module in parts.items():
         state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
@@ -124,9 +124,10 @@ def build_release(root, folder, file, kind, extras, seed=0):
     return path, vit, parts, enc.get("norm_stats", torch.tensor([-7.1, 4.2]))
 
 
-def original_frames(vit, lms, input_size, patch):
+def original_frames(vit, lms, input_size, patch, flat=False):
     """portable_m2d's encode_lms on the timm encoder: chunks of the input length, the tail padded to a whole
-    patch, a short chunk reading the first columns of the position table, CLS dropped, (f t) d -> t (f d)."""
+    patch, a short chunk reading the first columns of the position table, CLS dropped, (f t) d -> t (f d);
+    `flat` (its flat_features, what encode_clap_audio reads): the patch tokens as they are, chunk after chunk."""
     unit, pt = input_size[1], patch[1]
     fbins = input_size[0] // patch[0]
     pad = (pt - (lms.shape[-1] % unit % pt)) % pt
@@ -142,6 +143,9 @@ def original_frames(vit, lms, input_size, patch):
             x = blk(x)
         emb = vit.norm(x)[:, 1:]
         b, n, d = emb.shape
+        if flat:
+            out.append(emb)
+            continue
         out.append(emb.reshape(b, fbins, n // fbins, d).permute(0, 2, 1, 3).reshape(b, n // fbins, fbins * d))
     return torch.cat(out, dim=1)
 
@@ -171,24 +175,30 @@ def test_each_release_loads_and_gives_the_original_features(tmp_path, lms_12s, f
     if kind == "full":
         model = load_model(path)
         assert (getattr(model, "audio_proj", None) is not None) == ("clap2024" in extras)
+        assert getattr(model, "text_proj", None) is None
         assert model.cfg.off_dim == {"offline527": 527, "offline768": 768}.get(next(iter(extras), ""), 0)
     if "audio_proj" in parts:  # M2D-CLAP: the audio embedding, as portable_m2d's encode_clap_audio computes it
         from fastm2d.model.projections import SemanticProjector
-        ap = parts["audio_proj"]
+        want = original_clap_audio(parts["audio_proj"], original_frames(vit, lms_12s, input_size, patch, flat=True),
+                                   "clap2025" in extras)
+        assert isinstance(rt.audio_proj, SemanticProjector) == ("clap2025" in extras)
+        assert getattr(rt, "text_proj", None) is None  # the releases have none
         with torch.no_grad():
-            if "clap2025" in extras:
-                x = torch.cat([ap.sem_token.expand(2, -1, -1), ref], dim=1)
-                for blk in ap.sem_blocks:
-                    x = blk(x)
-                want = ap.norm(x[:, 0])
-                assert isinstance(rt.audio_proj, SemanticProjector)
-            else:
-                want = ap(ref.mean(1))
             from fastm2d.model.projections import audio_embedding
-            got = audio_embedding(ours, rt.audio_proj)
-            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
-            text = torch.randn(3, 768)
-            assert torch.allclose(rt.text_proj(text), parts["text_proj"](text), atol=1e-5)
+            got = audio_embedding(rt.patch_tokens(ours), rt.audio_proj)
+        assert got.shape == (2, D) and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def original_clap_audio(audio_proj, tokens, semantic: bool):
+    """encode_clap_audio on flat tokens (B, N, D): the semantic head reads them all (AudioToSemantic.forward), every
+    other projection their mean."""
+    if not semantic:
+        return audio_proj(tokens.mean(dim=-2))
+    x = torch.cat([audio_proj.sem_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    for blk in audio_proj.sem_blocks:
+        x = blk(x)
+    return audio_proj.norm(x[:, 0])
 
 
 @pytest.mark.parametrize("folder, file", [(r[0], r[1]) for r in RELEASES if r[2] == "finetuned"])

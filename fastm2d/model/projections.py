@@ -3,11 +3,14 @@
 The released files carry them beside the encoder, in one of these forms (the layouts of the original's
 examples/portable_m2d.py, rebuilt here from the tensor shapes alone):
 
-  audio_proj.0/2.*                      an MLP: Linear, ReLU, Linear over the clip embedding (time mean)
+  audio_proj.0/2.*                      an MLP D -> D -> D (D: the encoder's width) over the mean of the encoder's
+                                        patch tokens taken flat (the original's flat_features)
   audio_proj.sem_token, .sem_blocks.N.*, .norm.*   the 2025 "semantic" head: a learnable token and N one-head
-                                        transformer blocks over the frame features; the token's output is the embedding
-  text_proj.weight / text_proj.0/2.*    a Linear or an MLP from the text encoder's width
-  (text_proj without audio_proj: the audio side is the clip embedding itself)
+                                        transformer blocks over those patch tokens; the token's output is the embedding
+  text_proj.weight / text_proj.0/2.*    a Linear or an MLP from the text encoder's width; the releases have none:
+                                        the original's text projection is an identity when the caption encoder is as
+                                        wide as the audio encoder (GTE-base, BERT-base: 768)
+  (text_proj without audio_proj: the audio side is the token mean itself)
 """
 from __future__ import annotations
 
@@ -80,9 +83,9 @@ def attach_projections(module: nn.Module, state: Dict[str, torch.Tensor], path) 
         module.audio_proj = nn.Identity()  # the 2025 ablations: text projected onto the clip embedding
 
 
-def audio_embedding(frames: torch.Tensor, audio_proj: nn.Module) -> torch.Tensor:
-    """Frame features (B, T', D) -> the audio embedding in the shared space (B, E), as the original computes it:
-    the semantic head reads the frames; every other form reads their time mean."""
+def audio_embedding(tokens: torch.Tensor, audio_proj: nn.Module) -> torch.Tensor:
+    """Patch tokens taken flat (B, N, D) -> the audio embedding in the shared space (B, E), as the original's
+    encode_clap_audio computes it: the semantic head reads the tokens; every other form reads their mean."""
     if isinstance(audio_proj, SemanticProjector):
-        return audio_proj(frames)
-    return audio_proj(frames.mean(dim=1))
+        return audio_proj(tokens)
+    return audio_proj(tokens.mean(dim=1))
