@@ -2,6 +2,7 @@
 (and the published HEAR validator where it can be fetched)."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import types
@@ -289,3 +290,49 @@ def test_a_tagger_is_a_module_and_exports_its_classifier_to_onnx(tmp_path):
     with torch.no_grad():
         want = tagger.logits_lms(lms).numpy()
     assert got.shape == (2, 527) and abs(got - want).max() < 1e-4
+
+
+def _xares_checker():
+    """X-ARES's own checker (PyPI xares 0.1.3, audio_encoder_checker.py; it needs torch and loguru only), fetched
+    with pip without the suite's other dependencies."""
+    import zipfile
+    cache = Path.home() / ".cache" / "fastm2d" / "xares"
+    site = cache / "site"  # unpacked: xares has no __init__.py, and a namespace package does not import from a zip
+    if not (site / "xares" / "audio_encoder_checker.py").is_file():
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "xares==0.1.3", "loguru",
+                            "-d", str(cache)], capture_output=True, text=True, timeout=120)
+        if r.returncode:
+            pytest.skip(f"xares cannot be fetched from PyPI here: {r.stderr.strip()[-200:]}")
+        for wheel in cache.glob("*.whl"):
+            zipfile.ZipFile(wheel).extractall(site)
+    return [str(site)]
+
+
+@pytest.mark.parametrize("folder, file, kind, hop_ms", [
+    ("m2d_vit_base-80x608p16x16-221006-mr7_enconly", "checkpoint-300.pth", "enconly", 160),
+    ("m2d_vit_base-80x200p16x4-230529", "checkpoint-300.pth", "full", 40),
+    ("m2d_s_vit_base-80x608p80x2-230220", "checkpoint-300.pth", "full", 20)])
+def test_the_xares_checker_passes_and_the_hop_matches_the_frames(tmp_path, monkeypatch, folder, file, kind, hop_ms):
+    """X-ARES's check_audio_encoder accepts the encoder; hop_size_in_ms is the patch width in time (16x16: 160 ms,
+    16x4: 40 ms, 80x2: 20 ms), and the frames produced step by it: a clip of n log-mel frames (10 ms each) gives
+    ceil(n / patch width) frames, also past the model's input length (chunked)."""
+    for wheel in _xares_checker():
+        monkeypatch.syspath_prepend(wheel)
+    from xares.audio_encoder_checker import check_audio_encoder
+
+    from fastm2d.interfaces.xares import M2DEncoder
+
+    from .test_released_models import build_release
+    path, *_ = build_release(tmp_path, folder, file, kind, ())
+    encoder = M2DEncoder(path)
+    assert type(encoder).__name__.endswith("Encoder") and check_audio_encoder(encoder)
+    assert encoder.hop_size_in_ms == pytest.approx(hop_ms) and encoder.sampling_rate == 16000
+    patch_t = {160: 16, 40: 4, 20: 2}[hop_ms]
+    for seconds in (3.1, 13.7):  # within one chunk, and several chunks
+        n = int(16000 * seconds) // 160 + 1
+        frames = encoder(torch.randn(2, int(16000 * seconds)) * 0.1)
+        assert frames.shape[0] == 2 and frames.shape[2] == encoder.output_dim
+        input_t = int(folder.split("-")[1].split("p")[0].split("x")[1])
+        chunks, tail = divmod(n, input_t)
+        assert frames.shape[1] == chunks * (input_t // patch_t) + math.ceil(tail / patch_t)
+        assert abs(frames.shape[1] * encoder.hop_size_in_ms - seconds * 1000) <= encoder.hop_size_in_ms + 10
