@@ -81,9 +81,9 @@ def _one_process_group_env() -> dict:
 
 def _release(trainer=None) -> None:
     """Free what a rung held, so the next starts clean (also after an OOM or a compile error)."""
+    from fastm2d.train.engine import release_process_groups
     del trainer
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    release_process_groups()
     torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():

@@ -161,8 +161,8 @@ def test_the_forward_under_deepspeed_runs_in_bf16_autocast(tmp_path, monkeypatch
             lambda m, a: seen.append((cuda_only("cpu"), torch.get_autocast_dtype("cpu"))))
         trainer.train_step([torch.randn(4, 1, 80, 64)])
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        from fastm2d.train.engine import release_process_groups
+        release_process_groups()
     assert seen == [(True, torch.bfloat16)]
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # online, predictor and EMA target
     assert {p.dtype for p in trainer.model.target_parameters()} == {torch.float32}
@@ -175,3 +175,23 @@ def test_deepspeed_refuses_fp16_and_keeps_gradients_in_fp32():
     assert bf16["enabled"] and bf16["dtype"] == "bfloat16" and bf16["lower_precision_safe_modules"] == []
     with pytest.raises(ConfigError, match="fp16"):
         deepspeed_config(cfg, 8, torch.float16)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed is not installed (pip install 'fastm2d[deepspeed]')")
+def test_two_deepspeed_runs_in_one_process(tmp_path, monkeypatch):
+    """A notebook (or the device suite) training twice under DeepSpeed in one process: the second run must not
+    inherit DeepSpeed's cached handles to the first run's destroyed process group."""
+    import socket
+
+    from fastm2d.train import pretrain
+    for run in ("a", "b"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(k, v)
+        trainer = pretrain(load_config(None, [f"out_dir={tmp_path / run}", *TINY_TRAIN, "train.engine=deepspeed",
+                                              "train.max_steps=1"]))
+        assert trainer.step == 1 and not torch.distributed.is_initialized()

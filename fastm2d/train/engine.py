@@ -232,6 +232,20 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def release_process_groups() -> None:
+    """Tear the process groups down, and forget DeepSpeed's cached handles to them (deepspeed.utils.groups keeps
+    the world and data-parallel groups in module globals): a second run in the same process (a notebook, the
+    device suite's rungs) would otherwise hand DeepSpeed a destroyed group ("Group ... is not registered")."""
+    import sys
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name, value in list(vars(groups).items()):
+            if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -32,7 +32,8 @@ from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
 from .flops import mfu, peak_flops, train_flops_per_sample
-from .engine import all_reduce_, barrier, dist_from_env, init_distributed, make_engine, wants_deepspeed
+from .engine import (all_reduce_, barrier, dist_from_env, init_distributed, make_engine, release_process_groups,
+                     wants_deepspeed)
 from .checkpointer import Checkpointer, RandomState
 from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error
 from .metrics import MetricsLogger, NullLogger
@@ -579,6 +580,5 @@ def pretrain(config: Config, resume: bool = False) -> Trainer:
     # Tear the process groups down before the interpreter does: PyTorch warns that a process exiting with live
     # groups may crash at exit (their C++ threads destroyed while joinable). Every rank gets here together (fit
     # ends with the same step, or the same agreed stop, and a barrier in save()).
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    release_process_groups()
     return trainer
