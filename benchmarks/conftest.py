@@ -31,4 +31,4 @@ def bench_case(benchmark, kernel: str, provider: str, mode: str) -> None:
     benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
     benchmark.extra_info.update(kernel=kernel, provider=provider, mode=mode, size=SIZE, dtype=str(DTYPE),
                                 device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-                                GB_per_s=moved[mode] / benchmark.stats.stats.median / 1e9)
+                                GB_per_s=moved[mode].minimum / benchmark.stats.stats.median / 1e9)

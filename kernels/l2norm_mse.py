@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAVE_TRITON, check_float, cpu_kernel, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, check_float, cpu_kernel, next_pow2, row_warps, tl, triton
 
 STD_EPS = 1e-6  # (t - mean) / sqrt(var + 1e-6), var unbiased as in the original
 NORM_EPS = 1e-12  # F.normalize's floor on the norm
@@ -72,7 +72,7 @@ if HAVE_TRITON:
 def _rows_triton(p, t, standardize):
     rows = torch.empty(p.shape[0], device=p.device, dtype=torch.float32)
     _l2norm_mse_fwd[(p.shape[0],)](p, t, rows, p.shape[1], p.stride(0), t.stride(0), STANDARDIZE=standardize,
-                                   BLOCK_D=next_pow2(p.shape[1]))
+                                   BLOCK_D=next_pow2(p.shape[1]), num_warps=row_warps(next_pow2(p.shape[1])))
     return rows
 
 
@@ -81,7 +81,7 @@ def _rows_backward_triton(p, t, grad, standardize, need_dt):
     dt = torch.empty_like(t) if need_dt else t.new_empty(0)
     _l2norm_mse_bwd[(p.shape[0],)](p, t, grad.float().contiguous(), dp, dt if need_dt else dp, p.shape[1],
                                    p.stride(0), t.stride(0), STANDARDIZE=standardize, NEED_DT=need_dt,
-                                   BLOCK_D=next_pow2(p.shape[1]))
+                                   BLOCK_D=next_pow2(p.shape[1]), num_warps=row_warps(next_pow2(p.shape[1])))
     return dp, dt
 
 

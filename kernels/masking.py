@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAVE_TRITON, check_float, cpu_kernel, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, check_float, column_block, copy_warps, cpu_kernel, tl, triton
 
 
 def _gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -69,10 +69,11 @@ if HAVE_TRITON:
 def _launch(src, idx, add, n_out, gather: bool, out=None):
     b, n_src, d = src.shape
     out = torch.empty(b, n_out, d, device=src.device, dtype=src.dtype) if out is None else out
-    block = min(next_pow2(d), 1024)
+    block = column_block(d)
     grid = (b * idx.shape[1], triton.cdiv(d, block))
     _move_rows[grid](src, idx, add if add is not None else src, out, n_src, idx.shape[1], n_out, d, idx.stride(0),
-                     IDX_ON_SRC=gather, HAS_ADD=add is not None, BLOCK_D=block)
+                     IDX_ON_SRC=gather, HAS_ADD=add is not None, BLOCK_D=block,
+                     num_warps=copy_warps(block, src.element_size()))
     return out
 
 

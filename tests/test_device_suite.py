@@ -19,6 +19,8 @@ def test_device_suite_dry_run(tmp_path):
     result = json.loads((tmp_path / "device_suite.json").read_text())
     assert {row["kernel"] for row in result["kernels"]} == {"l2norm_mse", "noise_mix", "gather_visible", "ema"}
     assert not [row for row in result["kernels"] if "error" in row]
+    # every kernel row states the bytes it must move at minimum beside the bytes the Triton design issues
+    assert all(0 < row["min_MB"] <= row["issued_MB"] for row in result["kernels"])
     from ladder import RUNGS
     assert [row["rung"] for row in result["train"]] == [name for name, _, _ in RUNGS]  # the GPU run's rungs
     failed = {row["rung"]: row["note"] for row in result["train"] if "note" in row}

@@ -59,3 +59,13 @@ def test_real_size_on_gpu(dtype):
     fast = _grads(l2norm_mse_triton, pred, target, True, 1.0)
     for what, f, p, e in zip(("loss", "d pred", "d target"), fast, plain, exact):
         assert_tolerance_rule(f, p, e, ATOL[dtype], what)
+
+
+def test_launch_shapes_keep_every_lane_busy_and_wide_rows_in_registers():
+    """The row movers tile a row by the largest power of two dividing its width (768 -> 3 x 256: no idle lanes, where
+    one 1024 tile left a quarter idle); rows held whole in registers get warps in proportion to their width."""
+    from fastm2d.kernels._triton import column_block, row_warps
+    assert column_block(768) == 256 and column_block(512) == 512 and column_block(3840) == 256
+    assert column_block(100) == 128 and column_block(24) == 32  # no power-of-two divisor >= 128: one padded tile
+    assert 768 % column_block(768) == 0 and column_block(4096) == 1024
+    assert row_warps(1024) == 4 and row_warps(4096) == 16 and row_warps(64) == 4

@@ -82,7 +82,8 @@ def _compare_triton_with_reference(b, n, d, k, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("b, n, d, k", [(1, 190, 64, 57), (2, 67, 100, 20), (1, 250, 32, 75), (1, 304, 24, 121)])
+@pytest.mark.parametrize("b, n, d, k", [(1, 190, 64, 57), (2, 67, 100, 20), (1, 250, 32, 75), (1, 304, 24, 121),
+                                     (1, 12, 768, 4)])  # 768: three column tiles of 256 per row
 def test_triton_masking_ops_match_reference(dtype, b, n, d, k):
     _compare_triton_with_reference(b, n, d, k, dtype, "cpu")
 
