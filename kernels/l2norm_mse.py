@@ -34,13 +34,18 @@ if HAVE_TRITON:
         mask = cols < D
         p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
         t = tl.load(T + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
+        # Four reductions over the row held in registers (sum t, sum of squares of the centred t, |p|^2, p.t): the
+        # standardised target's norm follows from its centred sum of squares, so it is not summed a second time.
         s = 1.0
         if STANDARDIZE:
             t = tl.where(mask, t - tl.sum(t, axis=0) / D, 0.0)
-            s = tl.sqrt(tl.sum(t * t, axis=0) / (D - 1) + 1e-6)
+            sq = tl.sum(t * t, axis=0)
+            s = tl.sqrt(sq / (D - 1) + 1e-6)
             t = t / s
+            tn = tl.maximum(tl.sqrt(sq) / s, 1e-12)
+        else:
+            tn = tl.maximum(tl.sqrt(tl.sum(t * t, axis=0)), 1e-12)
         pn = tl.maximum(tl.sqrt(tl.sum(p * p, axis=0)), 1e-12)
-        tn = tl.maximum(tl.sqrt(tl.sum(t * t, axis=0)), 1e-12)
         cos = tl.sum(p * t, axis=0) / (pn * tn)
         return p, t, s, pn, tn, cos, cols, mask
 
