@@ -72,3 +72,45 @@ def cpu_kernel(triton_impl, reference_impl):
     def cpu(*args):
         return triton_impl(*args) if interpreting() else reference_impl(*args)
     return cpu
+
+
+TILE_ELEMENTS = 4096  # per operand held in registers by one program: one 4096-wide row at 16 warps (no spills)
+
+
+def tile_configs():
+    """The autotune set of the row kernels: ROWS rows per program x the warps each tile size gets (`row_warps` of
+    ROWS x BLOCK_D); `fitting_tiles` keeps, per width, the ones whose tile fits TILE_ELEMENTS."""
+    if not HAVE_TRITON:
+        return []
+    return [triton.Config({"ROWS": rows}, num_warps=warps) for rows in (1, 2, 4, 8) for warps in (4, 8, 16)]
+
+
+def fitting_tiles(configs, named_args, **kwargs):
+    """Per launch width: tiles of at most TILE_ELEMENTS, each with its own warps; under the interpreter only the one
+    with the most rows (it exercises the row masks, and there is nothing to time)."""
+    block = kwargs["BLOCK_D"]
+    fit = [c for c in configs if c.kwargs["ROWS"] * block <= max(block, TILE_ELEMENTS)
+           and c.num_warps == row_warps(c.kwargs["ROWS"] * block)]
+    return fit[-1:] if interpreting() else fit
+
+
+def tuning_bench(kernel_call, quantiles):
+    """The autotuner's timing: triton.testing.do_bench on a GPU; under the interpreter (no timing to be had) one run."""
+    if interpreting():
+        kernel_call()
+        return [0.0] * len(quantiles)
+    import triton.testing
+    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+
+
+def block_configs():
+    """The autotune set of the element-wise kernels (noise_mix): 1024, 2048 or 4096 elements per program, warps from
+    the block (8 elements per thread: 2048 at 4 warps took 80 registers in the backward, 64 at 8)."""
+    if not HAVE_TRITON:
+        return []
+    return [triton.Config({"BLOCK": block}, num_warps=row_warps(block)) for block in (1024, 2048, 4096)]
+
+
+def one_when_interpreted(configs, named_args, **kwargs):
+    """Every config on a GPU; the first under the interpreter (nothing to time there)."""
+    return configs[:1] if interpreting() else configs

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAVE_TRITON, check_float, cpu_kernel, next_pow2, row_warps, tl, triton
+from ._triton import (HAVE_TRITON, check_float, cpu_kernel, fitting_tiles, next_pow2, tile_configs, tl,
+                      triton, tuning_bench)
 
 STD_EPS = 1e-6  # (t - mean) / sqrt(var + 1e-6), var unbiased as in the original
 NORM_EPS = 1e-12  # F.normalize's floor on the norm
@@ -26,67 +27,82 @@ def l2norm_mse_reference(pred: torch.Tensor, target: torch.Tensor, standardize_t
     return (2.0 - 2.0 * cos).mean()
 
 
+# ROWS rows per program (a 2-D tile of ROWS x BLOCK_D): narrow rows fill the program's warps, wide ones take one
+# row each. The autotune set is small and follows the width: ROWS in 1, 2, 4, 8 with ROWS x BLOCK_D <= 4096 elements
+# per operand held in registers, warps from that tile's width (kernels/_triton.py `tile_configs`).
 if HAVE_TRITON:
 
     @triton.jit
-    def _row_terms(P, T, row, D, stride_p, stride_t, STANDARDIZE: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _row_terms(P, T, rows, rmask, D, stride_p, stride_t, STANDARDIZE: tl.constexpr, BLOCK_D: tl.constexpr):
         cols = tl.arange(0, BLOCK_D)
-        mask = cols < D
-        p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(T + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
-        # Four reductions over the row held in registers (sum t, sum of squares of the centred t, |p|^2, p.t): the
+        mask = rmask[:, None] & (cols[None, :] < D)
+        p = tl.load(P + rows[:, None] * stride_p + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(T + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Four reductions per row held in registers (sum t, sum of squares of the centred t, |p|^2, p.t): the
         # standardised target's norm follows from its centred sum of squares, so it is not summed a second time.
         s = 1.0
         if STANDARDIZE:
-            t = tl.where(mask, t - tl.sum(t, axis=0) / D, 0.0)
-            sq = tl.sum(t * t, axis=0)
+            t = tl.where(mask, t - (tl.sum(t, axis=1) / D)[:, None], 0.0)
+            sq = tl.sum(t * t, axis=1)
             s = tl.sqrt(sq / (D - 1) + 1e-6)
-            t = t / s
+            t = t / s[:, None]
             tn = tl.maximum(tl.sqrt(sq) / s, 1e-12)
         else:
-            tn = tl.maximum(tl.sqrt(tl.sum(t * t, axis=0)), 1e-12)
-        pn = tl.maximum(tl.sqrt(tl.sum(p * p, axis=0)), 1e-12)
-        cos = tl.sum(p * t, axis=0) / (pn * tn)
+            tn = tl.maximum(tl.sqrt(tl.sum(t * t, axis=1)), 1e-12)
+        pn = tl.maximum(tl.sqrt(tl.sum(p * p, axis=1)), 1e-12)
+        cos = tl.sum(p * t, axis=1) / (pn * tn)
         return p, t, s, pn, tn, cos, cols, mask
 
+    @triton.autotune(configs=tile_configs(), key=["D"], prune_configs_by={"early_config_prune": fitting_tiles},
+                     do_bench=tuning_bench)
     @triton.jit
-    def _l2norm_mse_fwd(P, T, LOSS, D, stride_p, stride_t, STANDARDIZE: tl.constexpr, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        p, t, s, pn, tn, cos, cols, mask = _row_terms(P, T, row, D, stride_p, stride_t, STANDARDIZE, BLOCK_D)
-        tl.store(LOSS + row, 2.0 - 2.0 * cos)
+    def _l2norm_mse_fwd(P, T, LOSS, R, D, stride_p, stride_t, STANDARDIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+                        ROWS: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < R
+        p, t, s, pn, tn, cos, cols, mask = _row_terms(P, T, rows, rmask, D, stride_p, stride_t, STANDARDIZE, BLOCK_D)
+        tl.store(LOSS + rows, 2.0 - 2.0 * cos, mask=rmask)
 
+    @triton.autotune(configs=tile_configs(), key=["D"], prune_configs_by={"early_config_prune": fitting_tiles},
+                     do_bench=tuning_bench)
     @triton.jit
-    def _l2norm_mse_bwd(P, T, GRAD, DP, DT, D, stride_p, stride_t, STANDARDIZE: tl.constexpr,
-                        NEED_DT: tl.constexpr, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        p, t, s, pn, tn, cos, cols, mask = _row_terms(P, T, row, D, stride_p, stride_t, STANDARDIZE, BLOCK_D)
-        g = tl.load(GRAD + row).to(tl.float32) * -2.0  # d loss / d cos of this row (the row's own gradient)
-        ph, th = p / pn, t / tn
-        dp = g * (th - cos * ph) / pn
-        tl.store(DP + row * stride_p + cols, dp.to(DP.dtype.element_ty), mask=mask)
+    def _l2norm_mse_bwd(P, T, GRAD, DP, DT, R, D, stride_p, stride_t, STANDARDIZE: tl.constexpr,
+                        NEED_DT: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < R
+        p, t, s, pn, tn, cos, cols, mask = _row_terms(P, T, rows, rmask, D, stride_p, stride_t, STANDARDIZE, BLOCK_D)
+        g = tl.load(GRAD + rows, mask=rmask, other=0.0).to(tl.float32) * -2.0  # d loss / d cos of each row
+        ph, th = p / pn[:, None], t / tn[:, None]
+        dp = (g / pn)[:, None] * (th - cos[:, None] * ph)
+        tl.store(DP + rows[:, None] * stride_p + cols[None, :], dp.to(DP.dtype.element_ty), mask=mask)
         if NEED_DT:
-            dt = g * (ph - cos * th) / tn
+            dt = (g / tn)[:, None] * (ph - cos[:, None] * th)
             if STANDARDIZE:  # back through (t - mean) / sqrt(var_unbiased + eps); t holds the standardised row
-                dt = tl.where(mask, dt - tl.sum(dt, axis=0) / D - t * tl.sum(dt * t, axis=0) / (D - 1), 0.0) / s
-            tl.store(DT + row * stride_t + cols, dt.to(DT.dtype.element_ty), mask=mask)
+                dt = tl.where(mask, dt - (tl.sum(dt, axis=1) / D)[:, None]
+                              - t * (tl.sum(dt * t, axis=1) / (D - 1))[:, None], 0.0) / s[:, None]
+            tl.store(DT + rows[:, None] * stride_t + cols[None, :], dt.to(DT.dtype.element_ty), mask=mask)
 
 
 # As PyTorch custom ops (torch.library): the loss (one value per token row, fp32) and its backward, with fake
 # (shape-only) implementations and the autograd formula registered, so torch.compile keeps them as ops. CUDA runs
 # the Triton kernels; CPU the reference formulas (kernels/_triton.py `cpu_kernel`).
+def _row_grid(n_rows):
+    return lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
+
+
 def _rows_triton(p, t, standardize):
     rows = torch.empty(p.shape[0], device=p.device, dtype=torch.float32)
-    _l2norm_mse_fwd[(p.shape[0],)](p, t, rows, p.shape[1], p.stride(0), t.stride(0), STANDARDIZE=standardize,
-                                   BLOCK_D=next_pow2(p.shape[1]), num_warps=row_warps(next_pow2(p.shape[1])))
+    _l2norm_mse_fwd[_row_grid(p.shape[0])](p, t, rows, p.shape[0], p.shape[1], p.stride(0), t.stride(0),
+                                           STANDARDIZE=standardize, BLOCK_D=next_pow2(p.shape[1]))
     return rows
 
 
 def _rows_backward_triton(p, t, grad, standardize, need_dt):
     dp = torch.empty_like(p)
     dt = torch.empty_like(t) if need_dt else t.new_empty(0)
-    _l2norm_mse_bwd[(p.shape[0],)](p, t, grad.float().contiguous(), dp, dt if need_dt else dp, p.shape[1],
-                                   p.stride(0), t.stride(0), STANDARDIZE=standardize, NEED_DT=need_dt,
-                                   BLOCK_D=next_pow2(p.shape[1]), num_warps=row_warps(next_pow2(p.shape[1])))
+    _l2norm_mse_bwd[_row_grid(p.shape[0])](p, t, grad.float().contiguous(), dp, dt if need_dt else dp, p.shape[0],
+                                           p.shape[1], p.stride(0), t.stride(0), STANDARDIZE=standardize,
+                                           NEED_DT=need_dt, BLOCK_D=next_pow2(p.shape[1]))
     return dp, dt
 
 

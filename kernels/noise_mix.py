@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ._triton import HAVE_TRITON, check_float, cpu_kernel, tl, triton
+from ._triton import HAVE_TRITON, block_configs, check_float, cpu_kernel, one_when_interpreted, tl, triton, tuning_bench
 
 MIX_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -48,6 +48,8 @@ if HAVE_TRITON:
         ex, ey = (1.0 - eta) * tl.exp(x - m), eta * tl.exp(y - m)  # both <= 1: no overflow at any level
         return m + tl.log(ex + ey), ex, ey
 
+    @triton.autotune(configs=block_configs(), key=["L"], prune_configs_by={"early_config_prune": one_when_interpreted},
+                     do_bench=tuning_bench)
     @triton.jit
     def _noise_mix_fwd(X, BG, ETA, OUT, L, x_mean, bg_mean, inv_std, log_eps, eta_scalar,
                        PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
@@ -57,6 +59,8 @@ if HAVE_TRITON:
         mixed, ex, ey = _mix_terms(X, BG, ETA, b, offs, mask, L, x_mean, bg_mean, PER_SAMPLE, eta_scalar)
         tl.store(OUT + b * L + offs, (tl.maximum(mixed, log_eps) * inv_std).to(OUT.dtype.element_ty), mask=mask)
 
+    @triton.autotune(configs=block_configs(), key=["L"], prune_configs_by={"early_config_prune": one_when_interpreted},
+                     do_bench=tuning_bench)
     @triton.jit
     def _noise_mix_bwd(X, BG, ETA, GOUT, DX, DBG, L, x_mean, bg_mean, inv_std, log_eps, eta_scalar,
                        PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
@@ -78,17 +82,17 @@ def _mix_args(x, x_mean, bg_mean, std, eta):
 
 def _mix_triton(x, bg, eta_rows, eta, x_mean, bg_mean, std):
     out = torch.empty_like(x)
-    grid = (x.shape[0], triton.cdiv(x.shape[1], BLOCK))
+    grid = lambda meta: (x.shape[0], triton.cdiv(x.shape[1], meta["BLOCK"]))  # noqa: E731
     _noise_mix_fwd[grid](x, bg, eta_rows if eta_rows is not None else x, out, *_mix_args(x, x_mean, bg_mean, std, eta),
-                         PER_SAMPLE=eta_rows is not None, BLOCK=BLOCK)  # ETA is not read for a scalar eta
+                         PER_SAMPLE=eta_rows is not None)  # ETA is not read for a scalar eta
     return out
 
 
 def _mix_backward_triton(x, bg, eta_rows, gout, eta, x_mean, bg_mean, std):
     dx, dbg = torch.empty_like(x), torch.empty_like(bg)
-    grid = (x.shape[0], triton.cdiv(x.shape[1], BLOCK))
+    grid = lambda meta: (x.shape[0], triton.cdiv(x.shape[1], meta["BLOCK"]))  # noqa: E731
     _noise_mix_bwd[grid](x, bg, eta_rows if eta_rows is not None else x, gout.contiguous(), dx, dbg,
-                         *_mix_args(x, x_mean, bg_mean, std, eta), PER_SAMPLE=eta_rows is not None, BLOCK=BLOCK)
+                         *_mix_args(x, x_mean, bg_mean, std, eta), PER_SAMPLE=eta_rows is not None)
     return dx, dbg
 
 
@@ -143,7 +147,6 @@ def _mix_grad(ctx, gout):
 mix.register_autograd(_mix_grad, setup_context=_save_mix)
 
 
-BLOCK = 1024
 
 
 def noise_mix_triton(x: torch.Tensor, bg: torch.Tensor, eta, x_mean: float = 0.0, bg_mean: float = 0.0,

@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 from fastm2d.kernels import l2norm_mse as L
 from fastm2d.kernels import masking as M
 from fastm2d.kernels import noise_mix as N
-from fastm2d.kernels._triton import column_block, copy_warps, next_pow2, row_warps
+from fastm2d.kernels._triton import block_configs, column_block, copy_warps, fitting_tiles, next_pow2, tile_configs
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = ("fp32", "bf16", "fp16")
@@ -69,29 +69,36 @@ def compile_one(fn, signature: dict, constexprs: dict, aligned=(), num_warps: in
 
 
 def main() -> int:
-    # The loss at ViT-B's width (768) and at a wide M2D-X distillation target (3840: eq. 4's 5 x 768 frames).
+    # The loss at ViT-B's width (768) and at a wide M2D-X distillation target (3840: eq. 4's 5 x 768 frames), in
+    # every tile of its autotune set (ROWS rows per program, warps from the tile's width).
     for d in (768, 3840):
         block = next_pow2(d)
         rows = ("P", "T", "D", "stride_p", "stride_t")
-        for p, t in [("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")]:
-            for std in (True, False):
-                compile_one(L._l2norm_mse_fwd, {"P": f"*{p}", "T": f"*{t}", "LOSS": "*fp32", "D": "i32",
-                                                "stride_p": "i32", "stride_t": "i32"},
-                            {"STANDARDIZE": std, "BLOCK_D": block}, (*rows, "LOSS"), row_warps(block), f"D={d}")
-                for need_dt in (True, False):
-                    compile_one(L._l2norm_mse_bwd, {"P": f"*{p}", "T": f"*{t}", "GRAD": "*fp32", "DP": f"*{p}",
-                                                    "DT": f"*{t}", "D": "i32", "stride_p": "i32", "stride_t": "i32"},
-                                {"STANDARDIZE": std, "NEED_DT": need_dt, "BLOCK_D": block},
-                                (*rows, "GRAD", "DP", "DT"), row_warps(block), f"D={d}")
+        for cfg in fitting_tiles(tile_configs(), {}, BLOCK_D=block):
+            tile, warps = {"BLOCK_D": block, "ROWS": cfg.kwargs["ROWS"]}, cfg.num_warps
+            label = f"D={d} ROWS={cfg.kwargs['ROWS']}"
+            for p, t in [("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")]:
+                for std in (True, False):
+                    compile_one(L._l2norm_mse_fwd.fn, {"P": f"*{p}", "T": f"*{t}", "LOSS": "*fp32", "R": "i32",
+                                                       "D": "i32", "stride_p": "i32", "stride_t": "i32"},
+                                {"STANDARDIZE": std, **tile}, (*rows, "LOSS"), warps, label)
+                    for need_dt in (True, False):
+                        compile_one(L._l2norm_mse_bwd.fn, {"P": f"*{p}", "T": f"*{t}", "GRAD": "*fp32",
+                                                           "DP": f"*{p}", "DT": f"*{t}", "R": "i32", "D": "i32",
+                                                           "stride_p": "i32", "stride_t": "i32"},
+                                    {"STANDARDIZE": std, "NEED_DT": need_dt, **tile},
+                                    (*rows, "GRAD", "DP", "DT"), warps, label)
     scalars = {"L": "i32", "x_mean": "fp32", "bg_mean": "fp32", "inv_std": "fp32", "log_eps": "fp32",
                "eta_scalar": "fp32"}
-    for dt, per_sample in itertools.product(FLOATS, (True, False)):  # 80 x 608 log-mel: L = 48640
-        compile_one(N._noise_mix_fwd, {"X": f"*{dt}", "BG": f"*{dt}", "ETA": "*fp32", "OUT": f"*{dt}", **scalars},
-                    {"PER_SAMPLE": per_sample, "BLOCK": N.BLOCK}, ("X", "BG", "ETA", "OUT", "L"), 4, "L=48640")
-        compile_one(N._noise_mix_bwd, {"X": f"*{dt}", "BG": f"*{dt}", "ETA": "*fp32", "GOUT": f"*{dt}",
-                                       "DX": f"*{dt}", "DBG": f"*{dt}", **scalars},
-                    {"PER_SAMPLE": per_sample, "BLOCK": N.BLOCK}, ("X", "BG", "ETA", "GOUT", "DX", "DBG", "L"), 4,
-                    "L=48640")
+    for cfg in block_configs():  # the element-wise mix's autotune set, at an 80 x 608 log-mel (L = 48640)
+        meta, warps, label = {"BLOCK": cfg.kwargs["BLOCK"]}, cfg.num_warps, f"L=48640 BLOCK={cfg.kwargs['BLOCK']}"
+        for dt, per_sample in itertools.product(FLOATS, (True, False)):
+            compile_one(N._noise_mix_fwd.fn, {"X": f"*{dt}", "BG": f"*{dt}", "ETA": "*fp32", "OUT": f"*{dt}",
+                                              **scalars}, {"PER_SAMPLE": per_sample, **meta},
+                        ("X", "BG", "ETA", "OUT", "L"), warps, label)
+            compile_one(N._noise_mix_bwd.fn, {"X": f"*{dt}", "BG": f"*{dt}", "ETA": "*fp32", "GOUT": f"*{dt}",
+                                              "DX": f"*{dt}", "DBG": f"*{dt}", **scalars},
+                        {"PER_SAMPLE": per_sample, **meta}, ("X", "BG", "ETA", "GOUT", "DX", "DBG", "L"), warps, label)
     block = column_block(768)
     for dt, on_src, has_add in itertools.product(FLOATS, (True, False), (True, False)):
         compile_one(M._move_rows, {"SRC": f"*{dt}", "IDX": "*i64", "ADD": f"*{dt}", "OUT": f"*{dt}", "n_src": "i32",

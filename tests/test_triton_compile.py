@@ -27,8 +27,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_TRITON, reason="Trit
 
 def test_all_kernels_compile_for_sm90(report):
     names = Counter(r["kernel"] for r in report)
-    assert names == {"_l2norm_mse_fwd": 16, "_l2norm_mse_bwd": 32, "_noise_mix_fwd": 6, "_noise_mix_bwd": 6,
-                     "_move_rows": 12}
+    # the loss in every tile of its autotune set: 3 at width 768 (1, 2, 4 rows), 1 at 3840; the mix in its 3 blocks
+    assert names == {"_l2norm_mse_fwd": 8 * 4, "_l2norm_mse_bwd": 16 * 4, "_noise_mix_fwd": 6 * 3,
+                     "_noise_mix_bwd": 6 * 3, "_move_rows": 12}
+    assert sorted({r["label"] for r in report if r["kernel"] == "_l2norm_mse_fwd"}) == [
+        "D=3840 ROWS=1", "D=768 ROWS=1", "D=768 ROWS=2", "D=768 ROWS=4"]
 
 
 def test_no_variant_spills_and_every_one_loads_128_bits(report):
@@ -43,5 +46,5 @@ def test_registers_leave_room_for_a_full_sm(report):
     3840-wide M2D-X teacher row took 128 at 4 warps; warps from the width (16) bring it to 64 at most."""
     worst = max(report, key=lambda r: r["registers"])
     assert worst["registers"] <= 64, worst
-    wide = [r for r in report if r["label"] == "D=3840"]
+    wide = [r for r in report if r["label"].startswith("D=3840")]
     assert wide and all(r["num_warps"] == 16 for r in wide)
