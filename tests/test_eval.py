@@ -246,3 +246,38 @@ def test_timm_lars_matches_ours_only_without_weight_decay():
                                  eps=0.0)
     assert torch.allclose(run(ours, 0.0), run(timm, 0.0), atol=1e-12)
     assert (run(ours, 0.1) - run(timm, 0.1)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("diverge_in_epoch", [1, 2])
+def test_a_finetune_whose_loss_goes_nan_says_so_and_keeps_no_nan_weights(tiny_run, tmp_path, monkeypatch, capsys,
+                                                                         diverge_in_epoch):
+    """Before: a NaN loss made NaN weights, whose NaN logits still scored (argmax), so the run exited 0 with a score and
+    saved them. Now: TrainingDiverged naming the epoch (exit 2 from the command); the file holds the last finite
+    best epoch's weights, or is never written."""
+    from fastm2d.cli import main
+    from fastm2d.errors import TrainingDiverged
+    from fastm2d.eval import finetune as ft
+    real_augment, calls = ft._augment, []
+    task = load_tasks("synthetic:40")[0]
+    steps_per_epoch = len(task.index("train")) // 8
+
+    def poisoned(x, y, cfg, g):  # a NaN enters the input batch from the chosen epoch on (as a bad clip would)
+        x, y = real_augment(x, y, cfg, g)
+        calls.append(1)
+        if len(calls) > (diverge_in_epoch - 1) * steps_per_epoch:
+            x = x.clone()
+            x[0] = float("nan")
+        return x, y
+    monkeypatch.setattr(ft, "_augment", poisoned)
+    with pytest.raises(TrainingDiverged, match=f"NaN/inf in epoch {diverge_in_epoch}"):
+        ft.finetune(str(tiny_run), task, tmp_path, ft.FinetuneConfig(epochs=3, batch_size=8))
+    saved = tmp_path / f"finetuned-{task.name}.pth"
+    if diverge_in_epoch == 1:
+        assert not saved.exists()
+    else:
+        state = torch.load(saved, weights_only=True)
+        assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / f"finetuned-{task.name}.json").exists()  # no score reported
+    assert main(["finetune", "synthetic:40", "--weights", str(tiny_run), "--out", str(tmp_path / "cli"),
+                 "--epochs", "2"]) == 2
+    assert "NaN/inf in epoch" in capsys.readouterr().err

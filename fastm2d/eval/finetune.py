@@ -23,6 +23,7 @@ from torch import nn
 from ..devices import autocast_dtype
 from ..checkpoint import atomic_save
 from ..config import ConfigError
+from ..errors import TrainingDiverged
 from .embeddings import load_clip
 from .lars import LARS
 from .tasks import EvalTask
@@ -157,8 +158,10 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
         raise ConfigError(f"finetune epochs={cfg.epochs}: at least 1")
     best, best_state, step, history = -1.0, None, 0, []
     out_dir = Path(out_dir)
+    weights_file = out_dir / f"finetuned-{task.name}.pth"
     for epoch in range(cfg.epochs):
         model.train()
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read once per epoch: no sync per step
         order = torch.from_numpy(tr)[torch.randperm(len(tr), generator=g)]
         for idx in order[: steps_per_epoch * cfg.batch_size].split(cfg.batch_size):
             lr = cfg.lr * (step / max(1, warm) if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
@@ -170,10 +173,16 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
             y = y.to(device)
             loss = F.binary_cross_entropy_with_logits(logits, y) if task.multi_label else \
                 torch.sum(-y * F.log_softmax(logits, -1), -1).mean()
+            nonfinite |= ~torch.isfinite(loss.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
+        if bool(nonfinite):  # NaN weights score like any others (argmax of NaN logits): stop, keep no NaN weights
+            kept = (f"the weights of epoch {max(history, key=lambda h: h['valid'])['epoch']} (valid {best:.4f}) "
+                    f"stay in {weights_file}" if best_state is not None else "no weights were written")
+            raise TrainingDiverged(f"finetune {task.name}: the loss became NaN/inf in epoch {epoch + 1}; {kept}. "
+                                   f"Try a lower lr (now {cfg.lr:g}).")
         valid = evaluate(va)
         history.append({"epoch": epoch + 1, "loss": loss.item(), "valid": valid})
         if valid > best:
@@ -183,7 +192,7 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
             atomic_save({"model": best_state, "epoch": epoch + 1, "finetune": asdict(cfg), "frames": frames,
                          "classes": list(task.classes), "multi_label": bool(task.multi_label), "task": task.name,
                          "model_config": asdict(runtime.cfg), "sample_rate": runtime.sample_rate},
-                        out_dir / f"finetuned-{task.name}.pth")
+                        weights_file)
     if best_state is None:  # never a file left in out_dir by another run: only this run's own best weights
         raise ConfigError(f"finetune: no epoch of {cfg.epochs} gave a finite validation score (diverged?); "
                           f"try a lower lr")
