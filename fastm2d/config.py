@@ -6,9 +6,10 @@ defaults, a YAML file and dotted command-line overrides; an unknown key or a val
 """
 from __future__ import annotations
 
+import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -299,9 +300,15 @@ def settings_from(cls, options: dict, overrides: Sequence[str], command: str):
     cfg = _merge(OmegaConf.structured(cls), OmegaConf.create(options), f"{command} options")
     cfg = _merge(cfg, _overrides(overrides), "command line")
     try:
-        return OmegaConf.to_object(cfg)
+        settings = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _wrap(e, "command line") from None
+    # Every number of these settings is a rate, a count, a size or a width: finite and not negative.
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{command}: {f.name}={value}: expected a finite number >= 0")
+    return settings
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
@@ -368,7 +375,9 @@ def check_config(c: Config) -> None:
     t = c.train
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"train.betas={t.betas}: expected two values in [0, 1), e.g. [0.9, 0.95]")
-    if not (t.epochs > 0 and t.warmup_epochs >= 0 and t.base_lr > 0 and t.weight_decay >= 0 and t.clip_grad >= 0):
+    numbers = (t.epochs, t.warmup_epochs, t.base_lr, t.weight_decay, t.clip_grad)
+    if not (all(math.isfinite(v) for v in numbers) and t.epochs > 0 and t.warmup_epochs >= 0 and t.base_lr > 0
+            and t.weight_decay >= 0 and t.clip_grad >= 0):
         raise ConfigError(f"train.epochs={t.epochs}, warmup_epochs={t.warmup_epochs}, base_lr={t.base_lr}, "
                           f"weight_decay={t.weight_decay}, clip_grad={t.clip_grad}: expected epochs > 0, base_lr > 0, "
                           f"the others >= 0")

@@ -240,3 +240,27 @@ def test_no_traceback_reaches_the_terminal(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastm2d.cli", "pretrain", f"out_dir={tmp_path}", "model.mask_ratio=2"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "model.mask_ratio=2" in r.stderr
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["pretrain", "train.base_lr=inf", "train.max_steps=1"], "base_lr=inf"),
+    (["linear-eval", "synthetic:20", "lr=nan"], "lr=nan: expected a finite number >= 0"),
+    (["finetune", "synthetic:20", "time_mask=-3"], "time_mask=-3: expected a finite number >= 0"),
+    (["finetune", "synthetic:20", "lr=-inf"], "lr=-inf"),
+    (["embed", "--layers", "99"], "--layers 99: this model has 2 blocks"),
+])
+def test_values_nobody_checked_are_one_line_exit_2(tiny_run, tmp_path, capsys, argv, says):
+    """Non-finite rates, negative mask widths and layers beyond the model's depth ended in tracebacks (an inf base_lr
+    trained): now one line naming the value, exit 2, before anything runs."""
+    from fastm2d.cli import main
+
+    from .conftest import write_tone
+    clip = write_tone(tmp_path / "a.wav")
+    extra = {"pretrain": ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
+                          f"out_dir={tmp_path / 'run'}"],
+             "embed": ["--weights", str(tiny_run), "--out", str(tmp_path / "e"), str(clip)]}.get(argv[0], [
+                 "--weights", str(tiny_run), "--out", str(tmp_path / "o")])
+    code = main([*argv, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()

@@ -132,6 +132,10 @@ def embed_corpus(runtime, inputs: Sequence[str], out: str | Path, level: str = "
     import sys
     if level not in LEVELS:
         raise DataError(f"--level {level!r}: expected one of {LEVELS}")
+    depth = runtime.cfg.depth
+    if layers is not None and not all(-depth <= k < depth for k in layers):
+        raise DataError(f"--layers {','.join(map(str, layers))}: this model has {depth} blocks: layers 0 to "
+                        f"{depth - 1} (or -1 to -{depth} from the last)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items = expand_inputs(inputs, level)
