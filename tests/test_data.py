@@ -191,3 +191,39 @@ def test_noise_statistics_use_the_tiled_crops_training_uses(tmp_path):
     # A clip's tiled crop has the clip's own mean; a padded crop would be dominated by the padding.
     clip = np.stack([src.load(i) for i in range(6)]).astype(np.float64)
     assert mean == pytest.approx(clip.mean(), abs=0.3)
+
+
+def test_a_folder_tree_deeper_than_the_recursion_limit_is_listed(tmp_path):
+    """Path.rglob (and os.walk) recurse: a tree 1,200 folders deep ended in RecursionError. The walk is iterative and
+    lists what rglob lists (links to folders listed, not entered; dangling links and folders named like audio kept
+    for the checks to refuse with a reason)."""
+    import os
+
+    from pathlib import Path
+
+    from fastm2d.data.sources import list_files
+    folders = [str(tmp_path / "deep")]
+    for _ in range(1200):  # os.makedirs (and shutil.rmtree, below) recurse themselves
+        folders.append(os.path.join(folders[-1], "a"))
+    try:
+        for folder in folders:
+            os.mkdir(folder)
+        Path(folders[-1], "bottom.wav").write_bytes(b"RIFF")  # listing reads names only (libsndfile's own path
+        # length limit would refuse writing a real WAV this deep)
+        assert [p.name for p in list_files(folders[0])] == ["bottom.wav"]
+    finally:  # pytest's own clean-up of tmp_path would hit the recursion limit
+        if os.path.exists(os.path.join(folders[-1], "bottom.wav")):
+            os.unlink(os.path.join(folders[-1], "bottom.wav"))
+        for folder in reversed(folders):
+            if os.path.isdir(folder):
+                os.rmdir(folder)
+    from fastm2d.data.sources import walk
+    tree = tmp_path / "tree"
+    (tree / "sub" / "deep").mkdir(parents=True)
+    write_tone(tree / "sub" / "deep" / "a.wav", seconds=0.5)
+    (tree / "other").mkdir()
+    (tree / "other" / "b.flac").write_bytes(b"")
+    os.symlink(tree / "other", tree / "sub" / "linked")
+    os.symlink(tree / "nowhere.wav", tree / "dangling.wav")
+    (tree / "folder.wav").mkdir()
+    assert sorted(walk(tree)) == sorted(tree.rglob("*"))

@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -49,13 +49,34 @@ def _list(spec: str, root: Optional[str]):
     if p.is_dir():
         # Everything named like audio or .npy, also dangling links and folders named so: the checks list them
         # as unusable with the reason instead of dropping them silently.
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS | {LMS_EXT})
+        files = sorted(f for f in walk(p) if f.suffix.lower() in AUDIO_EXTS | {LMS_EXT})
         if not files:
             raise DataError(f"{p}: no audio or .npy files found (looked for {sorted(AUDIO_EXTS | {LMS_EXT})})")
         return files
     if p.suffix.lower() == ".csv" and p.is_file():
         return _read_csv(p, Path(root) if root else p.parent)  # strings
     raise DataError(f"data.train={spec!r}: not 'synthetic', an existing folder, or an existing .csv file")
+
+
+def walk(top: Path) -> Iterator[Path]:
+    """Every entry below `top`, as Path.rglob('*') gives them (links to folders listed, not entered; unreadable
+    folders passed over), with an explicit stack: rglob and os.walk recurse, and a tree 1,000 folders deep ended
+    in RecursionError."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except (PermissionError, FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            path = folder / entry.name
+            yield path
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    stack.append(path)
+            except OSError:
+                continue
 
 
 def list_digest(names: Sequence[str]) -> str:
