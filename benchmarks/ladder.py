@@ -79,10 +79,10 @@ def _one_process_group_env() -> dict:
                 MASTER_PORT=str(port))
 
 
-def _release(trainer=None) -> None:
-    """Free what a rung held, so the next starts clean (also after an OOM or a compile error)."""
+def _release() -> None:
+    """Free what a rung held, so the next starts clean (also after an OOM or a compile error); the caller drops its
+    own references to the trainer and the batches first, or the memory they hold outlives the cache flush."""
     from fastm2d.train.engine import release_process_groups
-    del trainer
     release_process_groups()
     torch._dynamo.reset()
     gc.collect()
@@ -126,7 +126,8 @@ def measure_rung(name: str, cfg: Config, steps: int = 5) -> dict:
     finally:
         if trainer is not None:
             trainer.close()
-        _release(trainer)
+        trainer = micro = None  # before the flush: the model, optimiser and batches must be garbage by then
+        _release()
         for k in env:
             os.environ.pop(k, None)
 
