@@ -20,6 +20,7 @@ from .errors import ConfigError  # noqa: F401  (re-exported)
 
 # Each setting's choices, typed once: the schema checks them, the command line offers them, the code reads them.
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")  # fastm2d/devices.py decides `auto`
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "reference")  # model/attention.py implements each
 KERNEL_CHOICES = ("auto", "triton", "reference")  # kernels/ holds both paths of every fused operation
 ENGINE_CHOICES = ("auto", "single", "deepspeed")
@@ -207,7 +208,7 @@ class TrainConfig:
     clip_grad: float = 3.0
     ema_start: float = 0.99995
     ema_end: float = 0.99999
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA and on a CPU with fast bf16: fastm2d/devices.py) | fp32 | bf16 | fp16
     device: str = "auto"
     seed: int = 42
     log_every: int = 10
@@ -359,8 +360,8 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"train.compile_mode={c.train.compile_mode!r}: not a torch.compile mode")
     if c.train.compile_backend not in COMPILE_BACKENDS:
         raise ConfigError(f"train.compile_backend={c.train.compile_backend!r}: choose one of {COMPILE_BACKENDS}")
-    if c.train.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision={c.train.precision!r}: expected auto, fp32, bf16 or fp16")
+    if c.train.precision not in PRECISION_CHOICES:
+        raise ConfigError(f"train.precision={c.train.precision!r}: expected one of {PRECISION_CHOICES}")
     for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints", "dist_timeout_s"):
         if getattr(c.train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(c.train, key)}: must be >= 1")

@@ -18,22 +18,23 @@ from typing import Optional
 
 import torch
 
+from .config import PRECISION_CHOICES
 from .errors import ConfigError
 
 log = logging.getLogger("fastm2d")
 
 ENV_VAR = "FASTM2D_PRECISION"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_FAST_ENOUGH = 1.3  # bf16 must beat fp32 by this factor (beyond timing noise) to be chosen on a CPU
 _cpu_speedup: Optional[float] = None
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "--device") -> torch.device:
+    """'auto' -> CUDA when there is one, else CPU; `key` names the setting in the error (train.device, --device)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for, but CUDA is not available here")
+        raise ConfigError(f"{key}={name!r} but CUDA is not available here")
     return device
 
 
@@ -60,21 +61,20 @@ def cpu_bf16_speedup(size: int = 1024, repeats: int = 3) -> float:
     return _cpu_speedup
 
 
-def autocast_dtype(device: torch.device, setting: str = "auto") -> Optional[torch.dtype]:
-    """The autocast dtype for `device`, or None for fp32. `setting`: auto | fp32 | bf16 | fp16."""
+def autocast_dtype(device: torch.device, setting: str = "auto", key: str = "precision") -> Optional[torch.dtype]:
+    """The autocast dtype for `device`, or None for fp32. `setting`: auto | fp32 | bf16 | fp16; `key` names it in
+    errors (train.precision)."""
     if setting == "auto":
-        setting = os.environ.get(ENV_VAR, "auto") or "auto"
-        if setting not in PRECISIONS:
-            raise ConfigError(f"{ENV_VAR}={setting!r}: expected one of {PRECISIONS}")
+        setting, key = os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR
+    if setting not in PRECISION_CHOICES:
+        raise ConfigError(f"{key}={setting!r}: expected one of {PRECISION_CHOICES}")
     if setting == "auto":
         if device.type == "cuda":
             setting = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         else:
             setting = "bf16" if device.type == "cpu" and cpu_bf16_speedup() >= BF16_FAST_ENOUGH else "fp32"
     if setting == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs CUDA (loss scaling); use fp32 or bf16 on CPU")
-    if setting not in PRECISIONS:
-        raise ConfigError(f"precision {setting!r}: expected one of {PRECISIONS}")
+        raise ConfigError(f"{key}=fp16 needs CUDA (loss scaling); use fp32 or bf16 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 

@@ -69,8 +69,8 @@ def adapt_config(audio: str, checkpoint: str, noise: Optional[str], out_dir: str
     config = load_config(None, [*base, *overrides])
     user_keys = {o.split("=", 1)[0] for o in overrides}
     if not {"train.batch_size", "train.accum_steps"} & user_keys:
-        from .trainer import pick_device
-        micro = largest_micro_batch(config, pick_device(config.train.device))
+        from ..devices import pick_device
+        micro = largest_micro_batch(config, pick_device(config.train.device, "train.device"))
         config = load_config(None, [*base, f"train.batch_size={micro}",
                                     f"train.accum_steps={max(1, EFFECTIVE_BATCH // micro)}", *overrides])
     return config

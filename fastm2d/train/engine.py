@@ -38,6 +38,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
@@ -45,9 +46,11 @@ class DistInfo:
 
 
 def dist_from_env() -> DistInfo:
-    """The launcher's view (deepspeed, torchrun): RANK, WORLD_SIZE, LOCAL_RANK; one process without them."""
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+    """The launcher's view (deepspeed, torchrun): RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE (all on one node
+    when the launcher does not say); one process without them."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return DistInfo(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def wants_deepspeed(config: Config, dist: DistInfo) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -50,21 +49,6 @@ class Batch(NamedTuple):
     x: torch.Tensor
     teacher_x: Optional[torch.Tensor] = None
     offline: Optional[torch.Tensor] = None
-
-
-def pick_device(name: str) -> torch.device:
-    try:
-        return devices.pick_device(name)
-    except ConfigError:
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here") from None
-
-
-def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for fp32 (fastm2d/devices.py decides `auto`: bf16 on a GPU, and on a CPU with
-    fast bf16). bf16 needs no loss scaling; fp16 gets a GradScaler (CUDA only)."""
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs CUDA (loss scaling); use fp32 or bf16 on CPU")
-    return devices.autocast_dtype(device, name)
 
 
 def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",
@@ -193,7 +177,7 @@ class Trainer:
         """Device, precision, process groups, the fault side channel and the mask generator."""
         t = self.config.train
         self.use_deepspeed = wants_deepspeed(self.config, self.dist)
-        self.device = pick_device(t.device)
+        self.device = devices.pick_device(t.device, "train.device")
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -201,7 +185,8 @@ class Trainer:
             init_distributed(self.config, self.device.type)
         self.fleet = Fleet(self.dist.rank, self.dist.world_size, self.out_dir)  # stop agreement, lost-rank reports
         self.preempted: Optional[int] = None  # the signal that stopped fit(), if any
-        self.amp_dtype = pick_precision(t.precision, self.device)
+        # bf16 needs no loss scaling; fp16 gets a GradScaler (CUDA only)
+        self.amp_dtype = devices.autocast_dtype(self.device, t.precision, "train.precision")
         # Masks come from one generator that every rank advances alike; each rank takes its samples' rows, so
         # N processes draw exactly the masks one process with the same global batch draws.
         self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
@@ -441,10 +426,9 @@ class Trainer:
         copies of one), its own crop positions (seed + rank), and the node's cores shared among its ranks."""
         from ..data.dali import DaliLogMelLoader, dali_threads
 
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
         return DaliLogMelLoader(self.source.files, self.config.train.batch_size, self.device,
                                 sample_rate=self.config.data.sample_rate, crop_frames=self.config.model.input_size[1],
-                                num_threads=dali_threads(self.config.data.num_workers, local),
+                                num_threads=dali_threads(self.config.data.num_workers, self.dist.local_world_size),
                                 seed=self.config.train.seed + self.dist.rank, shard_id=self.dist.rank,
                                 num_shards=self.dist.world_size, with_index=with_index)
 
