@@ -19,12 +19,22 @@ def l2norm_mse_reference(pred: torch.Tensor, target: torch.Tensor, standardize_t
     """pred, target: (..., D). Mean over all tokens of ||l2(pred) - l2(std(target))||^2, in fp32 or better."""
     if pred.shape != target.shape:
         raise ValueError(f"l2norm_mse: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    compute = torch.promote_types(pred.dtype, torch.float32)
-    pred, target = pred.to(compute), target.to(compute)
-    if standardize_target:
-        target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + STD_EPS).sqrt()
-    cos = (F.normalize(pred, dim=-1) * F.normalize(target, dim=-1)).sum(dim=-1)
-    return (2.0 - 2.0 * cos).mean()
+    return _rows_reference(pred, target, standardize_target).mean()
+
+
+def _standardized(t):
+    """(t - mean) / sqrt(var + eps) per row, and that divisor (the backward needs it)."""
+    s = (t.var(dim=-1, keepdim=True) + STD_EPS).sqrt()
+    return (t - t.mean(dim=-1, keepdim=True)) / s, s
+
+
+def _rows_reference(p, t, standardize):
+    """The loss of each row, 2 - 2 cos, in fp32 or better: the reference's definition and the loss op's CPU kernel."""
+    compute = torch.promote_types(p.dtype, torch.float32)
+    p, t = p.to(compute), t.to(compute)
+    if standardize:
+        t = _standardized(t)[0]
+    return 2.0 - 2.0 * (F.normalize(p, dim=-1) * F.normalize(t, dim=-1)).sum(dim=-1)
 
 
 # ROWS rows per program (a 2-D tile of ROWS x BLOCK_D): narrow rows fill the program's warps, wide ones take one
@@ -106,21 +116,9 @@ def _rows_backward_triton(p, t, grad, standardize, need_dt):
     return dp, dt
 
 
-def _standardized(t):
-    t = t.float()
-    centred = t - t.mean(dim=-1, keepdim=True)
-    s = ((centred * centred).sum(dim=-1, keepdim=True) / (t.shape[-1] - 1) + STD_EPS).sqrt()
-    return centred / s, s
-
-
-def _rows_reference(p, t, standardize):
-    t = _standardized(t)[0] if standardize else t.float()
-    return 2.0 - 2.0 * (F.normalize(p.float(), dim=-1) * F.normalize(t, dim=-1)).sum(dim=-1)
-
-
 def _rows_backward_reference(p, t, grad, standardize, need_dt):
     """The kernel's gradient formulas written with PyTorch ops (grad: one value per row; d loss / d cos = -2)."""
-    ts, s = _standardized(t) if standardize else (t.float(), None)
+    ts, s = _standardized(t.float()) if standardize else (t.float(), None)
     pf = p.float()
     pn = pf.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     tn = ts.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
