@@ -92,13 +92,21 @@ class Tagger(nn.Module):
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Tagger:
     """A Tagger from a file with a classifier head: the original's AS-FT weights or `fastm2d finetune` output."""
     from .checkpoint import read_checkpoint
-    from .runtime import runtime_from_state
 
-    state, cfg, sr, obj = read_checkpoint(path)  # read once: the encoder and the head come from the same file
-    head = {k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}
-    if not head:
+    tagger = tagger_from_checkpoint(*read_checkpoint(path), path)  # read once: encoder and head from one file
+    if tagger is None:
         raise CheckpointError(f"{path}: no classifier head (the original's *_AS-FT* files and `fastm2d finetune` "
                               f"output have one); for features use fastm2d.load_encoder")
+    return tagger.to(device)
+
+
+def tagger_from_checkpoint(state, cfg, sr, obj, path, attention: Optional[str] = None) -> Optional[Tagger]:
+    """`load_classifier` from what `read_checkpoint` returned; None when the file has no classifier head."""
+    from .runtime import runtime_from_state
+
+    head = {k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}
+    if not head:
+        return None
     classes = obj.get("classes") if isinstance(obj, dict) else None
     multi_label = bool(obj.get("multi_label", True)) if isinstance(obj, dict) else True
-    return Tagger(runtime_from_state(state, cfg, sr, path), head, classes, multi_label).to(device)
+    return Tagger(runtime_from_state(state, cfg, sr, path, attention=attention), head, classes, multi_label)

@@ -46,14 +46,18 @@ class ClassifierGraph(nn.Module):
 
 
 def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
+    from .checkpoint import read_checkpoint
+    from .classifier import tagger_from_checkpoint
     from .frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
-    from .runtime import load_encoder
+    from .runtime import runtime_from_state
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise CheckpointError(f"ONNX export needs onnx and onnxscript ({e}): pip install 'fastm2d[onnx]'") from None
-    rt = load_encoder(weights, attention="sdpa")
+    state, model_cfg, sr, obj = read_checkpoint(weights)  # read once: the encoder and, where there is one, the head
+    tagger = tagger_from_checkpoint(state, model_cfg, sr, obj, weights, attention="sdpa")
+    rt = tagger.runtime if tagger is not None else runtime_from_state(state, model_cfg, sr, weights, attention="sdpa")
     enc, cfg = rt.encoder.eval(), rt.cfg
     graph = EncoderGraph(enc).eval()
     patch_t, n_t = cfg.patch_size[1], enc.grid[1]
@@ -67,7 +71,6 @@ def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
     torch.onnx.export(graph, (example,), str(path), dynamo=True, input_names=["lms"], output_names=["frames"],
                       dynamic_shapes=shapes, verbose=False)
     head = {}
-    tagger = _tagger_or_none(weights)
     if tagger is not None:  # weights with a fine-tuned head: the classifier too, beside the encoder
         torch.onnx.export(ClassifierGraph(tagger).eval(), (example,), str(out / "m2d_classifier.onnx"), dynamo=True,
                           input_names=["lms"], output_names=["logits"], dynamic_shapes=shapes, verbose=False)
@@ -83,15 +86,3 @@ def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
         "max_frames": patch_t * n_t, "feature_dim": rt.feature_dim, "frame_ms": rt.frame_seconds * 1000, **head},
         indent=1))
     return path
-
-
-def _tagger_or_none(weights):
-    from .classifier import load_classifier
-    try:
-        tagger = load_classifier(weights)
-    except CheckpointError as e:
-        if "no classifier head" in str(e):
-            return None
-        raise
-    tagger.runtime.encoder.set_attention("sdpa")
-    return tagger.eval()
