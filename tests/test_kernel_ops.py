@@ -77,3 +77,34 @@ def test_a_fullgraph_compile_of_the_training_step_with_triton_kernels_traces_on_
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
         if a.grad is not None or b.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+def _triton_and_reference_kernels():
+    b, n, d = 2, 7, 5
+    x, pos, ids, part = torch.randn(b, n, d), torch.randn(n, d), _ids(b, n), _ids(b, n, 3)
+    yield "gather_rows", M._gather_rows_triton, M._gather_rows_reference, (x, ids, pos)
+    yield "gather_rows, part", M._gather_rows_triton, M._gather_rows_reference, (x, part, None)
+    yield "scatter_rows", M._scatter_rows_triton, M._scatter_rows_reference, (x, ids, pos, n)
+    yield "scatter_rows, part", M._scatter_rows_triton, M._scatter_rows_reference, (x[:, :3], part, None, n)
+    p, t = torch.randn(6, 9), torch.randn(6, 9) * 3 + 1
+    for std in (True, False):
+        yield f"l2norm_mse_rows std={std}", L._rows_triton, L._rows_reference, (p, t, std)
+        yield (f"l2norm_mse_rows_backward std={std}", L._rows_backward_triton, L._rows_backward_reference,
+               (p, t, torch.randn(6), std, True))
+    xm, bg = torch.randn(3, 11) - 7, torch.randn(3, 11) - 6
+    for eta_rows, eta in ((None, 0.3), (torch.rand(3), 0.0)):
+        args = (xm, bg, eta_rows, eta, -7.1, -6.0, 4.2)
+        yield f"noise_mix per_sample={eta_rows is not None}", N._mix_triton, N._mix_reference, args
+        yield (f"noise_mix_backward per_sample={eta_rows is not None}", N._mix_backward_triton,
+               N._mix_backward_reference, (xm, bg, eta_rows, torch.randn(3, 11), eta, -7.1, -6.0, 4.2))
+
+
+@pytest.mark.parametrize("name, fast, reference, args", list(_triton_and_reference_kernels()),
+                         ids=[c[0] for c in _triton_and_reference_kernels()])
+def test_each_ops_cpu_kernel_equals_its_triton_kernel(name, fast, reference, args):
+    """The ops' CPU kernels (the reference formulas, what runs on a CPU without the interpreter) against the Triton
+    code on the same inputs: flipping the switch gives the same values and gradients."""
+    got, want = fast(*args), reference(*args)
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (name, (a - b).abs().max())
