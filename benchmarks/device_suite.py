@@ -82,9 +82,9 @@ def gpu_tests(device: torch.device, out: Path) -> dict:
     return {"summary": summary, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def kernel_rows(device: torch.device, tiny: bool, bandwidth: float) -> list:
+def kernel_rows(device: torch.device, tiny: bool, bandwidth: float, rows: list, save) -> list:
+    """Each kernel x provider x mode; rows are saved as each provider finishes, like every other section's."""
     size, dtype = ("tiny", torch.float32) if tiny else ("m2d", torch.bfloat16)
-    rows = []
     for kernel, make in CASES.items():
         times = {}
         for provider in PROVIDERS:
@@ -109,9 +109,11 @@ def kernel_rows(device: torch.device, tiny: bool, bandwidth: float) -> list:
                                  "pct_copy_bw": 100 * traffic.minimum / sec / 1e9 / bandwidth})
             except Exception as e:  # a failing provider is a row, not the end of the suite
                 rows.append({"kernel": kernel, "provider": provider, "mode": "-", "error": repr(e)[:200]})
+            save()
         for r in rows:
             if r["kernel"] == kernel and ("compile", r["mode"]) in times and "ms" in r:
                 r["speedup_vs_compile"] = times[("compile", r["mode"])] * 1e3 / r["ms"]
+        save()
     return rows
 
 
@@ -224,7 +226,7 @@ def main() -> int:
         (out / "device_suite.md").write_text(markdown(result))
 
     sections = [("gpu_tests", lambda: gpu_tests(device, out)), ("copy_GB_s", lambda: copy_bandwidth(device, tiny)),
-                ("kernels", lambda: kernel_rows(device, tiny, result["copy_GB_s"])),
+                ("kernels", lambda: kernel_rows(device, tiny, result["copy_GB_s"], result["kernels"], save)),
                 ("train", lambda: train_rows(device, tiny, result["train"], save)),
                 ("data", lambda: data_rows(device, tiny, result["data"], save))]
     for name, run in sections:  # in order of importance
