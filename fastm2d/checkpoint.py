@@ -275,6 +275,9 @@ def infer_model_config(state: Dict[str, torch.Tensor], path: Path) -> Tuple[Mode
     if "offline_predictor.weight" in state:  # M2D-X: the task from the model's name, the width from the weights
         cfg.off_dim = state["offline_predictor.weight"].shape[0]
         cfg.off_loss = "bce" if model_name.startswith("m2d_as") else "norm_mse"
+    elif "logit_scale" in state and "audio_proj.0.weight" in state:  # M2D-CLAP as trained (M2D_CLAP_ViT)
+        cfg.off_loss = "clip"  # the caption width: text_proj's input, else (an identity) the encoder's own
+        cfg.off_dim = state["text_proj.weight"].shape[1] if "text_proj.weight" in state else embed_dim
     return cfg.resolved(), sr
 
 
@@ -362,10 +365,12 @@ def load_model(path: str | Path, kernels: Optional[str] = None, attention: Optio
     cfg.kernels = kernels or cfg.kernels
     cfg.attention = attention or cfg.attention
     model = M2D(cfg)
-    load_weights(model, {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIXES)}, path)
+    own = model.state_dict()  # an M2D-CLAP model trains its projections: they are its own weights
+    load_weights(model, {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIXES) or k in own}, path)
     model.sample_rate = sr
-    from .model.projections import attach_projections
-    attach_projections(model, state, path)  # M2D-CLAP files: audio_proj / text_proj kept with the model
+    if cfg.off_loss != "clip":
+        from .model.projections import attach_projections
+        attach_projections(model, state, path)  # M2D-CLAP inference files: audio_proj / text_proj kept with it
     return model
 
 
@@ -386,7 +391,8 @@ def init_from_weights(model: M2D, path: str | Path) -> str:
                                   f"{tuple(own[k].shape)} (model.size / patch_size differ from the checkpoint's)")
     new = {k: state[k] for k in encoder}
     loaded = ["encoder"]
-    for group in ("decoder_", "mask_token", "target_", "offline_predictor."):
+    for group in ("decoder_", "mask_token", "target_", "offline_predictor.", "audio_proj.", "text_proj.",
+                  "logit_scale"):
         keys = [k for k in own if k.startswith(group) and k != "decoder_pos_embed"]
         if keys and all(k in state and state[k].shape == own[k].shape for k in keys):
             new.update({k: state[k] for k in keys})
@@ -400,7 +406,7 @@ def init_from_weights(model: M2D, path: str | Path) -> str:
 
 # --------------------------------------------------------------------------------------------- export -----
 def original_folder_name(cfg: ModelConfig, sample_rate: int, date: str, model_name: Optional[str] = None) -> str:
-    kind = "m2d" if not cfg.off_dim else ("m2d_as" if cfg.off_loss in ("bce", "ce") else "m2d_x")
+    kind = "m2d" if not cfg.off_dim else {"bce": "m2d_as", "ce": "m2d_as", "clip": "m2d_clap"}.get(cfg.off_loss, "m2d_x")
     name = model_name or f"{kind}_vit_{cfg.size}"
     sr = "" if sample_rate == 16000 else f"p{sample_rate // 1000}k"
     return f"{name}-{cfg.input_size[0]}x{cfg.input_size[1]}p{cfg.patch_size[0]}x{cfg.patch_size[1]}{sr}-{date}"

@@ -92,7 +92,7 @@ class TextEncoder(nn.Module):
 class ZeroShot(nn.Module):
     """M2D-CLAP zero-shot: audio and text embeddings in one space, l2-normalised; scores are cosine similarities.
 
-        zs = ZeroShot(W)                                # the text encoder the release name declares
+        zs = ZeroShot(W)            # the text encoder a fastm2d run recorded, or the one a release's name declares
         sims = zs.similarity(waveform, 16000, ["dog barking", "rain"])   # (B, labels)
     """
 
@@ -104,9 +104,12 @@ class ZeroShot(nn.Module):
         self.runtime = runtime_from_state(state, cfg, sr, weights).to(device)
         if getattr(self.runtime, "audio_proj", None) is None:
             raise CheckpointError(f"{weights}: no audio_proj: not an M2D-CLAP model")
-        kind = declared_text_encoder(weights)
-        self.text_encoder_name = TEXT_ENCODERS[kind][0]
-        self.text = TextEncoder(text_encoder or TEXT_ENCODERS[kind][1], TEXT_ENCODERS[kind][2]).to(device)
+        if cfg.text_encoder:  # trained by fastm2d: the caption encoder and pooling the run recorded
+            source, pooling = cfg.text_encoder, cfg.text_pooling
+            self.text_encoder_name = source
+        else:  # a release: the encoder its name declares
+            self.text_encoder_name, source, pooling = TEXT_ENCODERS[declared_text_encoder(weights)]
+        self.text = TextEncoder(text_encoder or source, pooling).to(device)
         inside = sub_state(state, "text_encoder.")
         if inside:  # 'TI' releases carry the fine-tuned text encoder (under the original's wrapper names)
             inside = {k.split(".", 1)[1] if k.split(".", 1)[0] in ("text_encoder", "model") else k: v
@@ -114,7 +117,7 @@ class ZeroShot(nn.Module):
             try:
                 self.text.model.load_state_dict(inside)
             except RuntimeError as e:
-                raise CheckpointError(f"{weights}: its text_encoder.* weights do not fit {text_encoder or kind} "
+                raise CheckpointError(f"{weights}: its text_encoder.* weights do not fit {text_encoder or source} "
                                       f"({str(e).splitlines()[0][:160]})") from None
         # No text_proj in the file: the original's text projection is the identity (a caption encoder as wide as
         # the audio side); any other width cannot share the space.

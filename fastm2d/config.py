@@ -58,6 +58,11 @@ MAX_PARAMS = int(float(os.environ.get("FASTM2D_MAX_PARAMS", 4e9)))
 MAX_TOKENS = 65536  # patches per input: 80x608 at 16x16 is 190, at 80x2 304; 10 s at 16x4 is 1250
 
 
+OFF_LOSSES = ("norm_mse", "bce", "ce", "clip")
+TEXT_POOLINGS = ("mean", "cls")
+OFFLINE_TASKS = ("none", "labels", "distill", "regularize", "clap")
+
+
 def estimated_params(m: "ModelConfig") -> int:
     """Parameters of M2D with this config, from the sizes alone (Python integers: no overflow, no tensors)."""
     tokens = (m.input_size[0] // m.patch_size[0]) * (m.input_size[1] // m.patch_size[1])
@@ -86,8 +91,12 @@ class ModelConfig:
     loss: str = "norm_mse"  # norm_mse (eq. 2) | mse (plain MSE on standardised targets, the original's ablation)
     target_layers: List[int] = field(default_factory=list)  # average these target blocks' outputs; [] = the last
     # M2D-X offline branch (paper III-B); normally filled in from `offline.task` by the trainer.
-    off_dim: int = 0  # offline_predictor width: Linear(F'*D -> off_dim); 0 = no offline branch
-    off_loss: str = "norm_mse"  # norm_mse (distillation, regularisation) | bce (multi-label) | ce (single-label)
+    off_dim: int = 0  # offline_predictor width: Linear(F'*D -> off_dim); 0 = no offline branch. clip: the captions' width
+    # norm_mse (distillation, regularisation) | bce (multi-label) | ce (single-label) | clip (M2D-CLAP: audio_proj,
+    # text_proj and a learnable temperature instead of offline_predictor)
+    off_loss: str = "norm_mse"
+    text_encoder: Optional[str] = None  # clip: the caption encoder trained against (zero-shot reads captions with it)
+    text_pooling: str = "mean"  # clip: how that encoder's tokens become one embedding: mean | cls
     lambda_m2d: float = 1.0
     lambda_off: float = 1.0
     attention: str = "auto"  # auto | sdpa | xformers | reference
@@ -141,9 +150,11 @@ def check_model_config(m: ModelConfig) -> None:
     bad_layers = [i for i in m.target_layers if not 0 <= i < m.depth]
     if bad_layers:
         raise ConfigError(f"model.target_layers={m.target_layers}: block indices must lie in 0..{m.depth - 1}")
-    if m.off_dim < 0 or m.off_loss not in ("norm_mse", "bce", "ce"):
+    if m.off_dim < 0 or m.off_loss not in OFF_LOSSES:
         raise ConfigError(f"model.off_dim={m.off_dim}, model.off_loss={m.off_loss!r}: expected off_dim >= 0 and "
-                          f"off_loss norm_mse, bce or ce")
+                          f"off_loss {_expected(OFF_LOSSES)}")
+    if m.text_pooling not in TEXT_POOLINGS:
+        raise ConfigError(f"model.text_pooling={m.text_pooling!r}: expected {_expected(TEXT_POOLINGS)}")
     if m.lambda_m2d < 0 or m.lambda_off < 0:
         raise ConfigError(f"model.lambda_m2d={m.lambda_m2d}, model.lambda_off={m.lambda_off}: must be >= 0")
     if m.attention not in ATTENTION_CHOICES:
@@ -167,7 +178,8 @@ class NoiseConfig:
 @dataclass
 class OfflineConfig:
     """M2D-X's offline task (paper III-B). Each task fills model.off_dim / off_loss when they are left at 0."""
-    task: str = "none"  # none | labels (M2D-AS) | distill (M2D-S, a domain teacher) | regularize (further pre-training)
+    # none | labels (M2D-AS) | distill (M2D-S, a domain teacher) | regularize (further pre-training) | clap (M2D-CLAP)
+    task: str = "none"
     teacher: Optional[str] = None  # distill: a checkpoint run on the device; regularize: default train.init_from
     features: Optional[str] = None  # distill: folder of precomputed teacher features, <audio stem>.npy = (T, D)
     feature_rate: float = 50.0  # Hz of the precomputed features (HuBERT: 50)
@@ -175,6 +187,11 @@ class OfflineConfig:
     classes: Optional[str] = None  # labels: text file, one class per line (default: every name in the CSV, sorted)
     single_label: bool = False  # labels: cross-entropy over one class per clip instead of multi-label BCE
     balanced: bool = False  # labels: label-balanced sampling (item weights from label frequencies)
+    captions: Optional[str] = None  # clap: CSV of file_name and caption (a row per caption; default data.train)
+    text_encoder: Optional[str] = None  # clap: a local Hugging Face folder or cached model id that encodes captions
+    text_pooling: str = "mean"  # clap: mean over tokens (GTE, sentence-transformers) | cls (BERT)
+    caption_embeddings: Optional[str] = None  # clap: precomputed .npz, key = audio file stem, (D,) or (n, D)
+    caption_cache: Optional[str] = None  # clap: folder of per-caption embeddings (default ~/.cache/fastm2d/captions)
 
 
 @dataclass
@@ -408,8 +425,21 @@ def check_out_dir(out: Path) -> None:
 
 def check_offline_config(c: Config) -> None:
     o = c.offline
-    if o.task not in ("none", "labels", "distill", "regularize"):
-        raise ConfigError(f"offline.task={o.task!r}: expected none, labels, distill or regularize")
+    if o.task not in OFFLINE_TASKS:
+        raise ConfigError(f"offline.task={o.task!r}: expected {_expected(OFFLINE_TASKS)}")
+    if o.task == "clap" and o.text_encoder is None and o.caption_embeddings is None:
+        raise ConfigError("offline.task=clap needs offline.text_encoder (a local text model that encodes "
+                          "offline.captions) or offline.caption_embeddings (a precomputed .npz; a text_encoder "
+                          "given too is then only recorded, for zero-shot)")
+    if o.task == "clap" and o.caption_embeddings is None and o.captions is None \
+            and not str(c.data.train).lower().endswith(".csv"):
+        raise ConfigError("offline.task=clap with a text encoder needs offline.captions (a CSV of file_name and "
+                          "caption), or data.train set to such a CSV")
+    if c.data.loader == "dali" and (o.task in ("labels", "clap") or (o.task == "distill" and o.features)):
+        raise ConfigError(f"offline.task={o.task} reads a target per training file, which the DALI loader does not "
+                          f"carry; use data.loader=reference")
+    if o.text_pooling not in TEXT_POOLINGS:
+        raise ConfigError(f"offline.text_pooling={o.text_pooling!r}: expected {_expected(TEXT_POOLINGS)}")
     if o.task == "labels" and o.labels is None and not str(c.data.train).lower().endswith(".csv"):
         raise ConfigError("offline.task=labels needs offline.labels (a CSV of file_name and labels), or data.train "
                           "set to such a CSV")

@@ -195,3 +195,41 @@ def test_two_deepspeed_runs_in_one_process(tmp_path, monkeypatch):
         trainer = pretrain(load_config(None, [f"out_dir={tmp_path / run}", *TINY_TRAIN, "train.engine=deepspeed",
                                               "train.max_steps=1"]))
         assert trainer.step == 1 and not torch.distributed.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed is not installed (pip install 'fastm2d[deepspeed]')")
+def test_the_clap_temperature_clamp_reaches_zeros_own_fp32_copy(tmp_path, monkeypatch):
+    """ZeRO-1/2 update a private fp32 copy of the weights and write it back after each step: clamping only the
+    module's logit_scale (as the original does under DDP) would be undone by the next step."""
+    import socket
+
+    import numpy as np
+
+    from fastm2d.train import Trainer
+
+    from .test_clap_training import _captioned_clips
+    folder = _captioned_clips(tmp_path)
+    np.savez(tmp_path / "capemb.npz", **{f"c{i}": np.full((1, 64), float(i), np.float32) for i in range(8)})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    tr = Trainer(load_config(None, [f"out_dir={tmp_path / 'run'}", *TINY_TRAIN, "train.engine=deepspeed",
+                                    "train.zero_stage=2", f"data.train={folder}", "offline.task=clap",
+                                    f"offline.caption_embeddings={tmp_path / 'capemb.npz'}", "data.norm_stats=[-8,4]",
+                                    "train.max_steps=2"]))
+    with torch.no_grad():
+        tr.model.logit_scale.fill_(9.0)
+    tr.engine.weights_loaded()  # as a resume would: ZeRO's copy holds 9.0 too
+    tr.fit()
+    opt = tr.engine.engine.optimizer
+    for group, params in enumerate(opt.bit16_groups):  # one rank: its partition is the whole flat group
+        offset = 0
+        for p in params:
+            if p is tr.model.logit_scale:
+                master = opt.single_partition_of_fp32_groups[group][offset].item()
+            offset += p.numel()
+    from fastm2d.model.clip_loss import LOGIT_SCALE_MAX
+    assert master <= LOGIT_SCALE_MAX + 1e-6 and tr.model.logit_scale.item() <= LOGIT_SCALE_MAX + 1e-6

@@ -96,7 +96,8 @@ def _tiny_bert(folder, width=16):
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     from fastm2d.clap import checkout_kernels_hidden
     with checkout_kernels_hidden():  # this checkout's kernels/ would pass for the HF `kernels` package
-        tok = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+        # transformers 5 ignores vocab_file here (every word became [UNK]): the vocabulary itself
+        tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
         torch.manual_seed(5)
         model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=width,
                                                                num_hidden_layers=1, num_attention_heads=2,
@@ -127,6 +128,7 @@ def test_clap_zero_shot_ranks_labels_as_the_computation_written_here(tmp_path, c
     with torch.no_grad():
         batch = tok(labels, padding=True, return_tensors="pt")
         t = torch.nn.functional.normalize(text_proj(bert(**batch).last_hidden_state[:, 0]), dim=-1)
+        assert (t[:, None] - t[None]).abs().amax(-1).fill_diagonal_(1).min() > 1e-4  # four different labels
         frames = zs.runtime.encode(wav, 16000)  # eq. 4 frames (B, T', F'*D): their D-wide tokens' mean
         a = torch.nn.functional.normalize(parts["audio_proj"](frames.reshape(2, -1, D).mean(1)), dim=-1)
     assert torch.allclose(zs.audio(wav, 16000).norm(dim=-1), torch.ones(2), atol=1e-5)

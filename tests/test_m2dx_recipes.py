@@ -45,6 +45,26 @@ def test_recipes_load_and_a_tiny_variant_trains(recipe, tmp_path):
     assert all(np.isfinite(r["loss_off"]) for r in read_metrics(tr.out_dir))
 
 
+def test_the_clap_recipe_is_the_originals_and_a_tiny_variant_trains(tmp_path):
+    """clap/train_clap.py's command: --loss_off .01, --batch_size 512 on 4 GPUs, --epochs 300, --blr 3e-4, --seed 3,
+    GTE-base caption embeddings (768, mean pooled) for a ViT-Base (768: the text projection is an identity)."""
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "configs" / "m2d_clap.yaml"
+    full = load_config(path, [])
+    assert (full.model.lambda_m2d, full.model.lambda_off, full.offline.task) == (1.0, 0.01, "clap")
+    assert (full.train.batch_size * full.train.accum_steps, full.train.epochs, full.train.base_lr,
+            full.train.seed) == (2048, 300, 3e-4, 3)
+    assert (full.offline.text_encoder, full.offline.text_pooling) == ("thenlper/gte-base", "mean")
+    folder = labelled_folder(tmp_path)
+    np.savez(tmp_path / "e.npz", **{f"c{i}": np.random.randn(2, 768).astype(np.float32) for i in range(8)})
+    tiny = [*TINY_MODEL, f"out_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2",
+            "data.num_workers=0", "train.progress=false", "train.tensorboard=false", "data.norm_stats=[-8,4]",
+            "train.log_every=1", f"data.train={folder}", f"offline.caption_embeddings={tmp_path / 'e.npz'}"]
+    tr = pretrain(load_config(path, tiny))
+    assert tr.model.text_proj.weight.shape == (64, 768)
+    assert all(np.isfinite(r["loss_off"]) for r in read_metrics(tr.out_dir))
+
+
 def test_adapt_builds_the_recipe_and_prints_the_plan(tmp_path, capsys):
     from fastm2d.cli import main
     from fastm2d.train.adapt import adapt_config

@@ -93,6 +93,8 @@ def build_release(root, folder, file, kind, extras, seed=0):
     if "clap2024" in extras:  # get_MLP_projector(D, D, D) over the token mean
         audio = _randomise(torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.ReLU(), torch.nn.Linear(D, D)), seed + 2)
         parts = {"audio_proj": audio}
+        if kind == "full":  # the training checkpoint: M2D_CLAP_ViT's whole state, its CLIP temperature included
+            state["logit_scale"] = torch.tensor(math.log(1 / 0.07))
     if "clap2025" in extras:  # AudioToSemantic(D): a token and one-head blocks over the flat tokens (2 here)
         sem = torch.nn.Module()
         sem.sem_token = torch.nn.Parameter(torch.randn(1, 1, D))
@@ -175,8 +177,10 @@ def test_each_release_loads_and_gives_the_original_features(tmp_path, lms_12s, f
     if kind == "full":
         model = load_model(path)
         assert (getattr(model, "audio_proj", None) is not None) == ("clap2024" in extras)
-        assert getattr(model, "text_proj", None) is None
-        assert model.cfg.off_dim == {"offline527": 527, "offline768": 768}.get(next(iter(extras), ""), 0)
+        clap = "clap2024" in extras  # the M2D-CLAP model as trained: caption width D, an identity text projection
+        assert isinstance(getattr(model, "text_proj", None), torch.nn.Identity) == clap
+        assert model.cfg.off_dim == {"offline527": 527, "offline768": 768, "clap2024": D}.get(next(iter(extras), ""), 0)
+        assert (model.cfg.off_loss == "clip") == clap
     if "audio_proj" in parts:  # M2D-CLAP: the audio embedding, as portable_m2d's encode_clap_audio computes it
         from fastm2d.model.projections import SemanticProjector
         want = original_clap_audio(parts["audio_proj"], original_frames(vit, lms_12s, input_size, patch, flat=True),

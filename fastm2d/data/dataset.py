@@ -196,7 +196,7 @@ class CropDataset(Dataset):
 
     Returns {'lms': (1, F, T) raw log-mel, 'skipped': n, 'bad': the indices of items that failed (-1 padded)},
     with a noise source 'bg': a tiled crop of the background item `noise_picker` assigns to this sample, and
-    with M2D-X offline targets 'offline': `offline(item, crop start)` of the item actually used.
+    with M2D-X offline targets 'offline': `offline(item, crop start, crop seed)` of the item actually used.
 
     Whatever a file holds never stops training: an item that fails when read (undecodable, truncated, NaN/inf,
     or any other error) is logged, appended with its reason to `bad_list` (a text file), and replaced by the
@@ -265,6 +265,6 @@ class CropDataset(Dataset):
             if self.noise is not None:
                 item["bg"] = torch.from_numpy(self.background(key[2])).unsqueeze(0)
             if self.offline is not None:
-                item["offline"] = torch.from_numpy(np.ascontiguousarray(self.offline(j, start), dtype=np.float32))
+                item["offline"] = torch.from_numpy(np.ascontiguousarray(self.offline(j, start, seed), dtype=np.float32))
             return item
         raise DataError(f"{self.MAX_SUBSTITUTES} consecutive unusable items from {self.source.names[i]} on")

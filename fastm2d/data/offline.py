@@ -71,7 +71,7 @@ class LabelTargets:
                 raise DataError(f"{labels_csv}: {f}: {len(names)} labels, but offline.single_label=true")
         self.dim = len(self.classes)
 
-    def __call__(self, item: int, crop_start: int) -> np.ndarray:
+    def __call__(self, item: int, crop_start: int, seed: int = 0) -> np.ndarray:
         return self.matrix[item]
 
     def balanced_weights(self) -> np.ndarray:
@@ -130,7 +130,7 @@ class FeatureTargets:
                                 f"{seconds:.2f} s (wrong file or offline.feature_rate?)")
             self.paths.append(p)
 
-    def __call__(self, item: int, crop_start: int) -> np.ndarray:
+    def __call__(self, item: int, crop_start: int, seed: int = 0) -> np.ndarray:
         arr = np.load(self.paths[item], mmap_mode="r")
         arr = arr.reshape(arr.shape[-2], arr.shape[-1])
         return align_features(arr, self.rate, crop_start * self.hop_s, self.n_frames, self.frame_s)

@@ -1,10 +1,12 @@
 """Masked Modeling Duo (paper III-A): online encoder on visible patches, predictor, EMA target on masked patches,
 and M2D-X's offline branch (paper III-B): every online token, back in patch order, reshaped by eq. 4 and mapped
-per frame by `offline_predictor` to the offline task's target.
+per frame by `offline_predictor` to the offline task's target. M2D-CLAP (off_loss=clip) replaces that mapper by
+`audio_proj` over the mean of the visible tokens, `text_proj` over the caption embedding (an identity when the
+caption encoder is as wide as the encoder) and a learnable temperature `logit_scale`, trained by a CLIP loss.
 
 Key names are the original implementation's (docs/spec.md "Checkpoints"): the encoder keys at the top level
 (inherited from `ViTEncoder`), `mask_token`, `decoder_*` for the predictor, `target_*` for the target and
-`offline_predictor` for M2D-X's mapper.
+`offline_predictor` for M2D-X's mapper; `audio_proj.0/2`, `text_proj` and `logit_scale` for M2D-CLAP.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from .clip_loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, clip_loss
 from .pos_embed import sincos_2d
+from .projections import mlp
 from .vit import ViTEncoder, make_blocks
 
 
@@ -35,9 +39,18 @@ class M2D(ViTEncoder):
         # Target encoder: its own blocks and norm, updated only by EMA (see ema.py).
         self.target_blocks = make_blocks(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.attention)
         self.target_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        if cfg.off_dim:  # M2D-X: per-frame mapper from eq. 4 features (F'*D) to the offline target
+        if cfg.off_dim and cfg.off_loss != "clip":  # M2D-X: per-frame mapper from eq. 4 features (F'*D) to the target
             self.offline_predictor = nn.Linear(self.grid[0] * cfg.embed_dim, cfg.off_dim)
         self.init_weights()
+        if cfg.off_dim and cfg.off_loss == "clip":  # M2D-CLAP: both sides into the encoder's width. Made after
+            # init_weights, as the original adds them after its MAE initialisation (PyTorch's default Linear init)
+            self.audio_proj = mlp(cfg.embed_dim, cfg.embed_dim, cfg.embed_dim)
+            self.text_proj = nn.Identity() if cfg.off_dim == cfg.embed_dim else nn.Linear(cfg.off_dim, cfg.embed_dim)
+            # One element, not the original's 0-dim tensor: DeepSpeed cannot broadcast a 0-dim parameter (it views
+            # each as bytes). The state dict keeps the original's 0-dim shape both ways.
+            self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+            self.register_state_dict_post_hook(_logit_scale_saved_0dim)
+            self.register_load_state_dict_pre_hook(_logit_scale_loaded_1dim)
         for p in self.target_parameters():
             p.requires_grad_(False)
 
@@ -102,10 +115,30 @@ class M2D(ViTEncoder):
         if offline_target is not None:
             if not self.cfg.off_dim:
                 raise ValueError("offline_target given, but this model has no offline branch (model.off_dim = 0)")
+            if self.cfg.off_loss == "clip":
+                out["loss_off"] = self.clap_loss(z_visible[:, 1:], offline_target)
+                out["loss"] = self.cfg.lambda_m2d * loss_m2d + self.cfg.lambda_off * out["loss_off"]
+                return out
             out["offline_pred"] = self.offline_predictor(self.online_frames(z_visible[:, 1:], pred, ids_shuffle, ops))
             out["loss_off"] = self.offline_loss(out["offline_pred"], offline_target, ops)
         out["loss"] = self.cfg.lambda_m2d * loss_m2d + self.cfg.lambda_off * out["loss_off"]
         return out
+
+    def clap_loss(self, z_visible: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """M2D-CLAP: the mean of the visible online tokens (B, K, D) through audio_proj against the caption
+        embeddings (B, off_dim) through text_proj, CLIP loss over the global batch."""
+        if captions.shape != (z_visible.shape[0], self.cfg.off_dim):
+            raise ValueError(f"caption embeddings {tuple(captions.shape)} do not match (B, off_dim) = "
+                             f"{(z_visible.shape[0], self.cfg.off_dim)}")
+        audio = self.audio_proj(z_visible.mean(dim=1))
+        text = self.text_proj(captions.to(audio.dtype))
+        return clip_loss(audio, text, self.logit_scale.exp())
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """After each optimiser step, as the original (CLIP's fix for a temperature that runs away)."""
+        if hasattr(self, "logit_scale"):
+            self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
     def online_frames(self, z_visible: torch.Tensor, pred: torch.Tensor, ids_shuffle: torch.Tensor, ops) -> torch.Tensor:
         """Visible outputs (B, K, D) and masked predictions (B, N-K, D), both in ids_shuffle order -> every token in
@@ -148,6 +181,18 @@ class M2D(ViTEncoder):
         x = self._run(self.decoder_blocks, self.decoder_norm, x)
         # Project only the masked positions: decoder_pred is per token, so this equals the original's order.
         return self.decoder_pred(ops.gather_masked(x[:, 1:], ids_shuffle, self.n_visible))
+
+
+def _logit_scale_saved_0dim(module, state, prefix, local_metadata) -> None:
+    key = prefix + "logit_scale"
+    if key in state:
+        state[key] = state[key].reshape(())
+
+
+def _logit_scale_loaded_1dim(module, state, prefix, *args) -> None:
+    key = prefix + "logit_scale"
+    if key in state and state[key].dim() == 0:
+        state[key] = state[key].reshape(1)
 
 
 def _standardised_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

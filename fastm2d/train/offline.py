@@ -4,6 +4,8 @@
   distill     (M2D-S)   a domain teacher's per-frame features: precomputed .npy files, or a checkpoint run here
   regularize            the checkpoint the run starts from (train.init_from) as a frozen teacher: further
                         pre-training on small data that stays near the original model
+  clap      (M2D-CLAP)  a caption embedding per clip from a frozen text encoder (encoded once, cached) or a
+                        precomputed file; CLIP loss against the projected online tokens over the global batch
 
 Everything is checked here, before the first step: a missing teacher, one of another sample rate or time patch
 width, labels or features that do not fit the training list are each one ConfigError / DataError line.
@@ -20,6 +22,8 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, ModelConfig, check_model_config
+from ..data.captions import (CaptionTargets, default_cache_dir, embed_captions, encoder_fingerprint, read_captions,
+                             read_precomputed)
 from ..data.offline import FeatureTargets, LabelTargets
 from ..frontend import FRONTEND_PARAMS, normalize
 
@@ -34,6 +38,8 @@ class OfflineTask:
     targets: Optional[object] = None  # per item, in the data loader: LabelTargets / FeatureTargets
     teacher: Optional[torch.nn.Module] = None  # a transfer Runtime, run on the device
     sample_weights: Optional[object] = None  # label-balanced sampling
+    text_encoder: Optional[str] = None  # clap: the caption encoder, recorded in the model config for zero-shot
+    text_pooling: str = "mean"
 
 
 class Teacher(torch.nn.Module):
@@ -88,7 +94,7 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
     if o.task == "none":
         return None
     names = list(source.names)
-    if (o.task == "labels" or o.features) and names and names[0].startswith("synthetic:"):
+    if (o.task in ("labels", "clap") or o.features) and names and names[0].startswith("synthetic:"):
         raise ConfigError(f"offline.task={o.task} needs training files to attach its targets to, not data.train=synthetic")
     if o.task == "labels":
         csv = Path(o.labels or config.data.train)
@@ -97,6 +103,8 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
         log.info("offline task: labels, %d classes from %s", targets.dim, csv)
         return OfflineTask("labels", targets.dim, "ce" if o.single_label else "bce", targets=targets,
                            sample_weights=targets.balanced_weights() if o.balanced else None)
+    if o.task == "clap":
+        return build_clap_task(config, names, device)
     if o.task == "distill" and o.features is not None:
         hop = FRONTEND_PARAMS[config.data.sample_rate]["hop_length"]
         frames = getattr(source, "frames", None)
@@ -111,6 +119,47 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
     return OfflineTask(o.task, teacher.dim, "norm_mse", teacher=teacher)
 
 
+def build_clap_task(config: Config, names, device: torch.device) -> OfflineTask:
+    """Caption embeddings for every training file. With a text encoder, the first rank encodes what the cache
+    does not hold while the others wait, then every rank reads the cache (one model load per run, not per rank)."""
+    from .engine import barrier, dist_from_env
+    o = config.offline
+    if o.caption_embeddings is not None:
+        targets = CaptionTargets.from_precomputed(names, read_precomputed(Path(o.caption_embeddings)),
+                                                  o.caption_embeddings)
+        log.info("offline task: clap, %d-wide precomputed caption embeddings from %s", targets.dim,
+                 o.caption_embeddings)
+        return OfflineTask("clap", targets.dim, "clip", targets=targets, text_encoder=o.text_encoder,
+                           text_pooling=o.text_pooling)
+    csv = Path(o.captions or config.data.train)
+    captions = read_captions(csv, Path(config.data.root) if config.data.root else None)
+    fingerprint = encoder_fingerprint(o.text_encoder, o.text_pooling)
+    cache = Path(o.caption_cache) if o.caption_cache else default_cache_dir()
+    state = {}
+
+    def encode(texts):
+        if "encoder" not in state:
+            from ..clap import TextEncoder  # transformers: loaded only when something is not cached
+            try:
+                state["encoder"] = TextEncoder(o.text_encoder, o.text_pooling).to(device)
+            except CheckpointError as e:
+                raise ConfigError(f"offline.text_encoder: {e}") from None
+        return state["encoder"](texts).float().cpu().numpy()
+
+    first = dist_from_env().rank == 0
+    if not first:
+        barrier()  # the first rank encodes and fills the cache
+    targets = CaptionTargets.from_texts(names, captions, str(csv),
+                                        lambda texts: embed_captions(texts, encode, fingerprint, cache))
+    if first:
+        barrier()
+    state.clear()
+    log.info("offline task: clap, %d captions of %d clips from %s, %d-wide embeddings by %s (%s pooling)",
+             len(targets.table), len(names), csv, targets.dim, o.text_encoder, o.text_pooling)
+    return OfflineTask("clap", targets.dim, "clip", targets=targets, text_encoder=o.text_encoder,
+                       text_pooling=o.text_pooling)
+
+
 def final_model_config(task: Optional[OfflineTask], m: ModelConfig) -> ModelConfig:
     """The model config the task needs: model.off_dim / off_loss filled from it (a conflicting explicit value is
     an error), checked again before any model is built."""
@@ -119,6 +168,8 @@ def final_model_config(task: Optional[OfflineTask], m: ModelConfig) -> ModelConf
     if m.off_dim and m.off_dim != task.dim:
         raise ConfigError(f"model.off_dim={m.off_dim}, but offline.task={task.task} gives {task.dim}-wide targets")
     final = dataclasses.replace(m, off_dim=task.dim, off_loss=task.loss)
+    if task.task == "clap":  # zero-shot must read captions with the encoder the run trained against
+        final = dataclasses.replace(final, text_encoder=task.text_encoder, text_pooling=task.text_pooling)
     check_model_config(final)
     return final
 

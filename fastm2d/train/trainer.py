@@ -316,6 +316,9 @@ class Trainer:
             loss_sum += out["loss"].detach()
             self._terms += torch.stack([out["loss_m2d"].detach(), out["loss_off"].detach()]) / len(micro_batches)
         self.engine.step()  # clip, update, zero the gradients (DeepSpeed did it in its last backward)
+        if self.offline is not None and self.offline.loss == "clip":
+            self.model.clamp_logit_scale()  # M2D-CLAP's temperature kept in [0, log 100], as the original
+            self.engine.weights_loaded()  # ZeRO updates its own fp32 copy: it must see the clamped value
         self.ema.update(ema_tau(self.step, self.total_steps, self.config.train.ema_start, self.config.train.ema_end))
         self.step += 1
         return loss_sum / len(micro_batches)
