@@ -27,7 +27,7 @@ import torch
 
 from ..checkpoint import CheckpointError, atomic_save, latest_checkpoint, list_checkpoints, load_weights, safe_load
 from ..config import ConfigError, config_from_dict
-from .engine import barrier
+from ..distributed import barrier
 from .faults import state_bytes, write_failure
 from .metrics import read_jsonl
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,29 +27,10 @@ import torch
 
 from ..checkpoint import CheckpointError, check_deepspeed_checkpoint
 from ..config import Config, ConfigError
+from ..distributed import DistInfo
 from .faults import attempt_store
 
 log = logging.getLogger("fastm2d.train")
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1  # processes on this node
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_from_env() -> DistInfo:
-    """The launcher's view (deepspeed, torchrun): RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE (all on one node
-    when the launcher does not say); one process without them."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    return DistInfo(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)),
-                    int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def wants_deepspeed(config: Config, dist: DistInfo) -> bool:
@@ -229,12 +209,6 @@ def make_engine(model, optimizer, config: Config, amp_dtype, dist: DistInfo, use
     return SingleEngine(model, optimizer, amp_dtype, config.train.clip_grad)
 
 
-def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
-    return t
-
-
 def release_process_groups() -> None:
     """Tear the process groups down, and forget DeepSpeed's cached handles to them (deepspeed.utils.groups keeps
     the world and data-parallel groups in module globals): a second run in the same process (a notebook, the
@@ -247,8 +221,3 @@ def release_process_groups() -> None:
         for name, value in list(vars(groups).items()):
             if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
                 setattr(groups, name, {} if isinstance(value, dict) else None)
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -122,7 +122,7 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
 def build_clap_task(config: Config, names, device: torch.device) -> OfflineTask:
     """Caption embeddings for every training file. With a text encoder, the first rank encodes what the cache
     does not hold while the others wait, then every rank reads the cache (one model load per run, not per rank)."""
-    from .engine import barrier, dist_from_env
+    from ..distributed import barrier, dist_from_env
     o = config.offline
     if o.caption_embeddings is not None:
         targets = CaptionTargets.from_precomputed(names, read_precomputed(Path(o.caption_embeddings)),
