@@ -59,24 +59,16 @@ def cmd_adapt(args) -> None:
 
 def cmd_stats(args) -> None:
     from .config import load_config
-    from .data import compute_norm_stats
-    from .data.dataset import training_crop
-    from .train.trainer import file_source
+    from .data.stats import dataset_stats
 
-    config = load_config(args.config, args.overrides)
-    source, bad = file_source(args.data, config, config.data.root, pad=not config.data.repeat_short)
-    files = source.files
+    record, bad = dataset_stats(args.data, load_config(args.config, args.overrides), args.items)
     for b in bad:  # truncated, too short, undecodable ...: each named with its reason, left out
         print(f"skipped: {b}", file=sys.stderr)
-    if not files:
-        raise DataError(f"{args.data}: none of its {len(bad)} files is usable (first: {bad[0]})")
-    mean, std = compute_norm_stats(source, config.model.input_size[1], args.items, config.train.seed, progress=True,
-                                   crop=training_crop(config.data.repeat_short))
-    result = {"norm_stats": [mean, std], "items": min(args.items, len(files)), "skipped_files": len(bad)}
-    text = json.dumps(result)
+    text = json.dumps(record)
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)
+    mean, std = record["norm_stats"]
     print(f"use it with: data.norm_stats=[{mean:.4f},{std:.4f}]", file=sys.stderr)
 
 

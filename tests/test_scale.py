@@ -99,7 +99,7 @@ def _rank(rank, world, init, clips, out, counts):
     real = file_checks.probe_file
     file_checks.probe_file = lambda p, *a: calls.append(str(p)) or real(p, *a)
     from fastm2d.config import load_config
-    from fastm2d.train.trainer import file_source
+    from fastm2d.data.open_source import file_source
     config = load_config(None, [*TINY_TRAIN, f"data.train={clips}"])
     if rank == 1:
         time.sleep(1.0)  # the slow case on purpose: rank 1 must still wait for rank 0's result

@@ -21,7 +21,7 @@ import torch
 from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram, min_real_samples, pad_samples
 from .dataset import load_lms_file
 from .sources import DataError, list_digest, list_files
-from .stats import compute_norm_stats
+from .stats import compute_norm_stats, write_norm_stats
 from .store import FORMAT, INDEX_COLUMNS, VERSION, LogMelStore, read_manifest
 
 log = logging.getLogger("fastm2d.prepare")
@@ -166,8 +166,7 @@ def prepare(src: str, out: str | Path, workers: Optional[int] = None, files_per_
     if n_items:
         store = LogMelStore(out, crop_frames=crop_frames)
         stats = compute_norm_stats(store, crop_frames, stats_items, seed, progress=progress)
-        (out / "stats.json").write_text(json.dumps({"norm_stats": list(stats), "items": min(stats_items, n_items),
-                                                    "crop_frames": crop_frames}))
+        write_norm_stats(out / "stats.json", stats, items=min(stats_items, n_items), crop_frames=crop_frames)
     seconds = time.perf_counter() - t0
     processed = sum(len(t[1]) for t in todo)
     summary = {"items": n_items, "failures": len(failures), "shards": len(order), "shards_skipped": skipped,

@@ -1,13 +1,23 @@
-"""Dataset statistics for normalisation: mean and std of log-mel values over random training crops."""
+"""Dataset statistics for normalisation: mean and std of log-mel values over random training crops, and the one
+JSON schema every statistics file uses (a run's norm_stats.json / noise_stats.json, a store's stats.json,
+`fastm2d stats --out`): {"norm_stats": [mean, std], "items": crops used, "basis": what they were computed from,
+"from": the store they were copied from, ...}; a reader needs only "norm_stats"."""
 from __future__ import annotations
 
-from typing import Callable, Tuple
+import json
+import logging
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
+from ..config import Config
+from ..distributed import barrier, dist_from_env
 from .dataset import LogMelSource, random_crop
-from .sources import DataError
+from .sources import DataError, list_digest
+
+log = logging.getLogger("fastm2d.data")
 
 
 def compute_norm_stats(source: LogMelSource, frames: int, n_items: int = 10000, seed: int = 0,
@@ -32,3 +42,70 @@ def compute_norm_stats(source: LogMelSource, frames: int, n_items: int = 10000, 
         raise DataError("no readable item to compute statistics from")
     mean = total / count
     return float(mean), float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
+
+
+def write_norm_stats(path: Path, stats, **about) -> None:
+    """The statistics file, in the one schema (about: items, basis, from, skipped_files ...)."""
+    Path(path).write_text(json.dumps({"norm_stats": [float(v) for v in stats], **about}))
+
+
+def read_norm_stats(path: Path) -> Tuple[List[float], dict]:
+    """-> ([mean, std], the whole saved record); OSError / ValueError / KeyError when unreadable."""
+    saved = json.loads(Path(path).read_text())
+    return [float(v) for v in saved["norm_stats"]], saved
+
+
+def stats_basis(source, config: Config, n_items: int, crop) -> str:
+    """A digest of what statistics depend on: the items, the crop and its short-clip rule, the draw."""
+    return list_digest([list_digest(source.names), json.dumps(
+        [config.model.input_size, config.data.sample_rate, config.data.repeat_short,
+         getattr(crop, "__name__", "crop"), n_items, config.train.seed])])
+
+
+def run_norm_stats(source, config: Config, configured: Optional[List[float]], path: Path,
+                   crop: Callable = random_crop) -> List[float]:
+    """A run's statistics: the configured ones, else the run folder's file when it was computed from the same
+    basis, else a prepared store's, else computed once. Rank 0 computes and saves; the other ranks read its file."""
+    if configured is not None:
+        return list(configured)
+    if dist_from_env().rank != 0:
+        barrier()
+        return read_norm_stats(path)[0]
+    stats = _run_norm_stats_main(source, config, Path(path), crop)
+    barrier()
+    return stats
+
+
+def _run_norm_stats_main(source, config: Config, path: Path, crop) -> List[float]:
+    n = config.data.stats_items
+    # What the statistics are computed from: a file left by an earlier run on other data (or crops) is not reused.
+    basis = stats_basis(source, config, n, crop)
+    if path.is_file():
+        try:
+            stats, saved = read_norm_stats(path)
+            if saved.get("basis") == basis:
+                return stats
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        log.warning("%s was computed from other data or settings: computing the statistics again", path)
+    if getattr(source, "norm_stats", None) is not None:
+        write_norm_stats(path, source.norm_stats, **{"from": str(getattr(source, "root", "")), "basis": basis})
+        return list(source.norm_stats)
+    stats = compute_norm_stats(source, config.model.input_size[1], n, config.train.seed,
+                               progress=config.train.progress, crop=crop)
+    write_norm_stats(path, stats, items=min(n, len(source)), basis=basis)
+    log.info("statistics: mean %.4f std %.4f (saved to %s)", *stats, path)
+    return list(stats)
+
+
+def dataset_stats(spec: str, config: Config, items: int) -> Tuple[dict, list]:
+    """`fastm2d stats`: the statistics of a folder / CSV as training would compute them (its crop and short-clip
+    rule) -> (the record in the one schema, the files left out with their reasons)."""
+    from .dataset import training_crop
+    from .open_source import file_source
+    source, bad = file_source(spec, config, config.data.root, pad=not config.data.repeat_short)
+    if not source.files:
+        raise DataError(f"{spec}: none of its {len(bad)} files is usable (first: {bad[0]})")
+    stats = compute_norm_stats(source, config.model.input_size[1], items, config.train.seed, progress=True,
+                               crop=training_crop(config.data.repeat_short))
+    return {"norm_stats": list(stats), "items": min(items, len(source.files)), "skipped_files": len(bad)}, bad

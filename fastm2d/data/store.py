@@ -143,11 +143,12 @@ class LogMelStore:
         path = self.root / "stats.json"
         if not path.is_file():
             return None
-        saved = json.loads(path.read_text())
+        from .stats import read_norm_stats  # the one schema of statistics files
+        stats, saved = read_norm_stats(path)
         if self.crop_frames is not None and (saved.get("crop_frames") != self.crop_frames
                                              or saved.get("repeat_short", False) != self.repeat_short):
             return None
-        return saved["norm_stats"]
+        return stats
 
     def load(self, i: int) -> np.ndarray:
         """(F, T) view of item i (T = its span for the crop): nothing is read until it is sliced and copied."""

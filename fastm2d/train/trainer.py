@@ -5,7 +5,6 @@ EMA. Everything else here is bookkeeping: data, schedules, logging, atomic check
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -20,19 +19,19 @@ from torch.utils.data import DataLoader
 from .. import __version__, devices, kernels
 from ..checkpoint import init_from_weights
 from ..config import Config, ConfigError, to_yaml, unseen_frames
-from ..data import CropDataset, EpochSampler, LogMelSource, compute_norm_stats, random_crop
-from ..data.file_checks import check_files_once
-from ..data.dataset import FOUND_WHILE_TRAINING, training_crop
+from ..data import CropDataset, EpochSampler
+from ..data.dataset import training_crop
 from ..data.noise import NoisePicker, tile_crop
-from ..data.sources import AUDIO_EXTS, list_digest, list_file_names, require_usable
-from ..frontend import min_real_samples, normalize, pad_samples
-from ..data.store import LogMelStore, is_store
+from ..data.open_source import open_source
+from ..data.sources import AUDIO_EXTS
+from ..data.stats import run_norm_stats
+from ..frontend import normalize
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
 from .flops import mfu, peak_flops, train_flops_per_sample
-from .engine import (all_reduce_, barrier, dist_from_env, init_distributed, make_engine, release_process_groups,
-                     wants_deepspeed)
+from ..distributed import all_reduce_, dist_from_env
+from .engine import init_distributed, make_engine, release_process_groups, wants_deepspeed
 from .checkpointer import Checkpointer, RandomState
 from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error
 from .metrics import MetricsLogger, NullLogger
@@ -49,68 +48,6 @@ class Batch(NamedTuple):
     x: torch.Tensor
     teacher_x: Optional[torch.Tensor] = None
     offline: Optional[torch.Tensor] = None
-
-
-def build_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",
-                 seed_offset: int = 0):
-    """The embedded synthetic set, a prepared LogMelStore folder, or a folder / CSV of files (checked first).
-
-    Short training clips follow frontend.py's rule (waveform zero-padded to the crop, or tiled with
-    data.repeat_short); background noise is never padded (it is tiled).
-    """
-    d, frames = config.data, config.model.input_size[1]
-    tiled = label == "noise" or d.repeat_short
-    if is_store(spec):
-        store = LogMelStore(spec, crop_frames=frames, repeat_short=tiled)
-        if store.sample_rate != d.sample_rate:
-            raise ConfigError(f"data.sample_rate={d.sample_rate}, but {spec} was prepared at {store.sample_rate} Hz")
-        return store
-    if spec == "synthetic":
-        return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed + seed_offset, d.synthetic_clips,
-                                                                   d.synthetic_seconds),
-                            pad_to=0 if tiled else pad_samples(d.sample_rate, frames))
-    source, bad = file_source(spec, config, root, pad=not tiled, cache_dir=out_dir)
-    listing = out_dir / f"bad_{label}_files.txt"
-    if bad:  # the header checks' list, keeping what earlier runs of this folder found while training
-        found = _found_while_training(listing, set(source.files.names()))
-        listing.write_text("".join(f"{b}\n" for b in bad) + "".join(found))
-    require_usable(source.files, bad, d.on_bad_file, label, listing)
-    return source
-
-
-def _found_while_training(listing: Path, files: set) -> List[str]:
-    """Lines of an existing bad-file list that training appended (CropDataset), for files still in the list."""
-    if not listing.is_file():
-        return []
-    return [line for line in listing.read_text().splitlines(keepends=True)
-            if line.endswith(FOUND_WHILE_TRAINING + "\n") and line.split(": ", 1)[0] in files]
-
-
-def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool = True,
-                cache_dir: Optional[Path] = None):
-    """A folder / CSV of files, header-checked -> (LogMelSource of the usable ones, the unusable with reasons).
-    Usable = at least one patch width of audio; `pad` applies frontend.py's short-clip rule for the crop.
-
-    The checks run in parallel and, with a cache_dir (the run folder), once per data set: saved there and reused
-    by --resume and restarts; under several processes the first rank of each node checks while the others wait
-    at a barrier, then read its result."""
-    d, patch_t = config.data, config.model.patch_size[1]
-    min_samples = min_real_samples(d.sample_rate, patch_t)
-    check = dict(n_mels=config.model.input_size[0], min_seconds=min_samples / d.sample_rate, min_frames=patch_t,
-                 cache_dir=cache_dir, progress=config.train.progress)
-    paths = list_file_names(spec, root)
-    dist = dist_from_env()
-    together = cache_dir is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
-    if together and dist.local_rank != 0:
-        barrier()  # the node's first rank is checking
-        files, bad = check_files_once(paths, **check, reuse_only=True)
-    else:
-        files, bad = check_files_once(paths, **check)
-        if together:
-            barrier()
-    return LogMelSource(files, sample_rate=d.sample_rate,
-                        pad_to=pad_samples(d.sample_rate, config.model.input_size[1]) if pad else 0,
-                        min_samples=min_samples, min_frames=patch_t), bad
 
 
 class Trainer:
@@ -143,7 +80,7 @@ class Trainer:
         self._build_model(init=resume_from is None)
         self._build_schedule()
         if resume_from is None:
-            stats = self.norm_stats(self.source, config.data.norm_stats, "norm_stats.json",
+            stats = run_norm_stats(self.source, config, config.data.norm_stats, self.out_dir / "norm_stats.json",
                                     crop=training_crop(config.data.repeat_short))
             self.model.norm_stats.copy_(torch.tensor(stats))
         self._build_engine()
@@ -202,7 +139,7 @@ class Trainer:
             if config.data.repeat_short:
                 raise ConfigError("data.repeat_short=true is not available with data.loader=dali (it zero-pads "
                                   "short clips to the crop); use data.loader=reference")
-        self.source = build_source(config.data.train, config, self.out_dir, config.data.root)
+        self.source = open_source(config.data.train, config, self.out_dir, config.data.root)
         files = getattr(self.source, "files", None)  # a LogMelStore holds no audio files
         if config.data.loader == "dali" and not (files and all(f.suffix.lower() in AUDIO_EXTS for f in files)):
             raise ConfigError(f"data.loader=dali decodes audio files; {config.data.train} holds log-mel "
@@ -278,10 +215,11 @@ class Trainer:
         self.noise, picker, self.eta, self.noise_mean = None, None, 0.0, 0.0
         noise = config.data.noise
         if noise.train is not None and noise.eta > 0:
-            self.noise = build_source(noise.train, config, self.out_dir, noise.root, label="noise", seed_offset=1)
+            self.noise = open_source(noise.train, config, self.out_dir, noise.root, label="noise", seed_offset=1)
             picker = NoisePicker(len(self.noise), t.seed)
             self.eta = noise.eta
-            self.noise_mean = self.norm_stats(self.noise, noise.norm_stats, "noise_stats.json", crop=tile_crop)[0]
+            self.noise_mean = run_norm_stats(self.noise, config, noise.norm_stats, self.out_dir / "noise_stats.json",
+                                             crop=tile_crop)[0]
         self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.noise, picker,
                                    bad_list=self.out_dir / "bad_training_files.txt",
                                    offline=self.offline.targets if self.offline else None,
@@ -294,7 +232,7 @@ class Trainer:
         self.monitor = None
         if config.train.eval_every and self.dist.is_main:
             from ..eval.monitor import Monitor
-            valid = build_source(config.data.valid, config, self.out_dir, config.data.root, label="valid") \
+            valid = open_source(config.data.valid, config, self.out_dir, config.data.root, label="valid") \
                 if config.data.valid else None
             self.monitor = Monitor(self.model, self.dataset, (self.mean, self.std), config.data.sample_rate,
                                    config.train.seed, config.eval.clips, config.eval.task, valid)
@@ -494,40 +432,6 @@ class Trainer:
                 + " Try a lower train.base_lr or train.precision=fp32.")
 
     # ------------------------------------------------------------------------------------- statistics -----
-    def norm_stats(self, source, configured: Optional[List[float]], filename: str, crop=random_crop) -> List[float]:
-        """Configured statistics, else the run folder's, else a prepared store's, else computed once and saved."""
-        if configured is not None:
-            return list(configured)
-        path = self.out_dir / filename
-        if not self.dist.is_main:  # rank 0 computes and saves; the others read its file
-            barrier()
-            return json.loads(path.read_text())["norm_stats"]
-        stats = self._norm_stats_main(source, path, crop)
-        barrier()
-        return stats
-
-    def _norm_stats_main(self, source, path: Path, crop) -> List[float]:
-        n = self.config.data.stats_items
-        # What the statistics are computed from: a file left by an earlier run on other data (or crops) is not reused.
-        basis = _stats_basis(source, self.config, n, crop)
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-                if saved.get("basis") == basis:
-                    return saved["norm_stats"]
-            except (OSError, ValueError, AttributeError):
-                pass
-            log.warning("%s was computed from other data or settings: computing the statistics again", path)
-        if getattr(source, "norm_stats", None) is not None:
-            path.write_text(json.dumps({"norm_stats": list(source.norm_stats), "from": str(getattr(source, "root", "")),
-                                        "basis": basis}))
-            return list(source.norm_stats)
-        stats = compute_norm_stats(source, self.config.model.input_size[1], n, self.config.train.seed,
-                                   progress=self.config.train.progress, crop=crop)
-        path.write_text(json.dumps({"norm_stats": stats, "items": min(n, len(source)), "basis": basis}))
-        log.info("statistics: mean %.4f std %.4f (saved to %s)", *stats, path)
-        return list(stats)
-
     # ------------------------------------------------------------------ the trainer's part of a checkpoint ----
     def state_dict(self) -> dict:
         """Position, RNG and the run's description (the model and engine parts are the Checkpointer's to add)."""
@@ -545,13 +449,6 @@ class Trainer:
 
     def save(self) -> Path:
         return self.checkpointer.save(self)
-
-
-def _stats_basis(source, config: Config, n_items: int, crop) -> str:
-    """A digest of what statistics depend on: the items, the crop and its short-clip rule, the draw."""
-    return list_digest([list_digest(source.names), json.dumps(
-        [config.model.input_size, config.data.sample_rate, config.data.repeat_short,
-         getattr(crop, "__name__", "crop"), n_items, config.train.seed])])
 
 
 def _looks_like_comm_failure(e: RuntimeError) -> bool:
