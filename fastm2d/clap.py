@@ -147,3 +147,23 @@ class ZeroShot(nn.Module):
 
     def similarity(self, waveform: torch.Tensor, sample_rate: int, labels) -> torch.Tensor:
         return self.audio(waveform, sample_rate) @ self.texts(labels).T
+
+
+def zeroshot_files(zs: ZeroShot, files, labels, topk: int = 5, on_skip=None):
+    """`fastm2d zeroshot`: for each readable file, {'file', 'labels' (the top k, best first), 'similarity'};
+    an unreadable file goes to on_skip(message)."""
+    from .errors import AudioReadError
+    from .frontend import read_audio
+    texts = zs.texts(labels)
+    sr = zs.runtime.sample_rate
+    for f in files:
+        try:
+            wav = read_audio(f, sr).to(texts.device)
+        except AudioReadError as e:
+            if on_skip is not None:
+                on_skip(str(e))
+            continue
+        sims = (zs.audio(wav[None], sr) @ texts.T)[0]
+        order = torch.argsort(sims, descending=True)[:topk].tolist()
+        yield {"file": str(f), "labels": [labels[i] for i in order],
+               "similarity": [round(float(sims[i]), 5) for i in order]}

@@ -110,3 +110,56 @@ def tagger_from_checkpoint(state, cfg, sr, obj, path, attention: Optional[str] =
     classes = obj.get("classes") if isinstance(obj, dict) else None
     multi_label = bool(obj.get("multi_label", True)) if isinstance(obj, dict) else True
     return Tagger(runtime_from_state(state, cfg, sr, path, attention=attention), head, classes, multi_label)
+
+
+def tag_files(tagger: Tagger, files, topk: int = 5, frames: bool = False, batch_size: int = 16, workers: int = 2,
+              on_skip=None, progress: bool = True) -> List[dict]:
+    """`fastm2d tag`: rows {'file', ['time_ms'], 'labels', 'scores'} (top k), one per clip or per frame, in the
+    order the files were given; clips of one length are tagged together; an unreadable file goes to
+    on_skip(message) and is left out."""
+    from tqdm import tqdm
+
+    from .devices import autocast
+    from .inference import length_batches
+    device = next(tagger.parameters()).device
+    sr = tagger.runtime.sample_rate
+    results = {}
+    bar = tqdm(total=len(files), desc="tag", unit="file", disable=len(files) < 2 or not progress)
+
+    def skipped(i: int, error: str) -> None:
+        if on_skip is not None:
+            on_skip(error)
+        bar.update(1)
+
+    def top(probs) -> dict:
+        values, idx = probs.topk(min(topk, len(tagger.classes)))
+        return {"labels": [tagger.classes[i] for i in idx.tolist()], "scores": [round(float(v), 5) for v in values]}
+
+    for idx, wav in length_batches(files, sr, batch_size, workers, skipped):
+        with torch.no_grad(), autocast(device):  # bf16 on a GPU and on a CPU with fast bf16 (fastm2d/devices.py)
+            if frames:
+                probs, times = tagger.frame_scores(wav.to(device), sr)
+                for i, p in zip(idx, probs.float().cpu()):
+                    results[i] = [{"file": str(files[i]), "time_ms": round(float(t), 1), **top(q)}
+                                  for t, q in zip(times.tolist(), p)]
+            else:
+                for i, p in zip(idx, tagger.scores(wav.to(device), sr).float().cpu()):
+                    results[i] = [{"file": str(files[i]), **top(p)}]
+        bar.update(len(idx))
+    bar.close()
+    return [r for i in sorted(results) for r in results[i]]
+
+
+def format_tag_rows(rows: List[dict], csv_out: bool) -> str:
+    """JSON lines, or CSV (one row per label) for a .csv output."""
+    if csv_out:
+        import io
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "time_ms", "rank", "label", "score"])
+        for r in rows:
+            for rank, (label, score) in enumerate(zip(r["labels"], r["scores"]), 1):
+                w.writerow([r["file"], r.get("time_ms", ""), rank, label, score])
+        return buf.getvalue()
+    import json
+    return "".join(json.dumps(r) + "\n" for r in rows)

@@ -96,50 +96,15 @@ def cmd_embed(args) -> None:
 
 
 def cmd_linear_eval(args) -> None:
-    import torch
-
-    from .eval.embeddings import cached_embeddings, weights_key
     from .config import settings_from
-    from .eval.linear import ProbeConfig, linear_eval
-    from .eval.tasks import load_tasks
-    from .runtime import load_encoder
+    from .eval.linear import ProbeConfig
+    from .eval.probe import RESULTS_HEADER, probe_weights
 
     probe = settings_from(ProbeConfig, {}, args.overrides, "linear-eval")
-    args.device = _device(args.device)
-    runtime = load_encoder(args.weights, device=args.device)
-    if args.untrained:  # the same architecture with fresh weights: the baseline pre-training must beat
-        torch.manual_seed(args.untrained_seed)
-        runtime.encoder.init_weights()
-    layers = args.layers or None
-    hidden = tuple(args.hidden or ())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    init_seed = args.untrained_seed if args.untrained else None
-    key = weights_key(args.weights, layers, init_seed)
-    rows = []
-    for task in load_tasks(args.task):
-        emb, rate = cached_embeddings(runtime, task, out / "cache", key, layers=layers, batch_size=args.batch_size,
-                                      progress=not args.quiet)
-        result = linear_eval(emb, task, seeds=args.seeds, hidden=hidden, device=args.device, **vars(probe))
-        result.update(weights=str(args.weights), untrained_seed=init_seed, layers=layers, embedding_dim=emb.shape[1],
-                      clips_per_s=rate, probe=vars(probe))
-        name = task.name + (f"-untrained-seed{init_seed}" if args.untrained else "")
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        baseline = f" (untrained, init seed {init_seed})" if args.untrained else ""
-        row = (f"| {args.weights}{baseline} | {task.name} | {result['metric']} | "
-               f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f} | {args.seeds} |")
-        _upsert_row(out / "results.md", row)
-        rows.append(row)
-    print("| weights | task | metric | % (95 % CI) | seeds |\n| --- | --- | --- | --- | --- |\n" + "\n".join(rows))
-
-
-def _upsert_row(path: Path, row: str) -> None:
-    """Add a results row, replacing the row of the same weights and task: a re-run updates, never duplicates."""
-    key = "|".join(row.split("|")[:3])
-    rows = [r for r in path.read_text().splitlines() if "|".join(r.split("|")[:3]) != key] if path.is_file() else []
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("".join(r + "\n" for r in [*rows, row]))
-    tmp.replace(path)
+    rows = probe_weights(args.weights, args.task, Path(args.out), probe, args.seeds, args.layers, args.hidden or (),
+                         args.untrained_seed if args.untrained else None, args.batch_size, _device(args.device),
+                         progress=not args.quiet)
+    print(RESULTS_HEADER + "\n" + "\n".join(rows))
 
 
 def cmd_finetune(args) -> None:
@@ -158,39 +123,14 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_tag(args) -> None:
-    import torch
-    from tqdm import tqdm
+    from .classifier import format_tag_rows, load_classifier, tag_files
 
-    from .classifier import load_classifier
-    from .eval.embed_corpus import length_batches
-
-    device = _device(args.device)
-    tagger = load_classifier(args.weights, device=device)
-    sr = tagger.runtime.sample_rate
-    from .devices import autocast
-    results, failed = {}, []
-    bar = tqdm(total=len(args.files), desc="tag", unit="file", disable=len(args.files) < 2 or args.quiet)
-
-    def skipped(i: int, error: str) -> None:
-        print(f"skipped: {error}", file=sys.stderr)
-        failed.append(i)
-        bar.update(1)
-
-    # clips of one length tagged together (batched, chunked as encode does), decoded in workers
-    for idx, wav in length_batches(args.files, sr, args.batch_size, args.workers, skipped):
-        with autocast(device):  # bf16 on a GPU and on a CPU with fast bf16 (fastm2d/devices.py)
-            if args.frames:
-                probs, times = tagger.frame_scores(wav.to(device), sr)
-                for i, p in zip(idx, probs.float().cpu()):
-                    results[i] = [{"file": str(args.files[i]), "time_ms": round(float(t), 1), **_top(tagger, q, args.topk)}
-                                  for t, q in zip(times.tolist(), p)]
-            else:
-                for i, p in zip(idx, tagger.scores(wav.to(device), sr).float().cpu()):
-                    results[i] = [{"file": str(args.files[i]), **_top(tagger, p, args.topk)}]
-        bar.update(len(idx))
-    bar.close()
-    rows = [r for i in sorted(results) for r in results[i]]  # in the order the files were given
-    text = _format_rows(rows, args.out)
+    tagger = load_classifier(args.weights, device=_device(args.device))
+    failed = []
+    rows = tag_files(tagger, args.files, args.topk, args.frames, args.batch_size, args.workers,
+                     on_skip=lambda e: (print(f"skipped: {e}", file=sys.stderr), failed.append(e)),
+                     progress=not args.quiet)
+    text = format_tag_rows(rows, bool(args.out) and str(args.out).endswith(".csv"))
     if args.out:
         Path(args.out).write_text(text)
     else:
@@ -200,46 +140,15 @@ def cmd_tag(args) -> None:
 
 
 def cmd_zeroshot(args) -> None:
-    import torch
-
-    from .clap import ZeroShot
-    from .frontend import read_audio
+    from .clap import ZeroShot, zeroshot_files
 
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:
         raise DataError(f"--labels {args.labels!r}: give at least two comma-separated labels")
     zs = ZeroShot(args.weights, args.text_encoder, device=_device(args.device))
-    texts = zs.texts(labels)
-    for f in args.files:
-        try:
-            wav = read_audio(f, zs.runtime.sample_rate).to(texts.device)
-        except AudioReadError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            continue
-        sims = (zs.audio(wav[None], zs.runtime.sample_rate) @ texts.T)[0]
-        order = torch.argsort(sims, descending=True)[:args.topk].tolist()
-        print(json.dumps({"file": str(f), "labels": [labels[i] for i in order],
-                          "similarity": [round(float(sims[i]), 5) for i in order]}))
-
-
-def _top(tagger, probs, k: int) -> dict:
-    values, idx = probs.topk(min(k, len(tagger.classes)))
-    return {"labels": [tagger.classes[i] for i in idx.tolist()], "scores": [round(float(v), 5) for v in values]}
-
-
-def _format_rows(rows, out) -> str:
-    """JSON lines, or CSV (one row per label) when --out ends in .csv."""
-    if out and str(out).endswith(".csv"):
-        import csv
-        import io
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["file", "time_ms", "rank", "label", "score"])
-        for r in rows:
-            for rank, (label, score) in enumerate(zip(r["labels"], r["scores"]), 1):
-                w.writerow([r["file"], r.get("time_ms", ""), rank, label, score])
-        return buf.getvalue()
-    return "".join(json.dumps(r) + "\n" for r in rows)
+    for row in zeroshot_files(zs, args.files, labels, args.topk,
+                              on_skip=lambda e: print(f"skipped: {e}", file=sys.stderr)):
+        print(json.dumps(row))
 
 
 def cmd_report(args) -> None:

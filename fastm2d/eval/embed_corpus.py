@@ -13,17 +13,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..devices import autocast
+from ..inference import length_batches
 from ..data.sources import AUDIO_EXTS, list_files
-from ..errors import AudioReadError, DataError
-from ..frontend import read_audio
+from ..errors import DataError
 
 MANIFEST = "manifest.jsonl"
 LEVELS = ("frame", "clip", "scene", "timestamp")  # scene = clip (HEAR's word)
@@ -61,42 +60,6 @@ def expand_inputs(inputs: Sequence[str], level: str) -> List[Item]:
             it.name += "_"
         written |= outputs(it.name)
     return items
-
-
-class _Decoded(Dataset):
-    def __init__(self, items: List[Item], sample_rate: int):
-        self.items, self.sample_rate = items, sample_rate
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, read_audio(self.items[i].path, self.sample_rate), None
-        except AudioReadError as e:
-            return i, None, str(e)
-
-
-def length_batches(paths: Sequence, sample_rate: int, batch_size: int, workers: int, on_error,
-                   order: Optional[Sequence[int]] = None) -> Iterator[Tuple[List[int], torch.Tensor]]:
-    """(indices, (B, N) waveforms) batches of clips of one length N, decoded in DataLoader workers; a clip that
-    cannot be read goes to on_error(index, message). The clips of a length wait until their batch is full, the
-    rest come at the end."""
-    items = [Item(Path(p), "") for p in paths]
-    loader = DataLoader(_Decoded(items, sample_rate), batch_size=None,
-                        sampler=list(order) if order is not None else range(len(items)), num_workers=workers)
-    buckets: Dict[int, list] = {}
-    for i, wav, error in loader:
-        if error is not None:
-            on_error(i, error)
-            continue
-        bucket = buckets.setdefault(wav.shape[-1], [])
-        bucket.append((i, wav))
-        if len(bucket) >= batch_size:
-            del buckets[wav.shape[-1]]
-            yield [j for j, _ in bucket], torch.stack([w for _, w in bucket])
-    for bucket in buckets.values():
-        yield [j for j, _ in bucket], torch.stack([w for _, w in bucket])
 
 
 def _done(out: Path) -> Dict[str, dict]:

@@ -1,0 +1,56 @@
+"""`fastm2d linear-eval` as one call: one set of weights (or the same architecture freshly initialised) probed on
+every task of a spec with the linear-evaluation protocol (eval/linear.py), each task's result in
+`<out>/<task>.json` and a row of `<out>/results.md` (a re-run of the same weights and task replaces its row)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..atomic import atomic_file
+from .embeddings import cached_embeddings, weights_key
+from .linear import ProbeConfig, linear_eval
+from .tasks import load_tasks
+
+RESULTS_HEADER = "| weights | task | metric | % (95 % CI) | seeds |\n| --- | --- | --- | --- | --- |"
+
+
+def probe_weights(weights: str, task_spec: str, out: Path, probe: ProbeConfig, seeds: int = 5,
+                  layers: Optional[Sequence[int]] = None, hidden: Sequence[int] = (),
+                  untrained_seed: Optional[int] = None, batch_size: int = 64, device="cpu",
+                  progress: bool = True) -> List[str]:
+    """-> the results rows written; `untrained_seed`: probe the architecture re-initialised with that seed."""
+    from ..runtime import load_encoder
+    runtime = load_encoder(weights, device=device)
+    if untrained_seed is not None:  # the same architecture with fresh weights: the baseline pre-training must beat
+        torch.manual_seed(untrained_seed)
+        runtime.encoder.init_weights()
+    layers = list(layers) if layers else None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = weights_key(weights, layers, untrained_seed)
+    rows = []
+    for task in load_tasks(task_spec):
+        emb, rate = cached_embeddings(runtime, task, out / "cache", key, layers=layers, batch_size=batch_size,
+                                      progress=progress)
+        result = linear_eval(emb, task, seeds=seeds, hidden=tuple(hidden), device=device, **vars(probe))
+        result.update(weights=str(weights), untrained_seed=untrained_seed, layers=layers,
+                      embedding_dim=emb.shape[1], clips_per_s=rate, probe=vars(probe))
+        name = task.name + (f"-untrained-seed{untrained_seed}" if untrained_seed is not None else "")
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        baseline = f" (untrained, init seed {untrained_seed})" if untrained_seed is not None else ""
+        row = (f"| {weights}{baseline} | {task.name} | {result['metric']} | "
+               f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f} | {seeds} |")
+        upsert_row(out / "results.md", row)
+        rows.append(row)
+    return rows
+
+
+def upsert_row(path: Path, row: str) -> None:
+    """Add a results row, replacing the row of the same weights and task: a re-run updates, never duplicates."""
+    key = "|".join(row.split("|")[:3])
+    rows = [r for r in path.read_text().splitlines() if "|".join(r.split("|")[:3]) != key] if path.is_file() else []
+    with atomic_file(path) as f:
+        f.write("".join(r + "\n" for r in [*rows, row]).encode())
