@@ -25,9 +25,9 @@ from .config import ConfigError, ModelConfig, model_config_from_dict, unseen_fra
 from .errors import CheckpointError  # noqa: F401  (re-exported)
 from .frontend import first_line
 from .model import DEFAULT_NORM_STATS, M2D
+from .run_folder import RunFolder
 
 log = logging.getLogger("fastm2d")
-CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 # Prefixes that wrappers add, longest first: the original's evaluation package (EVAR) saves fine-tuned encoders
 # under `module.ar.runtime.backbone.`, DDP under `module.`, the original's RuntimeM2D under `backbone.`.
 WRAPPER_PREFIXES = ("module.ar.runtime.backbone.", "runtime.encoder.", "module.", "backbone.")
@@ -88,12 +88,11 @@ def save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict[
 
 
 def list_checkpoints(folder: Path) -> Dict[int, Path]:
-    return {int(m.group(1)): p for p in Path(folder).glob("checkpoint-*.pth") if (m := CKPT_RE.search(p.name))}
+    return RunFolder(folder).checkpoints()
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
-    found = list_checkpoints(folder)
-    return found[max(found)] if found else None
+    return RunFolder(folder).latest_checkpoint()
 
 
 # --------------------------------------------------------------------------------------------- reading ----

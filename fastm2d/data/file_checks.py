@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from ..run_folder import RunFolder
 from .file_list import FileList, as_file_list
 from .sources import BadFile, probe_file
 
@@ -81,7 +82,7 @@ def check_files_once(paths, n_mels: int = 80, min_seconds: float = 0.0, min_fram
     files = as_file_list(paths)
     settings = (n_mels, min_seconds, min_frames)
     workers = workers or default_workers()
-    path = Path(cache_dir) / f"file_checks-{check_key(files, settings)}.npz" if cache_dir is not None else None
+    path = RunFolder(cache_dir).file_checks(check_key(files, settings)) if cache_dir is not None else None
     saved = _load(path, len(files))
     if reuse_only and saved is not None:
         reasons = saved[1]

@@ -15,6 +15,7 @@ from .dataset import FOUND_WHILE_TRAINING, LogMelSource
 from .file_checks import check_files_once
 from .sources import list_file_names, require_usable
 from .store import LogMelStore, is_store
+from ..run_folder import RunFolder
 
 
 def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",
@@ -36,7 +37,7 @@ def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = 
                                                                    d.synthetic_seconds),
                             pad_to=0 if tiled else pad_samples(d.sample_rate, frames))
     source, bad = file_source(spec, config, root, pad=not tiled, cache_dir=out_dir)
-    listing = out_dir / f"bad_{label}_files.txt"
+    listing = RunFolder(out_dir).bad_files(label)
     if bad:  # the header checks' list, keeping what earlier runs of this folder found while training
         found = _found_while_training(listing, set(source.files.names()))
         listing.write_text("".join(f"{b}\n" for b in bad) + "".join(found))

@@ -28,6 +28,7 @@ import torch
 from ..checkpoint import CheckpointError, atomic_save, latest_checkpoint, list_checkpoints, load_weights, safe_load
 from ..config import ConfigError, config_from_dict
 from ..distributed import barrier
+from ..run_folder import RunFolder
 from .faults import state_bytes, write_failure
 from .metrics import read_jsonl
 
@@ -74,7 +75,7 @@ class Checkpointer:
     def save(self, trainer) -> Path:
         """Every rank calls this (DeepSpeed writes its optimiser partitions collectively); rank 0 writes the
         checkpoint file."""
-        path = self.out_dir / f"checkpoint-{trainer.step}.pth"
+        path = RunFolder(self.out_dir).checkpoint(trainer.step)
         previous, state = self.latest(), None
         try:
             trainer.engine.save_extra(self.out_dir, trainer.step)
@@ -93,7 +94,7 @@ class Checkpointer:
         """Keep the newest `keep` checkpoints; an older one goes with its DeepSpeed partitions."""
         for step, old in sorted(list_checkpoints(self.out_dir).items())[: -self.keep]:
             old.unlink(missing_ok=True)
-            shutil.rmtree(self.out_dir / "deepspeed" / f"step{step}", ignore_errors=True)
+            shutil.rmtree(RunFolder(self.out_dir).deepspeed / RunFolder.deepspeed_tag(step), ignore_errors=True)
 
     # ----------------------------------------------------------------------------------------- resume ----
     def resume(self, trainer, path: Path) -> None:
@@ -104,7 +105,7 @@ class Checkpointer:
         trainer.engine.load_state_dict(obj, path)
         trainer.load_state_dict(obj)
         if self.is_main:
-            truncate_metrics(self.out_dir / "metrics.jsonl", trainer.step)
+            truncate_metrics(RunFolder(self.out_dir).metrics, trainer.step)
         log.info("resumed from %s at step %d", path, trainer.step)
 
     def read(self, path: Path, trainer) -> dict:

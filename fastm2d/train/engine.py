@@ -28,6 +28,7 @@ import torch
 from ..checkpoint import CheckpointError, check_deepspeed_checkpoint
 from ..config import Config, ConfigError
 from ..distributed import DistInfo
+from ..run_folder import RunFolder
 from .faults import attempt_store
 
 log = logging.getLogger("fastm2d.train")
@@ -118,7 +119,7 @@ class SingleEngine(_Engine):
         if state.get("optimizer") is None:  # written by DeepSpeed: gather its ZeRO partitions
             from .zero_state import consolidate
             try:
-                moments = consolidate(path.parent / "deepspeed", f"step{state['step']}",
+                moments = consolidate(RunFolder(path.parent).deepspeed, RunFolder.deepspeed_tag(state['step']),
                                       [g["params"] for g in self.optimizer.param_groups])
             except CheckpointError:
                 raise  # a partition file that would run code: refuse the resume, never continue past it
@@ -169,8 +170,8 @@ class DeepSpeedEngine(_Engine):
         return {"optimizer": None, "scaler": None}  # partitioned: saved by save_extra
 
     def load_state_dict(self, state: dict, path: Path) -> None:
-        tag = f"step{state['step']}"
-        folder = path.parent / "deepspeed"
+        tag = RunFolder.deepspeed_tag(state["step"])
+        folder = RunFolder(path.parent).deepspeed
         saved_world = state.get("world_size")
         same_layout = saved_world in (None, self.engine.world_size) or self.stage == 0
         if (folder / tag).is_dir() and same_layout:
@@ -200,7 +201,8 @@ class DeepSpeedEngine(_Engine):
 
     def save_extra(self, out_dir: Path, step: int) -> None:
         """Collective: every rank writes its optimiser partition."""
-        self.engine.save_checkpoint(str(out_dir / "deepspeed"), tag=f"step{step}", save_latest=False)
+        self.engine.save_checkpoint(str(RunFolder(out_dir).deepspeed), tag=RunFolder.deepspeed_tag(step),
+                                    save_latest=False)
 
 
 def make_engine(model, optimizer, config: Config, amp_dtype, dist: DistInfo, use_deepspeed: bool):

@@ -10,15 +10,16 @@ from typing import Dict, List
 
 from tqdm import tqdm
 
+from ..run_folder import RunFolder
 log = logging.getLogger("fastm2d.train")
 
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int, tensorboard: bool = True,
                  progress: bool = True):
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path = RunFolder(out_dir).metrics
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.writer = self._tensorboard(Path(out_dir) / "tb") if tensorboard else None
+        self.writer = self._tensorboard(RunFolder(out_dir).tensorboard) if tensorboard else None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", disable=not progress,
                         dynamic_ncols=True)
 
@@ -99,7 +100,7 @@ def read_jsonl(path: Path) -> List[dict]:
 
 def read_metrics(out_dir: str | Path, monitors: bool = False) -> list:
     """The training rows of metrics.jsonl, or (monitors=True) the monitor rows."""
-    rows = read_jsonl(Path(out_dir) / "metrics.jsonl")
+    rows = read_jsonl(RunFolder(out_dir).metrics)
     return [r for r in rows if bool(r.get("monitor", False)) == monitors]
 
 

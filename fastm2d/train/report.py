@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..data.sources import DataError
+from ..run_folder import RunFolder
 from .metrics import read_metrics
 
 
@@ -42,12 +43,12 @@ def _plot(path: Path, rows: List[Dict], series: List[str], title: str, right: Li
 
 def write_report(run: str | Path) -> Path:
     run = Path(run)
-    if not (run / "metrics.jsonl").is_file():
+    if not RunFolder(run).metrics.is_file():
         raise DataError(f"{run}: no metrics.jsonl (not a fastm2d run folder?)")
     rows, mons = read_metrics(run), read_metrics(run, monitors=True)
     if not rows:
         raise DataError(f"{run}/metrics.jsonl: no training rows yet")
-    out = run / "report"
+    out = RunFolder(run).report
     out.mkdir(exist_ok=True)
     figures = []
     if _plot(out / "loss.png", rows, ["loss", "loss_m2d", "loss_off"], "loss terms"):

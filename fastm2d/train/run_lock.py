@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import RunFolderInUse
+from ..run_folder import RunFolder
 from .faults import process_alive
 
-LOCK_NAME = ".fastm2d.lock"
+LOCK_NAME = RunFolder(".").lock.name
+
 HEARTBEAT_S = 300.0  # without file-system locks: a holder silent for this long is taken as dead
 _HELD: Dict[str, List[int]] = {}  # this process's locks: real path -> [fd, holders]
 
@@ -38,7 +40,7 @@ def _holder_text(path: Path) -> str:
 
 class RunLock:
     def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK_NAME
+        self.path = RunFolder(folder).lock
         self.fd: Optional[int] = None
 
     def acquire(self) -> "RunLock":

@@ -29,6 +29,7 @@ from ..frontend import normalize
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
+from ..run_folder import RunFolder
 from .flops import mfu, peak_flops, train_flops_per_sample
 from ..distributed import all_reduce_, dist_from_env
 from .engine import init_distributed, make_engine, release_process_groups, wants_deepspeed
@@ -54,6 +55,7 @@ class Trainer:
     def __init__(self, config: Config, resume: bool = False):
         self.config = config
         self.out_dir = Path(config.out_dir)
+        self.run = RunFolder(self.out_dir)  # every file name in it
         self.dist = dist_from_env()
         # One process per run folder (rank 0 holds it for the job): a second `pretrain` or a `--resume` of a
         # running run is refused naming the holder; released when fit() ends, or here when set-up fails.
@@ -80,7 +82,7 @@ class Trainer:
         self._build_model(init=resume_from is None)
         self._build_schedule()
         if resume_from is None:
-            stats = run_norm_stats(self.source, config, config.data.norm_stats, self.out_dir / "norm_stats.json",
+            stats = run_norm_stats(self.source, config, config.data.norm_stats, self.run.norm_stats,
                                     crop=training_crop(config.data.repeat_short))
             self.model.norm_stats.copy_(torch.tensor(stats))
         self._build_engine()
@@ -89,7 +91,7 @@ class Trainer:
         self.mean, self.std = self.model.norm_stats.tolist()
         self._build_crops()
         self._build_monitor()
-        (self.out_dir / "config.yaml").write_text(to_yaml(config))
+        self.run.config.write_text(to_yaml(config))
 
     def _resume_point(self, resume: bool) -> Optional[Path]:
         """The checkpoint to resume from (None: a fresh run); refusals leave the run folder as it was."""
@@ -218,10 +220,10 @@ class Trainer:
             self.noise = open_source(noise.train, config, self.out_dir, noise.root, label="noise", seed_offset=1)
             picker = NoisePicker(len(self.noise), t.seed)
             self.eta = noise.eta
-            self.noise_mean = run_norm_stats(self.noise, config, noise.norm_stats, self.out_dir / "noise_stats.json",
+            self.noise_mean = run_norm_stats(self.noise, config, noise.norm_stats, self.run.noise_stats,
                                              crop=tile_crop)[0]
         self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.noise, picker,
-                                   bad_list=self.out_dir / "bad_training_files.txt",
+                                   bad_list=self.run.bad_files("training"),
                                    offline=self.offline.targets if self.offline else None,
                                    repeat_short=config.data.repeat_short)
 
