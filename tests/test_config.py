@@ -73,3 +73,40 @@ def test_a_time_axis_the_patch_does_not_divide_is_rounded_down_as_the_original()
     cfg = load_config(None, ["model.input_size=[80,1001]"]).model
     assert "a grid of 5 x 62; the last 9 of each 1001 frames are not seen" in unseen_frames(cfg)
     assert unseen_frames(load_config(None, []).model) == ""
+
+
+def _documented_keys(text: str) -> set:
+    """The keys in docs/configuration.md's table: first cells like "`model.a`, `b`" (a bare name takes the section
+    of the dotted key before it in the cell)."""
+    import re
+    keys = set()
+    for line in text.splitlines():
+        if not line.startswith("| `"):
+            continue
+        section = ""
+        for name in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            if "." in name:
+                section = name.rsplit(".", 1)[0]
+                keys.add(name)
+            else:
+                keys.add(f"{section}.{name}" if section else name)
+    return keys
+
+
+def test_the_configuration_reference_documents_exactly_the_schema():
+    """docs/configuration.md is the user's reference: every key of the schema in it, and nothing the schema lacks."""
+    from omegaconf import OmegaConf
+
+    from fastm2d.config import Config
+
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            if OmegaConf.is_dict(v):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    schema = set(leaves(OmegaConf.structured(Config)))
+    documented = _documented_keys((CONFIGS.parent / "docs" / "configuration.md").read_text())
+    assert not schema - documented, f"keys without a row: {sorted(schema - documented)}"
+    assert not documented - schema, f"rows for keys the schema lacks: {sorted(documented - schema)}"
