@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention
-from .pos_embed import sincos_2d
+from .pos_embed import resample_pos_embed, sincos_2d
 
 DEFAULT_NORM_STATS = (-7.1, 4.2)  # AudioSet log-mel mean / std (docs/spec.md); used when a checkpoint has none
 
@@ -61,6 +61,16 @@ class ViTEncoder(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(cfg.embed_dim, self.grid))
         self.blocks = make_blocks(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.attention)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+
+    def set_input_frames(self, frames: int) -> None:
+        """Another input length (fine-tuning on other clip lengths), as timm's `set_input_size`: the time axis of
+        the position table trimmed or bicubically resampled to whole patches of `frames`, the grid and the config
+        updated with it."""
+        new_t = frames // self.cfg.patch_size[1]
+        self.pos_embed = resample_pos_embed(self.pos_embed, self.grid, (self.grid[0], new_t))
+        self.cfg.input_size = [self.cfg.input_size[0], new_t * self.cfg.patch_size[1]]
+        self.grid = (self.grid[0], new_t)
+        self.num_patches = self.grid[0] * new_t
 
     # -- initialisation (docs/spec.md): xavier-uniform Linear / patch conv as a matrix, N(0, 0.02) tokens ------------
     def init_weights(self) -> None:
