@@ -9,7 +9,7 @@ Captions come from what the sound packages say about each sound: its collection'
 instrument families) and its file name ("a video game sound effect: coin", "a drum sample: kick 01"). Recordings
 are split by the hash real_audio_tasks.py uses: fifths 1-4 are captioned and pre-trained on (configs/demo.yaml,
 offline.task=clap, lambda_off 0.01 as the original), fifth 0 is held apart. Zero-shot: each held-apart clip ranked
-against nine text labels ("the sound of drums", "the sound of a desktop notification", ...) by `fastm2d.clap.
+against nine text labels ("the sound of drums", "the sound of a desktop notification", ...) by `fastm2d.transfer.clap.
 ZeroShot` reading the run folder (the caption encoder it recorded). The control trains the same config with
 model.lambda_off=0: the projections exist but the CLAP loss never moves them.
 """
@@ -84,7 +84,7 @@ def clip_table(data: Path):
 
 def zero_shot(run: Path, test, sample_rate=16000):
     """-> (accuracy %, balanced accuracy % = the mean of the per-class recalls: the held-apart fifth is half music)."""
-    from fastm2d.clap import ZeroShot
+    from fastm2d.transfer.clap import ZeroShot
     from fastm2d.frontend import read_audio
     zs = ZeroShot(run)
     names = list(CLASSES)

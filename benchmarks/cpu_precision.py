@@ -45,7 +45,7 @@ def encode_rows(rounds: int, clips: int) -> dict:
     from fastm2d.checkpoint import atomic_save
     from fastm2d.config import ModelConfig
     from fastm2d.model import M2D
-    from fastm2d.runtime import load_encoder
+    from fastm2d.transfer.runtime import load_encoder
     with tempfile.TemporaryDirectory() as tmp:
         model = M2D(ModelConfig().resolved())
         atomic_save({"model": model.state_dict(), "model_config": model.cfg.__dict__}, Path(tmp) / "vit_b.pth")

@@ -87,8 +87,8 @@ def vit_base_weights(folder: Path) -> Path:
 
 def embed_rate(files, device: torch.device, out: Path, batch: int = 16, workers: int = 2) -> float:
     """Clips/s of `embed_corpus` (decode in workers, batches of one length, bf16 on CUDA) with a ViT-B."""
-    from fastm2d.eval.embed_corpus import embed_corpus
-    from fastm2d.runtime import load_encoder
+    from fastm2d.transfer.embed_corpus import embed_corpus
+    from fastm2d.transfer.runtime import load_encoder
     runtime = load_encoder(vit_base_weights(out), device=device)
     return embed_corpus(runtime, [str(f) for f in files], Path(out) / "feats", batch_size=batch, workers=workers,
                         progress=False)["clips_per_s"]

@@ -29,8 +29,9 @@ from .errors import AudioReadError, ConfigError  # noqa: E402
 # instant: name -> the module that defines it.
 _LAZY = {"Config": "config", "ModelConfig": "config", "load_config": "config", "LogMelSpectrogram": "frontend",
          "read_audio": "frontend", "M2D": "model", "ViTEncoder": "model", "load_model": "checkpoint",
-         "load_encoder": "runtime", "load_classifier": "classifier", "audioset_classes": "classifier",
-         "save_pretrained": "pretrained", "from_pretrained": "pretrained"}
+         "load_encoder": "transfer.runtime", "load_classifier": "transfer.classifier",
+         "audioset_classes": "transfer.classifier", "save_pretrained": "transfer.pretrained",
+         "from_pretrained": "transfer.pretrained"}
 
 __all__ = ["ConfigError", "AudioReadError", "__version__", *_LAZY]
 

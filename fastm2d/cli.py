@@ -82,8 +82,8 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from .eval.embed_corpus import embed_corpus
-    from .runtime import load_encoder
+    from .transfer.embed_corpus import embed_corpus
+    from .transfer.runtime import load_encoder
 
     runtime = load_encoder(args.weights, device=_device(args.device))
     stats = embed_corpus(runtime, args.files, args.out, level=args.level, layers=args.layers or None,
@@ -123,7 +123,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_tag(args) -> None:
-    from .classifier import format_tag_rows, load_classifier, tag_files
+    from .transfer.classifier import format_tag_rows, load_classifier, tag_files
 
     tagger = load_classifier(args.weights, device=_device(args.device))
     failed = []
@@ -140,7 +140,7 @@ def cmd_tag(args) -> None:
 
 
 def cmd_zeroshot(args) -> None:
-    from .clap import ZeroShot, zeroshot_files
+    from .transfer.clap import ZeroShot, zeroshot_files
 
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:
@@ -161,7 +161,7 @@ def cmd_export(args) -> None:
     from .checkpoint import export_original
 
     if args.format == "onnx":
-        from .onnx_export import export_onnx
+        from .transfer.onnx_export import export_onnx
         print(export_onnx(args.weights, args.out))
         return
     print(export_original(args.weights, args.out, encoder_only=args.encoder_only, fmt=args.format))

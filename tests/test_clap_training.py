@@ -102,7 +102,7 @@ def _tiny_sentence_encoder(folder, width=16):
     folder.mkdir()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "low", "high", "tone", "hum", "whistle", "beep"]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    from fastm2d.clap import checkout_kernels_hidden
+    from fastm2d.transfer.clap import checkout_kernels_hidden
     with checkout_kernels_hidden():
         # transformers 5 ignores vocab_file here (every word became [UNK]): the vocabulary itself
         tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
@@ -145,8 +145,8 @@ def _clap_overrides(tmp_path, folder, encoder):
 
 def test_clap_task_trains_and_zero_shot_reads_what_it_wrote(tmp_path, tiny_config, monkeypatch):
     from fastm2d.checkpoint import export_original, load_model, read_checkpoint
-    from fastm2d.clap import ZeroShot
-    from fastm2d.runtime import load_encoder
+    from fastm2d.transfer.clap import ZeroShot
+    from fastm2d.transfer.runtime import load_encoder
     tok, bert = _tiny_sentence_encoder(tmp_path / "text")
     folder = _captioned_clips(tmp_path)
     tr = pretrain(tiny_config(*_clap_overrides(tmp_path, folder, tmp_path / "text"), "train.max_steps=3"))
@@ -189,8 +189,8 @@ def test_clap_task_trains_and_zero_shot_reads_what_it_wrote(tmp_path, tiny_confi
         {"audio_proj.0.weight", "audio_proj.0.bias", "audio_proj.2.weight", "audio_proj.2.bias", "text_proj.weight",
          "text_proj.bias"}
     # a second run encodes nothing: every caption comes from the cache (the text model is never loaded)
-    import fastm2d.clap
-    monkeypatch.setattr(fastm2d.clap, "TextEncoder", None)
+    import fastm2d.transfer.clap
+    monkeypatch.setattr(fastm2d.transfer.clap, "TextEncoder", None)
     tr2 = Trainer(tiny_config(*_clap_overrides(tmp_path, folder, tmp_path / "text"), "train.max_steps=1",
                               f"out_dir={tmp_path / 'run2'}"))
     assert np.array_equal(tr2.offline.targets.table, tr.offline.targets.table)

@@ -65,7 +65,7 @@ def test_bf16_features_are_fp32_features_within_the_stated_tolerance(tmp_path, m
     per rounding, and the error grows with depth; ViT-B measured ~0.6 %) of the fp32 features."""
     from fastm2d.checkpoint import atomic_save
     from fastm2d.model import M2D
-    from fastm2d.runtime import load_encoder
+    from fastm2d.transfer.runtime import load_encoder
     from tests.conftest import tiny_model_config
     torch.manual_seed(0)
     model = M2D(tiny_model_config(embed_dim=768, depth=4, num_heads=12, input_size=[80, 208]))

@@ -92,7 +92,7 @@ def test_csv_task_and_its_errors(tmp_path):
 def test_cached_embeddings_equal_recomputed_ones(tiny_run, tmp_path, capsys):
     from fastm2d.cli import main
     from fastm2d.eval.embeddings import embed_task, weights_key
-    from fastm2d.runtime import load_encoder
+    from fastm2d.transfer.runtime import load_encoder
     args = ["linear-eval", str(tiny_run), "synthetic:60", "--seeds", "1", "--out", str(tmp_path), "--quiet"]
     assert main(args) == 0
     cached = list((tmp_path / "cache").glob("*.npy"))

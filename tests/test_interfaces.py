@@ -14,7 +14,7 @@ import torch
 
 def test_hear_api_shapes_times_and_batching(tiny_run):
     from fastm2d import load_encoder
-    from fastm2d.interfaces import hear
+    from fastm2d.transfer.interfaces import hear
     model = hear.load_model(str(tiny_run))
     assert model.sample_rate == 16000 and model.scene_embedding_size == model.timestamp_embedding_size == 5 * 64
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def test_hear_api_shapes_times_and_batching(tiny_run):
 
 
 def test_hear_load_model_needs_weights(monkeypatch):
-    from fastm2d.interfaces import hear
+    from fastm2d.transfer.interfaces import hear
     monkeypatch.delenv("FASTM2D_HEAR_WEIGHTS", raising=False)
     with pytest.raises(ValueError, match="downloads nothing"):
         hear.load_model("")
@@ -61,12 +61,12 @@ def test_the_published_hear_validator_passes(tiny_run, monkeypatch):
     if "tensorflow" not in sys.modules:
         monkeypatch.setitem(sys.modules, "tensorflow", types.SimpleNamespace(Module=type("Module", (), {})))
     from hearvalidator.validate import ValidateModel
-    ValidateModel("fastm2d.interfaces.hear", str(tiny_run), device="cpu")()  # raises ModelError on any failure
+    ValidateModel("fastm2d.transfer.interfaces.hear", str(tiny_run), device="cpu")()  # raises ModelError on any failure
 
 
 def test_s3prl_upstream_handles_padding_and_reports_its_rate(tiny_run):
     from fastm2d import load_encoder
-    from fastm2d.interfaces.s3prl import UpstreamExpert, m2d_local
+    from fastm2d.transfer.interfaces.s3prl import UpstreamExpert, m2d_local
     expert = m2d_local(str(tiny_run))
     assert isinstance(expert, UpstreamExpert) and expert.get_downsample_rates("hidden_states") == 2560
     torch.manual_seed(1)
@@ -94,7 +94,7 @@ def _tiny_bert(folder, width=16):
     folder.mkdir()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "dog", "barking", "rain", "siren", "a", "car", "engine"]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    from fastm2d.clap import checkout_kernels_hidden
+    from fastm2d.transfer.clap import checkout_kernels_hidden
     with checkout_kernels_hidden():  # this checkout's kernels/ would pass for the HF `kernels` package
         # transformers 5 ignores vocab_file here (every word became [UNK]): the vocabulary itself
         tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
@@ -109,7 +109,7 @@ def _tiny_bert(folder, width=16):
 
 def test_clap_zero_shot_ranks_labels_as_the_computation_written_here(tmp_path, capsys):
     from fastm2d.cli import main
-    from fastm2d.clap import ZeroShot
+    from fastm2d.transfer.clap import ZeroShot
 
     from .conftest import write_tone
     from .test_released_models import D, build_release
@@ -159,7 +159,7 @@ def test_zero_shot_on_each_released_clap_layout(tmp_path, folder, file, kind, ex
     """The three released M2D-CLAP files, in their exact key layout and shapes (D-wide audio projections, no text
     projection): ZeroShot and `fastm2d zeroshot` score them as the original computes (flat tokens -> audio_proj;
     the caption encoder's pooled output as it is), the text side an identity because it is as wide."""
-    from fastm2d.clap import ZeroShot
+    from fastm2d.transfer.clap import ZeroShot
     from fastm2d.frontend import LogMelSpectrogram
 
     from .test_released_models import D, _sizes, build_release, original_clap_audio, original_frames
@@ -195,7 +195,7 @@ def test_zero_shot_on_each_released_clap_layout(tmp_path, folder, file, kind, ex
 
 def test_zero_shot_refuses_a_text_encoder_of_another_width(tmp_path):
     from fastm2d.checkpoint import CheckpointError
-    from fastm2d.clap import ZeroShot
+    from fastm2d.transfer.clap import ZeroShot
 
     from .test_released_models import build_release
     _tiny_bert(tmp_path / "text", width=16)
@@ -251,7 +251,7 @@ def test_s3prl_featurizer_reads_the_upstream(tiny_run, monkeypatch):
     monkeypatch.syspath_prepend(str(_s3prl_source()))
     from s3prl.upstream.interfaces import Featurizer
 
-    from fastm2d.interfaces.s3prl import UpstreamExpert
+    from fastm2d.transfer.interfaces.s3prl import UpstreamExpert
     expert = UpstreamExpert(str(tiny_run))
     featurizer = Featurizer(expert, "hidden_states", upstream_device="cpu")
     wavs = [torch.randn(16000 * 3) * 0.1, torch.randn(16000 * 2) * 0.1]
@@ -322,7 +322,7 @@ def test_the_xares_checker_passes_and_the_hop_matches_the_frames(tmp_path, monke
         monkeypatch.syspath_prepend(wheel)
     from xares.audio_encoder_checker import check_audio_encoder
 
-    from fastm2d.interfaces.xares import M2DEncoder
+    from fastm2d.transfer.interfaces.xares import M2DEncoder
 
     from .test_released_models import build_release
     path, *_ = build_release(tmp_path, folder, file, kind, ())

@@ -232,7 +232,7 @@ def test_fine_tuned_heads_tag_as_the_original(tmp_path, lms_12s, folder, file):
     names = audioset_classes()
     assert tagger.classes == names and len(names) == 527 == len(set(names))
     import csv
-    from fastm2d.classifier import ASSETS
+    from fastm2d.transfer.classifier import ASSETS
     rows = list(csv.DictReader(open(ASSETS / "audioset_class_labels_indices.csv", encoding="utf-8")))
     assert [int(r["index"]) for r in rows] == list(range(527))
     assert names == [r["display_name"] for r in sorted(rows, key=lambda r: r["mid"])]  # the notebooks' sort_values

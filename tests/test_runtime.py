@@ -4,7 +4,7 @@ import torch
 
 from fastm2d.checkpoint import atomic_save
 from fastm2d.model import M2D
-from fastm2d.runtime import Runtime, load_encoder
+from fastm2d.transfer.runtime import Runtime, load_encoder
 
 from .conftest import tiny_model_config
 

@@ -120,7 +120,7 @@ def _fixed_length(runtime, clips: List[torch.Tensor], frames: int) -> torch.Tens
 
 def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneConfig = FinetuneConfig(),
              device: str = "cpu", frames: int = 0) -> Dict:
-    from ..runtime import load_encoder
+    from ..transfer.runtime import load_encoder
     torch.manual_seed(cfg.seed)
     probe = load_encoder(weights)
     clips = [probe.to_lms(load_clip(i, probe.sample_rate, task), probe.sample_rate)[0, 0] for i in task.items]

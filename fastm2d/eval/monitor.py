@@ -19,7 +19,7 @@ import torch
 
 from ..devices import autocast
 from ..frontend import LogMelSpectrogram, normalize
-from ..runtime import Runtime
+from ..transfer.runtime import Runtime
 
 
 def rank_me(embeddings: torch.Tensor, eps: float = 1e-7) -> float:

@@ -22,7 +22,7 @@ def probe_weights(weights: str, task_spec: str, out: Path, probe: ProbeConfig, s
                   untrained_seed: Optional[int] = None, batch_size: int = 64, device="cpu",
                   progress: bool = True) -> List[str]:
     """-> the results rows written; `untrained_seed`: probe the architecture re-initialised with that seed."""
-    from ..runtime import load_encoder
+    from ..transfer.runtime import load_encoder
     runtime = load_encoder(weights, device=device)
     if untrained_seed is not None:  # the same architecture with fresh weights: the baseline pre-training must beat
         torch.manual_seed(untrained_seed)

@@ -58,7 +58,7 @@ class Teacher(torch.nn.Module):
 
 
 def load_teacher(path: str, config: Config, device: torch.device) -> Teacher:
-    from ..runtime import load_encoder
+    from ..transfer.runtime import load_encoder
 
     try:
         runtime = load_encoder(path, device=device)
@@ -139,7 +139,7 @@ def build_clap_task(config: Config, names, device: torch.device) -> OfflineTask:
 
     def encode(texts):
         if "encoder" not in state:
-            from ..clap import TextEncoder  # transformers: loaded only when something is not cached
+            from ..transfer.clap import TextEncoder  # transformers: loaded only when something is not cached
             try:
                 state["encoder"] = TextEncoder(o.text_encoder, o.text_pooling).to(device)
             except CheckpointError as e:

@@ -10,8 +10,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import AudioReadError
-from .frontend import read_audio
+from ..errors import AudioReadError
+from ..frontend import read_audio
 
 
 class _Decoded(Dataset):

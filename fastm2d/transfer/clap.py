@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .devices import autocast
-from .errors import CheckpointError
-from .model.projections import sub_state
+from ..devices import autocast
+from ..errors import CheckpointError
+from ..model.projections import sub_state
 
 # The text encoder a release name declares (the letter after the sample rate: "...p16kpB..."), as the original's
 # portable_m2d picks it, and how it pools tokens into one embedding.
@@ -41,7 +41,7 @@ def checkout_kernels_hidden():
     import importlib
     import os
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: above fastm2d/
     if not os.path.isfile(os.path.join(root, "kernels", "__init__.py")):
         yield
         return
@@ -98,7 +98,7 @@ class ZeroShot(nn.Module):
 
     def __init__(self, weights, text_encoder: Optional[str] = None, device="cpu"):
         super().__init__()
-        from .checkpoint import read_checkpoint
+        from ..checkpoint import read_checkpoint
         from .runtime import runtime_from_state
         state, cfg, sr, _ = read_checkpoint(weights)  # read once: encoder, projections and any text encoder
         self.runtime = runtime_from_state(state, cfg, sr, weights).to(device)
@@ -152,8 +152,8 @@ class ZeroShot(nn.Module):
 def zeroshot_files(zs: ZeroShot, files, labels, topk: int = 5, on_skip=None):
     """`fastm2d zeroshot`: for each readable file, {'file', 'labels' (the top k, best first), 'similarity'};
     an unreadable file goes to on_skip(message)."""
-    from .errors import AudioReadError
-    from .frontend import read_audio
+    from ..errors import AudioReadError
+    from ..frontend import read_audio
     texts = zs.texts(labels)
     sr = zs.runtime.sample_rate
     for f in files:

@@ -16,9 +16,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # fastm2d/assets
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,7 +91,7 @@ class Tagger(nn.Module):
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Tagger:
     """A Tagger from a file with a classifier head: the original's AS-FT weights or `fastm2d finetune` output."""
-    from .checkpoint import read_checkpoint
+    from ..checkpoint import read_checkpoint
 
     tagger = tagger_from_checkpoint(*read_checkpoint(path), path)  # read once: encoder and head from one file
     if tagger is None:
@@ -119,8 +119,8 @@ def tag_files(tagger: Tagger, files, topk: int = 5, frames: bool = False, batch_
     on_skip(message) and is left out."""
     from tqdm import tqdm
 
-    from .devices import autocast
-    from .inference import length_batches
+    from ..devices import autocast
+    from .batching import length_batches
     device = next(tagger.parameters()).device
     sr = tagger.runtime.sample_rate
     results = {}

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..devices import autocast
-from ..inference import length_batches
+from .batching import length_batches
 from ..data.sources import AUDIO_EXTS, list_files
 from ..errors import DataError
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 class EncoderGraph(nn.Module):
@@ -46,9 +46,9 @@ class ClassifierGraph(nn.Module):
 
 
 def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
-    from .checkpoint import read_checkpoint
+    from ..checkpoint import read_checkpoint
     from .classifier import tagger_from_checkpoint
-    from .frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
+    from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
     from .runtime import runtime_from_state
     try:
         import onnx  # noqa: F401

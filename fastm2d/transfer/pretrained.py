@@ -15,11 +15,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__
-from .checkpoint import PRETRAINED_CONFIG as CONFIG, PRETRAINED_FORMAT as FORMAT, PRETRAINED_WEIGHTS as WEIGHTS
-from .checkpoint import is_pretrained_folder, read_checkpoint, save_safetensors
-from .errors import CheckpointError
-from .frontend import FRONTEND_PARAMS, N_MELS
+from .. import __version__
+from ..checkpoint import PRETRAINED_CONFIG as CONFIG, PRETRAINED_FORMAT as FORMAT, PRETRAINED_WEIGHTS as WEIGHTS
+from ..checkpoint import is_pretrained_folder, read_checkpoint, save_safetensors
+from ..errors import CheckpointError
+from ..frontend import FRONTEND_PARAMS, N_MELS
 
 
 def save_pretrained(weights, folder: str | Path) -> Path:

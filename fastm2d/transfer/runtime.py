@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import ENCODER_PREFIXES, load_weights, read_checkpoint
-from .config import ModelConfig
-from .frontend import LogMelSpectrogram, normalize
-from .model import ViTEncoder
-from .model.pos_embed import resample_pos_embed
+from ..checkpoint import ENCODER_PREFIXES, load_weights, read_checkpoint
+from ..config import ModelConfig
+from ..frontend import LogMelSpectrogram, normalize
+from ..model import ViTEncoder
 
 
 class Runtime(nn.Module):
@@ -110,7 +109,7 @@ class Runtime(nn.Module):
         it), not the F'*D-wide frames of eq. 4."""
         if getattr(self, "audio_proj", None) is None:
             raise ValueError("these weights have no audio_proj: not an M2D-CLAP model")
-        from .model.projections import audio_embedding
+        from ..model.projections import audio_embedding
         return audio_embedding(self.patch_tokens(self.encode(waveform, sample_rate)), self.audio_proj)
 
     def patch_tokens(self, frames: torch.Tensor) -> torch.Tensor:
@@ -141,13 +140,8 @@ def runtime_from_state(state, cfg: ModelConfig, sr: int, path, input_frames: Opt
     encoder = ViTEncoder(cfg)
     load_weights(encoder, {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}, path)
     if input_frames is not None and input_frames != cfg.input_size[1]:
-        new_t = input_frames // cfg.patch_size[1]
-        pos = resample_pos_embed(encoder.pos_embed, encoder.grid, (encoder.grid[0], new_t))
-        cfg.input_size = [cfg.input_size[0], new_t * cfg.patch_size[1]]
-        encoder.grid = (encoder.grid[0], new_t)
-        encoder.num_patches = encoder.grid[0] * new_t
-        encoder.pos_embed = pos
+        encoder.set_input_frames(input_frames)
     runtime = Runtime(encoder, sr)
-    from .model.projections import attach_projections
+    from ..model.projections import attach_projections
     attach_projections(runtime, state, path)  # M2D-CLAP: audio_proj / text_proj travel with the encoder
     return runtime

@@ -1,6 +1,6 @@
 """The HEAR 2021 API (neuralaudio.ai/hear2021-holistic-evaluation-of-audio-representations.html), exactly:
 
-    from fastm2d.interfaces import hear
+    from fastm2d.transfer.interfaces import hear
     model = hear.load_model("m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth")
     emb, ts = hear.get_timestamp_embeddings(audio, model)   # (n_sounds, n_frames, D), (n_sounds, n_frames) ms
     scene = hear.get_scene_embeddings(audio, model)         # (n_sounds, D)
@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..devices import autocast
+from ...devices import autocast
 
 BATCH = 16  # sounds per forward pass
 

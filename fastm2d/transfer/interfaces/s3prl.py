@@ -18,7 +18,7 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
-from ..devices import autocast
+from ...devices import autocast
 
 
 class UpstreamExpert(nn.Module):

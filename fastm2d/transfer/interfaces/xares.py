@@ -1,7 +1,7 @@
 """The X-ARES encoder contract (github.com/jimbozhang/xares, PyPI `xares`), the 2025 benchmark many audio encoders
 report on:
 
-    from fastm2d.interfaces.xares import M2DEncoder
+    from fastm2d.transfer.interfaces.xares import M2DEncoder
     encoder = M2DEncoder("m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth")
     frames = encoder(audio)            # audio (B, T) at encoder.sampling_rate -> (B, T', encoder.output_dim)
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..devices import autocast
+from ...devices import autocast
 
 
 class M2DEncoder(nn.Module):
