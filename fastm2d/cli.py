@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .atomic import DISK_FULL, write_atomic
 from .config import ATTENTION_CHOICES
 from .errors import AudioReadError, DataError, MachineFault, UserError
 from .spellings import settle
@@ -66,7 +67,7 @@ def cmd_stats(args) -> None:
         print(f"skipped: {b}", file=sys.stderr)
     text = json.dumps(record)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_atomic(args.out, text + "\n")
     print(text)
     mean, std = record["norm_stats"]
     print(f"use it with: data.norm_stats=[{mean:.4f},{std:.4f}]", file=sys.stderr)
@@ -132,7 +133,7 @@ def cmd_tag(args) -> None:
                      progress=not args.quiet)
     text = format_tag_rows(rows, bool(args.out) and str(args.out).endswith(".csv"))
     if args.out:
-        Path(args.out).write_text(text)
+        write_atomic(args.out, text)
     else:
         print(text, end="")
     if len(failed) == len(args.files):
@@ -362,6 +363,13 @@ def main(argv=None) -> int:
         return 2
     except MachineFault as e:  # faults of the machine, not of the input
         print(f"fastm2d {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # every writer goes through atomic.py: the target is untouched, its temporary file gone
+        if e.errno not in DISK_FULL:
+            raise
+        print(f"fastm2d {args.command}: error: cannot write {e.filename or 'its output'}: {e.strerror} (the disk is "
+              f"full, or a quota or file-size limit is reached); nothing half-written was left: free space and rerun",
+              file=sys.stderr)
         return 1
     return 0
 

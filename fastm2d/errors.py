@@ -47,3 +47,7 @@ class RankLost(MachineFault):
 
 class CheckpointWriteError(MachineFault):
     """A checkpoint could not be written (disk full, quota, unwritable folder)."""
+
+
+class LinkInTheWay(UserError):
+    """A symbolic link stands where fastm2d would write a file: it never writes through a link it did not create."""

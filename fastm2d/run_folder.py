@@ -38,7 +38,7 @@ class RunFolder:
         return self.path / "report"
 
     @property
-    def lock(self) -> Path:  # one process trains here at a time (train/run_lock.py)
+    def lock(self) -> Path:  # one process trains here at a time (folder_lock.py)
         return self.path / ".fastm2d.lock"
 
     # the data set-up's results, reused by --resume and restarts

@@ -18,7 +18,7 @@ import pytest
 
 from fastm2d.cli import main
 from fastm2d.train.metrics import append_line, read_metrics
-from fastm2d.train.run_lock import LOCK_NAME, RunLock, RunFolderInUse
+from fastm2d.folder_lock import LOCK_NAME, RunLock, RunFolderInUse
 
 from .conftest import TINY_TRAIN
 
@@ -66,7 +66,7 @@ def test_a_second_process_is_refused_while_a_run_trains_and_a_dead_holder_is_sta
 def test_without_file_system_locks_the_holder_line_decides(tmp_path, monkeypatch):
     """Where flock is unsupported (ENOLCK): a live holder on this host or a recent heartbeat from another host
     refuses; a dead pid or a silent other host is stale."""
-    import fastm2d.train.run_lock as rl
+    import fastm2d.folder_lock as rl
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

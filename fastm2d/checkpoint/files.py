@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
+from ..atomic import atomic_file
 from ..errors import CheckpointError
 from ..frontend import first_line
 
@@ -30,48 +29,29 @@ MAX_INFLATION = 10  # torch.save stores zip members uncompressed; a member infla
 
 # --------------------------------------------------------------------------------------------- saving -----
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        cause = e
-        while cause is not None and not isinstance(cause, OSError):  # torch.save wraps a full disk's OSError
-            cause = cause.__context__                                   # in a RuntimeError from its zip writer
-        if cause is not None and cause is not e:
-            raise cause from None
-        raise
+    """torch.save through `atomic.atomic_file`: a crash or a full disk never leaves a torn file, and a link at
+    `path` is refused, never written through."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
-    """Weights only, no pickle at all: the format to publish weights in. Atomic like `atomic_save`."""
-    from safetensors.torch import save_file
+    """Weights only, no pickle at all: the format to publish weights in. Atomic like `atomic_save` (serialised
+    in memory, then written: safetensors' own file writer would fail a full disk with its own error type)."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = save({k: v.detach().contiguous() for k, v in state.items()}, metadata=metadata)
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def is_pretrained_folder(path: Path) -> bool:
     return (path / PRETRAINED_CONFIG).is_file() and (path / PRETRAINED_WEIGHTS).is_file()
 
 
-def read_pretrained_config(path: Path) -> dict:
-    """config.json beside a model.safetensors -> the fields a checkpoint object carries."""
+def read_pretrained_config(path: Path, weights_pair: Optional[str] = None) -> dict:
+    """config.json beside a model.safetensors -> the fields a checkpoint object carries; `weights_pair`: the id
+    the weights file was saved with, which the config must carry too (else the two come from different saves)."""
     try:
         config = json.loads((path.parent / PRETRAINED_CONFIG).read_text())
     except (OSError, ValueError) as e:
@@ -79,6 +59,9 @@ def read_pretrained_config(path: Path) -> dict:
     if not isinstance(config, dict) or config.get("format") != PRETRAINED_FORMAT:
         raise CheckpointError(f"{path.parent / PRETRAINED_CONFIG}: not a fastm2d model folder (format "
                               f"{config.get('format') if isinstance(config, dict) else config!r})")
+    if weights_pair is not None and config.get("pair") != weights_pair:
+        raise CheckpointError(f"{path.parent}: {PRETRAINED_CONFIG} and {PRETRAINED_WEIGHTS} come from two different "
+                              f"saves (one was interrupted between the two files); save the model again")
     return {k: config[k] for k in ("model_config", "sample_rate", "classes", "multi_label") if k in config}
 
 
@@ -154,7 +137,7 @@ def load_weights_file(path: Path):
             raise CheckpointError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
         obj = {"model": state}
         if path.name == PRETRAINED_WEIGHTS and (path.parent / PRETRAINED_CONFIG).is_file():
-            obj.update(read_pretrained_config(path))
+            obj.update(read_pretrained_config(path, meta.get("pair")))
         try:
             if "model_config" in meta:
                 obj["model_config"] = json.loads(meta["model_config"])

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..frontend import SILENCE_LOG, AudioReadError, LogMelSpectrogram, read_audio, wav_truncation
+from ..atomic import open_append
 from .file_list import as_file_list
 from .noise import tile_crop
 from .sources import LMS_EXT, DataError, check_lms_array_shape
@@ -244,7 +245,7 @@ class CropDataset(Dataset):
             f"{self.source.names[j]}: {type(error).__name__}: {error}"
         log.warning("skipping bad training item (left out for the rest of the run): %s", reason)
         if self.bad_list is not None:  # one short O_APPEND write per line: safe from several workers and ranks
-            with open(self.bad_list, "a") as f:
+            with open_append(self.bad_list) as f:
                 f.write(f"{reason}{FOUND_WHILE_TRAINING}\n")
 
     def __getitem__(self, key: Tuple[int, ...]):

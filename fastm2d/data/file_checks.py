@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..run_folder import RunFolder
+from ..atomic import atomic_file
 from .file_list import FileList, as_file_list
 from .sources import BadFile, probe_file
 
@@ -131,6 +132,5 @@ def _load(path: Optional[Path], n: int):
 
 
 def _save(path: Path, stats: np.ndarray, reasons: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, stats=stats, reasons=np.array(json.dumps({str(k): v for k, v in reasons.items()})))
-    os.replace(tmp, path)  # atomic: a rank reading it sees the old file or the new one, never half of one
+    with atomic_file(path) as f:  # a rank reading it sees the old file or the new one, never half of one
+        np.savez(f, stats=stats, reasons=np.array(json.dumps({str(k): v for k, v in reasons.items()})))

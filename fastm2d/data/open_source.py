@@ -9,6 +9,7 @@ from typing import List, Optional
 import torch
 
 from ..config import Config, ConfigError
+from ..atomic import write_atomic
 from ..distributed import barrier, dist_from_env
 from ..frontend import min_real_samples, pad_samples
 from .dataset import FOUND_WHILE_TRAINING, LogMelSource
@@ -40,7 +41,7 @@ def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = 
     listing = RunFolder(out_dir).bad_files(label)
     if bad:  # the header checks' list, keeping what earlier runs of this folder found while training
         found = _found_while_training(listing, set(source.files.names()))
-        listing.write_text("".join(f"{b}\n" for b in bad) + "".join(found))
+        write_atomic(listing, "".join(f"{b}\n" for b in bad) + "".join(found))
     require_usable(source.files, bad, d.on_bad_file, label, listing)
     return source
 

@@ -18,6 +18,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..atomic import atomic_file, remove_stale_temporaries, write_atomic
+from ..folder_lock import RunLock
 from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram, min_real_samples, pad_samples
 from .dataset import load_lms_file
 from .sources import DataError, list_digest, list_files
@@ -45,9 +47,8 @@ def _write_shard(task: Tuple[int, List[str], str, str, int, int, int]) -> dict:
     frontend = LogMelSpectrogram(sample_rate)
     pad_to = pad_samples(sample_rate, crop_frames)
     name = f"shard-{k:05d}"
-    tmp = out / f"{name}.bin.tmp"
     items, failures, offset = [], [], 0
-    with open(tmp, "wb") as f:
+    with atomic_file(out / f"{name}.bin") as f:
         for file in files:
             try:
                 lms, audio_frames = _item_lms(Path(file), frontend, pad_to, min_patch_frames)
@@ -57,14 +58,9 @@ def _write_shard(task: Tuple[int, List[str], str, str, int, int, int]) -> dict:
             f.write(np.ascontiguousarray(lms.T, dtype=dtype).tobytes())
             items.append([file, offset, lms.shape[1], audio_frames])
             offset += lms.shape[1]
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / f"{name}.bin")
     record = {"shard": k, "file": f"{name}.bin", "bytes": (out / f"{name}.bin").stat().st_size, "items": items,
               "failures": failures}
-    part = out / f"{name}.json.tmp"
-    part.write_text(json.dumps(record))
-    os.replace(part, out / f"{name}.json")  # the completion marker is written last
+    write_atomic(out / f"{name}.json", json.dumps(record))  # the completion marker is written last
     return record
 
 
@@ -84,10 +80,21 @@ def _finished(out: Path, k: int) -> Optional[dict]:
     return record if data.stat().st_size == record["bytes"] else None
 
 
-def prepare(src: str, out: str | Path, workers: Optional[int] = None, files_per_shard: int = 1000, dtype: str = "float16",
-            sample_rate: int = 16000, stats_items: int = 10000, crop_frames: int = 608,
+def prepare(src: str, out: str | Path, workers: Optional[int] = None, files_per_shard: int = 1000,
+            dtype: str = "float16", sample_rate: int = 16000, stats_items: int = 10000, crop_frames: int = 608,
             root: Optional[str] = None, seed: int = 0, progress: bool = True, min_patch_frames: int = 16) -> dict:
-    """Prepare (or complete) a store; returns a summary with counts and timing.
+    """Prepare (or complete) a store; returns a summary with counts and timing. One `prepare` per store at a
+    time: a second one into the same folder is refused; a killed one's temporary files are removed before a
+    re-run completes the store."""
+    with RunLock(Path(out)):
+        remove_stale_temporaries(out)
+        return _prepare(src, out, workers, files_per_shard, dtype, sample_rate, stats_items, crop_frames, root, seed,
+                        progress, min_patch_frames)
+
+
+def _prepare(src, out, workers, files_per_shard, dtype, sample_rate, stats_items, crop_frames, root, seed, progress,
+             min_patch_frames) -> dict:
+    """The store's build (see `prepare`).
 
     `crop_frames` is the longest crop the store serves: short clips are stored padded by frontend.py's rule for
     it (608 frames: 6.1 s, as the original's preparation) and every item's own audio length is recorded, so a
@@ -121,7 +128,7 @@ def prepare(src: str, out: str | Path, workers: Optional[int] = None, files_per_
         if changed:
             raise DataError(f"{out}: holds a store built from other inputs or settings ({'; '.join(changed)}); "
                             f"prepare into a new folder")
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+    write_atomic(manifest_path, json.dumps(manifest, indent=1))
 
     records = {k: r for k in range(len(chunks)) if (r := _finished(out, k))}
     todo = [(k, chunks[k], str(out), dtype, sample_rate, crop_frames, min_patch_frames) for k in range(len(chunks))
@@ -148,20 +155,17 @@ def prepare(src: str, out: str | Path, workers: Optional[int] = None, files_per_
     bar.close()
 
     order = sorted(records)
-    with open(out / "index.tsv", "w") as f:
-        f.write("\t".join(INDEX_COLUMNS) + "\n")
-        for k in order:  # names JSON-quoted: a tab or newline in a file name stays inside its field
-            f.writelines(f"{json.dumps(n)}\t{k}\t{o}\t{t}\t{a}\n" for n, o, t, a in records[k]["items"])
+    index = ["\t".join(INDEX_COLUMNS) + "\n"]
+    for k in order:  # names JSON-quoted: a tab or newline in a file name stays inside its field
+        index += [f"{json.dumps(n)}\t{k}\t{o}\t{t}\t{a}\n" for n, o, t, a in records[k]["items"]]
+    write_atomic(out / "index.tsv", "".join(index))
     failures = [fl for k in order for fl in records[k]["failures"]]
-    with open(out / "failures.tsv", "w") as f:
-        f.write("path\treason\n")  # JSON-quoted like index.tsv's names
-        f.writelines(f"{json.dumps(p)}\t{json.dumps(r)}\n" for p, r in failures)
+    write_atomic(out / "failures.tsv", "path\treason\n"  # JSON-quoted like index.tsv's names
+                 + "".join(f"{json.dumps(p)}\t{json.dumps(r)}\n" for p, r in failures))
     n_items = sum(len(records[k]["items"]) for k in order)
     manifest.update(complete=True, items=n_items, failures=len(failures),
                     shards=[{"file": records[k]["file"], "bytes": records[k]["bytes"]} for k in order])
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    write_atomic(manifest_path, json.dumps(manifest, indent=1))
 
     if n_items:
         store = LogMelStore(out, crop_frames=crop_frames)

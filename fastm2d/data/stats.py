@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import Config
+from ..atomic import write_atomic
 from ..distributed import barrier, dist_from_env
 from .dataset import LogMelSource, random_crop
 from .sources import DataError, list_digest
@@ -46,7 +47,7 @@ def compute_norm_stats(source: LogMelSource, frames: int, n_items: int = 10000, 
 
 def write_norm_stats(path: Path, stats, **about) -> None:
     """The statistics file, in the one schema (about: items, basis, from, skipped_files ...)."""
-    Path(path).write_text(json.dumps({"norm_stats": [float(v) for v in stats], **about}))
+    write_atomic(path, json.dumps({"norm_stats": [float(v) for v in stats], **about}))
 
 
 def read_norm_stats(path: Path) -> Tuple[List[float], dict]:

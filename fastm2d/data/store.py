@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..frontend import padded_frames
+from ..atomic import atomic_file
 from .file_list import FileList
 from .sources import DataError
 
@@ -185,9 +185,8 @@ def parse_index(path: Path) -> Tuple[FileList, np.ndarray]:
 
 def write_index_cache(root: Path, names: FileList, columns: np.ndarray, stamp: np.ndarray) -> None:
     """Best effort (a read-only store is still read, only more slowly): atomic, so readers never see half."""
-    tmp = Path(root) / f".{INDEX_CACHE}.{os.getpid()}.tmp.npz"
     try:
-        np.savez(tmp, buffer=names.buffer, offsets=names.offsets, columns=columns, tsv=stamp)
-        os.replace(tmp, Path(root) / INDEX_CACHE)
+        with atomic_file(Path(root) / INDEX_CACHE) as f:
+            np.savez(f, buffer=names.buffer, offsets=names.offsets, columns=columns, tsv=stamp)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass  # best effort: the index is parsed again next time

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import atomic_file
 from ..devices import autocast
 from ..data.synthetic import synth_labelled_clip
 from ..frontend import read_audio
@@ -87,9 +88,17 @@ def cached_embeddings(runtime, task: EvalTask, cache_dir: Path, key: str, **kw) 
     """embed_task, read from / written to `cache_dir/<weights key>-<task key>.npy`; the rate is None on a hit."""
     path = Path(cache_dir) / f"{key}-{task.key()}.npy"
     if path.is_file():
-        return np.load(path), None
+        try:
+            cached = np.load(path)
+            if cached.ndim == 2 and len(cached) == len(task.items) and np.isfinite(cached).all():
+                return cached, None
+        except (OSError, ValueError, EOFError) as e:  # torn by a kill or a full disk before writes were atomic
+            log.warning("%s: unreadable cached embeddings (%s): computing them again", path, e)
+        else:
+            log.warning("%s: cached embeddings of shape %s do not fit the task's %d clips: computing them again",
+                        path, cached.shape, len(task.items))
     emb, rate = embed_task(runtime, task, **kw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, emb)
+    with atomic_file(path) as f:
+        np.save(f, emb)
     log.info("%s: %d clips embedded at %.1f clips/s (cached in %s)", task.name, len(emb), rate, path)
     return emb, rate

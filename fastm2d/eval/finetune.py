@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import write_atomic
 from ..devices import autocast_dtype
 from ..checkpoint import atomic_save
 from ..config import ConfigError
@@ -199,5 +200,5 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
     model.load_state_dict(best_state)
     result = {"task": task.name, "metric": task.metric, "valid": best,
               "test": evaluate(te), "frames": frames, "weights": str(weights), "config": asdict(cfg), "history": history}
-    (out_dir / f"finetuned-{task.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(out_dir / f"finetuned-{task.name}.json", json.dumps(result, indent=1) + "\n")
     return result

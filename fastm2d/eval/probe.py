@@ -9,7 +9,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, write_atomic
+from ..folder_lock import RunLock
 from .embeddings import cached_embeddings, weights_key
 from .linear import ProbeConfig, linear_eval
 from .tasks import load_tasks
@@ -21,7 +22,15 @@ def probe_weights(weights: str, task_spec: str, out: Path, probe: ProbeConfig, s
                   layers: Optional[Sequence[int]] = None, hidden: Sequence[int] = (),
                   untrained_seed: Optional[int] = None, batch_size: int = 64, device="cpu",
                   progress: bool = True) -> List[str]:
-    """-> the results rows written; `untrained_seed`: probe the architecture re-initialised with that seed."""
+    """-> the results rows written; `untrained_seed`: probe the architecture re-initialised with that seed. One
+    `linear-eval` writes an output folder at a time (its results.md and cache): a second is refused."""
+    with RunLock(Path(out)):
+        return _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size,
+                              device, progress)
+
+
+def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size, device,
+                   progress) -> List[str]:
     from ..transfer.runtime import load_encoder
     runtime = load_encoder(weights, device=device)
     if untrained_seed is not None:  # the same architecture with fresh weights: the baseline pre-training must beat
@@ -39,7 +48,7 @@ def probe_weights(weights: str, task_spec: str, out: Path, probe: ProbeConfig, s
         result.update(weights=str(weights), untrained_seed=untrained_seed, layers=layers,
                       embedding_dim=emb.shape[1], clips_per_s=rate, probe=vars(probe))
         name = task.name + (f"-untrained-seed{untrained_seed}" if untrained_seed is not None else "")
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_atomic(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
         baseline = f" (untrained, init seed {untrained_seed})" if untrained_seed is not None else ""
         row = (f"| {weights}{baseline} | {task.name} | {result['metric']} | "
                f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f} | {seeds} |")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from ..checkpoint import CheckpointError, atomic_save, latest_checkpoint, list_checkpoints, load_weights, safe_load
 from ..config import ConfigError, config_from_dict
 from ..distributed import barrier
+from ..atomic import write_atomic
 from ..run_folder import RunFolder
 from .faults import state_bytes, write_failure
 from .metrics import read_jsonl
@@ -139,9 +139,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint, so metrics.jsonl stays one continuous curve."""
     if path.is_file():  # torn or unreadable lines are dropped here too (read_jsonl says so)
         rows = [json.dumps(r) for r in read_jsonl(path) if r["step"] <= step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(r + "\n" for r in rows))
 
 
 __all__ = ["Checkpointer", "RandomState", "truncate_metrics"]

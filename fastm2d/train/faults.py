@@ -24,6 +24,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..atomic import write_atomic
+from ..folder_lock import process_alive
 from ..errors import CheckpointWriteError, RankLost  # noqa: F401  (re-exported)
 from ..frontend import first_line
 
@@ -99,7 +101,7 @@ class Fleet:
         if world_size > 1 and torch.distributed.is_initialized():
             self.group = torch.distributed.new_group(backend="gloo")  # CPU tensors: never touches the GPU stream
             self.registry.mkdir(parents=True, exist_ok=True)
-            (self.registry / str(rank)).write_text(f"{socket.gethostname()}:{os.getpid()}")
+            write_atomic(self.registry / str(rank), f"{socket.gethostname()}:{os.getpid()}")
 
     def any_stop(self, local: bool) -> bool:
         """True on every rank when any rank was asked to stop (one 1-element all-reduce per step on gloo)."""
@@ -133,23 +135,6 @@ class Fleet:
         return found
 
 
-PF_EXITING = 0x4  # linux/sched.h: the task is in do_exit (a SIGKILLed rank, before it becomes a zombie)
-
-
-def process_alive(pid: int) -> bool:
-    """A process that exists and is neither exiting nor a zombie (a killed rank stays a zombie until its launcher
-    reaps it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:  # no /proc (macOS): existence is all we can tell
-        return True
-    return fields[0] not in ("Z", "X") and not int(fields[6]) & PF_EXITING  # state, then flags (stat(5))
 
 
 LOST_RANK_WAIT_S = 10.0  # how long a survivor looks for the dead peer before calling it unreachable

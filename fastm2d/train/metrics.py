@@ -10,6 +10,7 @@ from typing import Dict, List
 
 from tqdm import tqdm
 
+from ..atomic import open_nofollow
 from ..run_folder import RunFolder
 log = logging.getLogger("fastm2d.train")
 
@@ -18,7 +19,7 @@ class MetricsLogger:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int, tensorboard: bool = True,
                  progress: bool = True):
         self.path = RunFolder(out_dir).metrics
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.fd = open_nofollow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self.writer = self._tensorboard(RunFolder(out_dir).tensorboard) if tensorboard else None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", disable=not progress,
                         dynamic_ncols=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..data.sources import DataError
+from ..atomic import write_atomic
 from ..run_folder import RunFolder
 from .metrics import read_metrics
 
@@ -87,5 +88,5 @@ def write_report(run: str | Path) -> Path:
             lines.append(f"| {p.stem} | {r['metric']} | {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} | {r['seeds']} |")
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

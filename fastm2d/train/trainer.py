@@ -17,6 +17,7 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
 from .. import __version__, devices, kernels
+from ..atomic import write_atomic
 from ..checkpoint import init_from_weights
 from ..config import Config, ConfigError, to_yaml, unseen_frames
 from ..data import CropDataset, EpochSampler
@@ -32,12 +33,12 @@ from ..model.attention import resolve_attention
 from ..run_folder import RunFolder
 from .flops import mfu, peak_flops, train_flops_per_sample
 from ..distributed import all_reduce_, dist_from_env
+from ..folder_lock import RunLock
 from .engine import init_distributed, make_engine, release_process_groups, wants_deepspeed
 from .checkpointer import Checkpointer, RandomState
 from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error
 from .metrics import MetricsLogger, NullLogger
 from .offline import build_offline_task, final_model_config
-from .run_lock import RunLock
 from .schedule import lr_at, scaled_lr
 
 log = logging.getLogger("fastm2d.train")
@@ -91,7 +92,7 @@ class Trainer:
         self.mean, self.std = self.model.norm_stats.tolist()
         self._build_crops()
         self._build_monitor()
-        self.run.config.write_text(to_yaml(config))
+        write_atomic(self.run.config, to_yaml(config))
 
     def _resume_point(self, resume: bool) -> Optional[Path]:
         """The checkpoint to resume from (None: a fresh run); refusals leave the run folder as it was."""

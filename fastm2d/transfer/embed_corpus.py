@@ -8,8 +8,9 @@ input file, array, shape, frame times. A re-run skips what the manifest holds (a
 """
 from __future__ import annotations
 
+from ..atomic import atomic_file, open_append, remove_stale_temporaries, write_atomic
+from ..folder_lock import RunLock
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,22 +76,26 @@ def _done(out: Path) -> Dict[str, dict]:
                     kept.append(json.dumps(row) + "\n")
             except (ValueError, KeyError, TypeError):
                 continue
-        tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")  # torn or stale lines gone before anything is appended
-        os.replace(tmp, path)
+        write_atomic(path, "".join(kept))  # torn or stale lines gone before anything is appended
     return done
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:  # a kill leaves at most a hidden .<name>.*.tmp, never a torn array
+        np.save(f, array)
 
 
 def embed_corpus(runtime, inputs: Sequence[str], out: str | Path, level: str = "frame",
                  layers: Optional[List[int]] = None, batch_size: int = 16, workers: int = 2,
                  progress: bool = True) -> dict:
+    """`_embed_corpus` with `out` held by this process: two `embed` runs into one folder would lose manifest
+    rows; the second is refused. A killed run's temporary files are removed before this one resumes it."""
+    with RunLock(Path(out)):
+        remove_stale_temporaries(out, recursive=True)  # arrays mirror the inputs' folders
+        return _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, progress)
+
+
+def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, progress) -> dict:
     """-> {'written', 'skipped' (already done), 'failed', 'clips_per_s'}; every failure is printed with its reason."""
     import sys
     if level not in LEVELS:
@@ -106,7 +111,7 @@ def embed_corpus(runtime, inputs: Sequence[str], out: str | Path, level: str = "
     todo = [i for i, it in enumerate(items) if str(it.path) not in done]
     device = next(runtime.parameters()).device
     stats = {"written": 0, "skipped": len(items) - len(todo), "failed": 0}
-    manifest = open(out / MANIFEST, "a", encoding="utf-8")
+    manifest = open_append(out / MANIFEST)
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="embed", unit="clip", disable=not progress, dynamic_ncols=True)
 

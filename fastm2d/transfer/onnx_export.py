@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import atomic_file, write_atomic
 from ..errors import CheckpointError
 
 
@@ -68,16 +69,14 @@ def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.onnx"
     shapes = {"lms": {0: batch, 3: patch_t * patches}}
-    torch.onnx.export(graph, (example,), str(path), dynamo=True, input_names=["lms"], output_names=["frames"],
-                      dynamic_shapes=shapes, verbose=False)
+    _export(graph, example, path, "frames", shapes)
     head = {}
     if tagger is not None:  # weights with a fine-tuned head: the classifier too, beside the encoder
-        torch.onnx.export(ClassifierGraph(tagger).eval(), (example,), str(out / "m2d_classifier.onnx"), dynamo=True,
-                          input_names=["lms"], output_names=["logits"], dynamic_shapes=shapes, verbose=False)
+        _export(ClassifierGraph(tagger).eval(), example, out / "m2d_classifier.onnx", "logits", shapes)
         head = {"classifier": "m2d_classifier.onnx: lms -> clip logits (batch, classes) of one chunk; for longer "
                               "audio average the chunks' frames first (the encoder graph) or the logits",
                 "activation": "sigmoid" if tagger.multi_label else "softmax", "classes": tagger.classes}
-    (out / "frontend.json").write_text(json.dumps({
+    write_atomic(out / "frontend.json", json.dumps({
         "input": "lms: (batch, 1, n_mels, frames) float32, frames a multiple of patch_frames up to max_frames",
         "sample_rate": rt.sample_rate, "n_mels": N_MELS, **FRONTEND_PARAMS[rt.sample_rate], "window": "hann (periodic)",
         "center": True, "power": 2.0, "mel_scale": "slaney", "mel_norm": "slaney",
@@ -86,3 +85,12 @@ def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
         "max_frames": patch_t * n_t, "feature_dim": rt.feature_dim, "frame_ms": rt.frame_seconds * 1000, **head},
         indent=1))
     return path
+
+
+def _export(graph: torch.nn.Module, example: torch.Tensor, path: Path, output: str, shapes: dict) -> None:
+    """The dynamo exporter's program, serialised in memory and written atomically (a kill or a full disk never
+    leaves a torn .onnx beside a complete frontend.json)."""
+    program = torch.onnx.export(graph, (example,), None, dynamo=True, input_names=["lms"], output_names=[output],
+                                dynamic_shapes=shapes, verbose=False)
+    with atomic_file(path) as f:
+        f.write(program.model_proto.SerializeToString())

@@ -12,11 +12,13 @@ huggingface_hub's (`huggingface_hub.upload_folder` publishes it as it is); no ne
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import PRETRAINED_CONFIG as CONFIG, PRETRAINED_FORMAT as FORMAT, PRETRAINED_WEIGHTS as WEIGHTS
+from ..atomic import write_atomic
 from ..checkpoint import is_pretrained_folder, read_checkpoint, save_safetensors
 from ..errors import CheckpointError
 from ..frontend import FRONTEND_PARAMS, N_MELS
@@ -33,8 +35,11 @@ def save_pretrained(weights, folder: str | Path) -> Path:
     for key in ("classes", "multi_label"):
         if isinstance(obj, dict) and key in obj:
             config[key] = obj[key]
-    save_safetensors(state, folder / WEIGHTS, {"format": FORMAT})
-    (folder / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    # Both files are written atomically, weights first; one id in both tells a reader whether they belong
+    # together (a save killed between the two leaves new weights beside the old config: refused, not mixed).
+    config["pair"] = uuid.uuid4().hex
+    save_safetensors(state, folder / WEIGHTS, {"format": FORMAT, "pair": config["pair"]})
+    write_atomic(folder / CONFIG, json.dumps(config, indent=1) + "\n")
     return folder
 
 

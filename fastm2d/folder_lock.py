@@ -1,4 +1,5 @@
-"""One process trains in a run folder at a time: `out_dir/.fastm2d.lock`, held for the run's life.
+"""One process writes a folder at a time: a run folder (`pretrain`), a store (`prepare`), an output folder (`embed`,
+`linear-eval`): `<folder>/.fastm2d.lock`, held while the command runs.
 
 The lock is an flock on that file, so the kernel releases it on any exit, SIGKILL included: a lock left by a dead
 process is stale by construction and simply taken over. On a shared file system Linux maps flock to POSIX
@@ -20,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..errors import RunFolderInUse
-from ..run_folder import RunFolder
-from .faults import process_alive
+from .errors import RunFolderInUse
+from .atomic import open_nofollow
+from .run_folder import RunFolder
 
 LOCK_NAME = RunFolder(".").lock.name
 
@@ -50,7 +51,7 @@ class RunLock:
             self.fd = _HELD[key][0]
             return self
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -101,6 +102,13 @@ class RunLock:
             except OSError:
                 pass
 
+    def __enter__(self) -> "RunLock":
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def release(self) -> None:
         if self.fd is None:
             return
@@ -118,3 +126,22 @@ class RunLock:
         except OSError:
             pass
         os.close(fd)  # releases the flock
+
+
+PF_EXITING = 0x4  # linux/sched.h: the task is in do_exit (a SIGKILLed rank, before it becomes a zombie)
+
+
+def process_alive(pid: int) -> bool:
+    """A process that exists and is neither exiting nor a zombie (a killed rank stays a zombie until its launcher
+    reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # no /proc (macOS): existence is all we can tell
+        return True
+    return fields[0] not in ("Z", "X") and not int(fields[6]) & PF_EXITING  # state, then flags (stat(5))

@@ -1,0 +1,185 @@
+"""Writes in shared folders and full disks, for every command (issue "Hostile and unlucky inputs, round 2"):
+no fastm2d command writes through a symbolic link planted where its output goes, a full disk is one line and
+exit 1 with nothing half-written, and outputs torn by a kill are recomputed or refused with one line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastm2d.cli import main
+
+from .conftest import TINY_TRAIN, write_tone
+
+VICTIM_TEXT = "precious: a file the attacker wants overwritten\n"
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "elsewhere" / "victim.txt"
+    victim.parent.mkdir(exist_ok=True)
+    victim.write_text(VICTIM_TEXT)
+    return victim
+
+
+def _clips(tmp_path: Path, n: int = 3) -> Path:
+    folder = tmp_path / "clips"
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        write_tone(folder / f"c{i}.wav", seconds=1.0, freq=300 + 100 * i)
+    return folder
+
+
+@pytest.mark.parametrize("planted", ["config.yaml", "metrics.jsonl", "norm_stats.json", ".fastm2d.lock"])
+def test_pretrain_never_writes_through_a_link_in_its_run_folder(tmp_path, capsys, planted):
+    victim = _victim(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / planted).symlink_to(victim)
+    rc = main(["pretrain", f"out_dir={run}", *TINY_TRAIN, "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert victim.read_text() == VICTIM_TEXT  # neither truncated, overwritten nor appended to
+    assert rc == 2 and "symbolic link" in err and planted in err, err[-2000:]
+
+
+def test_embed_and_linear_eval_and_prepare_never_write_through_links(tmp_path, capsys, tiny_run):
+    victim = _victim(tmp_path)
+    clips = _clips(tmp_path)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    (feats / "manifest.jsonl").symlink_to(victim)
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(feats), str(clips)]) == 2
+    assert "manifest.jsonl is a symbolic link" in capsys.readouterr().err
+    (feats / "manifest.jsonl").unlink()
+    (feats / "c0.npy").symlink_to(victim)  # an array's final name
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(feats), str(clips)]) == 2
+    assert "c0.npy is a symbolic link" in capsys.readouterr().err
+
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "results.md").symlink_to(victim)
+    assert main(["linear-eval", "synthetic:60", "--weights", str(tiny_run), "--out", str(probes), "--seeds", "1",
+                 "--quiet", "max_epochs=2"]) == 2
+    assert "results.md is a symbolic link" in capsys.readouterr().err
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "failures.tsv").symlink_to(victim)
+    assert main(["prepare", str(clips), "--out", str(store), "--workers", "0"]) == 2
+    assert "failures.tsv is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == VICTIM_TEXT
+
+
+# ---------------------------------------------------------------------------------------------- full disk ----
+def _with_file_size_limit(limit: int, args, cwd: Path) -> subprocess.CompletedProcess:
+    """The command under RLIMIT_FSIZE: a write past `limit` bytes fails with EFBIG, as a full disk fails with
+    ENOSPC (SIGXFSZ ignored so the write returns the error instead of killing the process)."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "from fastm2d.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+def _assert_one_line_disk_error(r: subprocess.CompletedProcess, folder: Path) -> None:
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = [x for x in r.stderr.splitlines() if "error:" in x][-1]
+    assert "cannot write" in line and "file-size limit" in line, line
+    assert not [p for p in folder.rglob(".*.tmp")], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_run, fmt):
+    out = tmp_path / "export"
+    r = _with_file_size_limit(64 * 1024, ["export", "--weights", str(tiny_run), "--out", str(out), "--format", fmt],
+                              tmp_path)
+    _assert_one_line_disk_error(r, tmp_path)
+    assert not list(out.rglob(f"*.{fmt}"))
+
+
+def test_embed_linear_eval_and_finetune_on_a_full_disk_are_one_line(tmp_path, tiny_run):
+    clips = _clips(tmp_path)
+    r = _with_file_size_limit(2048, ["embed", "--weights", str(tiny_run), "--out", str(tmp_path / "f"), str(clips),
+                                     "--workers", "0"], tmp_path)
+    _assert_one_line_disk_error(r, tmp_path)
+    assert not list((tmp_path / "f").rglob("*.npy"))
+    r = _with_file_size_limit(4096, ["linear-eval", "synthetic:60", "--weights", str(tiny_run), "--out",
+                                     str(tmp_path / "p"), "--seeds", "1", "--quiet", "max_epochs=2"], tmp_path)
+    _assert_one_line_disk_error(r, tmp_path)
+    task = tmp_path / "task.csv"
+    task.write_text("file_name,label,split\n" + "".join(f"clips/c{i}.wav,{'ab'[i % 2]},{s}\n" for i, s in
+                                                          enumerate(["train", "train", "valid"])) +
+                    "clips/c0.wav,a,test\nclips/c1.wav,b,test\n")
+    r = _with_file_size_limit(4096, ["finetune", str(task), "--weights", str(tiny_run), "--out", str(tmp_path / "ft"),
+                                     "--epochs", "1", "--batch-size", "2"], tmp_path)
+    _assert_one_line_disk_error(r, tmp_path)
+    assert not list((tmp_path / "ft").glob("*.pth"))
+
+
+# -------------------------------------------------------------------------------------------- torn outputs ----
+def test_a_model_folder_torn_between_its_two_files_is_refused(tmp_path, tiny_run, monkeypatch):
+    import fastm2d.transfer.pretrained as pretrained
+    from fastm2d import from_pretrained, save_pretrained
+    from fastm2d.checkpoint import CheckpointError
+    folder = tmp_path / "model"
+    save_pretrained(tiny_run, folder)
+    from_pretrained(folder)  # a whole save loads
+
+    def killed(*a, **k):  # the process dies after the weights, before the config
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrained, "write_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(tiny_run, folder)
+    with pytest.raises(CheckpointError, match="come from two different saves"):
+        from_pretrained(folder)
+
+
+def test_a_torn_embedding_cache_is_recomputed(tmp_path, tiny_run, capsys):
+    out = tmp_path / "probes"
+    args = ["linear-eval", "synthetic:60", "--weights", str(tiny_run), "--out", str(out), "--seeds", "1", "--quiet",
+            "max_epochs=2"]
+    assert main(args) == 0
+    cache = next((out / "cache").glob("*.npy"))
+    good = np.load(cache)
+    cache.write_bytes(cache.read_bytes()[: len(cache.read_bytes()) // 2])  # a kill or a full disk, before
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    assert np.allclose(np.load(cache), good)
+
+
+# --------------------------------------------------------------------------------- two commands, one output ----
+def test_a_second_command_on_a_folder_in_use_is_refused(tmp_path, capsys, tiny_run):
+    """Another process holds the output (a running embed, linear-eval or prepare): the second command says so,
+    exit 2, and leaves the folder as it was."""
+    clips = _clips(tmp_path)
+    for command, out in (["embed", tmp_path / "f"], ["linear-eval", tmp_path / "p"], ["prepare", tmp_path / "s"]):
+        out.mkdir()
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastm2d.folder_lock import RunLock; "
+                                   "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+                                   str(out)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            args = {"embed": ["embed", "--weights", str(tiny_run), "--out", str(out), str(clips)],
+                    "linear-eval": ["linear-eval", "synthetic:60", "--weights", str(tiny_run), "--out", str(out),
+                                    "--quiet"],
+                    "prepare": ["prepare", str(clips), "--out", str(out), "--workers", "0"]}[command]
+            assert main(args) == 2
+            assert f"{out} is in use by pid {holder.pid}" in capsys.readouterr().err
+            assert sorted(p.name for p in out.iterdir()) == [".fastm2d.lock"]
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_killed_embed_leaves_no_temporary_behind_its_rerun(tmp_path, tiny_run):
+    clips = _clips(tmp_path)
+    out = tmp_path / "f"
+    (out / "sub").mkdir(parents=True)
+    for stale in (out / ".c0.npy.abc123.tmp", out / "sub" / ".x.npy.def456.tmp"):  # what a kill mid-write leaves
+        stale.write_bytes(b"torn")
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(out), str(clips)]) == 0
+    assert not list(out.rglob("*.tmp")) and len(list(out.glob("c*.npy"))) == 3
