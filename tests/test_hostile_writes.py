@@ -183,3 +183,39 @@ def test_a_killed_embed_leaves_no_temporary_behind_its_rerun(tmp_path, tiny_run)
         stale.write_bytes(b"torn")
     assert main(["embed", "--weights", str(tiny_run), "--out", str(out), str(clips)]) == 0
     assert not list(out.rglob("*.tmp")) and len(list(out.glob("c*.npy"))) == 3
+
+
+# -------------------------------------------------------------------------------- output names on disk ----
+def test_a_rerun_into_the_same_out_keeps_an_earlier_array_of_the_same_stem(tmp_path, tiny_run):
+    import json
+    a = write_tone(tmp_path / "x" / "a.wav" if (tmp_path / "x").mkdir() or True else None, seconds=1.0, freq=300)
+    b = write_tone(tmp_path / "y" / "a.wav" if (tmp_path / "y").mkdir() or True else None, seconds=2.0, freq=900)
+    out = tmp_path / "f"
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(out), str(a)]) == 0
+    first = np.load(out / "a.npy")
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(out), str(b)]) == 0
+    assert np.array_equal(np.load(out / "a.npy"), first)  # the earlier run's array, not replaced
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {r["file"]: r["array"] for r in rows} == {str(a): "a.npy", str(b): "a_.npy"}
+    assert np.load(out / "a_.npy").shape[0] > first.shape[0]  # 2 s of frames
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(out), str(a), str(b)]) == 0  # both skipped
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 2
+
+
+def test_many_inputs_of_one_name_get_short_names_in_linear_time(tmp_path):
+    from fastm2d.transfer.embed_corpus import expand_inputs
+    paths = [str(tmp_path / f"d{i}" / "clip.wav") for i in range(3000)]
+    items = expand_inputs(paths + paths[:5], "timestamp")  # five given twice: embedded once
+    names = [it.name for it in items]
+    assert len(items) == 3000 and len(set(names)) == 3000
+    assert max(len(n) for n in names) <= len("clip_3000")
+    long_stem = "x" * 250  # the file system's 255-byte limit once ".timestamps.npy" is added
+    (item,) = expand_inputs([str(tmp_path / f"{long_stem}.wav")], "timestamp")
+    assert len((item.name + ".timestamps.npy").encode()) <= 255
+
+
+def test_an_input_with_a_name_near_the_limit_is_embedded(tmp_path, tiny_run):
+    clip = write_tone(tmp_path / ("y" * 240 + ".wav"), seconds=1.0)
+    out = tmp_path / "f"
+    assert main(["embed", "--level", "timestamp", "--weights", str(tiny_run), "--out", str(out), str(clip)]) == 0
+    assert len(list(out.glob("*.timestamps.npy"))) == 1

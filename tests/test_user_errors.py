@@ -264,3 +264,38 @@ def test_values_nobody_checked_are_one_line_exit_2(tiny_run, tmp_path, capsys, a
     err = capsys.readouterr().err
     assert code == 2 and says in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
+
+
+# ------------------------------------------------------------- metadata beside the weights, checked once ----
+def _with_metadata(src, dst, **fields):
+    obj = torch.load(src, weights_only=False)
+    obj.update(fields)
+    torch.save(obj, dst)
+    return dst
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"epoch": -3}, "epoch=-3: expected a non-negative integer"),
+    ({"epoch": "300"}, "epoch='300': expected a non-negative integer"),
+    ({"epoch": 2.5}, "epoch=2.5"),
+    ({"classes": [1, 2]}, "classes must be a list of class names"),
+    ({"classes": "dog,cat"}, "classes must be a list of class names"),
+    ({"multi_label": "false"}, "multi_label='false': expected true or false"),
+])
+def test_checkpoint_metadata_of_the_wrong_type_is_one_line(tmp_path, capsys, tiny_run, fields, message):
+    from fastm2d.checkpoint import latest_checkpoint
+    bad = _with_metadata(latest_checkpoint(tiny_run), tmp_path / "bad.pth", **fields)
+    assert main(["export", "--weights", str(bad), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "bad.pth" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").rglob("*.pth"))
+
+
+def test_a_model_folder_with_json_nested_too_deeply_is_one_line(tmp_path, capsys, tiny_run):
+    from fastm2d import save_pretrained
+    folder = save_pretrained(tiny_run, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config)[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    assert main(["embed", "--weights", str(folder), "--out", str(tmp_path / "f"), "x.wav"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json: unreadable (JSON nested too deeply)" in err and "Traceback" not in err

@@ -54,6 +54,8 @@ def read_pretrained_config(path: Path, weights_pair: Optional[str] = None) -> di
     the weights file was saved with, which the config must carry too (else the two come from different saves)."""
     try:
         config = json.loads((path.parent / PRETRAINED_CONFIG).read_text())
+    except RecursionError:
+        raise CheckpointError(f"{path.parent / PRETRAINED_CONFIG}: unreadable (JSON nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path.parent / PRETRAINED_CONFIG}: unreadable ({e})") from None
     if not isinstance(config, dict) or config.get("format") != PRETRAINED_FORMAT:
@@ -147,7 +149,8 @@ def load_weights_file(path: Path):
             for key in ("classes", "multi_label"):
                 if key in meta:
                     obj[key] = json.loads(meta[key])
-        except ValueError as e:
-            raise CheckpointError(f"{path}: unreadable safetensors metadata ({first_line(e)})") from None
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors metadata ({first_line(e) or 'nested too deeply'})") \
+                from None
         return obj
     return safe_load(path)

@@ -57,9 +57,34 @@ def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelCon
         except ValueError as e:
             raise CheckpointError(f"{path}: original checkpoint, but {e}") from None
     check_tensors(state, path)
+    check_metadata(obj, path)
     if unseen_frames(cfg):
         log.info("%s: %s", path, unseen_frames(cfg))
     return state, cfg, sr, obj
+
+
+MAX_CLASSES = 100_000
+
+
+def check_metadata(obj: dict, path) -> None:
+    """The fields beside the weights that commands read, each of its one type and range, checked here once for
+    every format (a .pth, safetensors metadata, a model folder's config.json): an epoch that is a non-negative
+    integer, class names that are a list of strings, multi_label a real boolean (the string "false" is not)."""
+    if not isinstance(obj, dict):
+        return
+    epoch = obj.get("epoch", 0)
+    if type(epoch) is not int or epoch < 0:
+        raise CheckpointError(f"{path}: epoch={epoch!r}: expected a non-negative integer")
+    if "classes" in obj and obj["classes"] is not None:
+        classes = obj["classes"]
+        if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in classes):
+            raise CheckpointError(f"{path}: classes must be a list of class names (non-empty strings), got "
+                                  f"{str(classes)[:80]!r}")
+        if len(classes) > MAX_CLASSES:
+            raise CheckpointError(f"{path}: {len(classes)} classes, more than {MAX_CLASSES}")
+    if "multi_label" in obj and type(obj["multi_label"]) is not bool:
+        raise CheckpointError(f"{path}: multi_label={obj['multi_label']!r}: expected true or false (a boolean, not "
+                              f"a {type(obj['multi_label']).__name__})")
 
 
 def check_tensors(state: Dict[str, torch.Tensor], path) -> None:

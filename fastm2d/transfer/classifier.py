@@ -108,7 +108,7 @@ def tagger_from_checkpoint(state, cfg, sr, obj, path, attention: Optional[str] =
     if not head:
         return None
     classes = obj.get("classes") if isinstance(obj, dict) else None
-    multi_label = bool(obj.get("multi_label", True)) if isinstance(obj, dict) else True
+    multi_label = obj.get("multi_label", True) if isinstance(obj, dict) else True  # a boolean: read_checkpoint checks
     return Tagger(runtime_from_state(state, cfg, sr, path, attention=attention), head, classes, multi_label)
 
 

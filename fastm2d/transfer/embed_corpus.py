@@ -35,8 +35,13 @@ class Item:
     name: str  # output path under --out, without the .npy
 
 
-def expand_inputs(inputs: Sequence[str], level: str) -> List[Item]:
-    """Files, folders (every audio file below, by relative path) and CSV lists (paths under the CSV's folder)."""
+MAX_NAME_BYTES = 200  # an output name's last component: the file system's limit is 255 bytes, ".timestamps.npy" adds 15
+
+
+def expand_inputs(inputs: Sequence[str], level: str, taken: Optional[Dict[str, str]] = None) -> List[Item]:
+    """Files, folders (every audio file below, by relative path) and CSV lists (paths under the CSV's folder).
+    A file given twice is embedded once. `taken`: output names already on disk (the manifest) -> their input; an
+    input keeps its recorded name, and a new input never takes a name another input holds."""
     items: List[Item] = []
     for spec in inputs:
         p = Path(spec)
@@ -54,12 +59,43 @@ def expand_inputs(inputs: Sequence[str], level: str) -> List[Item]:
                 items.append(Item(f, name))
         else:
             items.append(Item(p, p.stem))
-    written: set = set()
-    outputs = lambda n: {n} | ({n + ".timestamps"} if level == "timestamp" else set())  # noqa: E731
-    for it in items:  # two inputs with one output name (or `a` beside `a.timestamps`): keep both, the manifest says which
-        while outputs(it.name) & written:
-            it.name += "_"
-        written |= outputs(it.name)
+    return _unique_names(_first_of_each(items), level, taken or {})
+
+
+def _first_of_each(items: List[Item]) -> List[Item]:
+    seen, out = set(), []
+    for it in items:
+        if str(it.path) not in seen:
+            seen.add(str(it.path))
+            out.append(it)
+    return out
+
+
+def _unique_names(items: List[Item], level: str, taken: Dict[str, str]) -> List[Item]:
+    """Two inputs with one output name (`a` in two folders, or `a` beside `a.timestamps`, or a name an earlier run
+    gave another input): both kept, the later one as `a_`, then `a_2`, `a_3` ... (a counter per name: linear
+    work however many collide); a name component too long for the file system is cut and given a digest."""
+    import hashlib
+    recorded = {file: name for name, file in taken.items()}
+    owner: Dict[str, str] = dict(taken)  # output name -> input
+    outputs = lambda n: [n] + ([n + ".timestamps"] if level == "timestamp" else [])  # noqa: E731
+    counters: Dict[str, int] = {}
+    for it in items:
+        if str(it.path) in recorded:  # embedded by an earlier run: keep its name (a re-run skips it)
+            it.name = recorded[str(it.path)]
+            continue
+        head, _, last = it.name.rpartition("/")
+        if len(last.encode()) > MAX_NAME_BYTES:
+            digest = hashlib.sha1(str(it.path).encode()).hexdigest()[:12]
+            last = last.encode()[:MAX_NAME_BYTES - 13].decode("utf-8", "ignore") + "-" + digest
+            it.name = f"{head}/{last}" if head else last
+        base, name = it.name, it.name
+        while any(owner.get(o, str(it.path)) != str(it.path) for o in outputs(name)):
+            k = counters[base] = counters.get(base, 0) + 1
+            name = base + ("_" if k == 1 else f"_{k}")
+        it.name = name
+        for o in outputs(name):
+            owner[o] = str(it.path)
     return items
 
 
@@ -106,8 +142,13 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
                         f"{depth - 1} (or -1 to -{depth} from the last)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    items = expand_inputs(inputs, level)
     done = _done(out)
+    taken = {}
+    for file, row in done.items():  # names the earlier runs gave (timestamps included)
+        taken[row["array"][:-len(".npy")]] = file
+        if row.get("timestamps"):
+            taken[row["timestamps"][:-len(".npy")]] = file
+    items = expand_inputs(inputs, level, taken)
     todo = [i for i, it in enumerate(items) if str(it.path) not in done]
     device = next(runtime.parameters()).device
     stats = {"written": 0, "skipped": len(items) - len(todo), "failed": 0}
