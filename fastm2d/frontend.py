@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from pathlib import Path
@@ -83,21 +84,34 @@ def normalize(lms, mean: float, std: float):
     return (lms - mean) / std
 
 
+@contextlib.contextmanager
+def sound_file(path: str | Path):
+    """libsndfile on a Python file object: any name the file system holds opens, the ones that are not valid
+    UTF-8 too (soundfile encodes a path strictly and refuses them; Python's open keeps their bytes)."""
+    import soundfile as sf  # optional at import time of the package
+    with open(path, "rb") as raw, sf.SoundFile(raw) as f:
+        yield f
+
+
+def sound_info(path: str | Path):
+    """(frames, sample rate) from the header, through `sound_file`."""
+    with sound_file(path) as f:
+        return f.frames, f.samplerate
+
+
 def read_audio(path: str | Path, sample_rate: int, min_samples: int = 0) -> torch.Tensor:
     """Read a file (WAV, FLAC, OGG, MP3 ... via libsndfile), downmix to mono, resample -> float32 (N,).
 
     Raises AudioReadError naming the file when it is missing, empty, undecodable, holds fewer samples than its
     header promises, holds NaN/inf, or (min_samples, counted at `sample_rate`) is too short to use.
     """
-    import soundfile as sf  # optional at import time of the package
-
     path = Path(path)
     if not path.is_file():
         raise AudioReadError(f"{path}: file not found" if not path.is_dir() else f"{path}: a folder, not a file")
     if path.stat().st_size == 0:
         raise AudioReadError(f"{path}: empty file")
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sound_file(path) as f:
             promised, sr = f.frames, f.samplerate
             data = f.read(dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types for corrupt / non-audio input

@@ -219,3 +219,58 @@ def test_an_input_with_a_name_near_the_limit_is_embedded(tmp_path, tiny_run):
     out = tmp_path / "f"
     assert main(["embed", "--level", "timestamp", "--weights", str(tiny_run), "--out", str(out), str(clip)]) == 0
     assert len(list(out.glob("*.timestamps.npy"))) == 1
+
+
+# ------------------------------------------------------------------------------------ odd but valid inputs ----
+def test_audio_whose_name_is_not_utf8_is_read_by_prepare_embed_and_tag(tmp_path, tiny_run, capsys):
+    """A name that is not valid UTF-8 is still a valid file name (Python keeps its bytes as surrogates);
+    soundfile refuses to encode such a path, so fastm2d opens the file itself."""
+    import io
+    import json
+
+    import soundfile as sf
+
+    from fastm2d.data.store import LogMelStore
+
+    from .test_released_models import build_release
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    buf = io.BytesIO()
+    sf.write(buf, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype("float32"), 16000, format="WAV")
+    odd = os.fsdecode(os.fsencode(str(folder)) + b"/caf\xe9.wav")  # Latin-1 bytes, not UTF-8
+    with open(odd, "wb") as f:
+        f.write(buf.getvalue())
+    assert main(["prepare", str(folder), "--out", str(tmp_path / "store"), "--workers", "0"]) == 0
+    store = LogMelStore(tmp_path / "store")
+    assert len(store) == 1 and store.names[0] == odd and store[0].shape[0] == 80
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(tmp_path / "f"), str(folder)]) == 0
+    row = json.loads((tmp_path / "f" / "manifest.jsonl").read_text())
+    assert row["file"] == odd and (tmp_path / "f" / row["array"]).is_file()
+    capsys.readouterr()
+    weights, _, _, _ = build_release(tmp_path / "w", "m2d_as_vit_base-80x1001p16x16-240213_AS-FT_enconly",
+                                     "weights_ep69it3124-0.48494.pth", "finetuned", ())
+    assert main(["tag", odd, "--weights", str(weights), "--topk", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert out["file"] == odd and len(out["labels"]) == 2
+
+
+@pytest.mark.parametrize("row", ["shard", "offset", "frames", "negative"])
+def test_a_store_index_row_outside_its_shard_is_refused_on_open(tmp_path, row):
+    """Rows the size checks cannot see: the shard's bytes are right, the row points past them or into nothing."""
+    from fastm2d.data import DataError
+    from fastm2d.data.prepare import prepare
+    from fastm2d.data.store import INDEX_CACHE, LogMelStore
+    clips = _clips(tmp_path, n=4)
+    store = tmp_path / "store"
+    prepare(str(clips), store, workers=0, files_per_shard=2, stats_items=4, progress=False)
+    lines = (store / "index.tsv").read_text().splitlines()
+    name, shard, offset, frames, audio = lines[2].split("\t")
+    changed = {"shard": [name, "7", offset, frames, audio],
+               "offset": [name, shard, str(int(offset) + 10_000), frames, audio],
+               "frames": [name, shard, offset, str(int(frames) * 50), audio],
+               "negative": [name, shard, "-3", frames, audio]}[row]
+    lines[2] = "\t".join(changed)
+    (store / "index.tsv").write_text("\n".join(lines) + "\n")
+    (store / INDEX_CACHE).unlink(missing_ok=True)
+    with pytest.raises(DataError, match=r"index.tsv: 1 rows point outside their shards, e\.g\. row 3"):
+        LogMelStore(store)

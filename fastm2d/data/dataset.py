@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..frontend import SILENCE_LOG, AudioReadError, LogMelSpectrogram, read_audio, wav_truncation
+from ..frontend import SILENCE_LOG, AudioReadError, LogMelSpectrogram, read_audio, sound_file, sound_info, wav_truncation
 from ..atomic import open_append
 from .file_list import as_file_list
 from .noise import tile_crop
@@ -48,6 +48,12 @@ def load_lms_file(path: Path, frontend: LogMelSpectrogram, pad_to: int = 0, min_
         wav = torch.nn.functional.pad(wav, (0, pad_to - len(wav)))
     with torch.inference_mode():
         return frontend(wav).numpy(), audio_frames
+
+
+class _Info(NamedTuple):
+    """A header's frames and rate (soundfile.info's two fields that the windowed read uses)."""
+    frames: int
+    samplerate: int
 
 
 class LogMelSource:
@@ -91,9 +97,8 @@ class LogMelSource:
         """The soundfile info of item i when it is a seekable audio file many crops long, else None."""
         if self.synthetic or self.files[i].suffix.lower() not in SEEKABLE:
             return None
-        import soundfile as sf
         try:
-            info = sf.info(str(self.files[i]))
+            info = _Info(*sound_info(self.files[i]))
         except Exception:  # noqa: BLE001 - the whole-file read reports it with the reason
             return None
         if info.frames * self.sample_rate < WINDOW_MIN_CROPS * frames * self.frontend.hop_length * info.samplerate \
@@ -128,8 +133,6 @@ def window_read(path: Path, frontend: LogMelSpectrogram, start: int, frames: int
     reflect padding applies there)."""
     import math
 
-    import soundfile as sf
-
     from ..frontend import MAX_POLYPHASE, resample
     sr, target, hop = info.samplerate, frontend.sample_rate, frontend.hop_length
     g = math.gcd(sr, target)
@@ -141,7 +144,7 @@ def window_read(path: Path, frontend: LogMelSpectrogram, start: int, frames: int
     lo_b, hi_b = lo_t // block_out - margin, -(-hi_t // block_out) + margin
     if lo_t < 0 or lo_b < 0 or hi_b * block_in > info.frames:
         return None
-    with sf.SoundFile(str(path)) as f:
+    with sound_file(path) as f:
         f.seek(lo_b * block_in)
         data = f.read((hi_b - lo_b) * block_in, dtype="float32", always_2d=True)
     wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))

@@ -15,7 +15,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError  # noqa: F401  (re-exported)
-from ..frontend import first_line, wav_truncation
+from ..frontend import first_line, sound_info, wav_truncation
 from .file_list import FileList
 
 log = logging.getLogger("fastm2d.data")
@@ -155,14 +155,13 @@ def probe_file(path: Path, n_mels: int = 80, min_seconds: float = 0.0, min_frame
             return f"unreadable .npy ({e})"
         return check_lms_array_shape(arr, n_mels, min_frames)
     try:
-        import soundfile as sf
-        info = sf.info(str(path))
+        frames, samplerate = sound_info(path)
     except Exception as e:
         return f"cannot decode audio ({first_line(e)})"
-    if info.frames <= 0:
+    if frames <= 0:
         return "no samples"
-    if info.frames < min_seconds * info.samplerate:
-        return (f"too short: {info.frames / info.samplerate * 1000:.0f} ms of audio, at least "
+    if frames < min_seconds * samplerate:
+        return (f"too short: {frames / samplerate * 1000:.0f} ms of audio, at least "
                 f"{min_seconds * 1000:.0f} ms (one patch width) needed")
     return wav_truncation(path)
 

@@ -76,6 +76,7 @@ class LogMelStore:
         self._check_shards()
         self._names, columns = self._read_index()
         self.shard, self.offset, self.frames, self.audio_frames = (np.ascontiguousarray(c) for c in columns.T)
+        self._check_rows()
         self.crop_frames, self.repeat_short = crop_frames, repeat_short
         self.span = self.frames  # frames handed out per item
         if repeat_short:
@@ -97,6 +98,27 @@ class LogMelStore:
             size = path.stat().st_size
             if size != s["bytes"]:
                 raise DataError(f"{path}: {size} bytes, the manifest says {s['bytes']} (truncated or replaced?)")
+
+    def _check_rows(self) -> None:
+        """Every index row inside its shard: a valid shard number, a non-negative offset, at least one frame, its own
+        audio no longer than what is stored, and offset + frames within the shard's bytes. Checked for all rows at
+        once (vectorised: a 2-million-row index in milliseconds); a row pointing elsewhere would read another
+        item's frames, or the end of a shard, silently."""
+        n_shards = len(self.shard_files)
+        per_frame = self.n_mels * self.dtype.itemsize
+        shard_frames = np.array([s["bytes"] // per_frame for s in self.manifest["shards"]], dtype=np.int64)
+        valid_shard = (self.shard >= 0) & (self.shard < n_shards)
+        end = self.offset + self.frames
+        limit = np.where(valid_shard, shard_frames[np.clip(self.shard, 0, max(n_shards - 1, 0))], -1) \
+            if n_shards else np.full(len(self.shard), -1)
+        bad = ~valid_shard | (self.offset < 0) | (self.frames < 1) | (self.audio_frames < 1) | \
+            (self.audio_frames > self.frames) | (end > limit)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{self.root / 'index.tsv'}: {int(bad.sum())} rows point outside their shards, e.g. row "
+                            f"{i + 2} ({self._names.name(i)}: shard {self.shard[i]}, offset {self.offset[i]}, frames "
+                            f"{self.frames[i]}, audio {self.audio_frames[i]}); the store is damaged: re-run "
+                            f"`fastm2d prepare` into a new folder")
 
     def _read_index(self) -> Tuple[FileList, np.ndarray]:
         """index.tsv -> (names, (N, 4) int64 columns). The parsed index is kept beside it in index.npz, keyed by

@@ -25,7 +25,7 @@ from ..config import Config, ConfigError, ModelConfig, check_model_config
 from ..data.captions import (CaptionTargets, default_cache_dir, embed_captions, encoder_fingerprint, read_captions,
                              read_precomputed)
 from ..data.offline import FeatureTargets, LabelTargets
-from ..frontend import FRONTEND_PARAMS, normalize
+from ..frontend import FRONTEND_PARAMS, normalize, sound_info
 
 log = logging.getLogger("fastm2d.train")
 
@@ -76,14 +76,12 @@ def load_teacher(path: str, config: Config, device: torch.device) -> Teacher:
 
 def _durations(names, sample_rate: int, frames=None):
     """Seconds of audio per item: from the audio header when the file exists, else from its log-mel length."""
-    import soundfile as sf
-
     hop_s = FRONTEND_PARAMS[sample_rate]["hop_length"] / sample_rate
     out = []
     for i, name in enumerate(names):
         try:
-            info = sf.info(name)
-            out.append(info.frames / info.samplerate)
+            n, rate = sound_info(name)
+            out.append(n / rate)
         except Exception:  # a .npy log-mel or a store item whose audio is elsewhere
             out.append(float(frames[i]) * hop_s if frames is not None else 0.0)
     return out

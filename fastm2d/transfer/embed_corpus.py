@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..atomic import atomic_file, open_append, remove_stale_temporaries, write_atomic
 from ..folder_lock import RunLock
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,9 @@ def _unique_names(items: List[Item], level: str, taken: Dict[str, str]) -> List[
             it.name = recorded[str(it.path)]
             continue
         head, _, last = it.name.rpartition("/")
-        if len(last.encode()) > MAX_NAME_BYTES:
-            digest = hashlib.sha1(str(it.path).encode()).hexdigest()[:12]
-            last = last.encode()[:MAX_NAME_BYTES - 13].decode("utf-8", "ignore") + "-" + digest
+        if len(os.fsencode(last)) > MAX_NAME_BYTES:  # bytes as the file system counts them (any name it holds)
+            digest = hashlib.sha1(os.fsencode(str(it.path))).hexdigest()[:12]
+            last = os.fsencode(last)[:MAX_NAME_BYTES - 13].decode("utf-8", "ignore") + "-" + digest
             it.name = f"{head}/{last}" if head else last
         base, name = it.name, it.name
         while any(owner.get(o, str(it.path)) != str(it.path) for o in outputs(name)):
