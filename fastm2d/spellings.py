@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -49,6 +50,26 @@ def settle(args) -> None:
     for name in ("weights", "out"):
         if getattr(args, f"{name}_required", False) and getattr(args, name, None) is None:
             raise ConfigError(f"--{name} is required")
+    if getattr(args, "out", None) is not None and command in OUT_KIND:
+        check_out_kind(command, Path(args.out), OUT_KIND[command])
+
+
+# What each command's --out names: a folder it fills, or one file it writes.
+OUT_KIND = {"embed": "folder", "linear-eval": "folder", "finetune": "folder", "prepare": "folder", "export": "folder",
+            "adapt": "folder", "stats": "file", "tag": "file"}
+
+
+def check_out_kind(command: str, out: Path, kind: str) -> None:
+    """--out a file where a folder is needed (or under a file), or a folder where a file is written: one line
+    before anything runs."""
+    if kind == "file" and out.is_dir():
+        raise ConfigError(f"--out {out}: a folder, but `{command}` writes one file there; name a file")
+    for p in (out, *out.parents) if kind == "folder" else out.parents:
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--out {out}: {p} is a file, but `{command}` needs a folder there" if p == out else
+                              f"--out {out}: {p} is a file, so no folder can be made under it")
+        if p.exists():
+            break
 
 
 def _old_positional(args, name: str, value: str, old, new) -> None:

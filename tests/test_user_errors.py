@@ -299,3 +299,29 @@ def test_a_model_folder_with_json_nested_too_deeply_is_one_line(tmp_path, capsys
     assert main(["embed", "--weights", str(folder), "--out", str(tmp_path / "f"), "x.wav"]) == 2
     err = capsys.readouterr().err
     assert "config.json: unreadable (JSON nested too deeply)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["embed", "linear-eval", "prepare", "export", "stats", "tag", "linear-eval-under"])
+def test_out_of_the_wrong_kind_is_one_line_before_anything_runs(tmp_path, capsys, command):
+    """--out naming a file where a command fills a folder (or a path under a file), or a folder where it writes
+    one file; and a task spelling with a bad number."""
+    afile, adir = tmp_path / "afile", tmp_path / "adir"
+    afile.write_text("mine\n")
+    adir.mkdir()
+    clip = write_tone(tmp_path / "a.wav", seconds=1.0)
+    args = {"embed": ["embed", "--weights", "W", "--out", str(afile), str(clip)],
+            "linear-eval": ["linear-eval", "synthetic", "--weights", "W", "--out", str(afile)],
+            "linear-eval-under": ["linear-eval", "synthetic", "--weights", "W", "--out", str(afile / "x")],
+            "prepare": ["prepare", str(tmp_path), "--out", str(afile)],
+            "export": ["export", "--weights", "W", "--out", str(afile)],
+            "stats": ["stats", str(tmp_path), "--out", str(adir)],
+            "tag": ["tag", str(clip), "--weights", "W", "--out", str(adir)]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and ("is a file" in err or "a folder, but" in err) and "Traceback" not in err
+    assert afile.read_text() == "mine\n" and not any(adir.iterdir())
+
+
+def test_a_synthetic_task_with_a_bad_number_is_one_line(tmp_path, capsys, tiny_run):
+    assert main(["linear-eval", "synthetic:abc", "--weights", str(tiny_run), "--out", str(tmp_path / "o")]) == 2
+    assert "'synthetic:N' with N a number of clips" in capsys.readouterr().err

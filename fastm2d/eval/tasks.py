@@ -101,7 +101,10 @@ def _read_csv_task(path: Path) -> EvalTask:
 def load_tasks(spec: str) -> List[EvalTask]:
     """'synthetic' (or 'synthetic:N' clips) -> the two built-in tasks; a CSV or a folder with meta.csv -> one task."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        n = int(spec.split(":")[1]) if ":" in spec else SYNTHETIC_CLIPS
+        count = spec.split(":", 1)[1] if ":" in spec else str(SYNTHETIC_CLIPS)
+        if not count.strip().isdigit():
+            raise DataError(f"evaluation task {spec!r}: expected 'synthetic' or 'synthetic:N' with N a number of clips")
+        n = int(count)
         if n < 10:
             raise DataError(f"evaluation task {spec!r}: at least 10 clips (6 / 2 / 2 for train / valid / test)")
         return _synthetic_tasks(n)
