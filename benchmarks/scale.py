@@ -96,6 +96,20 @@ def startup(args) -> None:
     t = time.perf_counter()
     check_files_once(files, 80, 0.16, 16, cache_dir=cache, reuse_only=True)
     _row("another rank of the node: saved result only", len(files), time.perf_counter() - t, "after the barrier")
+    # A new run (an ablation) on the same list, as `pretrain` opens it: a fresh run folder, the checks found in
+    # the user cache (data.check_cache unset), the first time computed and saved there.
+    from fastm2d.config import load_config
+    from fastm2d.data.open_source import check_cache_dir, file_source
+    os.environ["FASTM2D_CACHE"] = str(Path(args.out) / "user_cache")
+    for f in Path(args.out, "user_cache").rglob("file_checks-*.npz"):
+        f.unlink()
+    for k, what in enumerate(("first run on the list (checks saved in the user cache)",
+                              "a second, fresh run on the same list")):
+        config = load_config(None, ["model.input_size=[80,608]", "train.progress=false",
+                                    f"out_dir={Path(args.out) / f'fresh{k}'}"])
+        t = time.perf_counter()
+        file_source(str(csv), config, cache_dir=check_cache_dir(config, Path(config.out_dir)))
+        _row(what, len(files), time.perf_counter() - t, "open_source's path, list read included")
 
 
 def _mem(pids, field: str = "uss"):

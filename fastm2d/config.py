@@ -204,6 +204,9 @@ class DataConfig:
     min_epoch_items: int = 0  # repeat a small list up to this many items per epoch
     repeat_short: bool = False  # clips shorter than the crop: tiled (True) or zero-padded to the crop (frontend.py)
     on_bad_file: str = "skip"  # skip (count, log and list) | error
+    # where the header checks of a list are kept and reused by every run on it (changed files checked again):
+    # None = the user cache ($FASTM2D_CACHE or ~/.cache/fastm2d/file_checks), "run" = this run's folder only
+    check_cache: Optional[str] = None
     num_workers: int = 2  # DataLoader processes (reference / store loaders) or DALI CPU threads
     loader: str = "reference"  # reference (folder / CSV / store, exact resume) | dali (raw audio, GPU spectrogram)
     valid: Optional[str] = None  # held-out data (same forms as train): its M2D loss is monitored (train.eval_every)

@@ -6,11 +6,20 @@ object for the path, so a name cannot drift between the writer and its readers.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Dict, Optional
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def user_cache(*parts: str) -> Path:
+    """Where fastm2d keeps what every run may reuse (file checks of a list, caption embeddings): $FASTM2D_CACHE,
+    else $XDG_CACHE_HOME/fastm2d, else ~/.cache/fastm2d."""
+    base = os.environ.get("FASTM2D_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "fastm2d"
+    return Path(base, *parts)
 
 
 class RunFolder:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 
@@ -13,6 +14,9 @@ if not torch.cuda.is_available():
 # == 1 rank, resume == uninterrupted, compiled == eager) compare fp32 runs, so `auto` means fp32 here; the bf16
 # path has its own tests (tests/test_devices.py), which set the precision they test.
 os.environ.setdefault("FASTM2D_PRECISION", "fp32")
+# What runs share between them (file checks of a list, caption embeddings) goes to a folder of this test session,
+# never to the user's cache: every session starts cold, like a new machine. Subprocesses inherit it.
+os.environ["FASTM2D_CACHE"] = tempfile.mkdtemp(prefix="fastm2d-test-cache-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

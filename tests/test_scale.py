@@ -17,6 +17,7 @@ import pytest
 import fastm2d.data.file_checks as file_checks
 from fastm2d.data.file_list import FileList
 from fastm2d.data.sources import check_files, list_digest
+from fastm2d.run_folder import user_cache
 
 from .conftest import TINY_TRAIN, write_tone
 
@@ -82,12 +83,36 @@ def test_a_resumed_run_probes_no_file_again(tmp_path, monkeypatch, tiny_config):
     cfg = tiny_config(f"data.train={clips}", "train.max_steps=2", "data.norm_stats=[-10,3.5]")
     calls = _counting(monkeypatch)
     pretrain(cfg)
-    assert len(calls) == 8 and len(list(Path(cfg.out_dir).glob("file_checks-*.npz"))) == 1
+    assert len(calls) == 8 and len(list(user_cache("file_checks").glob("file_checks-*.npz"))) >= 1
     calls.clear()
     cfg.train.max_steps = 4
     tr = Trainer(cfg, resume=True)
     tr.close()
     assert calls == [] and tr.step == 2
+
+
+def test_a_second_fresh_run_on_a_checked_list_reads_no_header(tmp_path, monkeypatch, tiny_config):
+    """Every ablation on one list starts without checking it again: the checks live in the user cache, keyed by
+    the list and each file's size and time; a file changed since is checked again, the others are not."""
+    from fastm2d.train import Trainer
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(8):
+        write_tone(clips / f"c{i}.wav", seconds=1.0, freq=200 + 50 * i)
+    calls = _counting(monkeypatch)
+    Trainer(tiny_config(f"data.train={clips}", "data.norm_stats=[-10,3.5]", f"out_dir={tmp_path / 'a'}")).close()
+    assert len(calls) == 8
+    calls.clear()
+    Trainer(tiny_config(f"data.train={clips}", "data.norm_stats=[-10,3.5]", f"out_dir={tmp_path / 'b'}")).close()
+    assert calls == []  # a new run folder: no header read
+    write_tone(clips / "c3.wav", seconds=2.0, freq=999)  # changed since: checked again, alone
+    os.utime(clips / "c3.wav", ns=(1, 1))
+    Trainer(tiny_config(f"data.train={clips}", "data.norm_stats=[-10,3.5]", f"out_dir={tmp_path / 'c'}")).close()
+    assert [Path(c).name for c in calls] == ["c3.wav"]
+    calls.clear()
+    Trainer(tiny_config(f"data.train={clips}", "data.norm_stats=[-10,3.5]", f"out_dir={tmp_path / 'd'}",
+                        "data.check_cache=run")).close()  # the run's own folder only: checked there, kept there
+    assert len(calls) == 8 and len(list((tmp_path / "d").glob("file_checks-*.npz"))) == 1
 
 
 def _rank(rank, world, init, clips, out, counts):

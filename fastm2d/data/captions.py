@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..atomic import atomic_file
+from ..run_folder import user_cache
 from .sources import CSV_COLUMNS, DataError, find_column, read_csv_rows
 
 log = logging.getLogger("fastm2d.data")
@@ -31,8 +31,7 @@ ENCODE_BATCH = 256
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fastm2d" / "captions"
+    return user_cache("captions")
 
 
 def read_captions(path: Path, root: Optional[Path] = None) -> Dict[Path, List[str]]:

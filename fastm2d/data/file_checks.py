@@ -1,7 +1,8 @@
-"""The header check of every training file, once per data set: in parallel, with a progress bar, saved next to the
-run and reused by `--resume`, launcher restarts and the other ranks of a node.
+"""The header check of every training file, once per data set: in parallel, with a progress bar, saved in the user
+cache (data.check_cache) and reused by every later run on the same list, `--resume`, launcher restarts and the
+other ranks of a node.
 
-The saved result (`file_checks-<key>.npz` in the run folder) is keyed by the ordered list of names and the check's
+The saved result (`file_checks-<key>.npz`) is keyed by the ordered list of names and the check's
 settings; inside, each file's size and modification time: a file that changed since is checked again, the rest
 is read back. One sequential pass of soundfile header reads costs ~0.1 ms per file on a warm local disk and far
 more on the network file systems clusters use (2 million files: minutes per rank per start). The checks run in
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -23,6 +25,7 @@ from ..atomic import atomic_file
 from .file_list import FileList, as_file_list
 from .sources import BadFile, probe_file
 
+log = logging.getLogger("fastm2d.data")
 CHUNK = 2048  # files per task: amortises the pool's overhead, keeps the bar moving
 _FILES: Optional[FileList] = None  # the list being checked, inherited by forked workers (never pickled)
 
@@ -94,7 +97,10 @@ def check_files_once(paths, n_mels: int = 80, min_seconds: float = 0.0, min_fram
         finally:
             _FILES = None
         if path is not None:
-            _save(path, stats, reasons)
+            try:
+                _save(path, stats, reasons)
+            except OSError as e:  # a read-only or full cache costs the checks again next time, nothing else
+                log.warning("%s: file checks not saved (%s)", path, e)
     ok = np.ones(len(files), dtype=bool)
     ok[list(reasons)] = False
     return files.select(ok), [BadFile(files[i], reasons[i]) for i in sorted(reasons)]

@@ -16,7 +16,7 @@ from .dataset import FOUND_WHILE_TRAINING, LogMelSource
 from .file_checks import check_files_once
 from .sources import list_file_names, require_usable
 from .store import LogMelStore, is_store
-from ..run_folder import RunFolder
+from ..run_folder import RunFolder, user_cache
 
 
 def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",
@@ -37,7 +37,7 @@ def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = 
         return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed + seed_offset, d.synthetic_clips,
                                                                    d.synthetic_seconds),
                             pad_to=0 if tiled else pad_samples(d.sample_rate, frames))
-    source, bad = file_source(spec, config, root, pad=not tiled, cache_dir=out_dir)
+    source, bad = file_source(spec, config, root, pad=not tiled, cache_dir=check_cache_dir(config, out_dir))
     listing = RunFolder(out_dir).bad_files(label)
     if bad:  # the header checks' list, keeping what earlier runs of this folder found while training
         found = _found_while_training(listing, set(source.files.names()))
@@ -52,6 +52,15 @@ def _found_while_training(listing: Path, files: set) -> List[str]:
         return []
     return [line for line in listing.read_text().splitlines(keepends=True)
             if line.endswith(FOUND_WHILE_TRAINING + "\n") and line.split(": ", 1)[0] in files]
+
+
+def check_cache_dir(config: Config, out_dir: Path) -> Path:
+    """Where a run keeps and finds its lists' file checks: shared by every run (data.check_cache, default the user
+    cache) or this run's folder (data.check_cache=run)."""
+    where = config.data.check_cache
+    if where == "run":
+        return Path(out_dir)
+    return Path(where) if where else user_cache("file_checks")
 
 
 def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool = True,
