@@ -92,3 +92,17 @@ def embed_rate(files, device: torch.device, out: Path, batch: int = 16, workers:
     runtime = load_encoder(vit_base_weights(out), device=device)
     return embed_corpus(runtime, [str(f) for f in files], Path(out) / "feats", batch_size=batch, workers=workers,
                         progress=False)["clips_per_s"]
+
+
+def streamed_shard_rate(spec: str, workers: int, batch: int = 16, batches: int = 8) -> float:
+    """Crops per second from tar shards (a local path or an http:// URL pattern), as the trainer streams them."""
+    from fastm2d.data.shards import ShardCrops, ShardSource, batched
+    from fastm2d.frontend import pad_samples
+    source = ShardSource(spec, 16000, 608, pad_samples(16000, 608), stats_items=1)
+    crops = ShardCrops(source, 0, 0, 0, 1, batches + 1, batch)
+    it = batched(DataLoader(crops, batch_size=None, num_workers=workers), batch)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - t0)

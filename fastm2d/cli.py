@@ -76,6 +76,10 @@ def cmd_stats(args) -> None:
 def cmd_prepare(args) -> None:
     from .data.prepare import prepare
 
+    if args.format == "shards":  # streamed training (no shared file system): the original bytes in tar shards
+        from .data.shards import write_shards
+        print(json.dumps(write_shards(args.src, args.out, args.files_per_shard, args.root, progress=True)))
+        return
     summary = prepare(args.src, args.out, workers=args.workers, files_per_shard=args.files_per_shard,
                       dtype=args.dtype, sample_rate=args.sample_rate, crop_frames=args.crop_frames,
                       stats_items=args.stats_items, root=args.root, min_patch_frames=args.min_patch_frames)
@@ -235,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="store folder; re-running completes an interrupted preparation")
     pr.add_argument("--workers", type=at_least(0), default=None,
                     help="worker processes; 0 = in this process (as data.num_workers=0); default: one per core")
+    pr.add_argument("--format", choices=("store", "shards"), default="store",
+                    help="store: memory-mapped log-mel shards; shards: tar shards of the original audio bytes "
+                         "(webdataset layout) for training streamed over HTTP or a pipe, with shards.json")
     pr.add_argument("--files-per-shard", type=at_least(1), default=1000, help="files per shard")
     pr.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision")
     pr.add_argument("--sample-rate", type=int, default=16000, help="front end: 16000 or 32000")

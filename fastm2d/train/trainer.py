@@ -24,6 +24,7 @@ from ..data import CropDataset, EpochSampler
 from ..data.dataset import training_crop
 from ..data.noise import NoisePicker, tile_crop
 from ..data.open_source import open_source
+from ..data.shards import ShardCrops, ShardSource, batched, is_shard_spec, shard_source
 from ..data.sources import AUDIO_EXTS
 from ..data.stats import run_norm_stats
 from ..frontend import normalize
@@ -142,6 +143,9 @@ class Trainer:
             if config.data.repeat_short:
                 raise ConfigError("data.repeat_short=true is not available with data.loader=dali (it zero-pads "
                                   "short clips to the crop); use data.loader=reference")
+        if is_shard_spec(config.data.train):
+            self.source = shard_source(config)
+            return
         self.source = open_source(config.data.train, config, self.out_dir, config.data.root)
         files = getattr(self.source, "files", None)  # a LogMelStore holds no audio files
         if config.data.loader == "dali" and not (files and all(f.suffix.lower() in AUDIO_EXTS for f in files)):
@@ -214,6 +218,9 @@ class Trainer:
 
     def _build_crops(self) -> None:
         """Background noise (M2D-X denoising) and the dataset of training crops the loader reads."""
+        if isinstance(self.source, ShardSource):
+            self.dataset, self.noise, self.eta, self.noise_mean = None, None, 0.0, 0.0
+            return
         config, t = self.config, self.config.train
         self.noise, picker, self.eta, self.noise_mean = None, None, 0.0, 0.0
         noise = config.data.noise
@@ -338,6 +345,9 @@ class Trainer:
         if self.config.data.loader == "dali":
             yield from self._dali_batches()
             return
+        if isinstance(self.source, ShardSource):
+            yield from self._shard_batches()
+            return
         micro = self.step * self.config.train.accum_steps
         epoch, batch = divmod(micro, self.sampler.batches_per_epoch)
         workers = self.config.data.num_workers
@@ -356,6 +366,21 @@ class Trainer:
                     self.sampler.bad.update(bad.tolist())  # left out from now on
                 yield self.to_batch(item["lms"], item.get("bg"), item.get("offline"))
             epoch, batch = epoch + 1, 0
+
+    def _shard_batches(self) -> Iterator[Batch]:
+        """Streamed tar shards: every rank reads its own shards, the same number of batches per epoch; a resumed
+        run restarts its epoch's stream from the beginning (data/shards.py)."""
+        t, bpe = self.config.train, self.sampler.batches_per_epoch
+        epoch = self.step * t.accum_steps // bpe
+        workers = self.config.data.num_workers
+        while True:
+            crops = ShardCrops(self.source, epoch, t.seed, self.dist.rank, self.dist.world_size, bpe, t.batch_size,
+                               bad_list=self.run.bad_files("training"))
+            loader = DataLoader(crops, batch_size=None, num_workers=workers)  # crops; batched here, see ShardCrops
+            for group in batched(loader, t.batch_size):
+                self._skipped += sum(int(item["skipped"]) for item in group)
+                yield self.to_batch(torch.stack([item["lms"] for item in group]))
+            epoch += 1
 
     def _dali_batches(self) -> Iterator[torch.Tensor]:
         """DALI decodes on CPU threads and computes the log-mel on the GPU; model state resumes exactly, the

@@ -1,0 +1,296 @@
+"""Training data streamed from tar shards in the webdataset layout, for machines that share no file system: local
+paths, `http(s)://` URLs or `pipe:COMMAND` (e.g. `pipe:aws s3 cp s3://bucket/shard-000001.tar -`), brace-expanded
+(`.../shard-{000000..000099}.tar`). The webdataset library reads the tar streams; fastm2d decodes each sample's
+audio (its original bytes: WAV, FLAC, OGG, MP3), applies the front end and the short-clip rule, and crops.
+
+  write_shards(SRC, OUT)   `fastm2d prepare SRC --out OUT --format shards`: checked files -> shard-NNNNNN.tar of
+                           their original bytes (no re-encoding), failures.tsv, and shards.json (samples per shard)
+  ShardSource(spec)        the shard list and its sample counts (shards.json beside the shards); `norm_stats`
+                           streamed from the first samples
+  ShardCrops               the training stream of one rank: each epoch the shards are ordered by (seed, epoch) and
+                           dealt to every (rank, loader worker) pair, so no two read the same shard; each worker
+                           yields a fixed number of crops per epoch (its shards are read again if they hold fewer),
+                           so every rank makes the same number of steps and none waits at a collective
+
+Resume: the model, EMA, optimiser and schedule continue exactly; the data stream restarts the interrupted epoch
+from its beginning (a tar stream cannot seek), so the samples of its finished steps are seen once more.
+A sample that cannot be decoded is logged, listed and replaced by the next; a shard that cannot be fetched is
+retried, then listed and skipped (the worker reads its other shards again to keep the epoch's length).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..atomic import atomic_file, open_append, write_atomic
+from ..frontend import AudioReadError, LogMelSpectrogram, first_line, resample
+from .dataset import crop_clip
+from .sources import DataError
+
+log = logging.getLogger("fastm2d.data")
+MANIFEST = "shards.json"
+AUDIO_KEYS = ("wav", "flac", "ogg", "oga", "mp3")
+FETCH_TRIES = 3
+
+
+def is_shard_spec(spec: str) -> bool:
+    s = str(spec)
+    return s.startswith(("http://", "https://", "pipe:")) or s.endswith(".tar") or ".tar}" in s or \
+        (".tar" in s and "{" in s)
+
+
+def shard_urls(spec: str) -> List[str]:
+    from braceexpand import braceexpand
+    return list(braceexpand(str(spec)))
+
+
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError:
+        raise DataError("streamed shards need webdataset: pip install 'fastm2d[shards]'") from None
+    return webdataset
+
+
+def _open(url: str):
+    gopen = _webdataset().gopen
+    return gopen(url, "rb")
+
+
+class ShardSource:
+    """The shards of a run and their sample counts (from shards.json beside them)."""
+
+    def __init__(self, spec: str, sample_rate: int, frames: int, pad_to: int, stats_items: int = 10000,
+                 seed: int = 0):
+        self.urls = shard_urls(spec)
+        if not self.urls:
+            raise DataError(f"data.train={spec}: no shard")
+        base = self.urls[0].rsplit("/", 1)[0] if "/" in self.urls[0] and not self.urls[0].startswith("pipe:") else "."
+        manifest_url = f"{base}/{MANIFEST}"
+        try:
+            with _open(manifest_url) as f:
+                manifest = json.loads(f.read())
+            counts = {s["file"]: int(s["samples"]) for s in manifest["shards"]}
+        except Exception as e:  # noqa: BLE001 - any transport's error: one line naming what is needed
+            raise DataError(f"data.train={spec}: cannot read {manifest_url} ({first_line(e)}), the samples per shard "
+                            f"(`fastm2d prepare SRC --out DIR --format shards` writes it)") from None
+        missing = [u for u in self.urls if u.rsplit("/", 1)[-1] not in counts]
+        if missing:
+            raise DataError(f"{manifest_url}: no entry for {len(missing)} of the shards, e.g. {missing[0]}")
+        self.counts = [counts[u.rsplit("/", 1)[-1]] for u in self.urls]
+        self.sample_rate, self.frames, self.pad_to = sample_rate, frames, pad_to
+        self.stats_items, self.seed = stats_items, seed
+        self.names = [f"{u}#{n}" for u, n in zip(self.urls, self.counts)]  # what statistics are computed from
+        self._stats = None
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def norm_stats(self) -> List[float]:
+        """Mean and std of log-mel over one random crop of each of the first `stats_items` samples (streamed in
+        shard order; float64 sums), the crops training takes."""
+        if self._stats is None:
+            frontend = LogMelSpectrogram(self.sample_rate)
+            rng = np.random.default_rng(self.seed)
+            total = total_sq = count = 0.0
+            n = 0
+            for url in self.urls:
+                for sample in _samples(url):
+                    try:
+                        lms = _lms(sample, frontend, self.sample_rate, self.pad_to)
+                    except AudioReadError:
+                        continue
+                    x = crop_clip(lms, self.frames, rng)[0].astype(np.float64)
+                    total, total_sq, count = total + x.sum(), total_sq + np.square(x).sum(), count + x.size
+                    n += 1
+                    if n >= self.stats_items:
+                        break
+                if n >= self.stats_items:
+                    break
+            if count == 0:
+                raise DataError(f"{self.urls[0]}: no readable sample to compute statistics from")
+            mean = total / count
+            self._stats = [float(mean), float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))]
+        return self._stats
+
+
+def shard_source(config) -> ShardSource:
+    """The run's shards, with what this path does not do refused in one line (each has its own path elsewhere)."""
+    from ..config import ConfigError
+    from ..frontend import pad_samples
+    d = config.data
+    unsupported = [k for k, on in (("data.loader=dali", d.loader == "dali"), ("data.noise", d.noise.train),
+                                   ("offline.task", config.offline.task != "none"),
+                                   ("data.repeat_short", d.repeat_short), ("train.eval_every", config.train.eval_every),
+                                   ("data.min_epoch_items", d.min_epoch_items)) if on]
+    if unsupported:
+        raise ConfigError(f"data.train={d.train}: streamed shards do not support {', '.join(unsupported)} yet; "
+                          f"use a folder, CSV list or prepared store for those")
+    frames = config.model.input_size[1]
+    return ShardSource(d.train, d.sample_rate, frames, pad_samples(d.sample_rate, frames), d.stats_items,
+                       config.train.seed)
+
+
+def _samples(url: str) -> Iterator[dict]:
+    return _webdataset().tariterators.tarfile_samples([{"url": url}])
+
+
+def _lms(sample: dict, frontend: LogMelSpectrogram, sample_rate: int, pad_to: int) -> np.ndarray:
+    """A sample's audio (its original bytes) -> log-mel (F, T), the short-clip rule applied to the waveform."""
+    import soundfile as sf
+    key = next((k for k in AUDIO_KEYS if k in sample), None)
+    name = sample.get("__key__", "?")
+    if key is None:
+        raise AudioReadError(f"{sample.get('__url__', '')}#{name}: no audio member ({', '.join(AUDIO_KEYS)})")
+    try:
+        data, sr = sf.read(io.BytesIO(sample[key]), dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - libsndfile raises several types
+        raise AudioReadError(f"{sample.get('__url__', '')}#{name}: cannot decode audio ({first_line(e)})") from None
+    if len(data) == 0 or not np.isfinite(data).all():
+        raise AudioReadError(f"{sample.get('__url__', '')}#{name}: no samples, or NaN / infinite samples")
+    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
+    if sr != sample_rate:
+        wav = resample(wav, sr, sample_rate, name)
+    if pad_to and len(wav) < pad_to:
+        wav = torch.nn.functional.pad(wav, (0, pad_to - len(wav)))
+    return frontend(wav).numpy()
+
+
+def deal_shards(n_shards: int, seed: int, epoch: int, rank: int, world: int, worker: int, workers: int) -> List[int]:
+    """The shards one (rank, worker) reads in an epoch: a (seed, epoch) permutation dealt round-robin over all
+    rank x worker pairs; disjoint, and together every shard."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_shards)
+    return order[rank * workers + worker::world * workers].tolist()
+
+
+def split_in_proportion(n: int, samples: List[int]) -> List[int]:
+    """n split among workers in proportion to `samples` (largest remainders; equal shares when none)."""
+    total = sum(samples)
+    share = [n * s / total for s in samples] if total else [n / len(samples)] * len(samples)
+    out = [int(x) for x in share]
+    for i in sorted(range(len(share)), key=lambda i: share[i] - out[i], reverse=True)[:n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+class ShardCrops(IterableDataset):
+    """One epoch of one rank's crops: {'lms': (1, F, T) raw log-mel, 'skipped': n, 'bad': -1s} like CropDataset,
+    and 'key': the sample's key in its shard."""
+
+    def __init__(self, source: ShardSource, epoch: int, seed: int, rank: int, world: int, batches: int,
+                 batch_size: int, bad_list: Optional[Path] = None):
+        self.source, self.epoch, self.seed = source, epoch, seed
+        self.rank, self.world, self.batches, self.batch_size = rank, world, batches, batch_size
+        self.bad_list = bad_list
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n_shards = len(self.source.urls)
+        if n_shards < self.world * workers:
+            raise DataError(f"{n_shards} shards cannot give each of {self.world} ranks x {workers} loader workers "
+                            f"its own: write more (smaller) shards or use fewer data.num_workers")
+        dealt = [deal_shards(n_shards, self.seed, self.epoch, self.rank, self.world, w, workers)
+                 for w in range(workers)]
+        mine = dealt[worker]
+        # `batches` x `batch_size` crops on every rank (batched in the main process, so the workers' shares need
+        # not be whole batches), shared among this rank's workers in proportion to the samples their shards hold:
+        # a worker reads its shards again only when the whole rank holds fewer samples than its batches need
+        quota = split_in_proportion(self.batches * self.batch_size,
+                                    [sum(self.source.counts[k] for k in d) for d in dealt])[worker]
+        frontend = LogMelSpectrogram(self.source.sample_rate)
+        made, skipped, dead = 0, 0, set()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        bad = torch.full((16,), -1, dtype=torch.int64)
+        while made < quota:
+            progress = made
+            for k in mine:
+                if k in dead:
+                    continue
+                for sample in self._fetch(k, dead):
+                    try:
+                        lms = _lms(sample, frontend, self.source.sample_rate, self.source.pad_to)
+                    except AudioReadError as e:
+                        self._record(str(e))
+                        skipped += 1
+                        continue
+                    crop = crop_clip(lms, self.source.frames, rng)[0]
+                    yield {"lms": torch.from_numpy(np.ascontiguousarray(crop)).unsqueeze(0), "skipped": skipped,
+                           "bad": bad, "key": sample["__key__"]}
+                    skipped, made = 0, made + 1
+                    if made >= quota:
+                        return
+            if made == progress:
+                raise DataError(f"rank {self.rank} worker {worker}: none of its shards gave a usable sample "
+                                f"(shards {[self.source.urls[k] for k in mine][:3]} ...)")
+
+    def _fetch(self, k: int, dead: set) -> Iterator[dict]:
+        """A shard's samples; a shard that cannot be opened is tried FETCH_TRIES times, then listed and skipped."""
+        url = self.source.urls[k]
+        for attempt in range(FETCH_TRIES):
+            try:
+                yield from _samples(url)
+                return
+            except Exception as e:  # noqa: BLE001 - network, pipe, tar: any failure of the transport
+                reason = f"{url}: cannot be read ({first_line(e)})"
+                if attempt + 1 < FETCH_TRIES:
+                    log.warning("%s; trying again", reason)
+                    time.sleep(0.5 * (attempt + 1))
+        self._record(reason + f" after {FETCH_TRIES} tries: skipped for the rest of the epoch")
+        dead.add(k)
+
+    def _record(self, reason: str) -> None:
+        log.warning("skipping: %s", reason)
+        if self.bad_list is not None:
+            with open_append(self.bad_list) as f:
+                f.write(reason + "\n")
+
+
+def batched(items, size: int):
+    """Consecutive groups of `size` (a last, shorter group is dropped: the epoch holds whole batches)."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def write_shards(src: str, out: str | Path, files_per_shard: int = 1000, root: Optional[str] = None,
+                 progress: bool = True, min_seconds: float = 0.16) -> dict:
+    """`fastm2d prepare SRC --out OUT --format shards`: each checked file's original bytes into shard-NNNNNN.tar
+    (key = its index, member <key>.<its suffix>, and <key>.json naming the source file), every shard written
+    atomically; unusable files in failures.tsv with the reason (the store's listing); shards.json last."""
+    TarWriter = _webdataset().TarWriter
+    from ..folder_lock import RunLock
+    from .file_checks import check_files_once
+    from .sources import list_file_names
+    out = Path(out)
+    with RunLock(out):
+        files, bad = check_files_once(list_file_names(src, root), min_seconds=min_seconds, progress=progress)
+        names = [str(f) for f in files]
+        shards: List[Dict] = []
+        for s, lo in enumerate(range(0, len(names), files_per_shard)):
+            chunk = names[lo:lo + files_per_shard]
+            name = f"shard-{s:06d}.tar"
+            with atomic_file(out / name) as f:
+                with TarWriter(f) as w:
+                    for i, path in enumerate(chunk, start=lo):
+                        suffix = Path(path).suffix.lower().lstrip(".")
+                        w.write({"__key__": f"{i:09d}", suffix: Path(path).read_bytes(),
+                                 "json": json.dumps({"name": path}).encode()})
+            shards.append({"file": name, "samples": len(chunk)})
+        write_atomic(out / "failures.tsv", "path\treason\n" + "".join(
+            f"{json.dumps(str(b.path))}\t{json.dumps(b.reason)}\n" for b in bad))
+        write_atomic(out / MANIFEST, json.dumps({"format": "fastm2d-audio-shards", "shards": shards,
+                                                 "samples": len(names), "failures": len(bad)}, indent=1))
+    return {"shards": len(shards), "samples": len(names), "failures": len(bad)}
