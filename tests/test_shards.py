@@ -109,3 +109,34 @@ def test_what_shards_do_not_do_yet_is_one_line(http_base, tmp_path, capsys):
     assert main(["pretrain", f"out_dir={tmp_path / 'r2'}", *TINY_TRAIN,
                  f"data.train={http_base}/nothere-{{0..1}}.tar"]) == 2
     assert "shards.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_kill_9_mid_epoch_resumes_as_stated(http_base, tmp_path):
+    """SIGKILL a run streaming shards over HTTP after its step-2 checkpoint; `--resume` continues from it: steps
+    and the schedule exact (metrics rows 1..8 once each), the epoch's stream restarted (stated in data/shards.py)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    spec = f"{http_base}/shard-{{000000..000003}}.tar"
+    args = [sys.executable, "-m", "fastm2d.cli", "pretrain", f"out_dir={run}",
+            *[a for a in TINY_TRAIN if not a.startswith(("data.num_workers", "train.log_every"))],
+            f"data.train={spec}", "data.num_workers=2", "train.batch_size=2", "data.stats_items=6",
+            "train.save_every=2", "train.log_every=1", "train.max_steps=400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    t0 = time.time()
+    while not (run / "checkpoint-2.pth").exists():
+        assert proc.poll() is None and time.time() - t0 < 180, proc.stderr.read()[-3000:] if proc.poll() else "slow"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers, without warning
+    proc.wait()
+    killed_at = max(r["step"] for r in read_metrics(run))
+    r = subprocess.run([*args[:-1], "train.max_steps=8", "--resume"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [row["step"] for row in read_metrics(run)]
+    assert steps == list(range(1, 9)), (killed_at, steps)  # rows after the checkpoint dropped, then continued
