@@ -110,29 +110,37 @@ def read_audio(path: str | Path, sample_rate: int, min_samples: int = 0) -> torc
         raise AudioReadError(f"{path}: file not found" if not path.is_dir() else f"{path}: a folder, not a file")
     if path.stat().st_size == 0:
         raise AudioReadError(f"{path}: empty file")
+    with open(path, "rb") as raw:  # a Python file object: names that are not valid UTF-8 open too (sound_file)
+        return decode_audio(raw, path, sample_rate, min_samples, truncation=lambda: wav_truncation(path))
+
+
+def decode_audio(raw, name, sample_rate: int, min_samples: int = 0, truncation=None) -> torch.Tensor:
+    """`read_audio` on an open binary file object (a file, or a shard member's bytes in io.BytesIO); `name` is
+    what errors say; `truncation()`, when given, returns why a WAV was cut (read_audio's header check) or None."""
+    import soundfile as sf  # optional at import time of the package
     try:
-        with sound_file(path) as f:
+        with sf.SoundFile(raw) as f:
             promised, sr = f.frames, f.samplerate
             data = f.read(dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types for corrupt / non-audio input
-        raise AudioReadError(f"{path}: cannot decode audio ({first_line(e)})") from None
+        raise AudioReadError(f"{name}: cannot decode audio ({first_line(e)})") from None
     if data.shape[0] == 0:
-        raise AudioReadError(f"{path}: no samples")
+        raise AudioReadError(f"{name}: no samples")
     if data.shape[0] < promised:
-        raise AudioReadError(f"{path}: truncated: the header promises {promised} samples, the file holds "
+        raise AudioReadError(f"{name}: truncated: the header promises {promised} samples, the file holds "
                              f"{data.shape[0]}")
     have = data.shape[0] * sample_rate // sr
     if have < min_samples:
-        raise AudioReadError(f"{path}: too short: {have / sample_rate * 1000:.0f} ms of audio, at least "
+        raise AudioReadError(f"{name}: too short: {have / sample_rate * 1000:.0f} ms of audio, at least "
                              f"{min_samples / sample_rate * 1000:.0f} ms (one patch width) needed")
-    reason = wav_truncation(path)
+    reason = truncation() if truncation is not None else None
     if reason:
-        raise AudioReadError(f"{path}: {reason}")
+        raise AudioReadError(f"{name}: {reason}")
     wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
     if not torch.isfinite(wav).all():
-        raise AudioReadError(f"{path}: contains NaN or infinite samples")
+        raise AudioReadError(f"{name}: contains NaN or infinite samples")
     if sr != sample_rate:
-        wav = resample(wav, sr, sample_rate, path)
+        wav = resample(wav, sr, sample_rate, name)
     return wav
 
 

@@ -43,11 +43,15 @@ def load_lms_file(path: Path, frontend: LogMelSpectrogram, pad_to: int = 0, min_
             raise DataError(f"{path}: {reason}")
         return arr.reshape(arr.shape[-2], arr.shape[-1]), arr.shape[-1]
     wav = read_audio(path, frontend.sample_rate, min_samples)
-    audio_frames = frontend.num_frames(len(wav))
+    return padded_lms(wav, frontend, pad_to), frontend.num_frames(len(wav))
+
+
+def padded_lms(wav: torch.Tensor, frontend: LogMelSpectrogram, pad_to: int = 0) -> np.ndarray:
+    """A waveform -> (F, T) log-mel, zero-padded to `pad_to` samples first (frontend.py's rule for short clips)."""
     if len(wav) < pad_to:
         wav = torch.nn.functional.pad(wav, (0, pad_to - len(wav)))
     with torch.inference_mode():
-        return frontend(wav).numpy(), audio_frames
+        return frontend(wav).numpy()
 
 
 class _Info(NamedTuple):
@@ -112,9 +116,7 @@ class LogMelSource:
             if i not in self._cache:
                 seed, _, seconds = self.synthetic
                 wav = torch.from_numpy(synth_clip(seed, i, seconds, self.sample_rate))
-                if len(wav) < self.pad_to:
-                    wav = torch.nn.functional.pad(wav, (0, self.pad_to - len(wav)))
-                self._cache[i] = self.frontend(wav).numpy()
+                self._cache[i] = padded_lms(wav, self.frontend, self.pad_to)
             return self._cache[i]
         return load_lms_file(self.files[i], self.frontend, self.pad_to, self.min_samples, self.min_frames)[0]
 

@@ -20,6 +20,7 @@ retried, then listed and skipped (the worker reads its other shards again to kee
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import time
@@ -31,9 +32,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..atomic import atomic_file, open_append, write_atomic
-from ..frontend import AudioReadError, LogMelSpectrogram, first_line, resample
-from .dataset import crop_clip
+from ..frontend import AudioReadError, LogMelSpectrogram, decode_audio, first_line
+from .dataset import crop_clip, padded_lms
 from .sources import DataError
+from .stats import mean_std
 
 log = logging.getLogger("fastm2d.data")
 MANIFEST = "shards.json"
@@ -101,25 +103,15 @@ class ShardSource:
         if self._stats is None:
             frontend = LogMelSpectrogram(self.sample_rate)
             rng = np.random.default_rng(self.seed)
-            total = total_sq = count = 0.0
-            n = 0
-            for url in self.urls:
-                for sample in _samples(url):
+
+            def crops():
+                for sample in itertools.chain.from_iterable(_samples(url) for url in self.urls):
                     try:
-                        lms = _lms(sample, frontend, self.sample_rate, self.pad_to)
+                        yield crop_clip(_lms(sample, frontend, self.sample_rate, self.pad_to), self.frames, rng)[0]
                     except AudioReadError:
                         continue
-                    x = crop_clip(lms, self.frames, rng)[0].astype(np.float64)
-                    total, total_sq, count = total + x.sum(), total_sq + np.square(x).sum(), count + x.size
-                    n += 1
-                    if n >= self.stats_items:
-                        break
-                if n >= self.stats_items:
-                    break
-            if count == 0:
-                raise DataError(f"{self.urls[0]}: no readable sample to compute statistics from")
-            mean = total / count
-            self._stats = [float(mean), float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))]
+            self._stats = list(mean_std(itertools.islice(crops(), self.stats_items),
+                                        f"{self.urls[0]}: no readable sample to compute statistics from"))
         return self._stats
 
 
@@ -145,24 +137,13 @@ def _samples(url: str) -> Iterator[dict]:
 
 
 def _lms(sample: dict, frontend: LogMelSpectrogram, sample_rate: int, pad_to: int) -> np.ndarray:
-    """A sample's audio (its original bytes) -> log-mel (F, T), the short-clip rule applied to the waveform."""
-    import soundfile as sf
+    """A sample's audio (its original bytes) -> log-mel (F, T), the short-clip rule applied to the waveform: the
+    files' own decoder and padding (frontend.decode_audio, dataset.padded_lms) on the bytes."""
     key = next((k for k in AUDIO_KEYS if k in sample), None)
-    name = sample.get("__key__", "?")
+    name = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
     if key is None:
-        raise AudioReadError(f"{sample.get('__url__', '')}#{name}: no audio member ({', '.join(AUDIO_KEYS)})")
-    try:
-        data, sr = sf.read(io.BytesIO(sample[key]), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - libsndfile raises several types
-        raise AudioReadError(f"{sample.get('__url__', '')}#{name}: cannot decode audio ({first_line(e)})") from None
-    if len(data) == 0 or not np.isfinite(data).all():
-        raise AudioReadError(f"{sample.get('__url__', '')}#{name}: no samples, or NaN / infinite samples")
-    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
-    if sr != sample_rate:
-        wav = resample(wav, sr, sample_rate, name)
-    if pad_to and len(wav) < pad_to:
-        wav = torch.nn.functional.pad(wav, (0, pad_to - len(wav)))
-    return frontend(wav).numpy()
+        raise AudioReadError(f"{name}: no audio member ({', '.join(AUDIO_KEYS)})")
+    return padded_lms(decode_audio(io.BytesIO(sample[key]), name, sample_rate), frontend, pad_to)
 
 
 def deal_shards(n_shards: int, seed: int, epoch: int, rank: int, world: int, worker: int, workers: int) -> List[int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -30,17 +30,26 @@ def compute_norm_stats(source: LogMelSource, frames: int, n_items: int = 10000, 
     """
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(source), size=min(n_items, len(source)), replace=False)
+
+    def crops():
+        for i in tqdm(picks, desc="norm stats", disable=not progress):
+            try:
+                yield crop(source.load(int(i)), frames, rng)
+            except Exception:  # bad items are reported by the training data checks, not here
+                continue
+    return mean_std(crops(), "no readable item to compute statistics from")
+
+
+def mean_std(crops: Iterable[np.ndarray], none_readable: str) -> Tuple[float, float]:
+    """Mean and std over every value of the finite crops, in float64 sums; DataError(none_readable) if none."""
     total = total_sq = count = 0.0
-    for i in tqdm(picks, desc="norm stats", disable=not progress):
-        try:
-            x = crop(source.load(int(i)), frames, rng).astype(np.float64)
-        except Exception:  # bad items are reported by the training data checks, not here
-            continue
+    for x in crops:
+        x = np.asarray(x, dtype=np.float64)
         if not np.isfinite(x).all():
             continue
         total, total_sq, count = total + x.sum(), total_sq + np.square(x).sum(), count + x.size
     if count == 0:
-        raise DataError("no readable item to compute statistics from")
+        raise DataError(none_readable)
     mean = total / count
     return float(mean), float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
 
