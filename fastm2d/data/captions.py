@@ -22,7 +22,7 @@ import numpy as np
 
 from ..atomic import atomic_file
 from ..run_folder import user_cache
-from .sources import CSV_COLUMNS, DataError, find_column, read_csv_rows
+from .sources import DataError, file_value_rows
 
 log = logging.getLogger("fastm2d.data")
 
@@ -36,22 +36,11 @@ def default_cache_dir() -> Path:
 
 def read_captions(path: Path, root: Optional[Path] = None) -> Dict[Path, List[str]]:
     """CSV of a file column and a caption column -> {resolved audio path: [captions]} (rows of one file add up)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"offline.captions={path}: file not found")
-    rows = read_csv_rows(path)
-    fcol, ccol = find_column(rows, CSV_COLUMNS), find_column(rows, CAPTION_COLUMNS)
-    if fcol is None or ccol is None:
-        raise DataError(f"{path}: needs a file column ({'/'.join(CSV_COLUMNS)}) and a caption column "
-                        f"({'/'.join(CAPTION_COLUMNS)}); header is {rows[0] if rows else 'empty'}")
     out: Dict[Path, List[str]] = {}
-    base = Path(root) if root else path.parent
-    for line, r in enumerate(rows[1:], start=2):
-        text = r[ccol].strip() if ccol < len(r) else ""
-        if not text:
-            raise DataError(f"{path}:{line}: {r[fcol]}: empty caption")
-        p = Path(r[fcol].strip())
-        out.setdefault((p if p.is_absolute() else base / p).resolve(), []).append(text)
+    for line, cell, file, value in file_value_rows(path, "offline.captions", CAPTION_COLUMNS, "caption", root):
+        if not value.strip():
+            raise DataError(f"{path}:{line}: {cell}: empty caption")
+        out.setdefault(file, []).append(value.strip())
     return out
 
 

@@ -11,33 +11,19 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .sources import CSV_COLUMNS, DataError, find_column, read_csv_rows
+from .sources import DataError, file_value_rows
 
 LABEL_COLUMNS = ("labels", "label", "positive_labels")
 
 
-def _resolve(name: str, root: Path) -> Path:
-    p = Path(name.strip())
-    return (p if p.is_absolute() else root / p).resolve()
-
-
 def read_label_rows(path: Path, root: Optional[Path] = None) -> Dict[Path, List[str]]:
     """CSV of file_name and labels (comma-separated names or indices) -> {resolved path: [labels]}."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"offline.labels={path}: file not found")
-    rows = read_csv_rows(path)
-    fcol, lcol = find_column(rows, CSV_COLUMNS), find_column(rows, LABEL_COLUMNS)
-    if fcol is None or lcol is None:
-        raise DataError(f"{path}: needs a file column ({'/'.join(CSV_COLUMNS)}) and a labels column "
-                        f"({'/'.join(LABEL_COLUMNS)}); header is {rows[0] if rows else 'empty'}")
     out: Dict[Path, List[str]] = {}
-    base = root or path.parent
-    for line, r in enumerate(rows[1:], start=2):
-        names = [s.strip() for s in (r[lcol] if lcol < len(r) else "").replace(";", ",").split(",") if s.strip()]
+    for line, cell, file, value in file_value_rows(path, "offline.labels", LABEL_COLUMNS, "labels", root):
+        names = [s.strip() for s in value.replace(";", ",").split(",") if s.strip()]
         if not names:
-            raise DataError(f"{path}:{line}: {r[fcol]}: empty label list (every training clip needs a label)")
-        out[_resolve(r[fcol], base)] = names
+            raise DataError(f"{path}:{line}: {cell}: empty label list (every training clip needs a label)")
+        out[file] = names
     return out
 
 

@@ -116,6 +116,25 @@ def find_column(rows: List[List[str]], names: Tuple[str, ...]) -> Optional[int]:
     return next((header.index(c) for c in names if c in header), None)
 
 
+def file_value_rows(path: Path, key: str, columns: Tuple[str, ...], what: str,
+                    root: Optional[Path] = None) -> Iterator[Tuple[int, str, Path, str]]:
+    """A CSV of a file column and a value column (one of `columns`: labels, captions) -> (line, the file cell, the
+    file resolved under `root` or the CSV's folder, the value cell) per row. A missing CSV names the setting `key`;
+    a missing column names both kinds of column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{key}={path}: file not found")
+    rows = read_csv_rows(path)
+    fcol, vcol = find_column(rows, CSV_COLUMNS), find_column(rows, columns)
+    if fcol is None or vcol is None:
+        raise DataError(f"{path}: needs a file column ({'/'.join(CSV_COLUMNS)}) and a {what} column "
+                        f"({'/'.join(columns)}); header is {rows[0] if rows else 'empty'}")
+    base = Path(root) if root else path.parent
+    for line, r in enumerate(rows[1:], start=2):
+        p = Path(r[fcol].strip())
+        yield line, r[fcol], (p if p.is_absolute() else base / p).resolve(), r[vcol] if vcol < len(r) else ""
+
+
 def _read_csv(path: Path, root: Path) -> List[str]:
     rows = read_csv_rows(path)
     if not rows:
