@@ -416,13 +416,13 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"train.max_steps={c.train.max_steps}: must be >= 1")
 
 
-def check_out_dir(out: Path) -> None:
-    """out_dir must be (or become) a folder: not a file, nor under one."""
+def check_out_dir(out: Path, setting: str = "out_dir") -> None:
+    """A folder a command writes (out_dir, an --out folder) must be (or become) one: not a file, nor under one."""
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
-                raise ConfigError(f"out_dir={out}: {p} is a file, not a folder" if p == out else
-                                  f"out_dir={out}: {p} is a file, so no folder can be made under it")
+                raise ConfigError(f"{setting}={out}: {p} is a file, not a folder" if p == out else
+                                  f"{setting}={out}: {p} is a file, so no folder can be made under it")
             return
 
 

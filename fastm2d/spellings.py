@@ -62,14 +62,10 @@ OUT_KIND = {"embed": "folder", "linear-eval": "folder", "finetune": "folder", "p
 def check_out_kind(command: str, out: Path, kind: str) -> None:
     """--out a file where a folder is needed (or under a file), or a folder where a file is written: one line
     before anything runs."""
+    from .config import check_out_dir
     if kind == "file" and out.is_dir():
         raise ConfigError(f"--out {out}: a folder, but `{command}` writes one file there; name a file")
-    for p in (out, *out.parents) if kind == "folder" else out.parents:
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"--out {out}: {p} is a file, but `{command}` needs a folder there" if p == out else
-                              f"--out {out}: {p} is a file, so no folder can be made under it")
-        if p.exists():
-            break
+    check_out_dir(out if kind == "folder" else out.parent, "--out")
 
 
 def _old_positional(args, name: str, value: str, old, new) -> None:
