@@ -107,3 +107,23 @@ def tiny_run(tmp_path_factory):
     assert main(["pretrain", f"out_dir={run}", *TINY_TRAIN, "train.max_steps=2", "train.eval_every=1",
                  "eval.clips=16", "data.valid=synthetic"]) == 0
     return run
+
+
+def tiny_bert(folder, words, width=16):
+    """A randomly initialised one-layer BERT and a WordPiece tokenizer over [PAD] [UNK] [CLS] [SEP] [MASK] + `words`,
+    saved as a local model folder (the text encoders zero-shot and CLAP training load) -> (tokenizer, model)."""
+    transformers = pytest.importorskip("transformers", reason="text encoders need transformers (the clap extra)")
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    from fastm2d.transfer.clap import checkout_kernels_hidden
+    with checkout_kernels_hidden():  # this checkout's kernels/ would pass for the HF `kernels` package
+        # transformers 5 ignores vocab_file here (every word became [UNK]): the vocabulary itself
+        tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+        torch.manual_seed(5)
+        model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=width,
+                                                               num_hidden_layers=1, num_attention_heads=2,
+                                                               intermediate_size=2 * width))
+    tok.save_pretrained(str(folder))
+    model.save_pretrained(str(folder))
+    return tok, model.eval()

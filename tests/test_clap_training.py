@@ -4,7 +4,6 @@ fastm2d's zero-shot and in the original's M2D-CLAP key layout."""
 from __future__ import annotations
 
 import math
-import os
 import socket
 
 import numpy as np
@@ -16,7 +15,7 @@ from fastm2d.data import DataError
 from fastm2d.model.clip_loss import LOGIT_SCALE_MAX, clip_loss
 from fastm2d.train import Trainer, pretrain, read_metrics
 
-from .conftest import TINY_TRAIN, write_tone
+from .conftest import TINY_TRAIN, tiny_bert, write_tone
 
 
 def _clip_loss_float64(a: np.ndarray, t: np.ndarray, scale: float) -> float:
@@ -97,22 +96,7 @@ def test_two_ranks_give_the_one_process_loss_and_gradients_of_the_global_batch(t
 
 # ------------------------------------------------------------------------------------ training runs -----
 def _tiny_sentence_encoder(folder, width=16):
-    """A randomly initialised one-layer BERT and its WordPiece vocabulary, saved as a local model folder."""
-    transformers = pytest.importorskip("transformers", reason="CLAP training with a text encoder needs transformers")
-    folder.mkdir()
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "low", "high", "tone", "hum", "whistle", "beep"]
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    from fastm2d.transfer.clap import checkout_kernels_hidden
-    with checkout_kernels_hidden():
-        # transformers 5 ignores vocab_file here (every word became [UNK]): the vocabulary itself
-        tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
-        torch.manual_seed(5)
-        model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=width,
-                                                               num_hidden_layers=1, num_attention_heads=2,
-                                                               intermediate_size=2 * width))
-    tok.save_pretrained(str(folder))
-    model.save_pretrained(str(folder))
-    return tok, model.eval()
+    return tiny_bert(folder, ["a", "low", "high", "tone", "hum", "whistle", "beep"], width)
 
 
 @torch.no_grad()

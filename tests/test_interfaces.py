@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import tiny_bert
+
 
 def test_hear_api_shapes_times_and_batching(tiny_run):
     from fastm2d import load_encoder
@@ -89,22 +91,7 @@ def test_hubconf_exposes_the_upstream(tiny_run):
 
 
 def _tiny_bert(folder, width=16):
-    """A randomly initialised 1-layer BERT and a WordPiece tokenizer over a small vocabulary, saved locally."""
-    transformers = pytest.importorskip("transformers", reason="zero-shot needs transformers (the clap extra)")
-    folder.mkdir()
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "dog", "barking", "rain", "siren", "a", "car", "engine"]
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    from fastm2d.transfer.clap import checkout_kernels_hidden
-    with checkout_kernels_hidden():  # this checkout's kernels/ would pass for the HF `kernels` package
-        # transformers 5 ignores vocab_file here (every word became [UNK]): the vocabulary itself
-        tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
-        torch.manual_seed(5)
-        model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=width,
-                                                               num_hidden_layers=1, num_attention_heads=2,
-                                                               intermediate_size=2 * width))
-    tok.save_pretrained(str(folder))
-    model.save_pretrained(str(folder))
-    return tok, model.eval()
+    return tiny_bert(folder, ["dog", "barking", "rain", "siren", "a", "car", "engine"], width)
 
 
 def test_clap_zero_shot_ranks_labels_as_the_computation_written_here(tmp_path, capsys):
