@@ -35,6 +35,16 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def all_gather_stacked(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` stacked in rank order (world, *t.shape); (1, *t.shape) in one process. `t` lives on the
+    process group's device (NCCL: the rank's GPU)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, t)
+        return torch.stack(parts)
+    return t.unsqueeze(0)
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

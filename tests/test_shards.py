@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import functools
 import http.server
+import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +20,7 @@ import torch
 
 from fastm2d.cli import main
 from fastm2d.data.shards import ShardCrops, ShardSource, batched, deal_shards
+from fastm2d.run_folder import RunFolder
 from fastm2d.train import pretrain, read_metrics
 
 from .conftest import TINY_TRAIN, write_tone
@@ -33,17 +40,45 @@ def shard_folder(tmp_path):
     return clips, out
 
 
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    requests: list  # every path asked for, in order (set per server)
+    cut_once: set  # paths whose first answer breaks off midway
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.requests.append(self.path)
+        if self.path in self.cut_once:  # the first answer breaks off after half of the shard, as a network would
+            self.cut_once.discard(self.path)
+            data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
 @pytest.fixture
-def http_base(shard_folder):
-    """The shard folder served over HTTP on 127.0.0.1 (a thread of this test: no network beyond this machine)."""
+def http_server(shard_folder):
+    """The shard folder served over HTTP on 127.0.0.1 (a thread of this test: no network beyond this machine);
+    -> (base URL, the list of paths requested)."""
     _, out = shard_folder
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
-    handler.log_message = lambda *a: None
+    requests, cut_once = [], set()
+    handler = functools.partial(type("Handler", (_Handler,), {"requests": requests, "cut_once": cut_once}),
+                                directory=str(out))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests, cut_once
     server.shutdown()
+
+
+@pytest.fixture
+def http_base(http_server):
+    return http_server[0]
 
 
 def test_prepare_writes_the_original_bytes_and_lists_failures(shard_folder):
@@ -79,6 +114,18 @@ def test_shards_are_dealt_disjointly_to_two_ranks_of_two_workers(http_base):
     assert sorted(seen) == [f"{i:09d}" for i in range(12)]  # 2 ranks x 3 batches x 2 = every sample exactly once
 
 
+def test_a_stream_broken_midway_is_fetched_again_without_repeating_samples(http_server):
+    """The first answer for a shard breaks off after half its bytes: the worker fetches it again and gives each of
+    its samples once (a retry that started over would give the first ones twice)."""
+    base, requests, cut_once = http_server
+    cut_once.add("/shard-000001.tar")
+    src = ShardSource(f"{base}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=4)
+    crops = ShardCrops(src, 0, 42, 0, 1, batches=6, batch_size=2)
+    keys = [item["key"] for item in crops]
+    assert sorted(keys) == [f"{i:09d}" for i in range(12)]  # 12 crops from 12 samples: each exactly once
+    assert requests.count("/shard-000001.tar") == 2
+
+
 def test_pretrain_streams_shards_over_http_and_resumes(http_base, tmp_path, capsys):
     run = tmp_path / "run"
     spec = f"{http_base}/shard-{{000000..000003}}.tar"
@@ -93,6 +140,42 @@ def test_pretrain_streams_shards_over_http_and_resumes(http_base, tmp_path, caps
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
     bad = (run / "bad_training_files.txt")
     assert not bad.exists() or "broken" not in bad.read_text()  # listed at prepare time, never shipped
+
+
+def test_a_resume_mid_epoch_continues_the_stream_exactly(http_base, tmp_path):
+    """Checkpoints after every step of an epoch of 6 steps; from step 3's, `--resume` to 5 gives the very weights
+    the uninterrupted run had at 5: the two workers continue their streams after their last used crops (a
+    restarted epoch would feed steps 4-5 the samples of steps 1-2 and differ)."""
+    run = tmp_path / "run"
+    spec = f"{http_base}/shard-{{000000..000003}}.tar"
+    args = ["pretrain", f"out_dir={run}", *[a for a in TINY_TRAIN if not a.startswith("data.num_workers")],
+            f"data.train={spec}", "data.num_workers=2", "train.batch_size=2", "data.norm_stats=[-10,3.5]",
+            "train.save_every=1", "train.keep_checkpoints=10", "train.max_steps=5"]
+    assert main(args) == 0
+    whole = torch.load(run / "checkpoint-5.pth", weights_only=True)
+    assert whole["shard_position"]["epoch"] == 0 and len(whole["shard_position"]["rows"]) == 1
+    assert sum(row[1] for row in whole["shard_position"]["rows"][0]) == 5 * 2  # crops used by 5 steps of 2
+    for step in (4, 5):
+        (run / f"checkpoint-{step}.pth").unlink()
+    assert main(args + ["--resume"]) == 0
+    resumed = torch.load(run / "checkpoint-5.pth", weights_only=True)
+    assert resumed["shard_position"] == whole["shard_position"]
+    for k, v in whole["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
+
+
+def test_a_damaged_stream_position_is_refused_naming_it(http_base, tmp_path, capsys):
+    run = tmp_path / "run"
+    spec = f"{http_base}/shard-{{000000..000003}}.tar"
+    args = ["pretrain", f"out_dir={run}", *TINY_TRAIN, f"data.train={spec}", "train.batch_size=2",
+            "data.norm_stats=[-10,3.5]", "train.max_steps=1"]
+    assert main(args) == 0
+    obj = torch.load(run / "checkpoint-1.pth", weights_only=True)
+    obj["shard_position"]["rows"][0][0][1] = -4
+    torch.save(obj, run / "checkpoint-1.pth")
+    assert main(args[:-1] + ["train.max_steps=2", "--resume"]) == 2
+    assert "shard_position is not a stream position" in capsys.readouterr().err
 
 
 def pretrain_from(args):
@@ -113,8 +196,8 @@ def test_what_shards_do_not_do_yet_is_one_line(http_base, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_kill_9_mid_epoch_resumes_as_stated(http_base, tmp_path):
-    """SIGKILL a run streaming shards over HTTP after its step-2 checkpoint; `--resume` continues from it: steps
-    and the schedule exact (metrics rows 1..8 once each), the epoch's stream restarted (stated in data/shards.py)."""
+    """SIGKILL a run streaming shards over HTTP (the trainer and its loader workers) after its step-2 checkpoint;
+    `--resume` continues from it: metrics rows 1..8 once each (the weights' exactness: the test above)."""
     import os
     import signal
     import subprocess
@@ -140,3 +223,36 @@ def test_a_kill_9_mid_epoch_resumes_as_stated(http_base, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [row["step"] for row in read_metrics(run)]
     assert steps == list(range(1, 9)), (killed_at, steps)  # rows after the checkpoint dropped, then continued
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (the test extra)")
+def test_two_processes_stream_disjoint_shards_over_http_and_resume_exactly(http_server, tmp_path):
+    """`torchrun --nproc_per_node=2` (gloo, DeepSpeed), two loader workers per rank, shards over HTTP: one epoch
+    fetches every shard exactly once (4 shards, 2 ranks x 2 workers: disjoint, their union the epoch); then, from the
+    step-2 checkpoint (mid-epoch), `--resume` reaches the uninterrupted run's step-3 weights exactly (both ranks'
+    stream positions travel in the checkpoint)."""
+    base, requests, _ = http_server
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29551", "-m",
+            "fastm2d.cli", "pretrain", f"out_dir={run}", *[a for a in TINY_TRAIN if not a.startswith("data.num_w")],
+            f"data.train={base}/shard-{{000000..000003}}.tar", "data.num_workers=2", "train.batch_size=2",
+            "data.norm_stats=[-10,3.5]", "train.engine=deepspeed", "train.save_every=1", "train.keep_checkpoints=10",
+            "train.max_steps=3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fetched = sorted(p for p in requests if p.endswith(".tar"))
+    assert fetched == [f"/shard-{k:06d}.tar" for k in range(4)]  # 3 steps x 2 ranks x 2 crops = the 12 samples
+    whole = torch.load(run / "checkpoint-3.pth", weights_only=True)
+    assert len(whole["shard_position"]["rows"]) == 2 and whole["world_size"] == 2
+    (run / "checkpoint-3.pth").unlink()
+    shutil.rmtree(RunFolder(run).deepspeed / RunFolder.deepspeed_tag(3))
+    r = subprocess.run(args + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = torch.load(run / "checkpoint-3.pth", weights_only=True)
+    assert resumed["shard_position"] == whole["shard_position"]
+    for k, v in whole["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    assert [row["step"] for row in read_metrics(run)] == [1, 2, 3]

@@ -12,8 +12,13 @@ audio (its original bytes: WAV, FLAC, OGG, MP3), applies the front end and the s
                            yields a fixed number of crops per epoch (its shards are read again if they hold fewer),
                            so every rank makes the same number of steps and none waits at a collective
 
-Resume: the model, EMA, optimiser and schedule continue exactly; the data stream restarts the interrupted epoch
-from its beginning (a tar stream cannot seek), so the samples of its finished steps are seen once more.
+Resume is exact: every crop carries its worker's stream position (crops made, pass over its shards, shard,
+sample), the trainer keeps the position of the last crop each worker gave to a finished step and every rank's goes
+into the checkpoint; a resumed epoch skips the shards its workers finished without fetching them, reads past the
+used samples of the shard each was in without decoding them, and continues with the crops the uninterrupted run
+would have made (crop offsets are a function of (seed, epoch, rank, worker, crop number)). Where the launch
+differs (another world size or data.num_workers), the interrupted epoch restarts from its beginning instead,
+with a warning: its finished steps' samples are seen once more.
 A sample that cannot be decoded is logged, listed and replaced by the next; a shard that cannot be fetched is
 retried, then listed and skipped (the worker reads its other shards again to keep the epoch's length).
 """
@@ -40,6 +45,7 @@ from .stats import mean_std
 log = logging.getLogger("fastm2d.data")
 MANIFEST = "shards.json"
 AUDIO_KEYS = ("wav", "flac", "ogg", "oga", "mp3")
+POSITION_FIELDS = ("worker", "crops", "pass", "shard", "samples")  # a crop's place in its worker's epoch stream
 FETCH_TRIES = 3
 
 
@@ -146,6 +152,17 @@ def _lms(sample: dict, frontend: LogMelSpectrogram, sample_rate: int, pad_to: in
     return padded_lms(decode_audio(io.BytesIO(sample[key]), name, sample_rate), frontend, pad_to)
 
 
+def is_stream_position(obj) -> bool:
+    """A checkpoint's `shard_position`: {'epoch': n, 'rows': [rank][worker] -> POSITION_FIELDS}, all counts >= 0."""
+    def counts(row):
+        return isinstance(row, list) and len(row) == len(POSITION_FIELDS) and \
+            all(type(v) is int and v >= 0 for v in row)
+    return isinstance(obj, dict) and type(obj.get("epoch")) is int and obj["epoch"] >= 0 and \
+        isinstance(obj.get("rows"), list) and len(obj["rows"]) > 0 and \
+        all(isinstance(r, list) and r and len(r) == len(obj["rows"][0]) and all(counts(w) for w in r)
+            for r in obj["rows"])
+
+
 def deal_shards(n_shards: int, seed: int, epoch: int, rank: int, world: int, worker: int, workers: int) -> List[int]:
     """The shards one (rank, worker) reads in an epoch: a (seed, epoch) permutation dealt round-robin over all
     rank x worker pairs; disjoint, and together every shard."""
@@ -168,10 +185,11 @@ class ShardCrops(IterableDataset):
     and 'key': the sample's key in its shard."""
 
     def __init__(self, source: ShardSource, epoch: int, seed: int, rank: int, world: int, batches: int,
-                 batch_size: int, bad_list: Optional[Path] = None):
+                 batch_size: int, bad_list: Optional[Path] = None, start: Optional[List[List[int]]] = None):
         self.source, self.epoch, self.seed = source, epoch, seed
         self.rank, self.world, self.batches, self.batch_size = rank, world, batches, batch_size
         self.bad_list = bad_list
+        self.start = start  # per worker, the POSITION_FIELDS of its last used crop: where a resumed epoch goes on
 
     def __iter__(self):
         info = get_worker_info()
@@ -189,37 +207,56 @@ class ShardCrops(IterableDataset):
         quota = split_in_proportion(self.batches * self.batch_size,
                                     [sum(self.source.counts[k] for k in d) for d in dealt])[worker]
         frontend = LogMelSpectrogram(self.source.sample_rate)
-        made, skipped, dead = 0, 0, set()
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        made, resume_pass, resume_shard, resume_sample = self._resume_point(worker)
+        skipped, dead, gave = 0, set(), made > 0
         bad = torch.full((16,), -1, dtype=torch.int64)
-        while made < quota:
-            progress = made
-            for k in mine:
-                if k in dead:
-                    continue
-                for sample in self._fetch(k, dead):
+        for pass_ in itertools.count(resume_pass):
+            if made >= quota:
+                return
+            for o, k in enumerate(mine):
+                if k in dead or (pass_, o) < (resume_pass, resume_shard):
+                    continue  # finished before the interruption: not fetched
+                skip = resume_sample if (pass_, o) == (resume_pass, resume_shard) else 0
+                for n, sample in enumerate(self._fetch(k, dead)):
+                    if n < skip:
+                        continue  # used before the interruption: read past, not decoded
                     try:
                         lms = _lms(sample, frontend, self.source.sample_rate, self.source.pad_to)
                     except AudioReadError as e:
                         self._record(str(e))
                         skipped += 1
                         continue
+                    rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, made])
                     crop = crop_clip(lms, self.source.frames, rng)[0]
+                    made, gave = made + 1, True
                     yield {"lms": torch.from_numpy(np.ascontiguousarray(crop)).unsqueeze(0), "skipped": skipped,
-                           "bad": bad, "key": sample["__key__"]}
-                    skipped, made = 0, made + 1
+                           "bad": bad, "key": sample["__key__"],
+                           "position": torch.tensor([worker, made, pass_, o, n + 1], dtype=torch.int64)}
+                    skipped = 0
                     if made >= quota:
                         return
-            if made == progress:
+            if not gave:
                 raise DataError(f"rank {self.rank} worker {worker}: none of its shards gave a usable sample "
                                 f"(shards {[self.source.urls[k] for k in mine][:3]} ...)")
+            gave = False
+
+    def _resume_point(self, worker: int):
+        """(crops made, pass, shard ordinal, samples read in it) where this worker's epoch continues."""
+        if not self.start:
+            return 0, 0, 0, 0
+        _, made, pass_, shard, sample = self.start[worker]
+        return made, pass_, shard, sample
 
     def _fetch(self, k: int, dead: set) -> Iterator[dict]:
-        """A shard's samples; a shard that cannot be opened is tried FETCH_TRIES times, then listed and skipped."""
+        """A shard's samples; a shard that cannot be read is tried FETCH_TRIES times, then listed and skipped."""
         url = self.source.urls[k]
+        given = 0  # a retry after a broken stream continues after the samples already given, never repeats them
         for attempt in range(FETCH_TRIES):
             try:
-                yield from _samples(url)
+                for n, sample in enumerate(_samples(url)):
+                    if n >= given:
+                        given += 1
+                        yield sample
                 return
             except Exception as e:  # noqa: BLE001 - network, pipe, tar: any failure of the transport
                 reason = f"{url}: cannot be read ({first_line(e)})"

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import CheckpointError, atomic_save, latest_checkpoint, list_checkpoints, load_weights, safe_load
 from ..config import ConfigError, config_from_dict
+from ..data.shards import POSITION_FIELDS, is_stream_position
 from ..distributed import barrier
 from ..atomic import write_atomic
 from ..run_folder import RunFolder
@@ -121,6 +122,9 @@ class Checkpointer:
             if key in obj and (type(obj[key]) is not kind or (kind is int and obj[key] < 0)):
                 raise CheckpointError(f"{path}: {key}={obj[key]!r} is not a {'count >= 0' if kind is int else 'mapping'}"
                                       f"; the checkpoint is damaged or not fastm2d's")
+        if "shard_position" in obj and not is_stream_position(obj["shard_position"]):
+            raise CheckpointError(f"{path}: shard_position is not a stream position (epoch and, per rank and loader "
+                                  f"worker, {', '.join(POSITION_FIELDS)}); the checkpoint is damaged or not fastm2d's")
         saved, now = asdict(config_from_dict(obj["config"]).model), asdict(trainer.model.cfg)
         if saved != now:
             diff = {k: (v, now[k]) for k, v in saved.items() if now[k] != v}

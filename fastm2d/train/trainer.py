@@ -33,7 +33,7 @@ from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
 from ..run_folder import RunFolder
 from .flops import mfu, peak_flops, train_flops_per_sample
-from ..distributed import all_reduce_, dist_from_env
+from ..distributed import all_gather_stacked, all_reduce_, dist_from_env
 from ..folder_lock import RunLock
 from .engine import init_distributed, make_engine, release_process_groups, wants_deepspeed
 from .checkpointer import Checkpointer, RandomState
@@ -371,16 +371,37 @@ class Trainer:
         """Streamed tar shards: every rank reads its own shards, the same number of batches per epoch; a resumed
         run restarts its epoch's stream from the beginning (data/shards.py)."""
         t, bpe = self.config.train, self.sampler.batches_per_epoch
-        epoch = self.step * t.accum_steps // bpe
+        epoch, used = divmod(self.step * t.accum_steps, bpe)
         workers = self.config.data.num_workers
+        start = self._shard_resume_point(epoch, used)
         while True:
             crops = ShardCrops(self.source, epoch, t.seed, self.dist.rank, self.dist.world_size, bpe, t.batch_size,
-                               bad_list=self.run.bad_files("training"))
+                               bad_list=self.run.bad_files("training"), start=start)
             loader = DataLoader(crops, batch_size=None, num_workers=workers)  # crops; batched here, see ShardCrops
+            # Each worker's position after its last crop in a handed-out batch: what a checkpoint records
+            self.shard_position = (epoch, start or [[w, 0, 0, 0, 0] for w in range(max(workers, 1))])
             for group in batched(loader, t.batch_size):
                 self._skipped += sum(int(item["skipped"]) for item in group)
+                for item in group:
+                    self.shard_position[1][int(item["position"][0])] = item["position"].tolist()
                 yield self.to_batch(torch.stack([item["lms"] for item in group]))
-            epoch += 1
+            epoch, start = epoch + 1, None
+
+    def _shard_resume_point(self, epoch: int, used: int) -> Optional[List[List[int]]]:
+        """This rank's worker positions in the checkpoint's epoch (shards.py: exact resume), or None: a fresh
+        epoch, or a launch of another shape, whose interrupted epoch restarts (said once)."""
+        saved = getattr(self, "_saved_shard_position", None)
+        workers = max(self.config.data.num_workers, 1)
+        if used == 0 or saved is None:
+            return None
+        if saved["epoch"] == epoch and len(saved["rows"]) == self.dist.world_size and \
+                len(saved["rows"][self.dist.rank]) == workers:
+            return saved["rows"][self.dist.rank]
+        if self.dist.is_main:
+            log.warning("resuming mid-epoch with another world size or data.num_workers than the checkpoint's "
+                        "(%d x %d): epoch %d of the shards restarts from its beginning", len(saved["rows"]),
+                        len(saved["rows"][0]), epoch)
+        return None
 
     def _dali_batches(self) -> Iterator[torch.Tensor]:
         """DALI decodes on CPU threads and computes the log-mel on the GPU; model state resumes exactly, the
@@ -468,14 +489,20 @@ class Trainer:
         return {"epoch": int(epoch), "step": self.step, "rng": self.rng.state_dict(), "args": config,
                 "config": config, "model_config": asdict(self.model.cfg), "sample_rate": self.config.data.sample_rate,
                 "bad_items": sorted(self.sampler.bad), "world_size": self.dist.world_size,
-                "effective_batch": self.effective_batch, "fastm2d_version": __version__}
+                "effective_batch": self.effective_batch, "fastm2d_version": __version__,
+                **({"shard_position": self._shard_position_all} if hasattr(self, "_shard_position_all") else {})}
 
     def load_state_dict(self, obj: dict) -> None:
         self.step = int(obj["step"])
         self.rng.load_state_dict(obj["rng"])
         self.sampler.bad.update(obj.get("bad_items", []))
+        self._saved_shard_position = obj.get("shard_position")
 
     def save(self) -> Path:
+        if isinstance(self.source, ShardSource):  # every rank's stream position, for an exact resume
+            epoch, rows = getattr(self, "shard_position", (0, [[0, 0, 0, 0, 0]]))
+            gathered = all_gather_stacked(torch.tensor(rows, dtype=torch.int64, device=self.device))
+            self._shard_position_all = {"epoch": epoch, "rows": gathered.cpu().tolist()}
         return self.checkpointer.save(self)
 
 
