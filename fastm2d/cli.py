@@ -78,8 +78,12 @@ def cmd_prepare(args) -> None:
 
     if args.format == "shards":  # streamed training (no shared file system): the original bytes in tar shards
         from .data.shards import write_shards
-        print(json.dumps(write_shards(args.src, args.out, args.files_per_shard, args.root, progress=True)))
+        print(json.dumps(write_shards(args.src, args.out, args.files_per_shard, args.root, progress=True,
+                                      labels=args.labels)))
         return
+    if args.labels:
+        raise UserError("--labels goes into streamed shards (--format shards); a store's training run reads "
+                          "labels from offline.labels")
     summary = prepare(args.src, args.out, workers=args.workers, files_per_shard=args.files_per_shard,
                       dtype=args.dtype, sample_rate=args.sample_rate, crop_frames=args.crop_frames,
                       stats_items=args.stats_items, root=args.root, min_patch_frames=args.min_patch_frames)
@@ -252,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-patch-frames", type=at_least(1), default=16,
                     help="files with less audio than this many frames (one patch width) are listed as failures")
     pr.add_argument("--root", help="base folder for relative paths in a CSV")
+    pr.add_argument("--labels", help="with --format shards: a CSV of file,labels whose labels go into each sample's "
+                                     "JSON (for offline.task=labels from the shards)")
     pr.set_defaults(func=cmd_prepare, out_required=True)
 
     em = sub.add_parser("embed", help="audio files, folders or CSV lists -> features (.npy per clip, mirrored "

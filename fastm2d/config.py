@@ -416,6 +416,13 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"train.max_steps={c.train.max_steps}: must be >= 1")
 
 
+def is_shard_spec(spec) -> bool:
+    """data.train spelled as streamed tar shards: a URL, a pipe: command, or a (brace-expanded) .tar path."""
+    s = str(spec)
+    return s.startswith(("http://", "https://", "pipe:")) or s.endswith(".tar") or ".tar}" in s or \
+        (".tar" in s and "{" in s)
+
+
 def check_out_dir(out: Path, setting: str = "out_dir") -> None:
     """A folder a command writes (out_dir, an --out folder) must be (or become) one: not a file, nor under one."""
     for p in (out, *out.parents):
@@ -443,7 +450,8 @@ def check_offline_config(c: Config) -> None:
                           f"carry; use data.loader=reference")
     if o.text_pooling not in TEXT_POOLINGS:
         raise ConfigError(f"offline.text_pooling={o.text_pooling!r}: expected {_expected(TEXT_POOLINGS)}")
-    if o.task == "labels" and o.labels is None and not str(c.data.train).lower().endswith(".csv"):
+    if o.task == "labels" and o.labels is None and not str(c.data.train).lower().endswith(".csv") and \
+            not is_shard_spec(c.data.train):  # streamed shards carry labels in each sample's JSON
         raise ConfigError("offline.task=labels needs offline.labels (a CSV of file_name and labels), or data.train "
                           "set to such a CSV")
     if o.task == "distill" and (o.teacher is None) == (o.features is None):

@@ -186,12 +186,126 @@ def pretrain_from(args):
 
 def test_what_shards_do_not_do_yet_is_one_line(http_base, tmp_path, capsys):
     spec = f"{http_base}/shard-{{000000..000003}}.tar"
-    assert main(["pretrain", f"out_dir={tmp_path / 'r'}", *TINY_TRAIN, f"data.train={spec}",
-                 "offline.task=regularize", "offline.teacher=x"]) == 2
-    assert "streamed shards do not support offline.task" in capsys.readouterr().err
+    for extra, said in ((["offline.task=clap", f"offline.caption_embeddings={tmp_path}/e.npz"],
+                         "do not support offline.task=clap"),
+                        (["offline.task=distill", f"offline.features={tmp_path}"], "offline.features"),
+                        (["offline.task=labels", f"offline.classes={tmp_path}/c.txt", "offline.balanced=true"],
+                         "offline.balanced"),
+                        (["offline.task=labels"], "set offline.classes=FILE")):
+        assert main(["pretrain", f"out_dir={tmp_path / 'r'}", *TINY_TRAIN, f"data.train={spec}", *extra]) == 2
+        assert said in capsys.readouterr().err
     assert main(["pretrain", f"out_dir={tmp_path / 'r2'}", *TINY_TRAIN,
                  f"data.train={http_base}/nothere-{{0..1}}.tar"]) == 2
     assert "shards.json" in capsys.readouterr().err
+
+
+def test_a_small_set_fills_min_epoch_items_and_short_clips_can_be_tiled(http_base, shard_folder):
+    """data.min_epoch_items: an epoch of 24 crops from 12 samples reads each sample exactly twice. data.repeat_short:
+    a crop of a clip shorter than it is the clip's log-mel tiled (noise.tile_crop on the file's own log-mel, with
+    the crop's seed), not padded with silence."""
+    from fastm2d.data.noise import tile_crop
+    from fastm2d.frontend import LogMelSpectrogram, read_audio
+    spec = f"{http_base}/shard-{{000000..000003}}.tar"
+    src = ShardSource(spec, 16000, 64, 0, stats_items=4, repeat_short=True)
+    items = list(ShardCrops(src, 0, 42, 0, 1, batches=12, batch_size=2))
+    keys = [item["key"] for item in items]
+    assert sorted(keys) == sorted([f"{i:09d}" for i in range(12)] * 2)
+    _, out = shard_folder
+    names = {}  # key -> the source file, from each sample's JSON
+    for k in range(4):
+        with tarfile.open(out / f"shard-{k:06d}.tar") as tar:
+            names.update({m.name[:-5]: json.loads(tar.extractfile(m).read())["name"]
+                          for m in tar.getmembers() if m.name.endswith(".json")})
+    fe = LogMelSpectrogram(16000)
+    short = 0
+    for item in items:
+        lms = fe(read_audio(Path(names[item["key"]]), 16000)).numpy()
+        if lms.shape[1] >= 64:
+            continue
+        short += 1
+        worker, made = int(item["position"][0]), int(item["position"][1]) - 1
+        expected = tile_crop(lms, 64, np.random.default_rng([42, 0, 0, worker, made]))
+        np.testing.assert_allclose(item["lms"][0].numpy(), expected, rtol=1e-5, atol=1e-4)
+    assert short >= 2  # 0.5 and 0.6 s clips: 50 and 60 frames, each read twice
+
+
+def test_noise_numbers_are_the_runs_sample_numbers_across_ranks_workers_and_epochs(http_base):
+    """Every crop of 2 ranks x 2 workers x 2 epochs gets a different training-sample number for its background
+    (the noise stream keys on it), together exactly 0..47: the numbering the files' sampler gives."""
+    src = ShardSource(f"{http_base}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=4)
+    numbers = []
+    for epoch in range(2):
+        for rank in range(2):
+            crops = ShardCrops(src, epoch, 42, rank, 2, batches=6, batch_size=2,
+                               background=lambda k: np.full((80, 32), k, dtype=np.float32))
+            loader = torch.utils.data.DataLoader(crops, batch_size=None, num_workers=2)
+            numbers += [int(item["bg"][0, 0, 0]) for item in loader]
+    assert sorted(numbers) == list(range(48))
+
+
+def test_m2d_x_from_shards_noise_shards_labels_teacher_and_monitors(shard_folder, http_server, tmp_path):
+    """M2D-X as from files, the shards streamed over HTTP: labels from each sample's JSON (`prepare --labels`),
+    background noise given as shards (copied once to the machine's cache, then read as files), a regularising
+    teacher, and the monitors' clips from the stream's first samples."""
+    clips, _ = shard_folder
+    base, requests, _ = http_server
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,labels\n" + "".join(f"{f},{'low' if i < 6 else 'high'}\n"
+                                            for i, f in enumerate(sorted(clips.glob("c*.wav")))))
+    (tmp_path / "classes.txt").write_text("low\nhigh\n")
+    labelled = tmp_path / "labelled"
+    assert main(["prepare", str(clips), "--out", str(labelled), "--format", "shards", "--files-per-shard", "3",
+                 "--labels", str(csv)]) == 0
+    with tarfile.open(labelled / "shard-000000.tar") as tar:
+        meta = json.loads(tar.extractfile("000000000.json").read())
+    assert meta["labels"] == ["low"] and meta["name"].endswith("c00.wav")
+    spec = f"{base}/shard-{{000000..000003}}.tar"  # the unlabelled shards, as noise
+    common = ["pretrain", *TINY_TRAIN, "train.batch_size=2", "data.norm_stats=[-10,3.5]", "train.max_steps=2"]
+    run = tmp_path / "labels_noise"
+    assert main([*common, f"out_dir={run}", f"data.train={labelled}/shard-{{000000..000003}}.tar",
+                 "offline.task=labels", f"offline.classes={tmp_path / 'classes.txt'}", f"data.noise.train={spec}",
+                 "data.noise.eta=0.3", "data.noise.norm_stats=[-10,3.5]", "train.eval_every=2", "eval.clips=4"]) == 0
+    rows = read_metrics(run)
+    assert len(rows) == 2 and all(np.isfinite(r["loss_off"]) and r["loss_off"] > 0 for r in rows)
+    assert [r["step"] for r in read_metrics(run, monitors=True)] == [2] and read_metrics(run, True)[0]["rank_me"] > 0
+    copies = list((Path(os.environ["FASTM2D_CACHE"]) / "shard_copies").glob("*/complete.json"))
+    assert len(copies) == 1 and json.loads(copies[0].read_text())["files"] == 12
+    fetched = len(requests)
+    run2 = tmp_path / "labels_noise_again"
+    assert main([*common, f"out_dir={run2}", f"data.train={labelled}/shard-{{000000..000003}}.tar",
+                 f"data.noise.train={spec}", "data.noise.eta=0.3", "data.noise.norm_stats=[-10,3.5]"]) == 0
+    assert len(requests) == fetched  # the noise copy was reused: nothing fetched over HTTP again
+    # what the trainer hands the step: the noise crop and the labels of every sample
+    from fastm2d.config import load_config
+    from fastm2d.train import Trainer
+    tr = Trainer(load_config(None, [*common[1:], f"out_dir={tmp_path / 'look'}", "offline.task=labels",
+                                    f"data.train={labelled}/shard-{{000000..000003}}.tar",
+                                    f"offline.classes={tmp_path / 'classes.txt'}", f"data.noise.train={spec}",
+                                    "data.noise.eta=0.3", "data.noise.norm_stats=[-10,3.5]"]))
+    handed = []
+    tr.to_batch = lambda raw, bg=None, offline=None: handed.append((raw, bg, offline))
+    next(tr.micro_batches())
+    raw, bg, offline = handed[0]
+    assert bg.shape == raw.shape == (2, 1, 80, 64) and not torch.equal(bg, raw)
+    assert offline.shape == (2, 2) and torch.all(offline.sum(1) == 1)
+    teacher = run / "checkpoint-2.pth"
+    run3 = tmp_path / "regularize"
+    assert main([*common, f"out_dir={run3}", f"data.train={spec}", "offline.task=regularize",
+                 f"train.init_from={teacher}"]) == 0
+    assert all(np.isfinite(r["loss_off"]) for r in read_metrics(run3))
+
+
+def test_a_sample_without_labels_is_listed_and_skipped(tmp_path):
+    from fastm2d.data.offline import ShardLabels
+    from fastm2d.data.sources import DataError
+    (tmp_path / "classes.txt").write_text("dog\ncat\nbird\n")
+    labels = ShardLabels(tmp_path / "classes.txt")
+    np.testing.assert_array_equal(labels({"json": b'{"labels": "cat;2"}'}), [0, 1, 1])
+    np.testing.assert_array_equal(labels({"json": b'{"label": ["dog"]}'}), [1, 0, 0])
+    for sample, said in (({"__key__": "k1"}, "no labels"), ({"json": b'{"labels": "cow"}'}, "unknown class 'cow'"),
+                         ({"json": b"{not json"}, "not JSON")):
+        with pytest.raises(DataError, match=said):
+            labels(sample)
 
 
 @pytest.mark.slow

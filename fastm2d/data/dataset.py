@@ -201,7 +201,7 @@ class CropDataset(Dataset):
     """Indexed by (item, crop seed, sample number) from `EpochSampler`.
 
     Returns {'lms': (1, F, T) raw log-mel, 'skipped': n, 'bad': the indices of items that failed (-1 padded)},
-    with a noise source 'bg': a tiled crop of the background item `noise_picker` assigns to this sample, and
+    with a `background` 'bg': the tiled crop of the background item of this sample number, and
     with M2D-X offline targets 'offline': `offline(item, crop start, crop seed)` of the item actually used.
 
     Whatever a file holds never stops training: an item that fails when read (undecodable, truncated, NaN/inf,
@@ -212,14 +212,14 @@ class CropDataset(Dataset):
 
     MAX_SUBSTITUTES = 16
 
-    def __init__(self, source, frames: int, on_bad_file: str = "skip", noise=None, noise_picker=None,
+    def __init__(self, source, frames: int, on_bad_file: str = "skip", background=None,
                  bad_list: Optional[Path] = None, offline=None, repeat_short: bool = False):
         self.source = source  # a LogMelSource or a LogMelStore: len(), names, load(i) -> (F, T)
         self.frames = frames
         self.repeat_short = repeat_short
         self.on_bad_file = on_bad_file
         self.dtype = getattr(source, "dtype", np.float32)
-        self.noise, self.noise_picker = noise, noise_picker
+        self.background = background  # noise.BackgroundCrops: sample number -> its noise crop (M2D-X)
         self.bad_list = bad_list
         self.offline = offline
 
@@ -235,15 +235,6 @@ class CropDataset(Dataset):
         if not np.isfinite(lms).all():
             raise DataError(f"{self.source.names[i]}: log-mel contains NaN or infinite values")
         return lms, start
-
-    def background(self, number: int) -> np.ndarray:
-        for attempt in range(self.MAX_SUBSTITUTES):
-            j, seed = self.noise_picker.pick(number + attempt * 7919)  # a bad noise item: take another draw
-            lms = self.noise.load(j)
-            if np.isfinite(lms).all():
-                return tile_crop(lms, self.frames, np.random.default_rng(seed), self.dtype)
-            log.warning("skipping bad background item: %s: NaN or infinite values", self.noise.names[j])
-        raise DataError(f"{self.MAX_SUBSTITUTES} unusable background items in a row")
 
     def _record(self, j: int, error: Exception) -> None:
         reason = str(error) if isinstance(error, (DataError, AudioReadError)) else \
@@ -268,7 +259,7 @@ class CropDataset(Dataset):
                 bad[skipped] = j
                 continue
             item = {"lms": torch.from_numpy(lms).unsqueeze(0), "skipped": skipped, "bad": bad}
-            if self.noise is not None:
+            if self.background is not None:
                 item["bg"] = torch.from_numpy(self.background(key[2])).unsqueeze(0)
             if self.offline is not None:
                 item["offline"] = torch.from_numpy(np.ascontiguousarray(self.offline(j, start, seed), dtype=np.float32))

@@ -7,10 +7,15 @@ silence is not background noise. The mix itself runs on the device (`fastm2d.ker
 """
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from typing import Tuple
 
 import numpy as np
+
+from .sources import DataError
+
+log = logging.getLogger("fastm2d.data")
 
 
 class NoisePicker:
@@ -37,3 +42,22 @@ def tile_crop(lms: np.ndarray, frames: int, rng: np.random.Generator, dtype=np.f
         t = lms.shape[-1]
     start = int(rng.integers(0, t - frames + 1))
     return np.ascontiguousarray(lms[:, start:start + frames], dtype=dtype)
+
+
+class BackgroundCrops:
+    """Training sample k -> the tiled crop (F, frames) of its background item, `NoisePicker.pick(k)`; an item
+    holding NaN / inf is logged and another draw taken (a run is never stopped by one noise clip)."""
+
+    MAX_SUBSTITUTES = 16
+
+    def __init__(self, source, picker: NoisePicker, frames: int, dtype=np.float32):
+        self.source, self.picker, self.frames, self.dtype = source, picker, frames, dtype
+
+    def __call__(self, number: int) -> np.ndarray:
+        for attempt in range(self.MAX_SUBSTITUTES):
+            j, seed = self.picker.pick(number + attempt * 7919)
+            lms = self.source.load(j)
+            if np.isfinite(lms).all():
+                return tile_crop(lms, self.frames, np.random.default_rng(seed), self.dtype)
+            log.warning("skipping bad background item: %s: NaN or infinite values", self.source.names[j])
+        raise DataError(f"{self.MAX_SUBSTITUTES} unusable background items in a row")

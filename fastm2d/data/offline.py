@@ -20,11 +20,24 @@ def read_label_rows(path: Path, root: Optional[Path] = None) -> Dict[Path, List[
     """CSV of file_name and labels (comma-separated names or indices) -> {resolved path: [labels]}."""
     out: Dict[Path, List[str]] = {}
     for line, cell, file, value in file_value_rows(path, "offline.labels", LABEL_COLUMNS, "labels", root):
-        names = [s.strip() for s in value.replace(";", ",").split(",") if s.strip()]
+        names = split_labels(value)
         if not names:
             raise DataError(f"{path}:{line}: {cell}: empty label list (every training clip needs a label)")
         out[file] = names
     return out
+
+
+def read_classes(path: Path) -> List[str]:
+    """offline.classes: one class name per line."""
+    if not Path(path).is_file():
+        raise DataError(f"offline.classes={path}: file not found")
+    return [c.strip() for c in Path(path).read_text().splitlines() if c.strip()]
+
+
+def split_labels(value) -> List[str]:
+    """A label cell or JSON value: 'a,b' / 'a;b' or a list -> ['a', 'b']."""
+    items = value if isinstance(value, list) else str(value).replace(";", ",").split(",")
+    return [str(n).strip() for n in items if str(n).strip()]
 
 
 class LabelTargets:
@@ -34,9 +47,7 @@ class LabelTargets:
                  root: Optional[Path] = None, single_label: bool = False):
         rows = read_label_rows(labels_csv, root)
         if classes_file is not None:
-            if not Path(classes_file).is_file():
-                raise DataError(f"offline.classes={classes_file}: file not found")
-            self.classes = [c.strip() for c in Path(classes_file).read_text().splitlines() if c.strip()]
+            self.classes = read_classes(classes_file)
         else:
             self.classes = sorted({n for names in rows.values() for n in names})
         index = {c: i for i, c in enumerate(self.classes)}
@@ -65,6 +76,40 @@ class LabelTargets:
         as often as common ones (the original's AudioSet option)."""
         freq = self.matrix.sum(0)
         return (self.matrix / np.maximum(freq, 1.0)).sum(1)
+
+
+class ShardLabels:
+    """A streamed sample -> multi-hot float32 (C,) from the labels in its JSON member (`labels`, `label` or
+    `positive_labels`: names of offline.classes, or indices into it). A sample without labels or with an unknown
+    class raises DataError naming it: listed and skipped like an undecodable one."""
+
+    def __init__(self, classes_file: Path, single_label: bool = False):
+        self.classes = read_classes(classes_file)
+        self.index = {c: i for i, c in enumerate(self.classes)}
+        self.dim, self.single_label, self.classes_file = len(self.classes), single_label, classes_file
+
+    def __call__(self, sample: dict) -> np.ndarray:
+        import json
+        name = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except ValueError as e:
+            raise DataError(f"{name}: its JSON member is not JSON ({e})") from None
+        value = next((meta[k] for k in LABEL_COLUMNS if isinstance(meta, dict) and k in meta), None)
+        names = split_labels(value) if value is not None else []
+        if not names:
+            raise DataError(f"{name}: no labels in its JSON member ({', '.join(LABEL_COLUMNS)})")
+        if self.single_label and len(names) != 1:
+            raise DataError(f"{name}: {len(names)} labels, but offline.single_label=true")
+        out = np.zeros(self.dim, dtype=np.float32)
+        for n in names:
+            k = self.index.get(n)
+            if k is None and n.isdigit() and int(n) < self.dim:
+                k = int(n)
+            if k is None:
+                raise DataError(f"{name}: unknown class {n!r} (not in offline.classes={self.classes_file})")
+            out[k] = 1.0
+        return out
 
 
 def align_features(feats: np.ndarray, rate: float, start_s: float, n_frames: int, frame_s: float) -> np.ndarray:

@@ -49,12 +49,6 @@ POSITION_FIELDS = ("worker", "crops", "pass", "shard", "samples")  # a crop's pl
 FETCH_TRIES = 3
 
 
-def is_shard_spec(spec: str) -> bool:
-    s = str(spec)
-    return s.startswith(("http://", "https://", "pipe:")) or s.endswith(".tar") or ".tar}" in s or \
-        (".tar" in s and "{" in s)
-
-
 def shard_urls(spec: str) -> List[str]:
     from braceexpand import braceexpand
     return list(braceexpand(str(spec)))
@@ -77,7 +71,7 @@ class ShardSource:
     """The shards of a run and their sample counts (from shards.json beside them)."""
 
     def __init__(self, spec: str, sample_rate: int, frames: int, pad_to: int, stats_items: int = 10000,
-                 seed: int = 0):
+                 seed: int = 0, repeat_short: bool = False):
         self.urls = shard_urls(spec)
         if not self.urls:
             raise DataError(f"data.train={spec}: no shard")
@@ -95,7 +89,7 @@ class ShardSource:
             raise DataError(f"{manifest_url}: no entry for {len(missing)} of the shards, e.g. {missing[0]}")
         self.counts = [counts[u.rsplit("/", 1)[-1]] for u in self.urls]
         self.sample_rate, self.frames, self.pad_to = sample_rate, frames, pad_to
-        self.stats_items, self.seed = stats_items, seed
+        self.stats_items, self.seed, self.repeat_short = stats_items, seed, repeat_short
         self.names = [f"{u}#{n}" for u, n in zip(self.urls, self.counts)]  # what statistics are computed from
         self._stats = None
 
@@ -107,35 +101,57 @@ class ShardSource:
         """Mean and std of log-mel over one random crop of each of the first `stats_items` samples (streamed in
         shard order; float64 sums), the crops training takes."""
         if self._stats is None:
-            frontend = LogMelSpectrogram(self.sample_rate)
-            rng = np.random.default_rng(self.seed)
-
-            def crops():
-                for sample in itertools.chain.from_iterable(_samples(url) for url in self.urls):
-                    try:
-                        yield crop_clip(_lms(sample, frontend, self.sample_rate, self.pad_to), self.frames, rng)[0]
-                    except AudioReadError:
-                        continue
-            self._stats = list(mean_std(itertools.islice(crops(), self.stats_items),
+            self._stats = list(mean_std(itertools.islice(self.leading_crops(self.seed), self.stats_items),
                                         f"{self.urls[0]}: no readable sample to compute statistics from"))
         return self._stats
+
+    def crop(self, lms: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The training crop of a sample's log-mel (the short-clip rule of the run: padded, or tiled)."""
+        return crop_clip(lms, self.frames, rng, self.repeat_short)[0]
+
+    def leading_crops(self, seed: int) -> Iterator[np.ndarray]:
+        """A random crop of each readable sample, in shard order from the first (statistics, monitor clips)."""
+        frontend, rng = LogMelSpectrogram(self.sample_rate), np.random.default_rng(seed)
+        for sample in itertools.chain.from_iterable(_samples(url) for url in self.urls):
+            try:
+                yield self.crop(_lms(sample, frontend, self.sample_rate, self.pad_to), rng)
+            except AudioReadError:
+                continue
+
+
+class LeadingClips:
+    """The first `n` usable samples' crops held in memory, indexed like CropDataset (the monitors' fixed clips)."""
+
+    def __init__(self, source: ShardSource, n: int, seed: int):
+        self.crops = [torch.from_numpy(c).unsqueeze(0) for c in itertools.islice(source.leading_crops(seed), n)]
+        if not self.crops:
+            raise DataError(f"{source.urls[0]}: no readable sample for the monitors")
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, key) -> dict:
+        return {"lms": self.crops[key[0]]}
 
 
 def shard_source(config) -> ShardSource:
     """The run's shards, with what this path does not do refused in one line (each has its own path elsewhere)."""
     from ..config import ConfigError
     from ..frontend import pad_samples
-    d = config.data
-    unsupported = [k for k, on in (("data.loader=dali", d.loader == "dali"), ("data.noise", d.noise.train),
-                                   ("offline.task", config.offline.task != "none"),
-                                   ("data.repeat_short", d.repeat_short), ("train.eval_every", config.train.eval_every),
-                                   ("data.min_epoch_items", d.min_epoch_items)) if on]
+    d, o = config.data, config.offline
+    unsupported = [k for k, on in (("data.loader=dali", d.loader == "dali"),
+                                   ("offline.task=clap", o.task == "clap"),
+                                   ("offline.features (precomputed teacher features)", o.features is not None),
+                                   ("offline.balanced (sampling by label)", o.task == "labels" and o.balanced)) if on]
     if unsupported:
         raise ConfigError(f"data.train={d.train}: streamed shards do not support {', '.join(unsupported)} yet; "
                           f"use a folder, CSV list or prepared store for those")
+    if o.task == "labels" and not o.classes:
+        raise ConfigError(f"data.train={d.train}: offline.task=labels from streamed shards reads each sample's "
+                          f"labels from its JSON and needs the class list up front: set offline.classes=FILE")
     frames = config.model.input_size[1]
-    return ShardSource(d.train, d.sample_rate, frames, pad_samples(d.sample_rate, frames), d.stats_items,
-                       config.train.seed)
+    return ShardSource(d.train, d.sample_rate, frames, 0 if d.repeat_short else pad_samples(d.sample_rate, frames),
+                       d.stats_items, config.train.seed, d.repeat_short)
 
 
 def _samples(url: str) -> Iterator[dict]:
@@ -163,6 +179,51 @@ def is_stream_position(obj) -> bool:
             for r in obj["rows"])
 
 
+def fetch_samples(url: str) -> Iterator[dict]:
+    """A shard's samples, its stream opened again (up to FETCH_TRIES times) when it cannot be opened or breaks
+    off; a retry goes on after the samples already given, never repeats them. DataError after the last try."""
+    given = 0
+    for attempt in range(FETCH_TRIES):
+        try:
+            for n, sample in enumerate(_samples(url)):
+                if n >= given:
+                    given += 1
+                    yield sample
+            return
+        except Exception as e:  # noqa: BLE001 - network, pipe, tar: any failure of the transport
+            reason = f"{url}: cannot be read ({first_line(e)})"
+            if attempt + 1 < FETCH_TRIES:
+                log.warning("%s; trying again", reason)
+                time.sleep(0.5 * (attempt + 1))
+    raise DataError(f"{reason} after {FETCH_TRIES} tries")
+
+
+def local_copy(spec: str, cache: Path) -> Path:
+    """The audio of every sample of the shards `spec` as files in a folder of `cache` (its original bytes), fetched
+    once per machine and reused (`complete.json` marks a finished copy): a small set that every loader worker
+    reads at random, such as M2D-X's background noise, from storage the nodes do not share."""
+    import hashlib
+    urls = shard_urls(spec)
+    folder = Path(cache) / hashlib.sha256(str(spec).encode()).hexdigest()[:20]
+    done = folder / "complete.json"
+    if done.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    files = 0
+    for k, url in enumerate(urls):
+        for sample in fetch_samples(url):
+            key = next((a for a in AUDIO_KEYS if a in sample), None)
+            if key is None:
+                log.warning("skipping %s#%s: no audio member", url, sample.get("__key__"))
+                continue
+            name = f"{k:06d}-{str(sample['__key__']).replace('/', '_')}.{key}"
+            write_atomic(folder / name, sample[key])
+            files += 1
+    write_atomic(done, json.dumps({"spec": str(spec), "shards": len(urls), "files": files}))
+    log.info("%s: %d files copied to %s", spec, files, folder)
+    return folder
+
+
 def deal_shards(n_shards: int, seed: int, epoch: int, rank: int, world: int, worker: int, workers: int) -> List[int]:
     """The shards one (rank, worker) reads in an epoch: a (seed, epoch) permutation dealt round-robin over all
     rank x worker pairs; disjoint, and together every shard."""
@@ -181,15 +242,19 @@ def split_in_proportion(n: int, samples: List[int]) -> List[int]:
 
 
 class ShardCrops(IterableDataset):
-    """One epoch of one rank's crops: {'lms': (1, F, T) raw log-mel, 'skipped': n, 'bad': -1s} like CropDataset,
-    and 'key': the sample's key in its shard."""
+    """One epoch of one rank's crops: {'lms': (1, F, T) raw log-mel, 'skipped': n, 'bad': -1s, and 'bg' (noise) /
+    'offline' (a target) when asked} like CropDataset, 'key': the sample's key in its shard, 'position': its
+    POSITION_FIELDS after it (exact resume)."""
 
     def __init__(self, source: ShardSource, epoch: int, seed: int, rank: int, world: int, batches: int,
-                 batch_size: int, bad_list: Optional[Path] = None, start: Optional[List[List[int]]] = None):
+                 batch_size: int, bad_list: Optional[Path] = None, start: Optional[List[List[int]]] = None,
+                 background=None, targets=None):
         self.source, self.epoch, self.seed = source, epoch, seed
         self.rank, self.world, self.batches, self.batch_size = rank, world, batches, batch_size
         self.bad_list = bad_list
         self.start = start  # per worker, the POSITION_FIELDS of its last used crop: where a resumed epoch goes on
+        self.background = background  # noise.BackgroundCrops: sample number -> its noise crop (M2D-X)
+        self.targets = targets  # sample dict -> its offline target (offline.ShardLabels), or None
 
     def __iter__(self):
         info = get_worker_info()
@@ -204,8 +269,11 @@ class ShardCrops(IterableDataset):
         # `batches` x `batch_size` crops on every rank (batched in the main process, so the workers' shares need
         # not be whole batches), shared among this rank's workers in proportion to the samples their shards hold:
         # a worker reads its shards again only when the whole rank holds fewer samples than its batches need
-        quota = split_in_proportion(self.batches * self.batch_size,
-                                    [sum(self.source.counts[k] for k in d) for d in dealt])[worker]
+        per_rank = self.batches * self.batch_size
+        quotas = split_in_proportion(per_rank, [sum(self.source.counts[k] for k in d) for d in dealt])
+        quota = quotas[worker]
+        # The run's sample numbers (the noise stream keys on them): this worker's block of its rank's block
+        first_number = (self.epoch * self.world + self.rank) * per_rank + sum(quotas[:worker])
         frontend = LogMelSpectrogram(self.source.sample_rate)
         made, resume_pass, resume_shard, resume_sample = self._resume_point(worker)
         skipped, dead, gave = 0, set(), made > 0
@@ -221,17 +289,23 @@ class ShardCrops(IterableDataset):
                     if n < skip:
                         continue  # used before the interruption: read past, not decoded
                     try:
+                        target = self.targets(sample) if self.targets is not None else None
                         lms = _lms(sample, frontend, self.source.sample_rate, self.source.pad_to)
-                    except AudioReadError as e:
+                    except (AudioReadError, DataError) as e:
                         self._record(str(e))
                         skipped += 1
                         continue
-                    rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, made])
-                    crop = crop_clip(lms, self.source.frames, rng)[0]
+                    crop = self.source.crop(lms, np.random.default_rng([self.seed, self.epoch, self.rank, worker,
+                                                                        made]))
+                    item = {"lms": torch.from_numpy(np.ascontiguousarray(crop)).unsqueeze(0), "skipped": skipped,
+                            "bad": bad, "key": sample["__key__"],
+                            "position": torch.tensor([worker, made + 1, pass_, o, n + 1], dtype=torch.int64)}
+                    if self.background is not None:
+                        item["bg"] = torch.from_numpy(self.background(first_number + made)).unsqueeze(0)
+                    if target is not None:
+                        item["offline"] = torch.from_numpy(target)
                     made, gave = made + 1, True
-                    yield {"lms": torch.from_numpy(np.ascontiguousarray(crop)).unsqueeze(0), "skipped": skipped,
-                           "bad": bad, "key": sample["__key__"],
-                           "position": torch.tensor([worker, made, pass_, o, n + 1], dtype=torch.int64)}
+                    yield item
                     skipped = 0
                     if made >= quota:
                         return
@@ -248,23 +322,12 @@ class ShardCrops(IterableDataset):
         return made, pass_, shard, sample
 
     def _fetch(self, k: int, dead: set) -> Iterator[dict]:
-        """A shard's samples; a shard that cannot be read is tried FETCH_TRIES times, then listed and skipped."""
-        url = self.source.urls[k]
-        given = 0  # a retry after a broken stream continues after the samples already given, never repeats them
-        for attempt in range(FETCH_TRIES):
-            try:
-                for n, sample in enumerate(_samples(url)):
-                    if n >= given:
-                        given += 1
-                        yield sample
-                return
-            except Exception as e:  # noqa: BLE001 - network, pipe, tar: any failure of the transport
-                reason = f"{url}: cannot be read ({first_line(e)})"
-                if attempt + 1 < FETCH_TRIES:
-                    log.warning("%s; trying again", reason)
-                    time.sleep(0.5 * (attempt + 1))
-        self._record(reason + f" after {FETCH_TRIES} tries: skipped for the rest of the epoch")
-        dead.add(k)
+        """A shard's samples; one that cannot be read after FETCH_TRIES tries is listed and skipped for the epoch."""
+        try:
+            yield from fetch_samples(self.source.urls[k])
+        except DataError as e:
+            self._record(f"{e}: skipped for the rest of the epoch")
+            dead.add(k)
 
     def _record(self, reason: str) -> None:
         log.warning("skipping: %s", reason)
@@ -284,18 +347,24 @@ def batched(items, size: int):
 
 
 def write_shards(src: str, out: str | Path, files_per_shard: int = 1000, root: Optional[str] = None,
-                 progress: bool = True, min_seconds: float = 0.16) -> dict:
+                 progress: bool = True, min_seconds: float = 0.16, labels: Optional[str] = None) -> dict:
     """`fastm2d prepare SRC --out OUT --format shards`: each checked file's original bytes into shard-NNNNNN.tar
-    (key = its index, member <key>.<its suffix>, and <key>.json naming the source file), every shard written
-    atomically; unusable files in failures.tsv with the reason (the store's listing); shards.json last."""
+    (key = its index, member <key>.<its suffix>, and <key>.json naming the source file and, from a `labels` CSV,
+    its labels), every shard written atomically; unusable files in failures.tsv with the reason (the store's
+    listing); shards.json last. A file with no row in `labels` is refused before anything is written."""
     TarWriter = _webdataset().TarWriter
     from ..folder_lock import RunLock
     from .file_checks import check_files_once
+    from .offline import read_label_rows
     from .sources import list_file_names
     out = Path(out)
     with RunLock(out):
         files, bad = check_files_once(list_file_names(src, root), min_seconds=min_seconds, progress=progress)
         names = [str(f) for f in files]
+        label_rows = read_label_rows(Path(labels), Path(root) if root else None) if labels else {}
+        unlabelled = [n for n in names if labels and Path(n).resolve() not in label_rows]
+        if unlabelled:
+            raise DataError(f"--labels {labels}: no row for {len(unlabelled)} of the files, e.g. {unlabelled[0]}")
         shards: List[Dict] = []
         for s, lo in enumerate(range(0, len(names), files_per_shard)):
             chunk = names[lo:lo + files_per_shard]
@@ -304,8 +373,9 @@ def write_shards(src: str, out: str | Path, files_per_shard: int = 1000, root: O
                 with TarWriter(f) as w:
                     for i, path in enumerate(chunk, start=lo):
                         suffix = Path(path).suffix.lower().lstrip(".")
+                        meta = {"name": path, **({"labels": label_rows[Path(path).resolve()]} if labels else {})}
                         w.write({"__key__": f"{i:09d}", suffix: Path(path).read_bytes(),
-                                 "json": json.dumps({"name": path}).encode()})
+                                 "json": json.dumps(meta).encode()})
             shards.append({"file": name, "samples": len(chunk)})
         write_atomic(out / "failures.tsv", "path\treason\n" + "".join(
             f"{json.dumps(str(b.path))}\t{json.dumps(b.reason)}\n" for b in bad))

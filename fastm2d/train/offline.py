@@ -24,7 +24,8 @@ from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, ModelConfig, check_model_config
 from ..data.captions import (CaptionTargets, default_cache_dir, embed_captions, encoder_fingerprint, read_captions,
                              read_precomputed)
-from ..data.offline import FeatureTargets, LabelTargets
+from ..data.offline import FeatureTargets, LabelTargets, ShardLabels
+from ..data.shards import ShardSource
 from ..frontend import FRONTEND_PARAMS, normalize, sound_info
 
 log = logging.getLogger("fastm2d.train")
@@ -94,6 +95,10 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
     names = list(source.names)
     if (o.task in ("labels", "clap") or o.features) and names and names[0].startswith("synthetic:"):
         raise ConfigError(f"offline.task={o.task} needs training files to attach its targets to, not data.train=synthetic")
+    if o.task == "labels" and isinstance(source, ShardSource):  # labels in each streamed sample's JSON
+        targets = ShardLabels(Path(o.classes), o.single_label)
+        log.info("offline task: labels, %d classes from %s, read from each sample's JSON", targets.dim, o.classes)
+        return OfflineTask("labels", targets.dim, "ce" if o.single_label else "bce", targets=targets)
     if o.task == "labels":
         csv = Path(o.labels or config.data.train)
         targets = LabelTargets(names, csv, Path(o.classes) if o.classes else None,

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
@@ -19,21 +20,21 @@ from torch.utils.data import DataLoader
 from .. import __version__, devices, kernels
 from ..atomic import write_atomic
 from ..checkpoint import init_from_weights
-from ..config import Config, ConfigError, to_yaml, unseen_frames
+from ..config import Config, ConfigError, is_shard_spec, to_yaml, unseen_frames
 from ..data import CropDataset, EpochSampler
 from ..data.dataset import training_crop
-from ..data.noise import NoisePicker, tile_crop
+from ..data.noise import BackgroundCrops, NoisePicker, tile_crop
 from ..data.open_source import open_source
-from ..data.shards import ShardCrops, ShardSource, batched, is_shard_spec, shard_source
+from ..data.shards import LeadingClips, ShardCrops, ShardSource, batched, local_copy, shard_source
 from ..data.sources import AUDIO_EXTS
 from ..data.stats import run_norm_stats
 from ..frontend import normalize
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
-from ..run_folder import RunFolder
+from ..run_folder import RunFolder, user_cache
 from .flops import mfu, peak_flops, train_flops_per_sample
-from ..distributed import all_gather_stacked, all_reduce_, dist_from_env
+from ..distributed import all_gather_stacked, all_reduce_, barrier, dist_from_env
 from ..folder_lock import RunLock
 from .engine import init_distributed, make_engine, release_process_groups, wants_deepspeed
 from .checkpointer import Checkpointer, RandomState
@@ -217,23 +218,36 @@ class Trainer:
         self.engine = make_engine(self.model, optimizer, self.config, self.amp_dtype, self.dist, self.use_deepspeed)
 
     def _build_crops(self) -> None:
-        """Background noise (M2D-X denoising) and the dataset of training crops the loader reads."""
-        if isinstance(self.source, ShardSource):
-            self.dataset, self.noise, self.eta, self.noise_mean = None, None, 0.0, 0.0
-            return
+        """Background noise (M2D-X denoising) and the dataset of training crops the loader reads (streamed shards
+        build theirs per epoch: _shard_batches)."""
         config, t = self.config, self.config.train
-        self.noise, picker, self.eta, self.noise_mean = None, None, 0.0, 0.0
+        self.noise, self.background, self.eta, self.noise_mean = None, None, 0.0, 0.0
         noise = config.data.noise
         if noise.train is not None and noise.eta > 0:
-            self.noise = open_source(noise.train, config, self.out_dir, noise.root, label="noise", seed_offset=1)
-            picker = NoisePicker(len(self.noise), t.seed)
+            spec = self._local_noise(noise.train) if is_shard_spec(noise.train) else noise.train
+            self.noise = open_source(spec, config, self.out_dir, noise.root, label="noise", seed_offset=1)
+            self.background = BackgroundCrops(self.noise, NoisePicker(len(self.noise), t.seed),
+                                              config.model.input_size[1], getattr(self.noise, "dtype", np.float32))
             self.eta = noise.eta
             self.noise_mean = run_norm_stats(self.noise, config, noise.norm_stats, self.run.noise_stats,
                                              crop=tile_crop)[0]
-        self.dataset = CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.noise, picker,
-                                   bad_list=self.run.bad_files("training"),
-                                   offline=self.offline.targets if self.offline else None,
-                                   repeat_short=config.data.repeat_short)
+        self.dataset = None if isinstance(self.source, ShardSource) else \
+            CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.background,
+                        bad_list=self.run.bad_files("training"),
+                        offline=self.offline.targets if self.offline else None,
+                        repeat_short=config.data.repeat_short)
+
+    def _local_noise(self, spec: str) -> str:
+        """Background noise given as streamed shards: copied once to this machine's cache (each node's first rank
+        copies while the others wait), then read at random as files."""
+        cache = user_cache("shard_copies")
+        together = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if together and self.dist.local_rank != 0:
+            barrier()
+        folder = local_copy(spec, cache)
+        if together and self.dist.local_rank == 0:
+            barrier()
+        return str(folder)
 
     def _build_monitor(self) -> None:
         """Representation monitors every train.eval_every steps, on rank 0 only (the others wait at the next
@@ -244,7 +258,9 @@ class Trainer:
             from ..eval.monitor import Monitor
             valid = open_source(config.data.valid, config, self.out_dir, config.data.root, label="valid") \
                 if config.data.valid else None
-            self.monitor = Monitor(self.model, self.dataset, (self.mean, self.std), config.data.sample_rate,
+            clips = LeadingClips(self.source, config.eval.clips, config.train.seed) if self.dataset is None \
+                else self.dataset
+            self.monitor = Monitor(self.model, clips, (self.mean, self.std), config.data.sample_rate,
                                    config.train.seed, config.eval.clips, config.eval.task, valid)
 
     # ---------------------------------------------------------------------------------------- the step ----
@@ -376,7 +392,8 @@ class Trainer:
         start = self._shard_resume_point(epoch, used)
         while True:
             crops = ShardCrops(self.source, epoch, t.seed, self.dist.rank, self.dist.world_size, bpe, t.batch_size,
-                               bad_list=self.run.bad_files("training"), start=start)
+                               bad_list=self.run.bad_files("training"), start=start, background=self.background,
+                               targets=self.offline.targets if self.offline else None)
             loader = DataLoader(crops, batch_size=None, num_workers=workers)  # crops; batched here, see ShardCrops
             # Each worker's position after its last crop in a handed-out batch: what a checkpoint records
             self.shard_position = (epoch, start or [[w, 0, 0, 0, 0] for w in range(max(workers, 1))])
@@ -384,7 +401,8 @@ class Trainer:
                 self._skipped += sum(int(item["skipped"]) for item in group)
                 for item in group:
                     self.shard_position[1][int(item["position"][0])] = item["position"].tolist()
-                yield self.to_batch(torch.stack([item["lms"] for item in group]))
+                yield self.to_batch(*(torch.stack([item[k] for item in group]) if k in group[0] else None
+                                      for k in ("lms", "bg", "offline")))
             epoch, start = epoch + 1, None
 
     def _shard_resume_point(self, epoch: int, used: int) -> Optional[List[List[int]]]:
