@@ -96,11 +96,10 @@ def embed_rate(files, device: torch.device, out: Path, batch: int = 16, workers:
 
 def streamed_shard_rate(spec: str, workers: int, batch: int = 16, batches: int = 8) -> float:
     """Crops per second from tar shards (a local path or an http:// URL pattern), as the trainer streams them."""
-    from fastm2d.data.shards import ShardCrops, ShardSource, batched
+    from fastm2d.data.shards import ShardBatches, ShardCrops, ShardSource
     from fastm2d.frontend import pad_samples
     source = ShardSource(spec, 16000, 608, pad_samples(16000, 608), stats_items=1)
-    crops = ShardCrops(source, 0, 0, 0, 1, batches + 1, batch)
-    it = batched(DataLoader(crops, batch_size=None, num_workers=workers), batch)
+    it = iter(ShardBatches(ShardCrops(source, 0, 0, 0, 1, batches + 1, batch), workers))
     next(it)
     t0 = time.perf_counter()
     for _ in range(batches):

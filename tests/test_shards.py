@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastm2d.cli import main
-from fastm2d.data.shards import ShardCrops, ShardSource, batched, deal_shards
+from fastm2d.data.shards import ShardBatches, ShardCrops, ShardSource, deal_shards
 from fastm2d.run_folder import RunFolder
 from fastm2d.train import pretrain, read_metrics
 
@@ -107,11 +107,32 @@ def test_shards_are_dealt_disjointly_to_two_ranks_of_two_workers(http_base):
     assert len(src) == 12
     seen = []
     for rank in range(2):
-        crops = ShardCrops(src, 0, 42, rank, 2, batches=3, batch_size=2)
-        batches = list(batched(torch.utils.data.DataLoader(crops, batch_size=None, num_workers=2), 2))
-        assert len(batches) == 3 and all(item["lms"].shape == (1, 80, 32) for b in batches for item in b)
-        seen += [item["key"] for b in batches for item in b]
+        batches = list(ShardBatches(ShardCrops(src, 0, 42, rank, 2, batches=3, batch_size=2), workers=2))
+        assert len(batches) == 3 and all(b["lms"].shape == (2, 1, 80, 32) for b in batches)
+        seen += [key for b in batches for key in b["keys"]]
     assert sorted(seen) == [f"{i:09d}" for i in range(12)]  # 2 ranks x 3 batches x 2 = every sample exactly once
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores: on purpose
+def test_an_epoch_cut_after_any_batch_continues_with_the_same_batches(http_base):
+    """Three workers making chunks of 3 crops into batches of 2 (chunks split across batches, workers out of step):
+    from the positions after any batch k, a new stream gives exactly the uninterrupted stream's batches k+1...
+    (their samples and crops), whatever order the workers' chunks arrive in."""
+    src = ShardSource(f"{http_base}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=4)
+
+    def stream(start=None):
+        return ShardBatches(ShardCrops(src, 1, 42, 0, 1, batches=6, batch_size=2, start=start, chunk=3), workers=3)
+
+    whole, states = [], []
+    it = stream()
+    for batch in it:
+        whole.append(batch)
+        states.append([list(row) for row in it.state])
+    assert len(whole) == 6 and sorted(k for b in whole for k in b["keys"]) == [f"{i:09d}" for i in range(12)]
+    for k in (0, 1, 2, 4):
+        rest = list(stream(states[k]))
+        assert [b["keys"] for b in rest] == [b["keys"] for b in whole[k + 1:]], k
+        assert all(torch.equal(a["lms"], b["lms"]) for a, b in zip(rest, whole[k + 1:]))
 
 
 def test_a_stream_broken_midway_is_fetched_again_without_repeating_samples(http_server):
@@ -120,8 +141,7 @@ def test_a_stream_broken_midway_is_fetched_again_without_repeating_samples(http_
     base, requests, cut_once = http_server
     cut_once.add("/shard-000001.tar")
     src = ShardSource(f"{base}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=4)
-    crops = ShardCrops(src, 0, 42, 0, 1, batches=6, batch_size=2)
-    keys = [item["key"] for item in crops]
+    keys = [key for b in ShardBatches(ShardCrops(src, 0, 42, 0, 1, batches=6, batch_size=2), 0) for key in b["keys"]]
     assert sorted(keys) == [f"{i:09d}" for i in range(12)]  # 12 crops from 12 samples: each exactly once
     assert requests.count("/shard-000001.tar") == 2
 
@@ -154,7 +174,8 @@ def test_a_resume_mid_epoch_continues_the_stream_exactly(http_base, tmp_path):
     assert main(args) == 0
     whole = torch.load(run / "checkpoint-5.pth", weights_only=True)
     assert whole["shard_position"]["epoch"] == 0 and len(whole["shard_position"]["rows"]) == 1
-    assert sum(row[1] for row in whole["shard_position"]["rows"][0]) == 5 * 2  # crops used by 5 steps of 2
+    used = sum(row[1] + row[5] for row in whole["shard_position"]["rows"][0])  # chunk start + its used crops
+    assert used == 5 * 2  # the crops of 5 steps of 2
     for step in (4, 5):
         (run / f"checkpoint-{step}.pth").unlink()
     assert main(args + ["--resume"]) == 0
@@ -207,8 +228,9 @@ def test_a_small_set_fills_min_epoch_items_and_short_clips_can_be_tiled(http_bas
     from fastm2d.frontend import LogMelSpectrogram, read_audio
     spec = f"{http_base}/shard-{{000000..000003}}.tar"
     src = ShardSource(spec, 16000, 64, 0, stats_items=4, repeat_short=True)
-    items = list(ShardCrops(src, 0, 42, 0, 1, batches=12, batch_size=2))
-    keys = [item["key"] for item in items]
+    batches = list(ShardBatches(ShardCrops(src, 0, 42, 0, 1, batches=12, batch_size=2), 0))
+    keys = [key for b in batches for key in b["keys"]]
+    crops = torch.cat([b["lms"] for b in batches])  # one worker: crop i is its i-th
     assert sorted(keys) == sorted([f"{i:09d}" for i in range(12)] * 2)
     _, out = shard_folder
     names = {}  # key -> the source file, from each sample's JSON
@@ -218,14 +240,13 @@ def test_a_small_set_fills_min_epoch_items_and_short_clips_can_be_tiled(http_bas
                           for m in tar.getmembers() if m.name.endswith(".json")})
     fe = LogMelSpectrogram(16000)
     short = 0
-    for item in items:
-        lms = fe(read_audio(Path(names[item["key"]]), 16000)).numpy()
+    for made, key in enumerate(keys):
+        lms = fe(read_audio(Path(names[key]), 16000)).numpy()
         if lms.shape[1] >= 64:
             continue
         short += 1
-        worker, made = int(item["position"][0]), int(item["position"][1]) - 1
-        expected = tile_crop(lms, 64, np.random.default_rng([42, 0, 0, worker, made]))
-        np.testing.assert_allclose(item["lms"][0].numpy(), expected, rtol=1e-5, atol=1e-4)
+        expected = tile_crop(lms, 64, np.random.default_rng([42, 0, 0, 0, made]))
+        np.testing.assert_allclose(crops[made, 0].numpy(), expected, rtol=1e-5, atol=1e-4)
     assert short >= 2  # 0.5 and 0.6 s clips: 50 and 60 frames, each read twice
 
 
@@ -238,8 +259,7 @@ def test_noise_numbers_are_the_runs_sample_numbers_across_ranks_workers_and_epoc
         for rank in range(2):
             crops = ShardCrops(src, epoch, 42, rank, 2, batches=6, batch_size=2,
                                background=lambda k: np.full((80, 32), k, dtype=np.float32))
-            loader = torch.utils.data.DataLoader(crops, batch_size=None, num_workers=2)
-            numbers += [int(item["bg"][0, 0, 0]) for item in loader]
+            numbers += [int(n) for b in ShardBatches(crops, workers=2) for n in b["bg"][:, 0, 0, 0]]
     assert sorted(numbers) == list(range(48))
 
 

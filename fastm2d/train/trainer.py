@@ -25,7 +25,7 @@ from ..data import CropDataset, EpochSampler
 from ..data.dataset import training_crop
 from ..data.noise import BackgroundCrops, NoisePicker, tile_crop
 from ..data.open_source import open_source
-from ..data.shards import LeadingClips, ShardCrops, ShardSource, batched, local_copy, shard_source
+from ..data.shards import POSITION_FIELDS, LeadingClips, ShardBatches, ShardCrops, ShardSource, local_copy, shard_source
 from ..data.sources import AUDIO_EXTS
 from ..data.stats import run_norm_stats
 from ..frontend import normalize
@@ -394,15 +394,11 @@ class Trainer:
             crops = ShardCrops(self.source, epoch, t.seed, self.dist.rank, self.dist.world_size, bpe, t.batch_size,
                                bad_list=self.run.bad_files("training"), start=start, background=self.background,
                                targets=self.offline.targets if self.offline else None)
-            loader = DataLoader(crops, batch_size=None, num_workers=workers)  # crops; batched here, see ShardCrops
-            # Each worker's position after its last crop in a handed-out batch: what a checkpoint records
-            self.shard_position = (epoch, start or [[w, 0, 0, 0, 0] for w in range(max(workers, 1))])
-            for group in batched(loader, t.batch_size):
-                self._skipped += sum(int(item["skipped"]) for item in group)
-                for item in group:
-                    self.shard_position[1][int(item["position"][0])] = item["position"].tolist()
-                yield self.to_batch(*(torch.stack([item[k] for item in group]) if k in group[0] else None
-                                      for k in ("lms", "bg", "offline")))
+            stream = ShardBatches(crops, workers)
+            self.shard_position = (epoch, stream.state)  # advanced as batches are handed out: what a checkpoint keeps
+            for batch in stream:
+                self._skipped += batch["skipped"]
+                yield self.to_batch(batch["lms"], batch.get("bg"), batch.get("offline"))
             epoch, start = epoch + 1, None
 
     def _shard_resume_point(self, epoch: int, used: int) -> Optional[List[List[int]]]:
@@ -518,7 +514,7 @@ class Trainer:
 
     def save(self) -> Path:
         if isinstance(self.source, ShardSource):  # every rank's stream position, for an exact resume
-            epoch, rows = getattr(self, "shard_position", (0, [[0, 0, 0, 0, 0]]))
+            epoch, rows = getattr(self, "shard_position", (0, [[0] * len(POSITION_FIELDS)]))
             gathered = all_gather_stacked(torch.tensor(rows, dtype=torch.int64, device=self.device))
             self._shard_position_all = {"epoch": epoch, "rows": gathered.cpu().tolist()}
         return self.checkpointer.save(self)
