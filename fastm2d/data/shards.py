@@ -3,24 +3,29 @@ paths, `http(s)://` URLs or `pipe:COMMAND` (e.g. `pipe:aws s3 cp s3://bucket/sha
 (`.../shard-{000000..000099}.tar`). The webdataset library reads the tar streams; fastm2d decodes each sample's
 audio (its original bytes: WAV, FLAC, OGG, MP3), applies the front end and the short-clip rule, and crops.
 
-  write_shards(SRC, OUT)   `fastm2d prepare SRC --out OUT --format shards`: checked files -> shard-NNNNNN.tar of
-                           their original bytes (no re-encoding), failures.tsv, and shards.json (samples per shard)
+  write_shards(SRC, OUT)   `fastm2d prepare SRC --out OUT --format shards [--labels CSV]`: checked files ->
+                           shard-NNNNNN.tar of their original bytes (no re-encoding) and a JSON member (name,
+                           labels), failures.tsv, and shards.json (samples per shard)
   ShardSource(spec)        the shard list and its sample counts (shards.json beside the shards); `norm_stats`
-                           streamed from the first samples
-  ShardCrops               the training stream of one rank: each epoch the shards are ordered by (seed, epoch) and
-                           dealt to every (rank, loader worker) pair, so no two read the same shard; each worker
-                           yields a fixed number of crops per epoch (its shards are read again if they hold fewer),
-                           so every rank makes the same number of steps and none waits at a collective
+                           and the monitors' clips (LeadingClips) from the first samples
+  ShardCrops               one rank's epoch, made by its loader workers: the shards are ordered by (seed, epoch) and
+                           dealt to every (rank, worker) pair, so no two read the same shard; each worker makes a
+                           fixed number of crops (its shards are read again if they hold fewer), handed over in
+                           chunks, so every rank makes the same number of steps and none waits at a collective
+  ShardBatches             the main process's side: the chunks in one canonical order, batches, stream positions
+  local_copy(spec, cache)  shards fetched once into a machine's cache as files (background noise, read at random)
 
-Resume is exact: every crop carries its worker's stream position (crops made, pass over its shards, shard,
-sample), the trainer keeps the position of the last crop each worker gave to a finished step and every rank's goes
-into the checkpoint; a resumed epoch skips the shards its workers finished without fetching them, reads past the
-used samples of the shard each was in without decoding them, and continues with the crops the uninterrupted run
-would have made (crop offsets are a function of (seed, epoch, rank, worker, crop number)). Where the launch
-differs (another world size or data.num_workers), the interrupted epoch restarts from its beginning instead,
-with a warning: its finished steps' samples are seen once more.
-A sample that cannot be decoded is logged, listed and replaced by the next; a shard that cannot be fetched is
-retried, then listed and skipped (the worker reads its other shards again to keep the epoch's length).
+Resume is exact: ShardBatches keeps, per worker, where its current chunk starts in its stream (crops made, pass over
+its shards, shard, samples read) and how many of its crops went into handed-out batches; every rank's goes into
+the checkpoint. A resumed epoch skips the shards its workers finished without fetching them, reads past the used
+samples of the shard each was in without decoding them, drops the used crops of the chunk it was in, and
+continues with the very batches the uninterrupted run would have made (crop offsets and noise numbers are a
+function of (seed, epoch, rank, worker, crop number); chunks are taken in (chunk, worker) order whatever order they
+arrive in). Where the launch differs (another world size or data.num_workers), the interrupted epoch restarts
+from its beginning instead, with a warning: its finished steps' samples are seen once more.
+A sample that cannot be decoded (or, with offline.task=labels, has no usable labels) is logged, listed and
+replaced by the next; a shard that cannot be fetched is retried (a stream broken midway goes on after the samples
+already given), then listed and skipped (the worker reads its other shards again to keep the epoch's length).
 """
 from __future__ import annotations
 

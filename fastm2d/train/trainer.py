@@ -385,7 +385,7 @@ class Trainer:
 
     def _shard_batches(self) -> Iterator[Batch]:
         """Streamed tar shards: every rank reads its own shards, the same number of batches per epoch; a resumed
-        run restarts its epoch's stream from the beginning (data/shards.py)."""
+        run continues its epoch's stream exactly (data/shards.py)."""
         t, bpe = self.config.train, self.sampler.batches_per_epoch
         epoch, used = divmod(self.step * t.accum_steps, bpe)
         workers = self.config.data.num_workers
