@@ -146,6 +146,21 @@ def test_a_stream_broken_midway_is_fetched_again_without_repeating_samples(http_
     assert requests.count("/shard-000001.tar") == 2
 
 
+def test_a_shard_that_cannot_be_fetched_is_listed_and_the_epoch_keeps_its_length(shard_folder, http_server, tmp_path):
+    """A shard the manifest lists but the server answers 404 for: tried three times, listed with the reason, and
+    the run goes on; the worker reads its other shards again so the epoch keeps its 6 batches."""
+    _, out = shard_folder
+    base, requests, _ = http_server
+    (out / "shard-000002.tar").unlink()
+    bad = tmp_path / "bad.txt"
+    src = ShardSource(f"{base}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=4)
+    batches = list(ShardBatches(ShardCrops(src, 0, 42, 0, 1, batches=6, batch_size=2, bad_list=bad), 0))
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(batches) == 6 and not {f"{i:09d}" for i in (6, 7, 8)} & set(keys)  # shard 2 holds samples 6-8
+    assert requests.count("/shard-000002.tar") == 3
+    assert "shard-000002.tar: cannot be read" in bad.read_text() and "after 3 tries" in bad.read_text()
+
+
 def test_pretrain_streams_shards_over_http_and_resumes(http_base, tmp_path, capsys):
     run = tmp_path / "run"
     spec = f"{http_base}/shard-{{000000..000003}}.tar"
