@@ -222,9 +222,7 @@ def pretrain_from(args):
 
 def test_what_shards_do_not_do_yet_is_one_line(http_base, tmp_path, capsys):
     spec = f"{http_base}/shard-{{000000..000003}}.tar"
-    for extra, said in ((["offline.task=clap", f"offline.caption_embeddings={tmp_path}/e.npz"],
-                         "do not support offline.task=clap"),
-                        (["offline.task=distill", f"offline.features={tmp_path}"], "offline.features"),
+    for extra, said in ((["offline.task=distill", f"offline.features={tmp_path}"], "offline.features"),
                         (["offline.task=labels", f"offline.classes={tmp_path}/c.txt", "offline.balanced=true"],
                          "offline.balanced"),
                         (["offline.task=labels"], "set offline.classes=FILE")):
@@ -247,12 +245,7 @@ def test_a_small_set_fills_min_epoch_items_and_short_clips_can_be_tiled(http_bas
     keys = [key for b in batches for key in b["keys"]]
     crops = torch.cat([b["lms"] for b in batches])  # one worker: crop i is its i-th
     assert sorted(keys) == sorted([f"{i:09d}" for i in range(12)] * 2)
-    _, out = shard_folder
-    names = {}  # key -> the source file, from each sample's JSON
-    for k in range(4):
-        with tarfile.open(out / f"shard-{k:06d}.tar") as tar:
-            names.update({m.name[:-5]: json.loads(tar.extractfile(m).read())["name"]
-                          for m in tar.getmembers() if m.name.endswith(".json")})
+    names = _names_by_key(shard_folder[1])
     fe = LogMelSpectrogram(16000)
     short = 0
     for made, key in enumerate(keys):
@@ -328,6 +321,57 @@ def test_m2d_x_from_shards_noise_shards_labels_teacher_and_monitors(shard_folder
     assert main([*common, f"out_dir={run3}", f"data.train={spec}", "offline.task=regularize",
                  f"train.init_from={teacher}"]) == 0
     assert all(np.isfinite(r["loss_off"]) for r in read_metrics(run3))
+
+
+def _names_by_key(out):
+    """key -> the source file `prepare` recorded in each sample's JSON, over the shards in `out`."""
+    names = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            names.update({m.name[:-5]: json.loads(tar.extractfile(m).read())["name"]
+                          for m in tar.getmembers() if m.name.endswith(".json")})
+    return names
+
+
+def test_clap_targets_are_found_by_each_samples_file_name_and_drawn_by_its_crop(shard_folder, http_base, tmp_path):
+    """Precomputed caption embeddings keyed by file stem: every crop's target is one of ITS clip's rows (a clip
+    with two captions gets both over two epochs); a clip with no embedding is listed and skipped."""
+    from fastm2d.data.captions import NamedCaptions
+    _, out = shard_folder
+    names = _names_by_key(out)
+    rng = np.random.default_rng(0)
+    table = {f"c{i:02d}": rng.standard_normal((1 + i % 2, 8)).astype(np.float32) for i in range(12) if i != 5}
+    targets = NamedCaptions.from_precomputed(table, "capemb.npz")
+    src = ShardSource(f"{http_base}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=4)
+    bad, used = tmp_path / "bad.txt", {}
+    for epoch in range(2):
+        for b in ShardBatches(ShardCrops(src, epoch, 42, 0, 1, batches=5, batch_size=2, bad_list=bad,
+                                         targets=targets), 0):
+            for key, got in zip(b["keys"], b["offline"].numpy()):
+                rows = table[Path(names[key]).stem]
+                k = int(np.argmin(np.abs(rows - got).max(axis=1)))
+                assert np.array_equal(rows[k], got)
+                used.setdefault(Path(names[key]).stem, set()).add(k)
+    assert "c05" not in used and "c05.wav: no caption in capemb.npz" in bad.read_text()
+    assert any(len(ks) == 2 for ks in used.values())  # both captions of a two-caption clip drawn
+
+
+def test_clap_pretrains_from_shards_with_a_text_encoder(shard_folder, http_base, tmp_path):
+    """offline.task=clap over HTTP with captions in a CSV keyed by the files' paths, encoded by a local text model
+    (conftest.tiny_bert): trains, the CLIP term finite; the captions CSV need only hold what the shards hold."""
+    from .conftest import tiny_bert
+    clips, _ = shard_folder
+    tiny_bert(tmp_path / "text", ["low", "high", "tone"])
+    csv = tmp_path / "captions.csv"
+    csv.write_text("file_name,caption\n" + "".join(f"{f},{'low tone' if i < 6 else 'high tone'}\n"
+                                                  for i, f in enumerate(sorted(clips.glob("c*.wav")))))
+    run = tmp_path / "clap"
+    assert main(["pretrain", f"out_dir={run}", *TINY_TRAIN, "train.batch_size=2", "data.norm_stats=[-10,3.5]",
+                 f"data.train={http_base}/shard-{{000000..000003}}.tar", "offline.task=clap",
+                 f"offline.captions={csv}", f"offline.text_encoder={tmp_path / 'text'}",
+                 f"offline.caption_cache={tmp_path / 'cache'}", "model.lambda_off=0.01", "train.max_steps=2"]) == 0
+    rows = read_metrics(run)
+    assert len(rows) == 2 and all(np.isfinite(r["loss_off"]) and r["loss_off"] > 0 for r in rows)
 
 
 def test_a_sample_without_labels_is_listed_and_skipped(tmp_path):

@@ -7,6 +7,8 @@ once, offline, with a frozen text encoder; so does fastm2d), one drawn per train
                               list that shares captions, encodes only what is new
   read_precomputed(npz, ...)  embeddings made elsewhere: <audio file stem> -> (D,) or (n, D) (no pickle)
   CaptionTargets              item -> one of its caption embeddings, chosen from the crop's seed (exact resume)
+  NamedCaptions               the same for streamed shards: a sample -> its clip's embeddings, found by the file
+                              name in its JSON member
 
 Everything is checked at start-up: a training clip without a caption, an empty caption, embeddings of mixed
 width or non-finite values are each one DataError naming the file.
@@ -168,3 +170,47 @@ class CaptionTargets:
         lo, hi = self.offsets[item], self.offsets[item + 1]
         pick = lo if hi - lo == 1 else lo + np.random.default_rng((seed, 0xCA9)).integers(hi - lo)
         return self.table[self.rows[pick]]
+
+
+class NamedCaptions:
+    """A streamed sample -> one caption embedding of its clip, found by the `name` in its JSON member (the file path
+    `prepare --format shards` wrote): by that path in the captions CSV, else by its stem where the stem is unique
+    (precomputed embeddings are keyed by stem). A sample with no caption raises DataError naming it (listed and
+    skipped like an undecodable one)."""
+
+    def __init__(self, targets: CaptionTargets, paths: Sequence[str], stems: Sequence[str], source: str):
+        self.targets, self.dim, self.source = targets, targets.dim, source
+        self.by_path = {p: i for i, p in enumerate(paths) if p}
+        counts: Dict[str, int] = {}
+        for s in stems:
+            counts[s] = counts.get(s, 0) + 1
+        self.by_stem = {s: i for i, s in enumerate(stems) if counts[s] == 1}
+
+    @classmethod
+    def from_texts(cls, captions: Dict[Path, List[str]], source: str,
+                   embed: Callable[[List[str]], np.ndarray]) -> "NamedCaptions":
+        files = sorted(captions)
+        return cls(CaptionTargets.from_texts(files, captions, source, embed), [str(f) for f in files],
+                   [f.stem for f in files], source)
+
+    @classmethod
+    def from_precomputed(cls, embeddings: Dict[str, np.ndarray], source: str) -> "NamedCaptions":
+        stems = sorted(embeddings)
+        starts = np.concatenate([[0], np.cumsum([len(embeddings[s]) for s in stems])])
+        per_item = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
+        table = np.concatenate([embeddings[s] for s in stems]) if stems else np.zeros((0, 0), np.float32)
+        return cls(CaptionTargets(per_item, table), [], stems, source)
+
+    def __call__(self, sample: dict, seed: int) -> np.ndarray:
+        import json
+        where = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
+        try:
+            name = json.loads(sample["json"]).get("name") if "json" in sample else None
+        except (ValueError, AttributeError):
+            name = None
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{where}: no file name in its JSON member to find its captions by")
+        item = self.by_path.get(str(Path(name).resolve()), self.by_stem.get(Path(name).stem))
+        if item is None:
+            raise DataError(f"{where}: {name}: no caption in {self.source}")
+        return self.targets(item, 0, seed)

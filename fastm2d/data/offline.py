@@ -88,7 +88,7 @@ class ShardLabels:
         self.index = {c: i for i, c in enumerate(self.classes)}
         self.dim, self.single_label, self.classes_file = len(self.classes), single_label, classes_file
 
-    def __call__(self, sample: dict) -> np.ndarray:
+    def __call__(self, sample: dict, seed: int = 0) -> np.ndarray:
         import json
         name = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
         try:

@@ -23,7 +23,7 @@ continues with the very batches the uninterrupted run would have made (crop offs
 function of (seed, epoch, rank, worker, crop number); chunks are taken in (chunk, worker) order whatever order they
 arrive in). Where the launch differs (another world size or data.num_workers), the interrupted epoch restarts
 from its beginning instead, with a warning: its finished steps' samples are seen once more.
-A sample that cannot be decoded (or, with offline.task=labels, has no usable labels) is logged, listed and
+A sample that cannot be decoded (or has no usable labels or caption for its offline task) is logged, listed and
 replaced by the next; a shard that cannot be fetched is retried (a stream broken midway goes on after the samples
 already given), then listed and skipped (the worker reads its other shards again to keep the epoch's length).
 """
@@ -146,7 +146,6 @@ def shard_source(config) -> ShardSource:
     from ..frontend import pad_samples
     d, o = config.data, config.offline
     unsupported = [k for k, on in (("data.loader=dali", d.loader == "dali"),
-                                   ("offline.task=clap", o.task == "clap"),
                                    ("offline.features (precomputed teacher features)", o.features is not None),
                                    ("offline.balanced (sampling by label)", o.task == "labels" and o.balanced)) if on]
     if unsupported:
@@ -265,7 +264,7 @@ class ShardCrops(IterableDataset):
         self.bad_list = bad_list
         self.start = start  # per worker, its POSITION_FIELDS in a checkpoint: where a resumed epoch goes on
         self.background = background  # noise.BackgroundCrops: sample number -> its noise crop (M2D-X)
-        self.targets = targets  # sample dict -> its offline target (offline.ShardLabels), or None
+        self.targets = targets  # (sample, seed) -> its offline target (ShardLabels, NamedCaptions), or None
 
     def plan(self, workers: int):
         """(shards dealt to each worker, crops each worker makes): `batches` x `batch_size` crops on every rank,
@@ -316,15 +315,17 @@ class ShardCrops(IterableDataset):
                 for n, sample in enumerate(self._fetch(k, dead)):
                     if n < skip:
                         continue  # used before the interruption: read past, not decoded
+                    rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, made])
                     try:
-                        target = self.targets(sample) if self.targets is not None else None
-                        lms = _lms(sample, frontend, self.source.sample_rate, self.source.pad_to)
+                        lms = self.source.crop(_lms(sample, frontend, self.source.sample_rate, self.source.pad_to),
+                                               rng)
+                        # a caption drawn by the crop's own seed (a label set ignores it)
+                        target = self.targets(sample, int(rng.integers(2**62))) if self.targets is not None else None
                     except (AudioReadError, DataError) as e:
                         self._record(str(e))
                         skipped += 1
                         continue
-                    rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, made])
-                    crop = {"lms": self.source.crop(lms, rng)[None], "key": sample["__key__"], "skipped": skipped}
+                    crop = {"lms": lms[None], "key": sample["__key__"], "skipped": skipped}
                     if self.background is not None:
                         crop["bg"] = self.background(first_number + made)[None]
                     if target is not None:

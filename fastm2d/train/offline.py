@@ -22,8 +22,8 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, ModelConfig, check_model_config
-from ..data.captions import (CaptionTargets, default_cache_dir, embed_captions, encoder_fingerprint, read_captions,
-                             read_precomputed)
+from ..data.captions import (CaptionTargets, NamedCaptions, default_cache_dir, embed_captions, encoder_fingerprint,
+                             read_captions, read_precomputed)
 from ..data.offline import FeatureTargets, LabelTargets, ShardLabels
 from ..data.shards import ShardSource
 from ..frontend import FRONTEND_PARAMS, normalize, sound_info
@@ -107,7 +107,7 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
         return OfflineTask("labels", targets.dim, "ce" if o.single_label else "bce", targets=targets,
                            sample_weights=targets.balanced_weights() if o.balanced else None)
     if o.task == "clap":
-        return build_clap_task(config, names, device)
+        return build_clap_task(config, source, device)
     if o.task == "distill" and o.features is not None:
         hop = FRONTEND_PARAMS[config.data.sample_rate]["hop_length"]
         frames = getattr(source, "frames", None)
@@ -122,14 +122,16 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
     return OfflineTask(o.task, teacher.dim, "norm_mse", teacher=teacher)
 
 
-def build_clap_task(config: Config, names, device: torch.device) -> OfflineTask:
+def build_clap_task(config: Config, source, device: torch.device) -> OfflineTask:
     """Caption embeddings for every training file. With a text encoder, the first rank encodes what the cache
     does not hold while the others wait, then every rank reads the cache (one model load per run, not per rank)."""
     from ..distributed import barrier, dist_from_env
     o = config.offline
+    streamed = isinstance(source, ShardSource)  # targets found by each sample's file name, not by item
     if o.caption_embeddings is not None:
-        targets = CaptionTargets.from_precomputed(names, read_precomputed(Path(o.caption_embeddings)),
-                                                  o.caption_embeddings)
+        embeddings = read_precomputed(Path(o.caption_embeddings))
+        targets = NamedCaptions.from_precomputed(embeddings, o.caption_embeddings) if streamed else \
+            CaptionTargets.from_precomputed(source.names, embeddings, o.caption_embeddings)
         log.info("offline task: clap, %d-wide precomputed caption embeddings from %s", targets.dim,
                  o.caption_embeddings)
         return OfflineTask("clap", targets.dim, "clip", targets=targets, text_encoder=o.text_encoder,
@@ -152,13 +154,20 @@ def build_clap_task(config: Config, names, device: torch.device) -> OfflineTask:
     first = dist_from_env().rank == 0
     if not first:
         barrier()  # the first rank encodes and fills the cache
-    targets = CaptionTargets.from_texts(names, captions, str(csv),
-                                        lambda texts: embed_captions(texts, encode, fingerprint, cache))
+
+    def embed(texts):
+        return embed_captions(texts, encode, fingerprint, cache)
+
+    # streamed shards: every clip of the CSV (the stream is not read up front), found by name per sample
+    targets = NamedCaptions.from_texts(captions, str(csv), embed) if streamed else \
+        CaptionTargets.from_texts(source.names, captions, str(csv), embed)
     if first:
         barrier()
     state.clear()
+    table = targets.targets.table if streamed else targets.table
     log.info("offline task: clap, %d captions of %d clips from %s, %d-wide embeddings by %s (%s pooling)",
-             len(targets.table), len(names), csv, targets.dim, o.text_encoder, o.text_pooling)
+             len(table), len(captions) if streamed else len(source.names), csv, targets.dim, o.text_encoder,
+             o.text_pooling)
     return OfflineTask("clap", targets.dim, "clip", targets=targets, text_encoder=o.text_encoder,
                        text_pooling=o.text_pooling)
 
