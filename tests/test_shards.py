@@ -374,6 +374,36 @@ def test_clap_pretrains_from_shards_with_a_text_encoder(shard_folder, http_base,
     assert len(rows) == 2 and all(np.isfinite(r["loss_off"]) and r["loss_off"] > 0 for r in rows)
 
 
+def test_stats_of_streamed_shards_as_training_computes_them(shard_folder, http_base, capsys):
+    """`fastm2d stats <shards>`: mean and std over one crop of each of the first N samples in shard order, equal to
+    the same crops computed here from the source files (their padded log-mel, numpy's std in float64)."""
+    from fastm2d.data.dataset import crop_clip
+    from fastm2d.frontend import LogMelSpectrogram, pad_samples, read_audio
+    names = _names_by_key(shard_folder[1])
+    assert main(["stats", f"{http_base}/shard-{{000000..000003}}.tar", "--items", "5", *TINY_TRAIN[:8],
+                 "train.seed=7"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fe, rng, crops = LogMelSpectrogram(16000), np.random.default_rng(7), []
+    for key in sorted(names)[:5]:
+        wav = read_audio(Path(names[key]), 16000)
+        wav = torch.nn.functional.pad(wav, (0, max(0, pad_samples(16000, 64) - len(wav))))
+        crops.append(crop_clip(fe(wav).numpy(), 64, rng)[0].astype(np.float64))
+    values = np.concatenate([c.ravel() for c in crops])
+    assert record["norm_stats"] == pytest.approx([values.mean(), values.std()], rel=1e-6)
+
+
+def test_a_resume_of_another_shape_restarts_the_epoch_and_says_so(caplog):
+    from fastm2d.data.shards import resume_start
+    saved = {"epoch": 3, "rows": [[[0, 32, 0, 1, 5, 2], [1, 0, 0, 0, 0, 0]]] * 2}
+    assert resume_start(saved, 3, 4, 1, 2, 2) == saved["rows"][1]  # the same launch: exact
+    assert resume_start(saved, 4, 0, 0, 2, 2) is None  # a new epoch starts fresh
+    assert resume_start(None, 3, 4, 0, 2, 2) is None
+    with caplog.at_level("WARNING", logger="fastm2d.data"):
+        assert resume_start(saved, 3, 4, 0, 4, 2) is None  # 4 ranks now
+        assert resume_start(saved, 3, 4, 0, 2, 3) is None  # 3 loader workers now
+    assert caplog.text.count("restarts from its beginning") == 2
+
+
 def test_a_sample_without_labels_is_listed_and_skipped(tmp_path):
     from fastm2d.data.offline import ShardLabels
     from fastm2d.data.sources import DataError

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, is_shard_spec
 from ..atomic import write_atomic
 from ..distributed import barrier, dist_from_env
 from ..frontend import min_real_samples, pad_samples
@@ -24,10 +24,13 @@ def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = 
     """The embedded synthetic set, a prepared LogMelStore folder, or a folder / CSV of files (checked first).
 
     Short training clips follow frontend.py's rule (waveform zero-padded to the crop, or tiled with
-    data.repeat_short); background noise is never padded (it is tiled).
+    data.repeat_short); background noise is never padded (it is tiled). Streamed shards given for noise or
+    validation are copied to the machine first (training data given as shards streams: data/shards.py).
     """
     d, frames = config.data, config.model.input_size[1]
     tiled = label == "noise" or d.repeat_short
+    if is_shard_spec(spec):  # noise or validation clips, read at random: a copy on this machine (training streams)
+        spec = str(node_local_copy(spec))
     if is_store(spec):
         store = LogMelStore(spec, crop_frames=frames, repeat_short=tiled)
         if store.sample_rate != d.sample_rate:
@@ -44,6 +47,19 @@ def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = 
         write_atomic(listing, "".join(f"{b}\n" for b in bad) + "".join(found))
     require_usable(source.files, bad, d.on_bad_file, label, listing)
     return source
+
+
+def node_local_copy(spec: str) -> Path:
+    """Streamed shards as files in this machine's cache (data/shards.py local_copy): the node's first rank copies
+    while the others wait."""
+    from .shards import local_copy
+    together = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if together and dist_from_env().local_rank != 0:
+        barrier()
+    folder = local_copy(spec, user_cache("shard_copies"))
+    if together and dist_from_env().local_rank == 0:
+        barrier()
+    return folder
 
 
 def _found_while_training(listing: Path, files: set) -> List[str]:

@@ -143,7 +143,6 @@ class LeadingClips:
 def shard_source(config) -> ShardSource:
     """The run's shards, with what this path does not do refused in one line (each has its own path elsewhere)."""
     from ..config import ConfigError
-    from ..frontend import pad_samples
     d, o = config.data, config.offline
     unsupported = [k for k, on in (("data.loader=dali", d.loader == "dali"),
                                    ("offline.features (precomputed teacher features)", o.features is not None),
@@ -154,9 +153,15 @@ def shard_source(config) -> ShardSource:
     if o.task == "labels" and not o.classes:
         raise ConfigError(f"data.train={d.train}: offline.task=labels from streamed shards reads each sample's "
                           f"labels from its JSON and needs the class list up front: set offline.classes=FILE")
-    frames = config.model.input_size[1]
-    return ShardSource(d.train, d.sample_rate, frames, 0 if d.repeat_short else pad_samples(d.sample_rate, frames),
-                       d.stats_items, config.train.seed, d.repeat_short)
+    return open_shards(d.train, config, d.stats_items)
+
+
+def open_shards(spec: str, config, stats_items: int) -> ShardSource:
+    """Shards as a run with `config` reads them: its sample rate, crop, short-clip rule and seed."""
+    from ..frontend import pad_samples
+    d, frames = config.data, config.model.input_size[1]
+    return ShardSource(spec, d.sample_rate, frames, 0 if d.repeat_short else pad_samples(d.sample_rate, frames),
+                       stats_items, config.train.seed, d.repeat_short)
 
 
 def _samples(url: str) -> Iterator[dict]:
@@ -227,6 +232,22 @@ def local_copy(spec: str, cache: Path) -> Path:
     write_atomic(done, json.dumps({"spec": str(spec), "shards": len(urls), "files": files}))
     log.info("%s: %d files copied to %s", spec, files, folder)
     return folder
+
+
+def resume_start(saved: Optional[dict], epoch: int, used: int, rank: int, world: int,
+                 workers: int) -> Optional[List[List[int]]]:
+    """This rank's worker positions from a checkpoint's `shard_position`, where its epoch goes on exactly; None for
+    a fresh epoch (`used` = 0 batches of it done), no saved position, or a launch of another shape (world size,
+    loader workers), whose interrupted epoch then restarts from its beginning (said once, by rank 0)."""
+    if used == 0 or saved is None:
+        return None
+    rows = saved["rows"]
+    if saved["epoch"] == epoch and len(rows) == world and len(rows[rank]) == workers:
+        return rows[rank]
+    if rank == 0:
+        log.warning("resuming mid-epoch with another world size or data.num_workers than the checkpoint's (%d x %d):"
+                    " epoch %d of the shards restarts from its beginning", len(rows), len(rows[0]), epoch)
+    return None
 
 
 def deal_shards(n_shards: int, seed: int, epoch: int, rank: int, world: int, worker: int, workers: int) -> List[int]:

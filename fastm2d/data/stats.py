@@ -12,7 +12,7 @@ from typing import Callable, Iterable, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import Config, is_shard_spec
 from ..atomic import write_atomic
 from ..distributed import barrier, dist_from_env
 from .dataset import LogMelSource, random_crop
@@ -109,10 +109,14 @@ def _run_norm_stats_main(source, config: Config, path: Path, crop) -> List[float
 
 
 def dataset_stats(spec: str, config: Config, items: int) -> Tuple[dict, list]:
-    """`fastm2d stats`: the statistics of a folder / CSV as training would compute them (its crop and short-clip
-    rule) -> (the record in the one schema, the files left out with their reasons)."""
+    """`fastm2d stats`: the statistics of a folder / CSV / streamed shards as training would compute them (its crop
+    and short-clip rule) -> (the record in the one schema, the files left out with their reasons)."""
     from .dataset import training_crop
     from .open_source import file_source
+    if is_shard_spec(spec):  # streamed: the first `items` readable samples, as a run on them computes
+        from .shards import open_shards
+        source = open_shards(spec, config, items)
+        return {"norm_stats": source.norm_stats, "items": min(items, len(source)), "skipped_files": 0}, []
     source, bad = file_source(spec, config, config.data.root, pad=not config.data.repeat_short)
     if not source.files:
         raise DataError(f"{spec}: none of its {len(bad)} files is usable (first: {bad[0]})")

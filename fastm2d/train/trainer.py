@@ -25,16 +25,17 @@ from ..data import CropDataset, EpochSampler
 from ..data.dataset import training_crop
 from ..data.noise import BackgroundCrops, NoisePicker, tile_crop
 from ..data.open_source import open_source
-from ..data.shards import POSITION_FIELDS, LeadingClips, ShardBatches, ShardCrops, ShardSource, local_copy, shard_source
+from ..data.shards import (POSITION_FIELDS, LeadingClips, ShardBatches, ShardCrops, ShardSource, resume_start,
+                           shard_source)
 from ..data.sources import AUDIO_EXTS
 from ..data.stats import run_norm_stats
 from ..frontend import normalize
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
-from ..run_folder import RunFolder, user_cache
+from ..run_folder import RunFolder
 from .flops import mfu, peak_flops, train_flops_per_sample
-from ..distributed import all_gather_stacked, all_reduce_, barrier, dist_from_env
+from ..distributed import all_gather_stacked, all_reduce_, dist_from_env
 from ..folder_lock import RunLock
 from .engine import init_distributed, make_engine, release_process_groups, wants_deepspeed
 from .checkpointer import Checkpointer, RandomState
@@ -224,8 +225,7 @@ class Trainer:
         self.noise, self.background, self.eta, self.noise_mean = None, None, 0.0, 0.0
         noise = config.data.noise
         if noise.train is not None and noise.eta > 0:
-            spec = self._local_noise(noise.train) if is_shard_spec(noise.train) else noise.train
-            self.noise = open_source(spec, config, self.out_dir, noise.root, label="noise", seed_offset=1)
+            self.noise = open_source(noise.train, config, self.out_dir, noise.root, label="noise", seed_offset=1)
             self.background = BackgroundCrops(self.noise, NoisePicker(len(self.noise), t.seed),
                                               config.model.input_size[1], getattr(self.noise, "dtype", np.float32))
             self.eta = noise.eta
@@ -236,18 +236,6 @@ class Trainer:
                         bad_list=self.run.bad_files("training"),
                         offline=self.offline.targets if self.offline else None,
                         repeat_short=config.data.repeat_short)
-
-    def _local_noise(self, spec: str) -> str:
-        """Background noise given as streamed shards: copied once to this machine's cache (each node's first rank
-        copies while the others wait), then read at random as files."""
-        cache = user_cache("shard_copies")
-        together = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if together and self.dist.local_rank != 0:
-            barrier()
-        folder = local_copy(spec, cache)
-        if together and self.dist.local_rank == 0:
-            barrier()
-        return str(folder)
 
     def _build_monitor(self) -> None:
         """Representation monitors every train.eval_every steps, on rank 0 only (the others wait at the next
@@ -389,7 +377,8 @@ class Trainer:
         t, bpe = self.config.train, self.sampler.batches_per_epoch
         epoch, used = divmod(self.step * t.accum_steps, bpe)
         workers = self.config.data.num_workers
-        start = self._shard_resume_point(epoch, used)
+        start = resume_start(getattr(self, "_saved_shard_position", None), epoch, used, self.dist.rank,
+                             self.dist.world_size, max(workers, 1))
         while True:
             crops = ShardCrops(self.source, epoch, t.seed, self.dist.rank, self.dist.world_size, bpe, t.batch_size,
                                bad_list=self.run.bad_files("training"), start=start, background=self.background,
@@ -400,22 +389,6 @@ class Trainer:
                 self._skipped += batch["skipped"]
                 yield self.to_batch(batch["lms"], batch.get("bg"), batch.get("offline"))
             epoch, start = epoch + 1, None
-
-    def _shard_resume_point(self, epoch: int, used: int) -> Optional[List[List[int]]]:
-        """This rank's worker positions in the checkpoint's epoch (shards.py: exact resume), or None: a fresh
-        epoch, or a launch of another shape, whose interrupted epoch restarts (said once)."""
-        saved = getattr(self, "_saved_shard_position", None)
-        workers = max(self.config.data.num_workers, 1)
-        if used == 0 or saved is None:
-            return None
-        if saved["epoch"] == epoch and len(saved["rows"]) == self.dist.world_size and \
-                len(saved["rows"][self.dist.rank]) == workers:
-            return saved["rows"][self.dist.rank]
-        if self.dist.is_main:
-            log.warning("resuming mid-epoch with another world size or data.num_workers than the checkpoint's "
-                        "(%d x %d): epoch %d of the shards restarts from its beginning", len(saved["rows"]),
-                        len(saved["rows"][0]), epoch)
-        return None
 
     def _dali_batches(self) -> Iterator[torch.Tensor]:
         """DALI decodes on CPU threads and computes the log-mel on the GPU; model state resumes exactly, the
