@@ -374,6 +374,19 @@ def test_clap_pretrains_from_shards_with_a_text_encoder(shard_folder, http_base,
     assert len(rows) == 2 and all(np.isfinite(r["loss_off"]) and r["loss_off"] > 0 for r in rows)
 
 
+def test_shards_read_through_a_pipe_command_find_their_manifest_through_it_too(shard_folder):
+    """`pipe:CMD` (as `pipe:aws s3 cp s3://bucket/shard-000000.tar -`): shards.json is read by the same command with
+    the shard's name replaced, and the samples stream from the commands' output."""
+    from fastm2d.data.shards import manifest_address
+    assert manifest_address("pipe:aws s3 cp s3://b/as/shard-000007.tar -") == "pipe:aws s3 cp s3://b/as/shards.json -"
+    assert manifest_address("https://h/x/shard-1.tar") == "https://h/x/shards.json"
+    _, out = shard_folder
+    src = ShardSource(f"pipe:cat {out}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=4)
+    assert len(src) == 12
+    keys = [k for b in ShardBatches(ShardCrops(src, 0, 42, 0, 1, batches=6, batch_size=2), 0) for k in b["keys"]]
+    assert sorted(keys) == [f"{i:09d}" for i in range(12)]
+
+
 def test_stats_of_streamed_shards_as_training_computes_them(shard_folder, http_base, capsys):
     """`fastm2d stats <shards>`: mean and std over one crop of each of the first N samples in shard order, equal to
     the same crops computed here from the source files (their padded log-mel, numpy's std in float64)."""

@@ -73,6 +73,19 @@ def _open(url: str):
     return gopen(url, "rb")
 
 
+def manifest_address(first_shard: str) -> str:
+    """Where shards.json is: beside the first shard, in the same transport (a path, a URL, or the same pipe command
+    with the shard's file name replaced: `pipe:aws s3 cp s3://b/x/shard-000000.tar -` -> `... s3://b/x/shards.json
+    -`)."""
+    if first_shard.startswith("pipe:"):
+        tar = next((word for word in first_shard.split() if ".tar" in word), None)
+        if tar is None:
+            raise DataError(f"{first_shard}: a pipe: command with no .tar in it: cannot tell where {MANIFEST} is")
+        name = tar.rsplit("/", 1)[-1]
+        return first_shard.replace(tar, tar[:len(tar) - len(name)] + MANIFEST, 1)
+    return f"{first_shard.rsplit('/', 1)[0]}/{MANIFEST}" if "/" in first_shard else MANIFEST
+
+
 class ShardSource:
     """The shards of a run and their sample counts (from shards.json beside them)."""
 
@@ -81,8 +94,7 @@ class ShardSource:
         self.urls = shard_urls(spec)
         if not self.urls:
             raise DataError(f"data.train={spec}: no shard")
-        base = self.urls[0].rsplit("/", 1)[0] if "/" in self.urls[0] and not self.urls[0].startswith("pipe:") else "."
-        manifest_url = f"{base}/{MANIFEST}"
+        manifest_url = manifest_address(self.urls[0])
         try:
             with _open(manifest_url) as f:
                 manifest = json.loads(f.read())
