@@ -10,7 +10,7 @@ from pathlib import Path
 from . import __version__
 from .atomic import DISK_FULL, write_atomic
 from .config import ATTENTION_CHOICES
-from .errors import AudioReadError, DataError, MachineFault, UserError
+from .errors import AudioReadError, DataError, MachineFault, UserError, message
 from .spellings import settle
 
 # Nothing heavy at import time: `fastm2d --help` answers without loading torch; each command imports its own.
@@ -372,10 +372,10 @@ def main(argv=None) -> int:
         settle(args)  # one spelling: --weights, --out, key=value (the old ones warned)
         args.func(args)
     except USER_ERRORS as e:
-        print(f"fastm2d {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastm2d {args.command}: error: {message(e)}", file=sys.stderr)
         return 2
     except MachineFault as e:  # faults of the machine, not of the input
-        print(f"fastm2d {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastm2d {args.command}: error: {message(e)}", file=sys.stderr)
         return 1
     except OSError as e:  # every writer goes through atomic.py: the target is untouched, its temporary file gone
         if e.errno not in DISK_FULL:

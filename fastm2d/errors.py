@@ -51,3 +51,15 @@ class CheckpointWriteError(MachineFault):
 
 class LinkInTheWay(UserError):
     """A symbolic link stands where fastm2d would write a file: it never writes through a link it did not create."""
+
+
+def message(e: BaseException) -> str:
+    """The line to print for an error. One raised in a DataLoader worker arrives re-raised by torch with the
+    worker's whole traceback as its message ('Caught DataError in DataLoader worker process 0. Original
+    Traceback ...'): its own message is the last line, after the exception's name."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        name = f"{type(e).__module__}.{type(e).__qualname__}: "
+        return last[len(name):] if last.startswith(name) else last
+    return text

@@ -417,6 +417,25 @@ def test_a_resume_of_another_shape_restarts_the_epoch_and_says_so(caplog):
     assert caplog.text.count("restarts from its beginning") == 2
 
 
+def test_shards_with_no_usable_sample_stop_with_one_line_from_a_loader_worker(tmp_path, capsys):
+    """Every sample undecodable: the loader worker's DataError reaches the user as its own one line (torch re-raises
+    a worker's error with the worker's traceback as its message), exit 2."""
+    import webdataset
+    for k in range(2):
+        with webdataset.TarWriter(str(tmp_path / f"shard-{k:06d}.tar")) as w:
+            for i in range(3):
+                w.write({"__key__": f"{k}{i:08d}", "wav": b"RIFF-but-not-audio" * 8})
+    (tmp_path / "shards.json").write_text(json.dumps({"shards": [{"file": f"shard-{k:06d}.tar", "samples": 3}
+                                                                for k in range(2)]}))
+    args = ["pretrain", f"out_dir={tmp_path / 'run'}", *[a for a in TINY_TRAIN if not a.startswith("data.num_w")],
+            f"data.train={tmp_path}/shard-{{000000..000001}}.tar", "data.num_workers=1", "train.batch_size=2",
+            "data.norm_stats=[-10,3.5]", "train.max_steps=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastm2d pretrain: error: rank 0 worker 0: none of its shards gave a usable sample")
+    assert not any("Traceback" in line for line in err)
+
+
 def test_a_sample_without_labels_is_listed_and_skipped(tmp_path):
     from fastm2d.data.offline import ShardLabels
     from fastm2d.data.sources import DataError
