@@ -77,6 +77,21 @@ def test_folder_and_csv_sources(tmp_path):
         list_files(str(tmp_path / "nowhere"))
 
 
+def test_ogg_audio_named_oga_and_opus_is_found_and_read(tmp_path):
+    """Desktop sound themes ship Ogg audio as .oga; Opus in Ogg is .opus: both listed and decoded (libsndfile),
+    not silently left out of a folder."""
+    import soundfile as sf
+    tone = (0.3 * np.sin(np.arange(48000) * 2 * np.pi * 440 / 48000)).astype(np.float32)
+    sf.write(str(tmp_path / "bell.oga"), tone, 48000, format="OGG", subtype="VORBIS")
+    sf.write(str(tmp_path / "voice.opus"), tone, 48000, format="OGG", subtype="OPUS")
+    files = list_files(str(tmp_path))
+    assert [f.name for f in files] == ["bell.oga", "voice.opus"]
+    good, bad = check_files(files)
+    assert len(good) == 2 and not bad
+    lms = LogMelSource(good).load(1)
+    assert lms.shape == (80, 101) and np.isfinite(lms).all()
+
+
 def test_bad_files_are_all_found_before_training(tmp_path):
     _make_files(tmp_path)
     good, bad = check_files(list_files(str(tmp_path)))

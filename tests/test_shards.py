@@ -511,3 +511,44 @@ def test_two_processes_stream_disjoint_shards_over_http_and_resume_exactly(http_
     for k, v in whole["model"].items():
         assert torch.equal(resumed["model"][k], v), k
     assert [row["step"] for row in read_metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.skipif(__import__("benchmarks.real_sounds", fromlist=["x"]).missing_reason("lmms-common") is not None,
+                    reason="real sound package lmms-common not fetched (run: python benchmarks/real_sounds.py fetch)")
+def test_real_recordings_stream_from_shards_as_they_read_from_files(tmp_path):
+    """Real recordings (LMMS's sample library: OGG, FLAC, WAV at 22.05-96 kHz, 0.1-11 s, some too short or not
+    audio; freedesktop's OGA sounds) -> `prepare --format shards` -> HTTP: every crop equals the crop computed
+    here from the file itself (read_audio, the short-clip pad, crop_clip with the crop's seed), and a run trains."""
+    from benchmarks.real_sounds import sound_files
+    from fastm2d.data.dataset import crop_clip
+    from fastm2d.frontend import LogMelSpectrogram, pad_samples, read_audio
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    real = sound_files("lmms-common", "usr/share/lmms/samples")[::6] + sound_files("sound-theme-freedesktop")[::5]
+    for f in real:
+        (clips / f"{f.parent.name}_{f.name}").symlink_to(f)
+    out = tmp_path / "shards"
+    assert main(["prepare", str(clips), "--out", str(out), "--format", "shards", "--files-per-shard", "8"]) == 0
+    manifest = json.loads((out / "shards.json").read_text())
+    failures = (out / "failures.tsv").read_text().splitlines()[1:]
+    assert manifest["samples"] + len(failures) == len(real) and manifest["samples"] >= 30
+    handler = functools.partial(type("H", (_Handler,), {"requests": [], "cut_once": set()}), directory=str(out))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        spec = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000000..{len(manifest['shards']) - 1:06d}}}.tar"
+        src = ShardSource(spec, 16000, 64, pad_samples(16000, 64), stats_items=8)
+        batches = list(ShardBatches(ShardCrops(src, 0, 3, 0, 1, batches=manifest["samples"] // 2, batch_size=2), 0))
+        names, fe = _names_by_key(out), LogMelSpectrogram(16000)
+        for made, (key, crop) in enumerate(zip([k for b in batches for k in b["keys"]],
+                                               torch.cat([b["lms"] for b in batches]))):
+            wav = read_audio(Path(names[key]), 16000)
+            wav = torch.nn.functional.pad(wav, (0, max(0, pad_samples(16000, 64) - len(wav))))
+            want = crop_clip(fe(wav).numpy(), 64, np.random.default_rng([3, 0, 0, 0, made]))[0]
+            np.testing.assert_allclose(crop[0].numpy(), want, rtol=1e-5, atol=1e-5, err_msg=names[key])
+        run = tmp_path / "run"
+        assert main(["pretrain", f"out_dir={run}", *TINY_TRAIN, f"data.train={spec}", "train.batch_size=4",
+                     "data.stats_items=16", "train.max_steps=2"]) == 0
+        assert all(np.isfinite(r["loss"]) for r in read_metrics(run))
+    finally:
+        server.shutdown()

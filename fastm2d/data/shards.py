@@ -1,7 +1,7 @@
 """Training data streamed from tar shards in the webdataset layout, for machines that share no file system: local
 paths, `http(s)://` URLs or `pipe:COMMAND` (e.g. `pipe:aws s3 cp s3://bucket/shard-000001.tar -`), brace-expanded
 (`.../shard-{000000..000099}.tar`). The webdataset library reads the tar streams; fastm2d decodes each sample's
-audio (its original bytes: WAV, FLAC, OGG, MP3), applies the front end and the short-clip rule, and crops.
+audio (its original bytes: WAV, FLAC, OGG, Opus, MP3, AIFF), applies the front end and the short-clip rule, and crops.
 
   write_shards(SRC, OUT)   `fastm2d prepare SRC --out OUT --format shards [--labels CSV]`: checked files ->
                            shard-NNNNNN.tar of their original bytes (no re-encoding) and a JSON member (name,
@@ -44,12 +44,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..atomic import atomic_file, open_append, write_atomic
 from ..frontend import AudioReadError, LogMelSpectrogram, decode_audio, first_line
 from .dataset import crop_clip, padded_lms
-from .sources import DataError
+from .sources import AUDIO_EXTS, DataError
 from .stats import mean_std
 
 log = logging.getLogger("fastm2d.data")
 MANIFEST = "shards.json"
-AUDIO_KEYS = ("wav", "flac", "ogg", "oga", "mp3")
+AUDIO_KEYS = tuple(sorted(e.lstrip(".") for e in AUDIO_EXTS))  # a sample's audio member: what files may hold
 POSITION_FIELDS = ("worker", "crops", "pass", "shard", "samples", "used")  # a chunk's start in its worker's epoch
 # stream (crops made, pass over its shards, shard, samples read in it) and its crops already in finished steps
 FETCH_TRIES = 3

@@ -20,7 +20,8 @@ from .file_list import FileList
 
 log = logging.getLogger("fastm2d.data")
 
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+# what libsndfile decodes: .oga is Ogg audio as desktop sound themes ship it, .opus Opus in Ogg (libsndfile >= 1.0.29)
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif"}
 LMS_EXT = ".npy"
 CSV_COLUMNS = ("file_name", "path", "filename", "file")
 
