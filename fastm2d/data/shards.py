@@ -410,16 +410,18 @@ class ShardBatches:
                        for c in range(self.state[w][1] // size if self.state[w][1] < quotas[w] else chunks[w],
                                       chunks[w]))
         arrived, loader = {}, iter(DataLoader(self.crops, batch_size=None, num_workers=self.workers))
-        pieces, have = [], 0  # (worker, chunk, first crop, last crop) waiting for a whole batch
+        pieces, have = [], 0  # (chunk, first crop, end) of the batch being filled
         for c, w in order:
             while (w, c) not in arrived:
-                chunk = next(loader)
+                chunk = next(loader, None)
+                if chunk is None:  # a worker makes exactly its quota (or raises): this would be a bug here
+                    raise DataError(f"rank {self.crops.rank}: the loader workers ended before chunk {c} of worker {w}")
                 arrived[tuple(chunk["chunk"])] = chunk
             chunk = arrived.pop((w, c))
             first = self.state[w][5] if self.state[w][1] == chunk["start"][0] else 0  # the resumed chunk's used crops
-            size = len(chunk["keys"])
-            while first < size:
-                take = min(size - first, self.crops.batch_size - have)
+            n_crops = len(chunk["keys"])
+            while first < n_crops:
+                take = min(n_crops - first, self.crops.batch_size - have)
                 pieces.append((chunk, first, first + take))
                 have, first = have + take, first + take
                 if have == self.crops.batch_size:
