@@ -2,9 +2,9 @@
 
     python benchmarks/streamed_shards.py /tmp/shardbench [--clips 160] [--rounds 3]
 
-Builds 10 s clips (benchmarks/data_cases.make_clips) as WAV and as FLAC, `prepare --format shards` of each, and
-a prepared store, then times, round-robin over the paths (each round every path once, so drift hits all alike):
-the reference loader on the WAV and FLAC files, shards of each from a local path, WAV shards over HTTP
+Builds 10 s clips (benchmarks/data_cases.make_clips) as WAV and as FLAC, `prepare --format shards` of each,
+`--format logmel-shards` of the WAV, and a prepared store, then times, round-robin over the paths (each round every path once, so drift hits all alike):
+the reference loader on the WAV and FLAC files, shards of each from a local path, WAV and log-mel shards over HTTP
 (`python -m http.server` on 127.0.0.1, a separate process), and the store. One worker per path; medians and
 min-max over the rounds. The memory of a loader group: proportional set size (PSS: shared pages split among
 the processes sharing them) of the main process and its workers, summed, while 2 workers stream (shards over
@@ -41,10 +41,12 @@ def flac_copies(files, folder: Path) -> list:
     return out
 
 
-def shards_of(src: Path, out: Path, per_shard: int) -> str:
+def shards_of(src: Path, out: Path, per_shard: int, logmel: bool = False) -> str:
     from fastm2d.data.shards import write_shards
     if not (out / "shards.json").is_file():
-        write_shards(str(src), out, per_shard, progress=False)
+        write_shards(str(src), out, per_shard, progress=False, workers=2,
+                     logmel=dict(sample_rate=16000, crop_frames=608, dtype="float16", min_patch_frames=16)
+                     if logmel else None)
     n = len(json.loads((out / "shards.json").read_text())["shards"])
     return f"{out}/shard-{{000000..{n - 1:06d}}}.tar"
 
@@ -111,18 +113,22 @@ def main() -> None:
     per_shard = max(1, args.clips // 8)
     wav_shards = shards_of(args.folder / "wav", args.folder / "wav_shards", per_shard)
     flac_shards = shards_of(args.folder / "flac", args.folder / "flac_shards", per_shard)
+    lms_shards = shards_of(args.folder / "wav", args.folder / "lms_shards", per_shard, logmel=True)
     store = args.folder / "store"
     if not (store / "manifest.json").is_file():
         from fastm2d.data.prepare import prepare
         prepare(str(args.folder / "wav"), store, workers=2, stats_items=64, progress=False)
-    server, base = http_server(args.folder / "wav_shards")
-    http_spec = f"{base}/{Path(wav_shards).name}"
+    server, base = http_server(args.folder)
+    http_spec = f"{base}/wav_shards/{Path(wav_shards).name}"
+    http_lms = f"{base}/lms_shards/{Path(lms_shards).name}"
     paths = {
         "raw WAV files, reference front end": lambda: reference_loader_rate(wavs, 1),
         "raw FLAC files, reference front end": lambda: reference_loader_rate(flacs, 1),
         "streamed shards of WAV, local path": lambda: streamed_shard_rate(wav_shards, 1),
         "streamed shards of FLAC, local path": lambda: streamed_shard_rate(flac_shards, 1),
         "streamed shards of WAV over HTTP (127.0.0.1)": lambda: streamed_shard_rate(http_spec, 1),
+        "streamed log-mel shards (fp16), local path": lambda: streamed_shard_rate(lms_shards, 1, batches=30),
+        "streamed log-mel shards (fp16) over HTTP (127.0.0.1)": lambda: streamed_shard_rate(http_lms, 1, batches=30),
         "prepared store (fp16 log-mel)": lambda: shard_loader_rate(store, 1),
     }
     try:

@@ -76,10 +76,12 @@ def cmd_stats(args) -> None:
 def cmd_prepare(args) -> None:
     from .data.prepare import prepare
 
-    if args.format == "shards":  # streamed training (no shared file system): the original bytes in tar shards
+    if args.format in ("shards", "logmel-shards"):  # streamed training (no shared file system): tar shards
         from .data.shards import write_shards
+        logmel = dict(sample_rate=args.sample_rate, crop_frames=args.crop_frames, dtype=args.dtype,
+                      min_patch_frames=args.min_patch_frames) if args.format == "logmel-shards" else None
         print(json.dumps(write_shards(args.src, args.out, args.files_per_shard, args.root, progress=True,
-                                      labels=args.labels)))
+                                      labels=args.labels, logmel=logmel, workers=args.workers)))
         return
     if args.labels:
         raise UserError("--labels goes into streamed shards (--format shards); a store's training run reads "
@@ -243,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="store folder; re-running completes an interrupted preparation")
     pr.add_argument("--workers", type=at_least(0), default=None,
                     help="worker processes; 0 = in this process (as data.num_workers=0); default: one per core")
-    pr.add_argument("--format", choices=("store", "shards"), default="store",
+    pr.add_argument("--format", choices=("store", "shards", "logmel-shards"), default="store",
                     help="store: memory-mapped log-mel shards; shards: tar shards of the original audio bytes "
-                         "(webdataset layout) for training streamed over HTTP or a pipe, with shards.json")
+                         "(webdataset layout) for training streamed over HTTP or a pipe, with shards.json; "
+                         "logmel-shards: tar shards of the log-mel a store holds (no decoding while training) "
+                         "(default: %(default)s)")
     pr.add_argument("--files-per-shard", type=at_least(1), default=1000, help="files per shard")
     pr.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision")
     pr.add_argument("--sample-rate", type=int, default=16000, help="front end: 16000 or 32000")
@@ -256,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-patch-frames", type=at_least(1), default=16,
                     help="files with less audio than this many frames (one patch width) are listed as failures")
     pr.add_argument("--root", help="base folder for relative paths in a CSV")
-    pr.add_argument("--labels", help="with --format shards: a CSV of file,labels whose labels go into each sample's "
-                                     "JSON (for offline.task=labels from the shards)")
+    pr.add_argument("--labels", help="with --format shards / logmel-shards: a CSV of file,labels whose labels go into "
+                                     "each sample's JSON (for offline.task=labels from the shards)")
     pr.set_defaults(func=cmd_prepare, out_required=True)
 
     em = sub.add_parser("embed", help="audio files, folders or CSV lists -> features (.npy per clip, mirrored "

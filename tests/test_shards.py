@@ -387,6 +387,38 @@ def test_shards_read_through_a_pipe_command_find_their_manifest_through_it_too(s
     assert sorted(keys) == [f"{i:09d}" for i in range(12)]
 
 
+def test_logmel_shards_hold_what_a_store_holds_and_train(shard_folder, tmp_path, capsys):
+    """`prepare --format logmel-shards`: each sample is the log-mel the store holds for its file (fp16, padded by
+    the rule for the longest crop, cut as the store cuts it for this crop), so their crops equal the audio shards'
+    crops up to fp16 rounding; a run trains on them; a run at another sample rate is refused."""
+    clips, audio = shard_folder
+    out = tmp_path / "lms"
+    assert main(["prepare", str(clips), "--out", str(out), "--format", "logmel-shards", "--files-per-shard", "3",
+                 "--crop-frames", "64", "--workers", "2"]) == 0
+    manifest = json.loads((out / "shards.json").read_text())
+    assert manifest["format"] == "fastm2d-logmel-shards" and manifest["samples"] == 12
+    assert manifest["frontend"]["sample_rate"] == 16000 and manifest["max_crop_frames"] == 64
+    assert "broken.wav" in (out / "failures.tsv").read_text()
+    spec = "shard-{000000..000003}.tar"
+    from fastm2d.frontend import pad_samples
+    a = ShardSource(f"{audio}/{spec}", 16000, 64, pad_samples(16000, 64), stats_items=4)
+    m = ShardSource(f"{out}/{spec}", 16000, 64, pad_samples(16000, 64), stats_items=4)
+    ba = list(ShardBatches(ShardCrops(a, 0, 42, 0, 1, batches=6, batch_size=2), 0))
+    bm = list(ShardBatches(ShardCrops(m, 0, 42, 0, 1, batches=6, batch_size=2), 0))
+    assert [b["keys"] for b in ba] == [b["keys"] for b in bm]
+    crops_a, crops_m = torch.cat([b["lms"] for b in ba]), torch.cat([b["lms"] for b in bm])
+    assert torch.allclose(crops_a, crops_m, atol=0.02)  # fp16 of log-mel values of magnitude < 16
+    assert m.norm_stats == pytest.approx(a.norm_stats, rel=1e-3)
+    run = tmp_path / "run"
+    assert main(["pretrain", f"out_dir={run}", *TINY_TRAIN, f"data.train={out}/{spec}", "train.batch_size=2",
+                 "train.max_steps=2", "data.stats_items=6"]) == 0
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(run))
+    capsys.readouterr()
+    assert main(["pretrain", f"out_dir={tmp_path / 'r32'}", *TINY_TRAIN, f"data.train={out}/{spec}",
+                 "data.sample_rate=32000", "train.max_steps=1"]) == 2
+    assert "log-mel made at 16000 Hz" in capsys.readouterr().err
+
+
 def test_stats_of_streamed_shards_as_training_computes_them(shard_folder, http_base, capsys):
     """`fastm2d stats <shards>`: mean and std over one crop of each of the first N samples in shard order, equal to
     the same crops computed here from the source files (their padded log-mel, numpy's std in float64)."""

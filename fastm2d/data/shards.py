@@ -5,7 +5,8 @@ audio (its original bytes: WAV, FLAC, OGG, Opus, MP3, AIFF), applies the front e
 
   write_shards(SRC, OUT)   `fastm2d prepare SRC --out OUT --format shards [--labels CSV]`: checked files ->
                            shard-NNNNNN.tar of their original bytes (no re-encoding) and a JSON member (name,
-                           labels), failures.tsv, and shards.json (samples per shard)
+                           labels), failures.tsv, and shards.json (samples per shard); `--format logmel-shards`:
+                           each file's log-mel as a store holds it instead (no decoding while training)
   ShardSource(spec)        the shard list and its sample counts (shards.json beside the shards); `norm_stats`
                            and the monitors' clips (LeadingClips) from the first samples
   ShardCrops               one rank's epoch, made by its loader workers: the shards are ordered by (seed, epoch) and
@@ -46,6 +47,7 @@ from ..frontend import AudioReadError, LogMelSpectrogram, decode_audio, first_li
 from .dataset import crop_clip, padded_lms
 from .sources import AUDIO_EXTS, DataError
 from .stats import mean_std
+from .store import item_span
 
 log = logging.getLogger("fastm2d.data")
 MANIFEST = "shards.json"
@@ -110,6 +112,16 @@ class ShardSource:
         self.stats_items, self.seed, self.repeat_short = stats_items, seed, repeat_short
         self.names = [f"{u}#{n}" for u, n in zip(self.urls, self.counts)]  # what statistics are computed from
         self._stats = None
+        self.logmel = manifest.get("format") == "fastm2d-logmel-shards"  # samples hold log-mel, not audio
+        if self.logmel:
+            made_at = int(manifest.get("frontend", {}).get("sample_rate", 0))
+            if made_at != sample_rate:
+                raise DataError(f"{manifest_url}: log-mel made at {made_at} Hz, this run's data.sample_rate is "
+                                f"{sample_rate}")
+            max_crop = int(manifest.get("max_crop_frames", frames))
+            if frames > max_crop and not repeat_short:
+                log.warning("%s: log-mel prepared for crops of up to %d frames; crops of %d frames pad its short "
+                            "clips with the log-mel of silence", manifest_url, max_crop, frames)
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -123,6 +135,27 @@ class ShardSource:
                                         f"{self.urls[0]}: no readable sample to compute statistics from"))
         return self._stats
 
+    def log_mel(self, sample: dict, frontend: LogMelSpectrogram) -> np.ndarray:
+        """A sample -> log-mel (F, T) with the short-clip rule applied (float32; log-mel shards: their dtype). Audio (its original bytes): the
+        files' own decoder and padding (frontend.decode_audio, dataset.padded_lms). Log-mel shards: the stored
+        array cut as a store cuts it for this crop (store.item_span)."""
+        name = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
+        if not self.logmel:
+            key = next((k for k in AUDIO_KEYS if k in sample), None)
+            if key is None:
+                raise AudioReadError(f"{name}: no audio member ({', '.join(AUDIO_KEYS)})")
+            return padded_lms(decode_audio(io.BytesIO(sample[key]), name, self.sample_rate), frontend, self.pad_to)
+        try:
+            lms = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+            audio_frames = int(json.loads(sample["json"])["audio_frames"])
+        except Exception as e:  # noqa: BLE001 - a missing member, a damaged array or JSON: this sample only
+            raise AudioReadError(f"{name}: not a log-mel sample ({first_line(e)})") from None
+        if lms.ndim != 2 or lms.shape[0] != frontend.mel.n_mels or lms.shape[1] < 1 or not np.isfinite(lms).all():
+            raise AudioReadError(f"{name}: log-mel of shape {lms.shape} (or NaN / inf), expected "
+                                 f"({frontend.mel.n_mels}, frames)")
+        span = int(item_span(lms.shape[1], audio_frames, self.frames, self.repeat_short))
+        return lms[:, :max(span, 1)]  # in its stored dtype: the crop converts only its own window to float32
+
     def crop(self, lms: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The training crop of a sample's log-mel (the short-clip rule of the run: padded, or tiled)."""
         return crop_clip(lms, self.frames, rng, self.repeat_short)[0]
@@ -132,7 +165,7 @@ class ShardSource:
         frontend, rng = LogMelSpectrogram(self.sample_rate), np.random.default_rng(seed)
         for sample in itertools.chain.from_iterable(_samples(url) for url in self.urls):
             try:
-                yield self.crop(_lms(sample, frontend, self.sample_rate, self.pad_to), rng)
+                yield self.crop(self.log_mel(sample, frontend), rng)
             except AudioReadError:
                 continue
 
@@ -350,8 +383,7 @@ class ShardCrops(IterableDataset):
                         continue  # used before the interruption: read past, not decoded
                     rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, made])
                     try:
-                        lms = self.source.crop(_lms(sample, frontend, self.source.sample_rate, self.source.pad_to),
-                                               rng)
+                        lms = self.source.crop(self.source.log_mel(sample, frontend), rng)
                         # a caption drawn by the crop's own seed (a label set ignores it)
                         target = self.targets(sample, int(rng.integers(2**62))) if self.targets is not None else None
                     except (AudioReadError, DataError) as e:
@@ -440,11 +472,17 @@ class ShardBatches:
 
 
 def write_shards(src: str, out: str | Path, files_per_shard: int = 1000, root: Optional[str] = None,
-                 progress: bool = True, min_seconds: float = 0.16, labels: Optional[str] = None) -> dict:
+                 progress: bool = True, min_seconds: float = 0.16, labels: Optional[str] = None,
+                 logmel: Optional[dict] = None, workers: Optional[int] = None) -> dict:
     """`fastm2d prepare SRC --out OUT --format shards`: each checked file's original bytes into shard-NNNNNN.tar
     (key = its index, member <key>.<its suffix>, and <key>.json naming the source file and, from a `labels` CSV,
     its labels), every shard written atomically; unusable files in failures.tsv with the reason (the store's
-    listing); shards.json last. A file with no row in `labels` is refused before anything is written."""
+    listing); shards.json last. A file with no row in `labels` is refused before anything is written.
+
+    `logmel` ({sample_rate, crop_frames, dtype, min_patch_frames}: `--format logmel-shards`): each sample is instead
+    the log-mel a prepared store holds for the file (`<key>.npy`, (F, T), short clips padded by frontend.py's rule
+    for the longest crop, its own audio frames in the JSON), made by `workers` processes: no decoding while
+    training, and smaller than 16-bit audio at 16 kHz."""
     TarWriter = _webdataset().TarWriter
     from ..folder_lock import RunLock
     from .file_checks import check_files_once
@@ -458,20 +496,83 @@ def write_shards(src: str, out: str | Path, files_per_shard: int = 1000, root: O
         unlabelled = [n for n in names if labels and Path(n).resolve() not in label_rows]
         if unlabelled:
             raise DataError(f"--labels {labels}: no row for {len(unlabelled)} of the files, e.g. {unlabelled[0]}")
+        failures = [(str(b.path), b.reason) for b in bad]
         shards: List[Dict] = []
-        for s, lo in enumerate(range(0, len(names), files_per_shard)):
-            chunk = names[lo:lo + files_per_shard]
+        chunks = [(s, lo, names[lo:lo + files_per_shard]) for s, lo in enumerate(range(0, len(names), files_per_shard))]
+        for s, lo, members in _shard_members(chunks, logmel, workers):
             name = f"shard-{s:06d}.tar"
+            kept = 0
             with atomic_file(out / name) as f:
                 with TarWriter(f) as w:
-                    for i, path in enumerate(chunk, start=lo):
-                        suffix = Path(path).suffix.lower().lstrip(".")
-                        meta = {"name": path, **({"labels": label_rows[Path(path).resolve()]} if labels else {})}
-                        w.write({"__key__": f"{i:09d}", suffix: Path(path).read_bytes(),
-                                 "json": json.dumps(meta).encode()})
-            shards.append({"file": name, "samples": len(chunk)})
+                    for i, path, content, extra in members:
+                        if isinstance(content, str):  # the reason it could not be prepared
+                            failures.append((path, content))
+                            continue
+                        meta = {"name": path, **extra,
+                                **({"labels": label_rows[Path(path).resolve()]} if labels else {})}
+                        w.write({"__key__": f"{i:09d}", **content, "json": json.dumps(meta).encode()})
+                        kept += 1
+            shards.append({"file": name, "samples": kept})
         write_atomic(out / "failures.tsv", "path\treason\n" + "".join(
-            f"{json.dumps(str(b.path))}\t{json.dumps(b.reason)}\n" for b in bad))
-        write_atomic(out / MANIFEST, json.dumps({"format": "fastm2d-audio-shards", "shards": shards,
-                                                 "samples": len(names), "failures": len(bad)}, indent=1))
-    return {"shards": len(shards), "samples": len(names), "failures": len(bad)}
+            f"{json.dumps(p)}\t{json.dumps(r)}\n" for p, r in failures))
+        samples = sum(x["samples"] for x in shards)
+        about = {"format": "fastm2d-logmel-shards", **_logmel_about(logmel)} if logmel else \
+            {"format": "fastm2d-audio-shards"}
+        write_atomic(out / MANIFEST, json.dumps({**about, "shards": shards, "samples": samples,
+                                                 "failures": len(failures)}, indent=1))
+    return {"shards": len(shards), "samples": samples, "failures": len(failures)}
+
+
+def _logmel_about(logmel: dict) -> dict:
+    from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
+    sr = logmel["sample_rate"]
+    return {"dtype": logmel["dtype"], "max_crop_frames": logmel["crop_frames"], "n_mels": N_MELS,
+            "frontend": dict(FRONTEND_PARAMS[sr], sample_rate=sr, n_mels=N_MELS, log_eps=LOG_EPS,
+                             mel_scale="slaney", norm="slaney")}
+
+
+def _shard_members(chunks, logmel: Optional[dict], workers: Optional[int]):
+    """(shard number, first index, [(index, path, {member: bytes} or the reason it failed, JSON extras)]) per shard,
+    in order: the files' bytes, or (logmel) their log-mel made by a pool of processes."""
+    if not logmel:
+        for s, lo, paths in chunks:
+            yield s, lo, [(i, p, {Path(p).suffix.lower().lstrip("."): Path(p).read_bytes()}, {})
+                          for i, p in enumerate(paths, start=lo)]
+        return
+    import multiprocessing as mp
+    import os
+    from ..frontend import FRONTEND_PARAMS
+    if logmel["sample_rate"] not in FRONTEND_PARAMS:
+        raise DataError(f"sample_rate={logmel['sample_rate']}: expected one of {sorted(FRONTEND_PARAMS)}")
+    tasks = [(s, lo, paths, logmel) for s, lo, paths in chunks]
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers == 0 or len(tasks) <= 1:
+        threads = torch.get_num_threads()
+        try:
+            yield from map(_logmel_members, tasks)
+        finally:
+            torch.set_num_threads(threads)  # _logmel_members pins one thread for its pool processes
+        return
+    with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(min(workers, len(tasks))) as pool:
+        yield from pool.imap(_logmel_members, tasks)  # in order: shard s is written while s+1.. are made
+
+
+def _logmel_members(task):
+    """One shard's files -> their log-mel as .npy bytes (the store's per-item rule, prepare._item_lms)."""
+    from ..frontend import LogMelSpectrogram, pad_samples
+    from .prepare import _item_lms
+    s, lo, paths, logmel = task
+    torch.set_num_threads(1)
+    frontend = LogMelSpectrogram(logmel["sample_rate"])
+    pad_to = pad_samples(logmel["sample_rate"], logmel["crop_frames"])
+    members = []
+    for i, path in enumerate(paths, start=lo):
+        try:
+            lms, audio_frames = _item_lms(Path(path), frontend, pad_to, logmel["min_patch_frames"])
+        except Exception as e:  # noqa: BLE001 - every failure is listed with its reason, never fatal
+            members.append((i, path, str(e).replace(f"{path}: ", ""), {}))
+            continue
+        buf = io.BytesIO()
+        np.save(buf, lms.astype(logmel["dtype"]), allow_pickle=False)
+        members.append((i, path, {"npy": buf.getvalue()}, {"audio_frames": int(audio_frames)}))
+    return s, lo, members

@@ -50,6 +50,17 @@ def is_store(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
+def item_span(frames, audio_frames, crop_frames: Optional[int], repeat_short: bool):
+    """Frames of a stored item (padded by frontend.py's rule for the longest crop) handed out for a crop of
+    `crop_frames`: what the rule pads the clip to for that crop, or (repeat_short) its own audio only, which the crop
+    tiles; everything stored when no crop is given. Arrays or single items."""
+    if repeat_short:
+        return np.minimum(frames, audio_frames)
+    if crop_frames is None:
+        return frames
+    return np.minimum(frames, np.maximum(audio_frames, padded_frames(crop_frames)))
+
+
 class LogMelStore:
     """len(store), store.names, store[i] -> float32 (F, T); store.load(i) -> a (F, T) memory-mapped view.
 
@@ -78,15 +89,11 @@ class LogMelStore:
         self.shard, self.offset, self.frames, self.audio_frames = (np.ascontiguousarray(c) for c in columns.T)
         self._check_rows()
         self.crop_frames, self.repeat_short = crop_frames, repeat_short
-        self.span = self.frames  # frames handed out per item
-        if repeat_short:
-            self.span = np.minimum(self.frames, self.audio_frames)
-        elif crop_frames is not None:
-            max_crop = int(self.manifest.get("max_crop_frames", crop_frames))
-            if crop_frames > max_crop:
-                log.warning("%s was prepared for crops of up to %d frames; crops of %d frames pad its short clips "
-                            "with the log-mel of silence", self.root, max_crop, crop_frames)
-            self.span = np.minimum(self.frames, np.maximum(self.audio_frames, padded_frames(crop_frames)))
+        max_crop = int(self.manifest.get("max_crop_frames", crop_frames or 0))
+        if crop_frames is not None and not repeat_short and crop_frames > max_crop:
+            log.warning("%s was prepared for crops of up to %d frames; crops of %d frames pad its short clips "
+                        "with the log-mel of silence", self.root, max_crop, crop_frames)
+        self.span = item_span(self.frames, self.audio_frames, crop_frames, repeat_short)  # frames handed out
         self._maps: Dict[int, np.memmap] = {}
 
     def _check_shards(self) -> None:
