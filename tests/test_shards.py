@@ -231,6 +231,11 @@ def test_what_shards_do_not_do_yet_is_one_line(http_base, tmp_path, capsys):
     assert main(["pretrain", f"out_dir={tmp_path / 'r2'}", *TINY_TRAIN,
                  f"data.train={http_base}/nothere-{{0..1}}.tar"]) == 2
     assert "shards.json" in capsys.readouterr().err
+    # 4 shards cannot give each of 5 loader workers its own
+    assert main(["pretrain", f"out_dir={tmp_path / 'r3'}", *[a for a in TINY_TRAIN if not a.startswith("data.num_w")],
+                 f"data.train={spec}", "data.num_workers=5", "train.batch_size=2", "data.norm_stats=[-10,3.5]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "4 shards cannot give each of 1 ranks x 5 loader workers its own" in err[-1]
 
 
 def test_a_small_set_fills_min_epoch_items_and_short_clips_can_be_tiled(http_base, shard_folder):
