@@ -24,7 +24,7 @@ import numpy as np
 
 from ..atomic import atomic_file
 from ..run_folder import user_cache
-from .sources import DataError, file_value_rows
+from .sources import DataError, file_value_rows, sample_name
 
 log = logging.getLogger("fastm2d.data")
 
@@ -203,7 +203,7 @@ class NamedCaptions:
 
     def __call__(self, sample: dict, seed: int) -> np.ndarray:
         import json
-        where = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
+        where = sample_name(sample)
         try:
             name = json.loads(sample["json"]).get("name") if "json" in sample else None
         except (ValueError, AttributeError):

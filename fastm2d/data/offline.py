@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .sources import DataError, file_value_rows
+from .sources import DataError, file_value_rows, sample_name
 
 LABEL_COLUMNS = ("labels", "label", "positive_labels")
 
@@ -90,7 +90,7 @@ class ShardLabels:
 
     def __call__(self, sample: dict, seed: int = 0) -> np.ndarray:
         import json
-        name = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
+        name = sample_name(sample)
         try:
             meta = json.loads(sample["json"]) if "json" in sample else {}
         except ValueError as e:

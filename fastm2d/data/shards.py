@@ -45,7 +45,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..atomic import atomic_file, open_append, write_atomic
 from ..frontend import AudioReadError, LogMelSpectrogram, decode_audio, first_line
 from .dataset import crop_clip, padded_lms
-from .sources import AUDIO_EXTS, DataError
+from .sources import AUDIO_EXTS, DataError, sample_name
 from .stats import mean_std
 from .store import item_span
 
@@ -136,12 +136,12 @@ class ShardSource:
         return self._stats
 
     def log_mel(self, sample: dict, frontend: LogMelSpectrogram) -> np.ndarray:
-        """A sample -> log-mel (F, T) with the short-clip rule applied (float32; log-mel shards: their dtype). Audio (its original bytes): the
-        files' own decoder and padding (frontend.decode_audio, dataset.padded_lms). Log-mel shards: the stored
-        array cut as a store cuts it for this crop (store.item_span)."""
-        name = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
+        """A sample -> log-mel (F, T) with the short-clip rule applied (float32; log-mel shards: their dtype).
+        Audio (its original bytes): the files' own decoder and padding (frontend.decode_audio, dataset.padded_lms).
+        Log-mel shards: the stored array cut as a store cuts it for this crop (store.item_span)."""
+        name = sample_name(sample)
         if not self.logmel:
-            key = next((k for k in AUDIO_KEYS if k in sample), None)
+            key = audio_key(sample)
             if key is None:
                 raise AudioReadError(f"{name}: no audio member ({', '.join(AUDIO_KEYS)})")
             return padded_lms(decode_audio(io.BytesIO(sample[key]), name, self.sample_rate), frontend, self.pad_to)
@@ -209,18 +209,13 @@ def open_shards(spec: str, config, stats_items: int) -> ShardSource:
                        stats_items, config.train.seed, d.repeat_short)
 
 
+def audio_key(sample: dict) -> Optional[str]:
+    """The member of a sample that holds its audio (named by the file's suffix), or None."""
+    return next((k for k in AUDIO_KEYS if k in sample), None)
+
+
 def _samples(url: str) -> Iterator[dict]:
     return _webdataset().tariterators.tarfile_samples([{"url": url}])
-
-
-def _lms(sample: dict, frontend: LogMelSpectrogram, sample_rate: int, pad_to: int) -> np.ndarray:
-    """A sample's audio (its original bytes) -> log-mel (F, T), the short-clip rule applied to the waveform: the
-    files' own decoder and padding (frontend.decode_audio, dataset.padded_lms) on the bytes."""
-    key = next((k for k in AUDIO_KEYS if k in sample), None)
-    name = f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
-    if key is None:
-        raise AudioReadError(f"{name}: no audio member ({', '.join(AUDIO_KEYS)})")
-    return padded_lms(decode_audio(io.BytesIO(sample[key]), name, sample_rate), frontend, pad_to)
 
 
 def is_stream_position(obj) -> bool:
@@ -267,9 +262,9 @@ def local_copy(spec: str, cache: Path) -> Path:
     files = 0
     for k, url in enumerate(urls):
         for sample in fetch_samples(url):
-            key = next((a for a in AUDIO_KEYS if a in sample), None)
+            key = audio_key(sample)
             if key is None:
-                log.warning("skipping %s#%s: no audio member", url, sample.get("__key__"))
+                log.warning("skipping %s: no audio member", sample_name(sample))
                 continue
             name = f"{k:06d}-{str(sample['__key__']).replace('/', '_')}.{key}"
             write_atomic(folder / name, sample[key])

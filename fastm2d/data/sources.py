@@ -153,6 +153,11 @@ def _read_csv(path: Path, root: Path) -> List[str]:
     return [n if os.path.isabs(n) else os.path.join(base, n) for n in (r[column].strip() for r in body)]
 
 
+def sample_name(sample: dict) -> str:
+    """What messages call a streamed (webdataset) sample: its shard's URL and its key."""
+    return f"{sample.get('__url__', '')}#{sample.get('__key__', '?')}"
+
+
 def probe_file(path: Path, n_mels: int = 80, min_seconds: float = 0.0, min_frames: int = 1) -> Optional[str]:
     """Cheap header check; returns the reason a file is unusable, or None.
 
