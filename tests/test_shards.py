@@ -385,8 +385,10 @@ def test_shards_read_through_a_pipe_command_find_their_manifest_through_it_too(s
     from fastm2d.data.shards import manifest_address
     assert manifest_address("pipe:aws s3 cp s3://b/as/shard-000007.tar -") == "pipe:aws s3 cp s3://b/as/shards.json -"
     assert manifest_address("https://h/x/shard-1.tar") == "https://h/x/shards.json"
+    assert manifest_address("shard-1.tar") == "shards.json"
     _, out = shard_folder
-    src = ShardSource(f"pipe:cat {out}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=4)
+    # a word after the shard, as aws's `-`: the shard's name in shards.json is still found
+    src = ShardSource(f"pipe:cat {out}/shard-{{000000..000003}}.tar /dev/null", 16000, 32, 0, stats_items=4)
     assert len(src) == 12
     keys = [k for b in ShardBatches(ShardCrops(src, 0, 42, 0, 1, batches=6, batch_size=2), 0) for k in b["keys"]]
     assert sorted(keys) == [f"{i:09d}" for i in range(12)]

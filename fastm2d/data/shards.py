@@ -75,17 +75,28 @@ def _open(url: str):
     return gopen(url, "rb")
 
 
+def _shard_word(address: str) -> Optional[str]:
+    """The part of a shard's address that names its file: the address, or in a `pipe:` command the word holding
+    `.tar` (`pipe:aws s3 cp s3://b/x/shard-000000.tar -` -> `s3://b/x/shard-000000.tar`)."""
+    if not address.startswith("pipe:"):
+        return address
+    return next((word for word in address.split() if ".tar" in word), None)
+
+
+def shard_file_name(address: str) -> str:
+    """A shard's file name, as shards.json lists it."""
+    return (_shard_word(address) or address).rsplit("/", 1)[-1]
+
+
 def manifest_address(first_shard: str) -> str:
     """Where shards.json is: beside the first shard, in the same transport (a path, a URL, or the same pipe command
     with the shard's file name replaced: `pipe:aws s3 cp s3://b/x/shard-000000.tar -` -> `... s3://b/x/shards.json
     -`)."""
-    if first_shard.startswith("pipe:"):
-        tar = next((word for word in first_shard.split() if ".tar" in word), None)
-        if tar is None:
-            raise DataError(f"{first_shard}: a pipe: command with no .tar in it: cannot tell where {MANIFEST} is")
-        name = tar.rsplit("/", 1)[-1]
-        return first_shard.replace(tar, tar[:len(tar) - len(name)] + MANIFEST, 1)
-    return f"{first_shard.rsplit('/', 1)[0]}/{MANIFEST}" if "/" in first_shard else MANIFEST
+    word = _shard_word(first_shard)
+    if word is None:
+        raise DataError(f"{first_shard}: a pipe: command with no .tar in it: cannot tell where {MANIFEST} is")
+    folder = word[:len(word) - len(shard_file_name(first_shard))]
+    return first_shard.replace(word, folder + MANIFEST, 1)
 
 
 class ShardSource:
@@ -104,10 +115,10 @@ class ShardSource:
         except Exception as e:  # noqa: BLE001 - any transport's error: one line naming what is needed
             raise DataError(f"data.train={spec}: cannot read {manifest_url} ({first_line(e)}), the samples per shard "
                             f"(`fastm2d prepare SRC --out DIR --format shards` writes it)") from None
-        missing = [u for u in self.urls if u.rsplit("/", 1)[-1] not in counts]
+        missing = [u for u in self.urls if shard_file_name(u) not in counts]
         if missing:
             raise DataError(f"{manifest_url}: no entry for {len(missing)} of the shards, e.g. {missing[0]}")
-        self.counts = [counts[u.rsplit("/", 1)[-1]] for u in self.urls]
+        self.counts = [counts[shard_file_name(u)] for u in self.urls]
         self.sample_rate, self.frames, self.pad_to = sample_rate, frames, pad_to
         self.stats_items, self.seed, self.repeat_short = stats_items, seed, repeat_short
         self.names = [f"{u}#{n}" for u, n in zip(self.urls, self.counts)]  # what statistics are computed from
