@@ -29,6 +29,31 @@ from .store import FORMAT, INDEX_COLUMNS, VERSION, LogMelStore, read_manifest
 log = logging.getLogger("fastm2d.prepare")
 
 
+def frontend_record(sample_rate: int) -> dict:
+    """The front end's parameters as a prepared store or log-mel shards record them (a reader checks its own)."""
+    if sample_rate not in FRONTEND_PARAMS:
+        raise DataError(f"sample_rate={sample_rate}: expected one of {sorted(FRONTEND_PARAMS)}")
+    return dict(FRONTEND_PARAMS[sample_rate], sample_rate=sample_rate, n_mels=N_MELS, log_eps=LOG_EPS,
+                mel_scale="slaney", norm="slaney")
+
+
+def in_processes(fn, tasks: List, workers: int, ordered: bool = False):
+    """fn over tasks, results as they finish (`ordered`: in the tasks' order): by a pool of `workers` processes, or
+    in this process for workers=0 (as data.num_workers=0), its torch threads restored after (fn pins one thread,
+    right for a pool's processes)."""
+    if not tasks:
+        return
+    if workers == 0:
+        threads = torch.get_num_threads()
+        try:
+            yield from map(fn, tasks)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(min(workers, len(tasks))) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks)
+
+
 def _item_lms(path: Path, frontend: LogMelSpectrogram, pad_to: int, min_patch_frames: int) -> Tuple[np.ndarray, int]:
     """One file -> (finite float32 (F, T) log-mel, frames of its own audio before padding), or an exception whose
     message is the reason."""
@@ -105,16 +130,13 @@ def _prepare(src, out, workers, files_per_shard, dtype, sample_rate, stats_items
 
     if dtype not in ("float16", "float32"):
         raise DataError(f"dtype={dtype!r}: expected float16 or float32")
-    if sample_rate not in FRONTEND_PARAMS:
-        raise DataError(f"sample_rate={sample_rate}: expected one of {sorted(FRONTEND_PARAMS)}")
+    params = frontend_record(sample_rate)
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [str(f) for f in list_files(src, root)]
     chunks = [files[i:i + files_per_shard] for i in range(0, len(files), files_per_shard)]
     manifest_path = out / "manifest.json"
-    params = dict(FRONTEND_PARAMS[sample_rate], sample_rate=sample_rate, n_mels=N_MELS, log_eps=LOG_EPS,
-                  mel_scale="slaney", norm="slaney")
     # What the store is built from: re-running into the folder resumes only the same build, never mixes two.
     manifest = {"format": FORMAT, "version": VERSION, "complete": False, "dtype": dtype, "n_mels": N_MELS,
                 "frontend": params, "sources": len(files), "sources_sha1": list_digest(files),
@@ -137,21 +159,9 @@ def _prepare(src, out, workers, files_per_shard, dtype, sample_rate, stats_items
     workers = (os.cpu_count() or 1) if workers is None else workers  # 0: in this process, as data.num_workers=0
     bar = tqdm(total=len(files), initial=sum(len(chunks[k]) for k in records), desc="prepare", unit="file",
                disable=not progress)
-    if todo and workers == 0:
-        threads = torch.get_num_threads()
-        try:
-            for task in todo:
-                record = _write_shard(task)
-                records[record["shard"]] = record
-                bar.update(len(record["items"]) + len(record["failures"]))
-        finally:
-            torch.set_num_threads(threads)  # _write_shard pins one thread for its worker processes
-    elif todo:
-        ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-        with ctx.Pool(min(workers, len(todo))) as pool:
-            for record in pool.imap_unordered(_write_shard, todo):
-                records[record["shard"]] = record
-                bar.update(len(record["items"]) + len(record["failures"]))
+    for record in in_processes(_write_shard, todo, workers):
+        records[record["shard"]] = record
+        bar.update(len(record["items"]) + len(record["failures"]))
     bar.close()
 
     order = sorted(records)

@@ -530,11 +530,10 @@ def write_shards(src: str, out: str | Path, files_per_shard: int = 1000, root: O
 
 
 def _logmel_about(logmel: dict) -> dict:
-    from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
-    sr = logmel["sample_rate"]
+    from ..frontend import N_MELS
+    from .prepare import frontend_record
     return {"dtype": logmel["dtype"], "max_crop_frames": logmel["crop_frames"], "n_mels": N_MELS,
-            "frontend": dict(FRONTEND_PARAMS[sr], sample_rate=sr, n_mels=N_MELS, log_eps=LOG_EPS,
-                             mel_scale="slaney", norm="slaney")}
+            "frontend": frontend_record(logmel["sample_rate"])}
 
 
 def _shard_members(chunks, logmel: Optional[dict], workers: Optional[int]):
@@ -545,22 +544,13 @@ def _shard_members(chunks, logmel: Optional[dict], workers: Optional[int]):
             yield s, lo, [(i, p, {Path(p).suffix.lower().lstrip("."): Path(p).read_bytes()}, {})
                           for i, p in enumerate(paths, start=lo)]
         return
-    import multiprocessing as mp
     import os
-    from ..frontend import FRONTEND_PARAMS
-    if logmel["sample_rate"] not in FRONTEND_PARAMS:
-        raise DataError(f"sample_rate={logmel['sample_rate']}: expected one of {sorted(FRONTEND_PARAMS)}")
+    from .prepare import frontend_record, in_processes
+    frontend_record(logmel["sample_rate"])  # an unknown rate: one line before any file is read
     tasks = [(s, lo, paths, logmel) for s, lo, paths in chunks]
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers == 0 or len(tasks) <= 1:
-        threads = torch.get_num_threads()
-        try:
-            yield from map(_logmel_members, tasks)
-        finally:
-            torch.set_num_threads(threads)  # _logmel_members pins one thread for its pool processes
-        return
-    with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap(_logmel_members, tasks)  # in order: shard s is written while s+1.. are made
+    # in order: shard s is written while the pool makes s+1 ...; a single shard is made here
+    yield from in_processes(_logmel_members, tasks, workers if len(tasks) > 1 else 0, ordered=True)
 
 
 def _logmel_members(task):
