@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,3 +51,17 @@ def all_gather_stacked(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def node_first(first: Callable[[], T], then: Optional[Callable[[], T]] = None, together: bool = True) -> T:
+    """Work whose result a node's ranks share on its disk (file checks, a copy of shards): `first()` on each node's
+    first rank while the node's other ranks wait, then `then()` (default: `first`) on those, which read its result.
+    One process, or together=False: first()."""
+    joint = together and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if joint and dist_from_env().local_rank != 0:
+        barrier()  # the node's first rank is at work
+        return (then or first)()
+    out = first()
+    if joint:
+        barrier()
+    return out

@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 from ..config import Config, ConfigError, is_shard_spec
 from ..atomic import write_atomic
-from ..distributed import barrier, dist_from_env
+from ..distributed import node_first
 from ..frontend import min_real_samples, pad_samples
 from .dataset import FOUND_WHILE_TRAINING, LogMelSource
 from .file_checks import check_files_once
@@ -53,13 +51,7 @@ def node_local_copy(spec: str) -> Path:
     """Streamed shards as files in this machine's cache (data/shards.py local_copy): the node's first rank copies
     while the others wait."""
     from .shards import local_copy
-    together = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if together and dist_from_env().local_rank != 0:
-        barrier()
-    folder = local_copy(spec, user_cache("shard_copies"))
-    if together and dist_from_env().local_rank == 0:
-        barrier()
-    return folder
+    return node_first(lambda: local_copy(spec, user_cache("shard_copies")))
 
 
 def _found_while_training(listing: Path, files: set) -> List[str]:
@@ -92,15 +84,8 @@ def file_source(spec: str, config: Config, root: Optional[str] = None, pad: bool
     check = dict(n_mels=config.model.input_size[0], min_seconds=min_samples / d.sample_rate, min_frames=patch_t,
                  cache_dir=cache_dir, progress=config.train.progress)
     paths = list_file_names(spec, root)
-    dist = dist_from_env()
-    together = cache_dir is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
-    if together and dist.local_rank != 0:
-        barrier()  # the node's first rank is checking
-        files, bad = check_files_once(paths, **check, reuse_only=True)
-    else:
-        files, bad = check_files_once(paths, **check)
-        if together:
-            barrier()
+    files, bad = node_first(lambda: check_files_once(paths, **check),
+                            lambda: check_files_once(paths, **check, reuse_only=True), together=cache_dir is not None)
     return LogMelSource(files, sample_rate=d.sample_rate,
                         pad_to=pad_samples(d.sample_rate, config.model.input_size[1]) if pad else 0,
                         min_samples=min_samples, min_frames=patch_t), bad
