@@ -127,6 +127,14 @@ def read_precomputed(path: Path) -> Dict[str, np.ndarray]:
     return out
 
 
+def stem_table(embeddings: Dict[str, np.ndarray], stems: Sequence[str]):
+    """The embeddings of `stems` as one (U, D) table, and each stem's rows in it."""
+    blocks = [embeddings[s] for s in stems]
+    starts = np.concatenate([[0], np.cumsum([len(b) for b in blocks])]).astype(np.int64)
+    rows = {s: np.arange(a, b) for s, a, b in zip(stems, starts[:-1], starts[1:])}
+    return (np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)), rows
+
+
 class CaptionTargets:
     """Item -> one caption embedding (D,), drawn per crop from the crop seed, so a resumed run draws the same
     captions. Stored as one (U, D) table and each item's rows in it (CSR), compact for millions of clips."""
@@ -158,13 +166,8 @@ class CaptionTargets:
         if missing:
             raise DataError(f"{source}: no embeddings for {len(missing)} of {len(files)} training files (keyed by "
                             f"file stem), e.g. {Path(missing[0]).stem!r} for {missing[0]}")
-        stems = sorted({Path(f).stem for f in files})
-        blocks = [embeddings[s] for s in stems]
-        starts = np.concatenate([[0], np.cumsum([len(b) for b in blocks])])
-        first = dict(zip(stems, starts[:-1].tolist()))
-        per_item = [np.arange(first[Path(f).stem], first[Path(f).stem] + len(embeddings[Path(f).stem]))
-                    for f in files]
-        return cls(per_item, np.concatenate(blocks))
+        table, rows = stem_table(embeddings, sorted({Path(f).stem for f in files}))
+        return cls([rows[Path(f).stem] for f in files], table)
 
     def __call__(self, item: int, crop_start: int, seed: int = 0) -> np.ndarray:
         lo, hi = self.offsets[item], self.offsets[item + 1]
@@ -196,10 +199,8 @@ class NamedCaptions:
     @classmethod
     def from_precomputed(cls, embeddings: Dict[str, np.ndarray], source: str) -> "NamedCaptions":
         stems = sorted(embeddings)
-        starts = np.concatenate([[0], np.cumsum([len(embeddings[s]) for s in stems])])
-        per_item = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
-        table = np.concatenate([embeddings[s] for s in stems]) if stems else np.zeros((0, 0), np.float32)
-        return cls(CaptionTargets(per_item, table), [], stems, source)
+        table, rows = stem_table(embeddings, stems)
+        return cls(CaptionTargets([rows[s] for s in stems], table), [], stems, source)
 
     def __call__(self, sample: dict, seed: int) -> np.ndarray:
         import json
