@@ -394,7 +394,7 @@ def test_shards_read_through_a_pipe_command_find_their_manifest_through_it_too(s
     assert sorted(keys) == [f"{i:09d}" for i in range(12)]
 
 
-def test_logmel_shards_hold_what_a_store_holds_and_train(shard_folder, tmp_path, capsys):
+def test_logmel_shards_hold_what_a_store_holds_and_train(shard_folder, tmp_path, capsys, caplog):
     """`prepare --format logmel-shards`: each sample is the log-mel the store holds for its file (fp16, padded by
     the rule for the longest crop, cut as the store cuts it for this crop), so their crops equal the audio shards'
     crops up to fp16 rounding; a run trains on them; a run at another sample rate is refused."""
@@ -416,6 +416,9 @@ def test_logmel_shards_hold_what_a_store_holds_and_train(shard_folder, tmp_path,
     crops_a, crops_m = torch.cat([b["lms"] for b in ba]), torch.cat([b["lms"] for b in bm])
     assert torch.allclose(crops_a, crops_m, atol=0.02)  # fp16 of log-mel values of magnitude < 16
     assert m.norm_stats == pytest.approx(a.norm_stats, rel=1e-3)
+    with caplog.at_level("WARNING", logger="fastm2d.data"):  # a longer crop than prepared for: said, as by a store
+        ShardSource(f"{out}/{spec}", 16000, 96, pad_samples(16000, 96))
+    assert "prepared for crops of up to 64 frames; crops of 96 frames" in caplog.text
     run = tmp_path / "run"
     assert main(["pretrain", f"out_dir={run}", *TINY_TRAIN, f"data.train={out}/{spec}", "train.batch_size=2",
                  "train.max_steps=2", "data.stats_items=6"]) == 0

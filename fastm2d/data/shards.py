@@ -47,7 +47,7 @@ from ..frontend import AudioReadError, LogMelSpectrogram, decode_audio, first_li
 from .dataset import crop_clip, padded_lms
 from .sources import AUDIO_EXTS, DataError, sample_name
 from .stats import mean_std
-from .store import item_span
+from .store import item_span, warn_if_prepared_shorter
 
 log = logging.getLogger("fastm2d.data")
 MANIFEST = "shards.json"
@@ -129,10 +129,7 @@ class ShardSource:
             if made_at != sample_rate:
                 raise DataError(f"{manifest_url}: log-mel made at {made_at} Hz, this run's data.sample_rate is "
                                 f"{sample_rate}")
-            max_crop = int(manifest.get("max_crop_frames", frames))
-            if frames > max_crop and not repeat_short:
-                log.warning("%s: log-mel prepared for crops of up to %d frames; crops of %d frames pad its short "
-                            "clips with the log-mel of silence", manifest_url, max_crop, frames)
+            warn_if_prepared_shorter(manifest_url, manifest, frames, repeat_short)
 
     def __len__(self) -> int:
         return sum(self.counts)

@@ -61,6 +61,15 @@ def item_span(frames, audio_frames, crop_frames: Optional[int], repeat_short: bo
     return np.minimum(frames, np.maximum(audio_frames, padded_frames(crop_frames)))
 
 
+def warn_if_prepared_shorter(where, manifest: dict, crop_frames: Optional[int], repeat_short: bool) -> None:
+    """Log-mel prepared for shorter crops than this run's (its `max_crop_frames`) still serves them: short clips are
+    then padded with the log-mel of silence beyond what was stored, which a warning says."""
+    max_crop = int(manifest.get("max_crop_frames", crop_frames or 0))
+    if crop_frames is not None and not repeat_short and crop_frames > max_crop:
+        log.warning("%s was prepared for crops of up to %d frames; crops of %d frames pad its short clips with the "
+                    "log-mel of silence", where, max_crop, crop_frames)
+
+
 class LogMelStore:
     """len(store), store.names, store[i] -> float32 (F, T); store.load(i) -> a (F, T) memory-mapped view.
 
@@ -89,10 +98,7 @@ class LogMelStore:
         self.shard, self.offset, self.frames, self.audio_frames = (np.ascontiguousarray(c) for c in columns.T)
         self._check_rows()
         self.crop_frames, self.repeat_short = crop_frames, repeat_short
-        max_crop = int(self.manifest.get("max_crop_frames", crop_frames or 0))
-        if crop_frames is not None and not repeat_short and crop_frames > max_crop:
-            log.warning("%s was prepared for crops of up to %d frames; crops of %d frames pad its short clips "
-                        "with the log-mel of silence", self.root, max_crop, crop_frames)
+        warn_if_prepared_shorter(self.root, self.manifest, crop_frames, repeat_short)
         self.span = item_span(self.frames, self.audio_frames, crop_frames, repeat_short)  # frames handed out
         self._maps: Dict[int, np.memmap] = {}
 
