@@ -144,6 +144,10 @@ def test_a_stream_broken_midway_is_fetched_again_without_repeating_samples(http_
     keys = [key for b in ShardBatches(ShardCrops(src, 0, 42, 0, 1, batches=6, batch_size=2), 0) for key in b["keys"]]
     assert sorted(keys) == [f"{i:09d}" for i in range(12)]  # 12 crops from 12 samples: each exactly once
     assert requests.count("/shard-000001.tar") == 2
+    # statistics (and the monitors' clips) stream through the same retries: the same values as an unbroken read
+    whole = ShardSource(f"{base}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=6).norm_stats
+    cut_once.add("/shard-000000.tar")
+    assert ShardSource(f"{base}/shard-{{000000..000003}}.tar", 16000, 32, 0, stats_items=6).norm_stats == whole
 
 
 def test_a_shard_that_cannot_be_fetched_is_listed_and_the_epoch_keeps_its_length(shard_folder, http_server, tmp_path):

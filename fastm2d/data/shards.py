@@ -171,7 +171,7 @@ class ShardSource:
     def leading_crops(self, seed: int) -> Iterator[np.ndarray]:
         """A random crop of each readable sample, in shard order from the first (statistics, monitor clips)."""
         frontend, rng = LogMelSpectrogram(self.sample_rate), np.random.default_rng(seed)
-        for sample in itertools.chain.from_iterable(_samples(url) for url in self.urls):
+        for sample in itertools.chain.from_iterable(fetch_samples(url) for url in self.urls):
             try:
                 yield self.crop(self.log_mel(sample, frontend), rng)
             except AudioReadError:
