@@ -66,9 +66,15 @@ if HAVE_TRITON:
         tl.store(OUT + out_row * D + cols, v.to(OUT.dtype.element_ty), mask=mask)
 
 
+def _rows_dtype(src: torch.Tensor, add) -> torch.dtype:
+    """The moved rows' dtype: PyTorch's promotion of src + add, as the reference's `x + pos` gives it (under bf16
+    autocast, bf16 tokens plus the fp32 position table are fp32 tokens, as in the original)."""
+    return src.dtype if add is None else torch.promote_types(src.dtype, add.dtype)
+
+
 def _launch(src, idx, add, n_out, gather: bool, out=None):
     b, n_src, d = src.shape
-    out = torch.empty(b, n_out, d, device=src.device, dtype=src.dtype) if out is None else out
+    out = torch.empty(b, n_out, d, device=src.device, dtype=_rows_dtype(src, add)) if out is None else out
     block = column_block(d)
     grid = (b * idx.shape[1], triton.cdiv(d, block))
     _move_rows[grid](src, idx, add if add is not None else src, out, n_src, idx.shape[1], n_out, d, idx.stride(0),
@@ -83,7 +89,7 @@ def _gather(src, idx, add=None):
 
 def _scatter(src, idx, n_out, add=None):
     out = None if idx.shape[1] == n_out else torch.zeros(src.shape[0], n_out, src.shape[2], device=src.device,
-                                                         dtype=src.dtype)  # rows no index reaches get 0
+                                                         dtype=_rows_dtype(src, add))  # rows no index reaches: 0
     return _launch(src, idx, add, n_out, gather=False, out=out)
 
 
@@ -95,13 +101,13 @@ def _gather_rows_reference(src, idx, add):
     rows = _gather_rows(src.float(), idx)
     if add is not None:
         rows = rows + add.float()[idx]
-    return rows.to(src.dtype)
+    return rows.to(_rows_dtype(src, add))
 
 
 def _scatter_rows_reference(src, idx, add, n_out):
     vals = src.float() + (add.float()[idx] if add is not None else 0)
-    out = torch.zeros(src.shape[0], n_out, src.shape[2], device=src.device, dtype=src.dtype)
-    return out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, src.shape[2]), vals.to(src.dtype))
+    out = torch.zeros(src.shape[0], n_out, src.shape[2], device=src.device, dtype=_rows_dtype(src, add))
+    return out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, src.shape[2]), vals.to(out.dtype))
 
 
 def _gather_rows_triton(src, idx, add):
@@ -125,34 +131,34 @@ scatter_rows.register_kernel("cpu")(cpu_kernel(_scatter_rows_triton, _scatter_ro
 
 @gather_rows.register_fake
 def _(src, idx, add):
-    return src.new_empty(src.shape[0], idx.shape[1], src.shape[2])
+    return src.new_empty(src.shape[0], idx.shape[1], src.shape[2], dtype=_rows_dtype(src, add))
 
 
 @scatter_rows.register_fake
 def _(src, idx, add, n_out):
-    return src.new_empty(src.shape[0], n_out, src.shape[2])
+    return src.new_empty(src.shape[0], n_out, src.shape[2], dtype=_rows_dtype(src, add))
 
 
 def _save_for_rows(ctx, inputs, output):
     src, idx, add = inputs[:3]
     ctx.save_for_backward(idx)
-    ctx.n_src, ctx.has_add = src.shape[1], add is not None
+    ctx.n_src, ctx.has_add, ctx.src_dtype = src.shape[1], add is not None, src.dtype
 
 
 def _gather_rows_backward(ctx, grad):
     (idx,) = ctx.saved_tensors
-    d_src = scatter_rows(grad, idx, None, ctx.n_src)  # a permutation's rows: an exact scatter, no atomics
-    d_add = d_src.float().sum(0) if ctx.has_add and ctx.needs_input_grad[2] else None
-    return d_src, None, d_add
+    d_rows = scatter_rows(grad, idx, None, ctx.n_src)  # a permutation's rows: an exact scatter, no atomics
+    d_add = d_rows.float().sum(0) if ctx.has_add and ctx.needs_input_grad[2] else None
+    return d_rows.to(ctx.src_dtype), None, d_add  # the rows' grad in the promoted dtype, src's in its own
 
 
 def _scatter_rows_backward(ctx, grad):
     (idx,) = ctx.saved_tensors
-    d_src = gather_rows(grad, idx, None)
+    d_rows = gather_rows(grad, idx, None)
     d_add = None
     if ctx.has_add and ctx.needs_input_grad[2]:  # add reaches only the rows an index names
-        d_add = scatter_rows(d_src, idx, None, grad.shape[1]).float().sum(0)
-    return d_src, None, d_add, None
+        d_add = scatter_rows(d_rows, idx, None, grad.shape[1]).float().sum(0)
+    return d_rows.to(ctx.src_dtype), None, d_add, None
 
 
 gather_rows.register_autograd(_gather_rows_backward, setup_context=_save_for_rows)
@@ -171,7 +177,7 @@ def gather_visible_triton(x, pos, ids_shuffle, n_visible):
     _check("gather_visible", x, ids_shuffle, x.shape[1])
     if pos.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"gather_visible: pos {tuple(pos.shape)} does not fit tokens {tuple(x.shape)}")
-    out = gather_rows(x, ids_shuffle, pos.reshape(x.shape[1:]).to(x.dtype))
+    out = gather_rows(x, ids_shuffle, pos.reshape(x.shape[1:]))  # bf16 + fp32 pos -> fp32 rows, as the reference
     return out[:, :n_visible], out[:, n_visible:]
 
 
@@ -179,7 +185,7 @@ def unshuffle_with_mask_tokens_triton(x_vis, mask_token, pos, ids_shuffle):
     _check("unshuffle_with_mask_tokens", x_vis, ids_shuffle, pos.shape[-2])
     b, k, d = x_vis.shape
     src = torch.cat([x_vis, mask_token.to(x_vis.dtype).expand(b, ids_shuffle.shape[1] - k, d)], dim=1)
-    return scatter_rows(src, ids_shuffle, pos.reshape(pos.shape[-2:]).to(x_vis.dtype), ids_shuffle.shape[1])
+    return scatter_rows(src, ids_shuffle, pos.reshape(pos.shape[-2:]), ids_shuffle.shape[1])
 
 
 def gather_masked_triton(x, ids_shuffle, n_visible):

@@ -87,3 +87,40 @@ def test_every_rank_runs_the_backend_rank_zero_measured(tmp_path):
     import torch.multiprocessing as mp
     mp.spawn(_rank_times_its_own, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == ["xformers", "xformers"]
+
+
+def _broken_xformers(monkeypatch, fail_after=0):
+    """An xformers that imports but finds no operator (a CUDA 12 wheel on a CUDA 13 machine), from its `fail_after`-th
+    call on; and the GPU branch of the availability check (xformers' CPU refusal is the only CPU-specific step)."""
+    import fastm2d.model.attention as attention
+    calls = []
+
+    def no_operator(q, k, v):
+        calls.append(1)
+        if len(calls) > fail_after:
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n ...")
+        return F.scaled_dot_product_attention(q, k, v)
+
+    import torch.nn.functional as F
+    monkeypatch.setitem(attention.BACKENDS, "xformers", no_operator)
+    monkeypatch.setattr(attention, "unavailable_reason",
+                        lambda name, device: None if name == "sdpa" else attention._probe_fails(name, device))
+    return attention
+
+
+@pytest.mark.parametrize("fail_after", [0, 5], ids=["fails at the probe", "fails while timed"])
+def test_auto_falls_back_to_sdpa_with_one_warning_when_xformers_breaks(monkeypatch, caplog, fail_after):
+    attention = _broken_xformers(monkeypatch, fail_after)
+    with caplog.at_level("WARNING", logger="fastm2d"):
+        chosen = attention._fastest(torch.device("cpu"), rounds=1, shape=(1, 2, 16, 8))
+    assert chosen == "sdpa"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No operator found" in warnings[0] and "uses sdpa" in warnings[0]
+
+
+def test_xformers_asked_for_explicitly_fails_in_one_line_naming_the_reason(monkeypatch):
+    attention = _broken_xformers(monkeypatch)
+    with pytest.raises(RuntimeError) as e:
+        attention.resolve_attention("xformers", torch.device("cpu"))
+    assert "model.attention='xformers'" in str(e.value) and "No operator found" in str(e.value)
+    assert "\n" not in str(e.value)

@@ -102,3 +102,31 @@ def test_triton_masking_rejects_bad_input():
 @pytest.mark.parametrize("n, d, k", [(190, 768, 57), (250, 768, 75), (304, 512, 121)])
 def test_triton_masking_real_size_on_gpu(dtype, n, d, k):
     _compare_triton_with_reference(512, n, d, k, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_row_movers_add_the_fp32_position_in_fp32_as_the_reference(dtype):
+    """Under autocast the patch tokens are bf16 and the position table an fp32 buffer: the reference's (and the
+    original's) `x + pos` promotes to fp32. The Triton movers once rounded token + position to the tokens' dtype
+    (an error of up to 2^-8 relative on every token fed to the encoders); now they give the reference's fp32 rows
+    exactly, and the tokens' gradient comes back in the tokens' own dtype."""
+    from fastm2d import kernels
+    g = torch.Generator().manual_seed(7)
+    b, n, d, k = 2, 67, 100, 20
+    x = (torch.randn(b, n, d, generator=g) * 30).to(dtype)  # large tokens: rounding x + pos to bf16 is visible
+    pos, dpos = torch.randn(1, n, d, generator=g), torch.randn(1, n, d, generator=g)
+    mask_token = torch.randn(1, 1, d, generator=g).to(dtype)
+    ids = torch.argsort(torch.rand(b, n, generator=g), dim=1)
+    outs = {}
+    for name, ops in (("triton", kernels.TRITON), ("reference", kernels.REFERENCE)):
+        xg = x.clone().requires_grad_()
+        vis, msk = ops.gather_visible(xg, pos, ids, k)
+        full = ops.unshuffle_with_mask_tokens(vis.to(dtype), mask_token, dpos, ids)
+        (vis.double().sum() + (msk.double() ** 2).sum() + full.double().sum()).backward()
+        outs[name] = (vis, msk, full, xg.grad)
+    for got, want in zip(outs["triton"], outs["reference"]):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    vis, msk, full, grad = outs["triton"]
+    assert vis.dtype == msk.dtype == full.dtype == torch.float32 and grad.dtype == dtype
+    exact = x.double() + pos.double()  # the rounding the old kernels did would show here
+    assert torch.equal(vis.double(), torch.gather(exact, 1, ids[:, :k, None].expand(-1, -1, d)).float().double())
