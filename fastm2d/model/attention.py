@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ATTENTION_CHOICES
+from ..devices import decided_by_rank_zero
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -88,16 +89,6 @@ def resolve_attention(name: str, device: torch.device) -> str:
     if key not in _MEASURED:
         _MEASURED[key] = decided_by_rank_zero(lambda: _fastest(device))
     return _MEASURED[key]
-
-
-def decided_by_rank_zero(decide):
-    """decide() on rank 0, its answer on every rank (a collective when a process group runs; else decide())."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [decide() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return decide()
 
 
 def _fastest(device: torch.device, rounds: int = 5, shape=(64, 12, 191, 64)) -> str:
