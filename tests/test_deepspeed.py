@@ -233,3 +233,43 @@ def test_the_clap_temperature_clamp_reaches_zeros_own_fp32_copy(tmp_path, monkey
             offset += p.numel()
     from fastm2d.model.clip_loss import LOGIT_SCALE_MAX
     assert master <= LOGIT_SCALE_MAX + 1e-6 and tr.model.logit_scale.item() <= LOGIT_SCALE_MAX + 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed is not installed (pip install 'fastm2d[deepspeed]')")
+def test_fused_adamw_under_zero_2_takes_the_cuda_branch_and_equals_foreach(tmp_path, monkeypatch):
+    """On CUDA the trainer builds AdamW(fused=True) and DeepSpeed's ZeRO-2 wraps it. That branch is taken here on CPU
+    (torch has a CPU fused AdamW): ZeRO keeps the fused optimiser, steps it on its flat fp32 partition, and two steps
+    give the weights the default (foreach) AdamW gives, to fp32 rounding."""
+    import socket
+
+    import fastm2d.train.trainer as trainer_module
+    from fastm2d.train import Trainer
+    from fastm2d.train.engine import release_process_groups
+    weights = {}
+    for fused in (True, False):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(trainer_module, "fused_adamw", lambda device: fused)
+        tr = Trainer(load_config(None, [f"out_dir={tmp_path / str(fused)}", *TINY_TRAIN, "train.engine=deepspeed",
+                                        "train.zero_stage=2", "train.max_steps=2", "data.norm_stats=[-8,4]",
+                                        "train.warmup_epochs=0", "train.base_lr=1.6"]))  # lr 0.025: steps that show
+        try:
+            inner = tr.engine.engine.optimizer.optimizer  # the torch AdamW inside DeepSpeed's ZeRO optimiser
+            assert inner.defaults["fused"] is fused
+            start = tr.model.state_dict()["blocks.0.mlp.fc1.weight"].clone()
+            torch.manual_seed(0)
+            batches = [torch.randn(4, 1, 80, 64) for _ in range(2)]
+            for b in batches:
+                tr.train_step([b])
+            weights[fused] = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+            assert (weights[fused]["blocks.0.mlp.fc1.weight"] - start).abs().max() > 1e-2  # the steps moved it
+        finally:
+            tr.close()
+            release_process_groups()
+    worst = _max_diff(weights[True], weights[False], ("",))  # the attention key biases left out: see _max_diff
+    assert worst < TOL, worst

@@ -37,7 +37,7 @@ from ..run_folder import RunFolder
 from .flops import mfu, peak_flops, train_flops_per_sample
 from ..distributed import all_gather_stacked, all_reduce_, dist_from_env
 from ..folder_lock import RunLock
-from .engine import init_distributed, make_engine, release_process_groups, wants_deepspeed
+from .engine import fused_adamw, init_distributed, make_engine, release_process_groups, wants_deepspeed
 from .checkpointer import Checkpointer, RandomState
 from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error
 from .metrics import MetricsLogger, NullLogger
@@ -215,7 +215,7 @@ class Trainer:
         """AdamW (no decay on norms and biases) inside the single-process or the DeepSpeed engine."""
         t = self.config.train
         groups = param_groups_weight_decay(self.model, t.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(t.betas), fused=self.device.type == "cuda")
+        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(t.betas), fused=fused_adamw(self.device))
         self.engine = make_engine(self.model, optimizer, self.config, self.amp_dtype, self.dist, self.use_deepspeed)
 
     def _build_crops(self) -> None:
