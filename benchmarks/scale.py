@@ -237,7 +237,9 @@ def workflow(args) -> None:
         print(f"| `{c.replace(str(out), 'OUT')}` | {time.perf_counter() - t:.1f} |", flush=True)
 
 
-GPU_APPETITE = 4700  # samples/s: ViT-B 80x608 at 50 % MFU on one H100 (docs/architecture.md "The speed model")
+from fastm2d.train.flops import MILESTONE_SAMPLES_PER_S  # noqa: E402
+
+GPU_APPETITE = MILESTONE_SAMPLES_PER_S  # ViT-B 80x608 at the first MFU milestone (40 %) on one H100 SXM
 
 
 def throughput(args) -> None:

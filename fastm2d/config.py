@@ -216,6 +216,19 @@ class DataConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a few training steps (docs/performance.md "Profiling a run"); off by default and free."""
+    # How many optimiser steps to profile (0 = off) from step `start` (after warm-up and compilation). Two integers,
+    # not "10:3": YAML reads 10:3 as the base-60 number 603.
+    steps: int = 0
+    start: int = 5
+    shapes: bool = False  # record each operator's input shapes
+    stacks: bool = False  # record Python stacks (larger traces)
+    memory: bool = True  # CUDA: a memory snapshot of the profiled steps (pytorch.org/memory_viz), peaks per phase
+    top: int = 15  # operators printed by self time
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 64  # per optimiser micro-step, per process
     accum_steps: int = 1
@@ -247,6 +260,7 @@ class TrainConfig:
     dist_timeout_s: int = 1800  # collective timeout: a dead rank makes the others fail, not hang
     init_from: Optional[str] = None  # start from these weights (ours or the original's, full or encoder-only)
     eval_every: int = 0  # optimiser steps between monitors (RankMe, explained variance, valid loss, probe); 0 = off
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -382,6 +396,9 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"train.compile_backend={c.train.compile_backend!r}: choose one of {COMPILE_BACKENDS}")
     if c.train.precision not in PRECISION_CHOICES:
         raise ConfigError(f"train.precision={c.train.precision!r}: expected one of {PRECISION_CHOICES}")
+    for key in ("steps", "start", "top"):
+        if getattr(c.train.profile, key) < 0:
+            raise ConfigError(f"train.profile.{key}={getattr(c.train.profile, key)}: must be >= 0")
     for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints", "dist_timeout_s"):
         if getattr(c.train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(c.train, key)}: must be >= 1")

@@ -45,6 +45,10 @@ class RankLost(MachineFault):
     """A peer process died; the message names it and the last good checkpoint."""
 
 
+class OutOfDeviceMemory(MachineFault):
+    """The GPU ran out of memory; the message names the step, the snapshot written and what to change."""
+
+
 class CheckpointWriteError(MachineFault):
     """A checkpoint could not be written (disk full, quota, unwritable folder)."""
 

@@ -47,6 +47,10 @@ class RunFolder:
         return self.path / "report"
 
     @property
+    def profile(self) -> Path:  # train.profile's traces, tables and memory snapshots (train/profiling.py)
+        return self.path / "profile"
+
+    @property
     def lock(self) -> Path:  # one process trains here at a time (folder_lock.py)
         return self.path / ".fastm2d.lock"
 

@@ -60,8 +60,21 @@ def test_an_unknown_card_has_no_mfu_until_its_peak_is_configured(monkeypatch, ca
     assert peak_flops(torch.device("cuda", 0), override_tflops=500) == 500e12
 
 
-def test_the_target_is_forty_percent_mfu_on_an_sxm_h100():
-    """docs/architecture.md, README and the device suite state the target the same way: 4,700 samples/s of ViT-B
-    80x608 = 40 % of the H100 SXM's 989 TFLOP/s."""
-    from fastm2d.train.flops import TARGET_SAMPLES_PER_S
-    assert mfu(TARGET_SAMPLES_PER_S, train_flops_per_sample(ModelConfig()), 989e12) == pytest.approx(0.40, abs=0.005)
+def test_one_mfu_target_stated_once_and_quoted_alike():
+    """The target is >= 50 % MFU of the H100 SXM's dense bf16 data-sheet peak (989 TFLOP/s) for the recipe's step =
+    5,800 samples/s of ViT-B 80x608; the first milestone 40 % = 4,700. The README, the docs and the suite quote those
+    numbers, and nothing calls 4,700 "50 %" any more (benchmarks/scale.py did)."""
+    import re
+    from pathlib import Path
+
+    from fastm2d.train.flops import MFU_MILESTONE, MFU_TARGET, MILESTONE_SAMPLES_PER_S, TARGET_SAMPLES_PER_S
+    per_sample = train_flops_per_sample(ModelConfig())
+    assert MFU_TARGET == 0.5 and mfu(TARGET_SAMPLES_PER_S, per_sample, 989e12) == pytest.approx(MFU_TARGET, abs=0.005)
+    assert MFU_MILESTONE == 0.4 and mfu(MILESTONE_SAMPLES_PER_S, per_sample, 989e12) == pytest.approx(0.4, abs=0.005)
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert re.search(r"50 % MFU[^\n]*5,800 samples/s", readme) and "4,700" in readme  # the performance line
+    texts = {p: p.read_text() for p in [root / "README.md", *(root / "docs").glob("*.md"), *(root / "benchmarks").glob("*.py")]}
+    for path, text in texts.items():
+        assert not re.search(r"4,?700[^\n.]{0,80}50 ?%", text), path
+        assert not re.search(r"5,?800[^\n.]{0,80}40 ?%", text), path

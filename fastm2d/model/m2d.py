@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from ..phases import phase
 from .clip_loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, clip_loss
 from .pos_embed import sincos_2d
 from .projections import mlp
@@ -100,27 +101,31 @@ class M2D(ViTEncoder):
         elif ids_shuffle.shape != (b, self.num_patches):
             raise ValueError(f"ids_shuffle must be (B, N) = {(b, self.num_patches)}, got {tuple(ids_shuffle.shape)}")
 
-        patches = self.patch_embed(lms)
-        visible, masked = ops.gather_visible(patches, self.pos_embed[:, 1:], ids_shuffle, k)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
-
-        z_visible = self._run(self.blocks, self.norm, torch.cat([cls, visible], dim=1))
-        pred = self._predict(z_visible, ids_shuffle, ops)
-        with torch.no_grad():  # the target sees ONLY the masked patches and gets no gradient
+        with phase("masking"):  # the patch embedding and the visible / masked gathers
+            patches = self.patch_embed(lms)
+            visible, masked = ops.gather_visible(patches, self.pos_embed[:, 1:], ids_shuffle, k)
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
+        with phase("online forward"):
+            z_visible = self._run(self.blocks, self.norm, torch.cat([cls, visible], dim=1))
+        with phase("predictor"):
+            pred = self._predict(z_visible, ids_shuffle, ops)
+        with phase("target forward"), torch.no_grad():  # the target sees ONLY the masked patches, gets no gradient
             target = self._run(self.target_blocks, self.target_norm, torch.cat([cls, masked], dim=1).detach(),
                                average=self.cfg.target_layers)[:, 1:]
-        loss_m2d = ops.l2norm_mse(pred, target) if self.cfg.loss == "norm_mse" else _standardised_mse(pred, target)
+        with phase("loss"):
+            loss_m2d = ops.l2norm_mse(pred, target) if self.cfg.loss == "norm_mse" else _standardised_mse(pred, target)
         out = {"pred": pred, "target": target, "z_visible": z_visible[:, 1:], "ids_shuffle": ids_shuffle,
                "loss_m2d": loss_m2d, "loss_off": loss_m2d.new_zeros(())}
         if offline_target is not None:
             if not self.cfg.off_dim:
                 raise ValueError("offline_target given, but this model has no offline branch (model.off_dim = 0)")
-            if self.cfg.off_loss == "clip":
-                out["loss_off"] = self.clap_loss(z_visible[:, 1:], offline_target)
-                out["loss"] = self.cfg.lambda_m2d * loss_m2d + self.cfg.lambda_off * out["loss_off"]
-                return out
-            out["offline_pred"] = self.offline_predictor(self.online_frames(z_visible[:, 1:], pred, ids_shuffle, ops))
-            out["loss_off"] = self.offline_loss(out["offline_pred"], offline_target, ops)
+            with phase("loss"):  # M2D-X's offline branch is part of the loss's slice of the step
+                if self.cfg.off_loss == "clip":
+                    out["loss_off"] = self.clap_loss(z_visible[:, 1:], offline_target)
+                else:
+                    out["offline_pred"] = self.offline_predictor(self.online_frames(z_visible[:, 1:], pred,
+                                                                                    ids_shuffle, ops))
+                    out["loss_off"] = self.offline_loss(out["offline_pred"], offline_target, ops)
         out["loss"] = self.cfg.lambda_m2d * loss_m2d + self.cfg.lambda_off * out["loss_off"]
         return out
 

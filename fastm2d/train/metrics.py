@@ -44,7 +44,7 @@ class MetricsLogger:
             for k, v in row.items():
                 if k not in ("step", "monitor") and isinstance(v, (int, float)):
                     self.writer.add_scalar(f"{'eval' if monitor else 'train'}/{k}", v, row["step"])
-        if monitor:
+        if monitor or "profile" in row:  # a monitor's or a profiled window's row: no progress-bar figures
             return
         extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
@@ -100,9 +100,10 @@ def read_jsonl(path: Path) -> List[dict]:
 
 
 def read_metrics(out_dir: str | Path, monitors: bool = False) -> list:
-    """The training rows of metrics.jsonl, or (monitors=True) the monitor rows."""
+    """The training rows of metrics.jsonl, or (monitors=True) the monitor rows (a profiled window's row is neither:
+    its tables are in RUN/profile/)."""
     rows = read_jsonl(RunFolder(out_dir).metrics)
-    return [r for r in rows if bool(r.get("monitor", False)) == monitors]
+    return [r for r in rows if "profile" not in r and bool(r.get("monitor", False)) == monitors]
 
 
 class NullLogger:

@@ -10,6 +10,7 @@ from ..data.sources import DataError
 from ..atomic import write_atomic
 from ..run_folder import RunFolder
 from .metrics import read_metrics
+from .profiling import phase_markdown, plot_profile
 
 
 def _plot(path: Path, rows: List[Dict], series: List[str], title: str, right: List[str] = ()) -> bool:
@@ -40,6 +41,21 @@ def _plot(path: Path, rows: List[Dict], series: List[str], title: str, right: Li
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _profile_section(folder: Path, out: Path) -> List[str]:
+    """Where a profiled window's step time went (train.profile.steps): rank 0's tables and their picture."""
+    path = folder / "phases-rank0.json"
+    if not path.is_file():
+        return []
+    try:
+        summary = json.loads(path.read_text())
+        table = phase_markdown(summary)
+        plot_profile(summary, out / "profile.png")
+    except (ValueError, KeyError, TypeError) as e:  # a damaged table is a line in the report, not its end
+        return ["", "## Where the step's time goes", "", f"{path}: unreadable ({type(e).__name__}: {e})"]
+    return ["", "## Where the step's time goes", "", *table, "", "![profile](profile.png)", "",
+            f"The trace (Perfetto / chrome://tracing / TensorBoard): {folder / 'trace-rank0.json.gz'}"]
 
 
 def write_report(run: str | Path) -> Path:
@@ -88,5 +104,6 @@ def write_report(run: str | Path) -> Path:
             lines.append(f"| {p.stem} | {r['metric']} | {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} | {r['seeds']} |")
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    lines += _profile_section(RunFolder(run).profile, out)
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

@@ -33,6 +33,7 @@ from ..frontend import normalize
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
 from ..model.attention import resolve_attention
+from ..phases import phase
 from ..run_folder import RunFolder
 from .flops import mfu, peak_flops, train_flops_per_sample
 from ..distributed import all_gather_stacked, all_reduce_, dist_from_env
@@ -41,6 +42,7 @@ from .engine import fused_adamw, init_distributed, make_engine, release_process_
 from .checkpointer import Checkpointer, RandomState
 from .faults import Fleet, StopSignals, launcher_restart, lost_rank_error
 from .metrics import MetricsLogger, NullLogger
+from .profiling import StepProfiler
 from .offline import build_offline_task, final_model_config
 from .schedule import lr_at, scaled_lr
 
@@ -90,6 +92,9 @@ class Trainer:
                                     crop=training_crop(config.data.repeat_short))
             self.model.norm_stats.copy_(torch.tensor(stats))
         self._build_engine()
+        t = config.train
+        self.profiler = StepProfiler(t.profile, self.run.profile, self.dist.rank, self.device,
+                                     self.flops_per_sample * t.batch_size * t.accum_steps, self.peak_flops)
         if resume_from is not None:
             self.checkpointer.resume(self, resume_from)
         self.mean, self.std = self.model.norm_stats.tolist()
@@ -254,24 +259,33 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- the step ----
     def train_step(self, micro_batches: List[Batch | torch.Tensor]) -> torch.Tensor:
         """One optimiser step over `accum_steps` micro-batches. Returns the mean loss as a device tensor."""
-        for group in self.engine.param_groups:
-            group["lr"] = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
+        with phase("optimizer"):  # before the backwards: DeepSpeed steps inside the last one
+            for group in self.engine.param_groups:
+                group["lr"] = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
         loss_sum = torch.zeros((), device=self.device)
         for mb in micro_batches:
             x, teacher_x, offline = (mb, None, None) if isinstance(mb, torch.Tensor) else mb
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 if teacher_x is not None:  # frozen teacher: no gradient, never saved
-                    offline = self.offline.teacher(teacher_x)
-                out = self.engine.forward(x, self.mask_ids(x.shape[0]), offline)
-            self.engine.backward(out["loss"], len(micro_batches))
-            loss_sum += out["loss"].detach()
-            self._terms += torch.stack([out["loss_m2d"].detach(), out["loss_off"].detach()]) / len(micro_batches)
-        self.engine.step()  # clip, update, zero the gradients (DeepSpeed did it in its last backward)
-        if self.offline is not None and self.offline.loss == "clip":
-            self.model.clamp_logit_scale()  # M2D-CLAP's temperature kept in [0, log 100], as the original
-            self.engine.weights_loaded()  # ZeRO updates its own fp32 copy: it must see the clamped value
-        self.ema.update(ema_tau(self.step, self.total_steps, self.config.train.ema_start, self.config.train.ema_end))
+                    with phase("offline teacher"):
+                        offline = self.offline.teacher(teacher_x)
+                with phase("masking"):
+                    ids = self.mask_ids(x.shape[0])
+                out = self.engine.forward(x, ids, offline)  # the model names its own phases
+            with phase("backward"):  # under DeepSpeed its optimiser step runs in the last backward
+                self.engine.backward(out["loss"], len(micro_batches))
+            with phase("logging"):
+                loss_sum += out["loss"].detach()
+                self._terms += torch.stack([out["loss_m2d"].detach(), out["loss_off"].detach()]) / len(micro_batches)
+        with phase("optimizer"):
+            self.engine.step()  # clip, update, zero the gradients (DeepSpeed did it in its last backward)
+            if self.offline is not None and self.offline.loss == "clip":
+                self.model.clamp_logit_scale()  # M2D-CLAP's temperature kept in [0, log 100], as the original
+                self.engine.weights_loaded()  # ZeRO updates its own fp32 copy: it must see the clamped value
+        with phase("ema"):
+            self.ema.update(ema_tau(self.step, self.total_steps, self.config.train.ema_start,
+                                    self.config.train.ema_end))
         self.step += 1
         return loss_sum / len(micro_batches)
 
@@ -292,55 +306,70 @@ class Trainer:
         signals = StopSignals().install()
         try:
             while self.step < self.total_steps:
-                loss = self.train_step([next(batches) for _ in range(t.accum_steps)])
-                stop = self.fleet.any_stop(signals.requested is not None)  # the same answer on every rank
-                self._loss_sum += loss
-                self._nonfinite += ~torch.isfinite(loss)
-                logger.advance()
-                if self.step_timer is not None and self.step - start_step in (1, 2):  # two syncs, once per run
-                    now = self.sync_time()
-                    if mark is not None:  # the 2nd step alone: warm-up and compilation left out
-                        self.step_timer(now - mark)
-                    mark = now
-                if first and t.compile:  # report compilation apart from the step rate (one sync, once)
-                    self._first_step_seconds = self.sync_time() - last_time
-                    log.info("first step (torch.compile included): %.1f s", self._first_step_seconds)
-                    first = False
-                    # The rate leaves the compiling step out, unless it is all there is; its loss still counts,
-                    # and the step goes through the bookkeeping below (a one-step run ends with its metrics row,
-                    # monitor pass and checkpoint, like any other).
-                    if self.step % t.log_every != 0 and self.step != self.total_steps:
-                        self._loss_sum.zero_()
-                        self._terms.zero_()
-                        last_time, last_step = self.sync_time(), self.step
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    logger.write(self.log_row(self.step - last_step, now - last_time))
-                    last_time, last_step = now, self.step
-                    if self.lock is not None:
-                        self.lock.heartbeat()
-                if self.monitor is not None and (self.step % t.eval_every == 0 or self.step == self.total_steps):
-                    logger.write({"step": self.step, "monitor": True, **self.monitor()})
-                if self.checkpointer.due(self.step, self.total_steps) or stop:
-                    self.check_finite()
-                    path = self.save()
-                if stop:
-                    self.preempted = signals.requested or -1  # -1: another rank was signalled
-                    if self.dist.is_main:
-                        print(f"stopped by a signal after step {self.step}: {path}; continue with --resume",
-                              flush=True)
-                    break
+                self.profiler.before_step(self.step)
+                with phase("data wait"):
+                    micro = [next(batches) for _ in range(t.accum_steps)]
+                loss = self.train_step(micro)
+                with phase("logging"):  # bookkeeping: metrics, monitors, checkpoints, the stop agreement
+                    stop = self.fleet.any_stop(signals.requested is not None)  # the same answer on every rank
+                    self._loss_sum += loss
+                    self._nonfinite += ~torch.isfinite(loss)
+                    logger.advance()
+                    if self.step_timer is not None and self.step - start_step in (1, 2):  # two syncs, once per run
+                        now = self.sync_time()
+                        if mark is not None:  # the 2nd step alone: warm-up and compilation left out
+                            self.step_timer(now - mark)
+                        mark = now
+                    if first and t.compile:  # report compilation apart from the step rate (one sync, once)
+                        self._first_step_seconds = self.sync_time() - last_time
+                        log.info("first step (torch.compile included): %.1f s", self._first_step_seconds)
+                        first = False
+                        # The rate leaves the compiling step out, unless it is all there is; its loss still counts,
+                        # and the step goes through the bookkeeping below (a one-step run ends with its metrics row,
+                        # monitor pass and checkpoint, like any other).
+                        if self.step % t.log_every != 0 and self.step != self.total_steps:
+                            self._loss_sum.zero_()
+                            self._terms.zero_()
+                            last_time, last_step = self.sync_time(), self.step
+                    if self.step % t.log_every == 0 or self.step == self.total_steps:
+                        now = time.perf_counter()
+                        logger.write(self.log_row(self.step - last_step, now - last_time))
+                        last_time, last_step = now, self.step
+                        if self.lock is not None:
+                            self.lock.heartbeat()
+                    if self.monitor is not None and (self.step % t.eval_every == 0 or self.step == self.total_steps):
+                        logger.write({"step": self.step, "monitor": True, **self.monitor()})
+                    if self.checkpointer.due(self.step, self.total_steps) or stop:
+                        self.check_finite()
+                        path = self.save()
+                    if stop:
+                        self.preempted = signals.requested or -1  # -1: another rank was signalled
+                        if self.dist.is_main:
+                            print(f"stopped by a signal after step {self.step}: {path}; continue with --resume",
+                                  flush=True)
+                        break
+                profiled = self.profiler.after_step(self.step)
+                if profiled is not None:
+                    logger.write(profile_row(self.step, profiled, self.run))
         except BaseException as e:
             logger.close()
             self.close()
             if self.dist.world_size == 1:
                 signals.uninstall()
+            oom = self.profiler.out_of_memory(e, self.step) if isinstance(e, torch.OutOfMemoryError) else None
+            try:
+                self.profiler.close()  # a window the error cut short still leaves its trace
+            except Exception as closing:  # never in the way of the error that ended the run
+                log.warning("the profiled window could not be written: %s", closing)
+            if oom is not None:  # the allocator's state is written: one line, not a traceback
+                raise oom from None
             # Several ranks: the handlers stay, so the launcher's SIGTERM to the survivors cannot kill this one
             # before its error (which rank was lost, the last good checkpoint) is printed.
             if self.dist.world_size > 1 and isinstance(e, RuntimeError) and _looks_like_comm_failure(e):
                 raise lost_rank_error(self.fleet, e, self.checkpointer.latest()) from None
             raise
         signals.uninstall()
+        self.profiler.close()  # a window reaching past the run's last step ends with it
         logger.close()
         self.close()
 
@@ -491,6 +520,16 @@ class Trainer:
             gathered = all_gather_stacked(torch.tensor(rows, dtype=torch.int64, device=self.device))
             self._shard_position_all = {"epoch": epoch, "rows": gathered.cpu().tolist()}
         return self.checkpointer.save(self)
+
+
+def profile_row(step: int, summary: dict, run: RunFolder) -> dict:
+    """metrics.jsonl's row for a profiled window: where its tables are, the step time and each phase's peak memory."""
+    row = {"step": step, "profile": str(run.profile), "profile_step_ms": summary["step_ms"]}
+    for r in summary["phases"]:
+        for k in ("allocated_GiB", "reserved_GiB"):
+            if k in r:
+                row[f"peak_{k}/{r['phase']}"] = r[k]
+    return row
 
 
 def _looks_like_comm_failure(e: RuntimeError) -> bool:
