@@ -153,6 +153,54 @@ def measure_rung(name: str, cfg: Config, steps: int = 5) -> dict:
             os.environ.pop(k, None)
 
 
+def profiled_steps(cfg: Config, out: Path, max_file_mb: float = 15.0) -> dict:
+    """The rung's step under train.profile (warm-up steps first, then the profiled ones), driven like measure_rung;
+    the profiler's trace, tables and memory snapshot are copied into `out` (a GPU slot brings back files of at most
+    16 MiB: a larger one is left behind and said so)."""
+    import shutil
+
+    from fastm2d.phases import phase
+    from fastm2d.train import Trainer
+    from fastm2d.train.profiling import phase_markdown
+
+    env = _one_process_group_env() if cfg.train.engine == "deepspeed" else {}
+    os.environ.update(env)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        t = cfg.train
+        micro = [torch.randn(t.batch_size, 1, *cfg.model.input_size, device=trainer.device)
+                 for _ in range(t.accum_steps)]
+        summary = None
+        while summary is None and trainer.step < t.profile.start + t.profile.steps:
+            trainer.profiler.before_step(trainer.step)
+            with phase("data wait"):  # in memory here: the loaders have their own rows
+                batches = list(micro)
+            trainer.train_step(batches)
+            summary = trainer.profiler.after_step(trainer.step)
+        row = {"step_ms": summary["step_ms"], "mfu": summary.get("mfu"), "table": phase_markdown(summary),
+               "files": [], "left_behind": []}
+        for f in sorted(trainer.run.profile.glob("*-rank0.*")):
+            if f.name.startswith("phases") and f.suffix == ".json":
+                continue  # its content is the row's table
+            mb = f.stat().st_size / 2**20
+            if mb > max_file_mb:
+                row["left_behind"].append(f"{f.name} ({mb:.0f} MiB)")
+            else:
+                shutil.copy(f, out / f.name)
+                row["files"].append(f"{f.name} ({mb:.1f} MiB)")
+        return row
+    except Exception as e:
+        return {"note": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+    finally:
+        if trainer is not None:
+            trainer.close()
+        trainer = micro = None
+        _release()
+        for k in env:
+            os.environ.pop(k, None)
+
+
 def cuda_usable() -> bool:
     """False once a rung left the CUDA context broken (an illegal address is sticky): later rungs would only fail."""
     if not torch.cuda.is_available():

@@ -1,8 +1,10 @@
 """The device suite: its CPU dry run takes the GPU run's rungs, branches and config arithmetic at small sizes, so a
 typo or a config that cannot fill a batch never wastes GPU minutes."""
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,23 +15,62 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 @pytest.mark.slow
 def test_device_suite_dry_run(tmp_path):
+    """The order a user asks in (the recipe eager, compiled, under DeepSpeed; its profiled step; the kernels; then the
+    decomposition), every rung in its own process, the one Inductor compile in the GPU rung's mode, an MFU on every
+    training row, the summary line last."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_suite.py"), "--tiny", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     result = json.loads((tmp_path / "device_suite.json").read_text())
+    from device_suite import sections
+    from ladder import DECOMPOSITION_RUNGS, DRY_RUN_INDUCTOR, RECIPE_RUNGS
+    assert [p["section"] for p in result["plan"]] == [s[0] for s in sections()] == \
+        ["recipe", "trace", "kernels", "ladder", "gpu_tests", "data"]
+    assert abs(sum(p["share"] for p in result["plan"]) - 1) < 1e-9
+    assert [row["rung"] for row in result["recipe"]] == [name for name, _, _ in RECIPE_RUNGS]
+    assert [row["rung"] for row in result["ladder"]] == [name for name, _, _ in DECOMPOSITION_RUNGS]
+    train = result["recipe"] + result["ladder"]
+    assert len({row["pid"] for row in train}) == len(train) and os.getpid() not in {row["pid"] for row in train}
+    failed = {row["rung"]: row["note"] for row in train if "note" in row}
+    # Every rung runs on CPU but xformers, which has no CPU path (on the GPU machine it runs where installed).
+    assert list(failed) == ["+fused attention (xformers)"] and "no CPU path" in failed["+fused attention (xformers)"]
+    assert all(row["samples_s"] > 0 and row["mfu"] > 0 for row in train if "samples_s" in row)
+    compiled = {row["rung"]: row["compile"] for row in train if "compile" in row}
+    assert compiled[DRY_RUN_INDUCTOR] == "inductor (reduce-overhead)"  # Inductor's lowering of the custom ops, on CPU
+    assert {c for n, c in compiled.items() if n != DRY_RUN_INDUCTOR} == {"-", "eager (default)"}
     assert {row["kernel"] for row in result["kernels"]} == {"l2norm_mse", "noise_mix", "gather_visible", "ema"}
     assert not [row for row in result["kernels"] if "error" in row]
     # every kernel row states the bytes it must move at minimum beside the bytes the Triton design issues
     assert all(0 < row["min_MB"] <= row["issued_MB"] for row in result["kernels"])
-    from ladder import RUNGS
-    assert [row["rung"] for row in result["train"]] == [name for name, _, _ in RUNGS]  # the GPU run's rungs
-    failed = {row["rung"]: row["note"] for row in result["train"] if "note" in row}
-    # Every rung runs on CPU but xformers, which has no CPU path (on the GPU machine it runs where installed).
-    assert list(failed) == ["+fused attention (xformers)"] and "no CPU path" in failed["+fused attention (xformers)"]
-    assert all(row["samples_s"] > 0 for row in result["train"] if "samples_s" in row)
-    assert all("rate" in row for row in result["data"]), result["data"]
-    assert r.stdout.rstrip().splitlines()[-1].startswith("| ViT-B recipe, DeepSpeed")  # the ladder is printed last
-    assert (tmp_path / "device_suite.md").read_text().startswith("# fastm2d device suite")
+    (trace,) = result["trace"]
+    assert "| backward |" in "\n".join(trace["table"]) and (tmp_path / "trace-rank0.json.gz").is_file()
+    assert all("rate" in row for row in result["data"] if not row["path"].startswith("DALI")), result["data"]
+    assert r.stdout.rstrip().splitlines()[-1].startswith("SUMMARY: CPU")  # the line to paste comes last
+    assert "| recipe | 33% |" in (tmp_path / "device_suite.md").read_text()
+    assert not (tmp_path / "row.json").exists()
+
+
+def test_a_suite_with_no_mfu_fails_and_says_so(tmp_path):
+    """Every row cut by the budget: no training row has an MFU, so the exit status is 1, not a green run."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_suite.py"), "--tiny", "--out", str(tmp_path),
+                        "--only", "recipe", "--budget-s", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    last = r.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("SUMMARY:") and "recipe skipped: time budget" in last
+
+
+def test_a_child_past_its_deadline_is_killed_with_what_it_started(tmp_path):
+    """A hung compile (here: a sleep, and a worker it started) costs its own row: the whole process group is killed
+    at the deadline and the suite goes on."""
+    from device_suite import run_child
+    code = ("import subprocess, sys, time; p = subprocess.Popen(['sleep', '300']); "
+            f"open({str(tmp_path / 'worker')!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    t0 = time.monotonic()
+    row = run_child([sys.executable, "-c", code], 3, tmp_path / "row.json")
+    assert time.monotonic() - t0 < 20 and row["note"] == "killed: over its 3 s deadline"
+    worker = int((tmp_path / "worker").read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
 
 
 def test_without_cuda_the_gpu_run_refuses_instead_of_reporting_a_dry_run(tmp_path):
