@@ -27,6 +27,11 @@ MODES = ("forward", "backward", "full")
 SIZES = {"m2d": (512, 190, 768), "tiny": (2, 190, 64)}
 
 
+def shape(size) -> Tuple[int, int, int]:
+    """(batch, tokens N, width D): a named size, or the tuple itself (the kernel sweep's sizes)."""
+    return SIZES[size] if isinstance(size, str) else tuple(size)
+
+
 def _impl(provider: str, name: str):
     fn = getattr(kernels.REFERENCE if provider != "triton" else kernels.TRITON, name)
     return torch.compile(fn, dynamic=False) if provider == "compile" else fn
@@ -51,7 +56,7 @@ def _modes(run: Callable[[], Tuple[torch.Tensor, list]]) -> Dict[str, Callable[[
 
 
 def l2norm_mse_case(provider, size, dtype, device):
-    b, n, d = SIZES[size]
+    b, n, d = shape(size)
     m = n - int(n * 0.3)  # masked tokens
     pred = torch.randn(b, m, d, device=device, dtype=dtype, requires_grad=True)
     target = torch.randn(b, m, d, device=device, dtype=dtype)
@@ -64,7 +69,7 @@ def l2norm_mse_case(provider, size, dtype, device):
 
 
 def noise_mix_case(provider, size, dtype, device):
-    b = SIZES[size][0]
+    b = shape(size)[0]
     x = (torch.randn(b, 1, 80, 608, device=device) - 7).to(dtype).requires_grad_()
     bg = (torch.randn(b, 1, 80, 608, device=device) - 6).to(dtype)
     fn = _impl(provider, "noise_mix")
@@ -75,7 +80,7 @@ def noise_mix_case(provider, size, dtype, device):
 
 
 def masking_case(provider, size, dtype, device):
-    b, n, d = SIZES[size]
+    b, n, d = shape(size)
     k = int(n * 0.3)
     x = torch.randn(b, n, d, device=device, dtype=dtype, requires_grad=True)
     pos = torch.randn(1, n, d, device=device, dtype=dtype)

@@ -129,3 +129,19 @@ def test_the_documented_device_command_keeps_the_machines_library_path():
     for text in (readme, wheels):
         paths = re.findall(r"LD_LIBRARY_PATH=(\S+)", text)
         assert paths and all(p.endswith(":${LD_LIBRARY_PATH:-}") for p in paths), paths
+
+
+def test_the_kernel_sweep_dry_run_writes_its_csv_and_plot(tmp_path):
+    """benchmarks/sweep_kernels.py --tiny: the references at small sizes; every swept size of every kernel is a row
+    whose GB/s is the minimum bytes over the measured time."""
+    import csv
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_kernels.py"), "--tiny", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "kernel_sweep.csv").open()))
+    from sweep_kernels import SWEPT, TINY_AXES
+    assert len(rows) == sum(len(TINY_AXES[a]) for axes in SWEPT.values() for a in axes)
+    for row in rows:
+        assert row["provider"] == "eager" and float(row["ms"]) > 0
+        assert abs(float(row["GB_s"]) - float(row["min_MB"]) / 1e3 / (float(row["ms"]) / 1e3)) < 1e-6 * float(row["GB_s"]) + 1e-9
+    assert (tmp_path / "kernel_sweep.png").stat().st_size > 5000
