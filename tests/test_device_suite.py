@@ -145,3 +145,23 @@ def test_the_kernel_sweep_dry_run_writes_its_csv_and_plot(tmp_path):
         assert row["provider"] == "eager" and float(row["ms"]) > 0
         assert abs(float(row["GB_s"]) - float(row["min_MB"]) / 1e3 / (float(row["ms"]) / 1e3)) < 1e-6 * float(row["GB_s"]) + 1e-9
     assert (tmp_path / "kernel_sweep.png").stat().st_size > 5000
+
+
+def test_every_wheel_carried_to_the_gpu_machine_is_pinned():
+    """--no-deps installs resolve nothing: every wheel gpu_wheels.sh collects names its version, and the pinned
+    pydantic's exact pydantic-core requirement is the pinned pydantic-core (checked where this environment has that
+    pydantic, as DeepSpeed's install brings it)."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+    text = (ROOT / "benchmarks" / "gpu_wheels.sh").read_text()
+    block = text[text.index("pip download"):].split("python3 -m pip wheel")[0]  # the download command's words
+    names = [w for w in block.split("-d .whl", 1)[1].split() if w != "\\"]
+    pins = dict(n.split("==") for n in names if "==" in n)
+    assert names and len(pins) == len(names), [n for n in names if "==" not in n]
+    assert {"pydantic", "pydantic-core", "xformers", "soundfile"} <= set(pins)
+    assert "deepspeed==0.19.8" in text
+    try:
+        if version("pydantic") == pins["pydantic"]:
+            core = [r for r in requires("pydantic") if r.startswith("pydantic-core")]
+            assert core == [f"pydantic-core=={pins['pydantic-core']}"], core
+    except PackageNotFoundError:
+        pass

@@ -151,12 +151,14 @@ def test_zero_shot_on_each_released_clap_layout(tmp_path, folder, file, kind, ex
 
     from .test_released_models import D, _sizes, build_release, original_clap_audio, original_frames
     tok, bert = _tiny_bert(tmp_path / "text", width=D)  # as wide as the audio side, as GTE-base / BERT-base are
-    path, vit, parts, norm_stats = build_release(tmp_path / "w", folder, file, kind, extras)
-    if "clap2025" in extras:  # 'TI': the fine-tuned text encoder inside the file
-        state = torch.load(path, weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("text_encoder.")}
-        state.update({f"text_encoder.{k}": v for k, v in bert.state_dict().items()})
-        torch.save(state, path)
+    text_state = None
+    if "clap2025" in extras:  # 'TI': the file carries its own fine-tuned text encoder, unlike the stock one given
+        with torch.no_grad():
+            bert = type(bert)(bert.config).eval()  # other weights: the file's must be used, not the folder's
+            for p in bert.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        text_state = bert.state_dict()
+    path, vit, parts, norm_stats = build_release(tmp_path / "w", folder, file, kind, extras, text_state=text_state)
     labels = ["dog barking", "rain", "siren"]
     zs = ZeroShot(path, text_encoder=str(tmp_path / "text"))
     wav = torch.randn(2, 16000 * 3) * 0.1
@@ -325,3 +327,22 @@ def test_the_xares_checker_passes_and_the_hop_matches_the_frames(tmp_path, monke
         chunks, tail = divmod(n, input_t)
         assert frames.shape[1] == chunks * (input_t // patch_t) + math.ceil(tail / patch_t)
         assert abs(frames.shape[1] * encoder.hop_size_in_ms - seconds * 1000) <= encoder.hop_size_in_ms + 10
+
+
+def test_a_text_encoder_in_the_file_is_never_dropped_silently(tmp_path, caplog):
+    """The 2025 'TI' release, in the original's layout: zero-shot uses its text encoder (above); audio features do not
+    and say so, naming the keys; tensors beside backbone.* and text_encoder.* are dropped with a warning naming them."""
+    from fastm2d import load_encoder
+
+    from .test_released_models import build_release
+    path, *_ = build_release(tmp_path / "w", *CLAP_RELEASES[2])
+    with caplog.at_level("WARNING", logger="fastm2d"):
+        load_encoder(path)
+    assert "text_encoder.text_encoder.embeddings.word_embeddings.weight" in caplog.text and "zero-shot" in caplog.text
+    obj = torch.load(path, weights_only=True)
+    obj["model"]["optimizer_state.step"] = torch.zeros(1)
+    torch.save(obj, path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastm2d"):
+        load_encoder(path)
+    assert "optimizer_state.step" in caplog.text and "not used" in caplog.text

@@ -63,8 +63,9 @@ def _randomise(module, seed):
     return module
 
 
-def build_release(root, folder, file, kind, extras, seed=0):
-    """One release file in its layout -> (path, the timm encoder, extra modules for the reference)."""
+def build_release(root, folder, file, kind, extras, seed=0, text_state=None):
+    """One release file in its layout -> (path, the timm encoder, extra modules for the reference). `text_state`: the
+    fine-tuned caption encoder a 2025 'TI' release carries (a placeholder tensor when not given)."""
     input_size, patch = _sizes(folder)
     vit = _randomise(_vit(input_size, patch), seed).eval()
     grid = vit.patch_embed.grid_size
@@ -103,7 +104,6 @@ def build_release(root, folder, file, kind, extras, seed=0):
         sem.norm = torch.nn.LayerNorm(D)
         _randomise(sem, seed + 4)
         parts = {"audio_proj": sem}
-        state["text_encoder.embeddings.word_embeddings.weight"] = torch.randn(8, 4)  # 'TI': text encoder inside
     for name, module in parts.items():
         state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     if kind == "finetuned":  # EVAR: the runtime's backbone and the head, under DDP's module. prefix
@@ -115,6 +115,16 @@ def build_release(root, folder, file, kind, extras, seed=0):
                 "module.head.mlp.mlp.0.bias": torch.randn(n) * 0.05}
         obj = {**{f"module.ar.runtime.backbone.{k}": v for k, v in state.items()}, **head}
         parts["head"] = {k.split("module.head.")[1]: v for k, v in head.items()}
+    elif "clap2025" in extras:
+        # The 2025 release as the original's loader reads it (nttcslab/m2d examples/portable_m2d.py):
+        # get_backbone (l. 280-287) takes checkpoint['model'], then extract_weight(..., 'backbone.') -> the encoder
+        # and audio_proj; the folder's 'pBpTI' means text encoder 'B' (BertXEncoder) Included
+        # (parse_clap_text_encoder_weight, l. 271-277), and get_text_encoder (l. 561-578) loads
+        # extract_weight(weights['model'], 'text_encoder.') into BertXEncoder, whose BERT is its `text_encoder`
+        # attribute: the file's keys are text_encoder.text_encoder.<BERT key>.
+        text = text_state if text_state is not None else {"embeddings.word_embeddings.weight": torch.randn(8, 4)}
+        obj = {"model": {**{f"backbone.{k}": v for k, v in state.items()},
+                         **{f"text_encoder.text_encoder.{k}": v for k, v in text.items()}}}
     elif kind == "enconly":
         obj = state  # torch.save(model.backbone.state_dict())
     else:

@@ -17,6 +17,7 @@ from .files import PRETRAINED_WEIGHTS, is_pretrained_folder, load_weights_file
 from .original import ENCODER_PREFIXES, EXTRA_PREFIXES, canonical_heads, infer_model_config, strip_wrappers
 
 log = logging.getLogger("fastm2d")
+TEXT_ENCODER_PREFIX = "text_encoder."  # M2D-CLAP 2025 'TI' releases: the fine-tuned caption encoder in the file
 
 
 def list_checkpoints(folder: Path) -> Dict[int, Path]:
@@ -36,8 +37,16 @@ def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], ModelCon
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or "cls_token" not in strip_wrappers(state):
         raise CheckpointError(f"{path}: no M2D weights (expected a 'model' state dict with cls_token)")
-    if any(k.startswith("backbone.") for k in state):  # the original's RuntimeM2D: keep only its backbone
-        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    if any(k.startswith("backbone.") for k in state):
+        # The original's RuntimeM2D / PortableM2D layout: its loader reads `backbone.*` (portable_m2d.get_backbone:
+        # checkpoint['model'], then extract_weight(..., 'backbone.')) and, for a 2025 'TI' release, the text
+        # encoder from the same file (get_text_encoder: weights['model'], extract_weight(..., 'text_encoder.')).
+        # Both are kept; anything else is dropped, and said so.
+        dropped = sorted(k for k in state if not k.startswith(("backbone.", TEXT_ENCODER_PREFIX)))
+        if dropped:
+            log.warning("%s: %d tensors beside backbone.* and text_encoder.* are not used: %s%s", path, len(dropped),
+                        ", ".join(dropped[:6]), " ..." if len(dropped) > 6 else "")
+        state = {k: v for k, v in state.items() if k.startswith(("backbone.", TEXT_ENCODER_PREFIX))}
     state = canonical_heads(strip_wrappers(state))
     if "model_config" in obj:
         if not isinstance(obj["model_config"], dict):

@@ -101,7 +101,7 @@ class ZeroShot(nn.Module):
         from ..checkpoint import read_checkpoint
         from .runtime import runtime_from_state
         state, cfg, sr, _ = read_checkpoint(weights)  # read once: encoder, projections and any text encoder
-        self.runtime = runtime_from_state(state, cfg, sr, weights).to(device)
+        self.runtime = runtime_from_state(state, cfg, sr, weights, text_encoder_used=True).to(device)
         if getattr(self.runtime, "audio_proj", None) is None:
             raise CheckpointError(f"{weights}: no audio_proj: not an M2D-CLAP model")
         if cfg.text_encoder:  # trained by fastm2d: the caption encoder and pooling the run recorded

@@ -5,6 +5,7 @@ each chunk is encoded on its own and the frames concatenated (docs/spec.md "Tran
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import ENCODER_PREFIXES, load_weights, read_checkpoint
+from ..checkpoint import ENCODER_PREFIXES, TEXT_ENCODER_PREFIX, load_weights, read_checkpoint
 from ..config import ModelConfig
 from ..frontend import LogMelSpectrogram, normalize
 from ..model import ViTEncoder
+
+log = logging.getLogger("fastm2d")
 
 
 class Runtime(nn.Module):
@@ -134,8 +137,13 @@ def load_encoder(path: str | Path, input_frames: Optional[int] = None, attention
 
 
 def runtime_from_state(state, cfg: ModelConfig, sr: int, path, input_frames: Optional[int] = None,
-                       attention: Optional[str] = None) -> Runtime:
-    """`load_encoder` from what `read_checkpoint` returned (for callers that need the rest of the file too)."""
+                       attention: Optional[str] = None, text_encoder_used: bool = False) -> Runtime:
+    """`load_encoder` from what `read_checkpoint` returned (for callers that need the rest of the file too);
+    `text_encoder_used`: the caller (zero-shot) reads the file's text encoder, so its keys are not left unsaid."""
+    text_keys = [k for k in state if k.startswith(TEXT_ENCODER_PREFIX)]
+    if text_keys and not text_encoder_used:
+        log.warning("%s holds a text encoder (%d tensors: %s ...) that audio features do not use; zero-shot "
+                    "(fastm2d.ZeroShot, `fastm2d zeroshot`) does", path, len(text_keys), text_keys[0])
     cfg.attention = attention or cfg.attention
     encoder = ViTEncoder(cfg)
     load_weights(encoder, {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}, path)
