@@ -98,7 +98,8 @@ class ModelConfig:
     text_encoder: Optional[str] = None  # clip: the caption encoder trained against (zero-shot reads captions with it)
     text_pooling: str = "mean"  # clip: how that encoder's tokens become one embedding: mean | cls
     lambda_m2d: float = 1.0
-    lambda_off: float = 1.0
+    # None: the offline task's own weight, as the original trains it (LAMBDA_OFF; e.g. CLAP 0.01, not 1.0)
+    lambda_off: Optional[float] = None
     attention: str = "auto"  # auto | sdpa | xformers | reference
     kernels: str = "auto"  # auto | triton | reference (FASTM2D_KERNELS wins)
 
@@ -110,6 +111,8 @@ class ModelConfig:
         for key, value in VIT_SIZES[self.size].items():
             if getattr(out, key) is None:
                 setattr(out, key, value)
+        if out.lambda_off is None:  # a model built without a Config (load_config fills it from offline.task)
+            out.lambda_off = LAMBDA_OFF["clap"] if out.off_loss == "clip" else 1.0
         check_model_config(out)
         return out
 
@@ -359,6 +362,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _wrap(e, "config") from None
+    if config.model.lambda_off is None and config.offline.task in LAMBDA_OFF:
+        config.model.lambda_off = LAMBDA_OFF[config.offline.task]
     config.model = config.model.resolved()
     check_config(config)
     return config
@@ -448,6 +453,13 @@ def check_out_dir(out: Path, setting: str = "out_dir") -> None:
                 raise ConfigError(f"{setting}={out}: {p} is a file, not a folder" if p == out else
                                   f"{setting}={out}: {p} is a file, so no folder can be made under it")
             return
+
+
+# model.lambda_off by offline.task when not set: the original's weight for that task. clap: --loss_off .01 (the
+# original's clap/train_clap.py default and its M2D-CLAP runs); labels (M2D-AS) 1.0 and regularize 1.0, distill
+# (M2D-S) 0.5: the paper's values (docs/spec.md; the original's train_audio.py / train_speech.py default to 0 and
+# take the weight on the command line).
+LAMBDA_OFF = {"none": 1.0, "labels": 1.0, "distill": 0.5, "regularize": 1.0, "clap": 0.01}
 
 
 def check_offline_config(c: Config) -> None:

@@ -47,11 +47,14 @@ def test_recipes_load_and_a_tiny_variant_trains(recipe, tmp_path):
 
 def test_the_clap_recipe_is_the_originals_and_a_tiny_variant_trains(tmp_path):
     """clap/train_clap.py's command: --loss_off .01, --batch_size 512 on 4 GPUs, --epochs 300, --blr 3e-4, --seed 3,
-    GTE-base caption embeddings (768, mean pooled) for a ViT-Base (768: the text projection is an identity)."""
+    GTE-base caption embeddings (768, mean pooled) for a ViT-Base (768: the text projection is an identity). The
+    original's gather has no gradient, so its 4 GPUs train the CLAP term at 0.01 / 4 of fastm2d's arithmetic."""
     from pathlib import Path
     path = Path(__file__).parent.parent / "configs" / "m2d_clap.yaml"
     full = load_config(path, [])
-    assert (full.model.lambda_m2d, full.model.lambda_off, full.offline.task) == (1.0, 0.01, "clap")
+    original_weight, original_gpus = 0.01, 4
+    assert (full.model.lambda_m2d, full.model.lambda_off, full.offline.task) == \
+        (1.0, pytest.approx(original_weight / original_gpus), "clap")
     assert (full.train.batch_size * full.train.accum_steps, full.train.epochs, full.train.base_lr,
             full.train.seed) == (2048, 300, 3e-4, 3)
     assert (full.offline.text_encoder, full.offline.text_pooling) == ("thenlper/gte-base", "mean")
@@ -84,3 +87,15 @@ def test_adapt_builds_the_recipe_and_prints_the_plan(tmp_path, capsys):
     assert "s per optimiser step: about" in out and "for the remaining 1 steps" in out
     saved = json.loads(json.dumps(torch.load(tmp_path / "run" / "checkpoint-3.pth", weights_only=True)["config"]))
     assert saved["offline"]["task"] == "regularize"
+
+
+@pytest.mark.parametrize("task, extra, original", [
+    ("clap", ["offline.caption_embeddings=e.npz"], 0.01),  # clap/train_clap.py: --loss_off default .01
+    ("labels", ["offline.labels=l.csv"], 1.0),  # M2D-AS: lambda 1.0 / 1.0 (docs/spec.md, the paper)
+    ("distill", ["offline.features=f"], 0.5),  # M2D-S: lambda_off 0.5 (the paper)
+    ("regularize", ["train.init_from=w.pth"], 1.0),  # further pre-training: 1.0 / 1.0 (the paper)
+])
+def test_each_offline_task_defaults_to_the_originals_weight(task, extra, original):
+    """model.lambda_off unset: the weight the original trains that task with (once 1.0 for all: 100x CLAP's)."""
+    assert load_config(None, [f"offline.task={task}", *extra]).model.lambda_off == original
+    assert load_config(None, [f"offline.task={task}", *extra, "model.lambda_off=0.3"]).model.lambda_off == 0.3
