@@ -33,7 +33,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "wheel", "psutil", "nvidia-dali-cuda130==2.4.0",
                  "deepspeed==0.19.8", "transformers>=4.40", "onnx", "onnxscript", "onnxruntime",
-                 "import-linter>=2.1", "webdataset>=1.0.2"],  # the layer contracts in pyproject.toml; shards
+                 "import-linter>=2.1", "webdataset>=1.0.2",  # the layer contracts in pyproject.toml; shards
+                 "xares==0.1.3"],  # X-ARES's own runner runs the exported encoder file
         "clap": ["transformers>=4.40"],  # M2D-CLAP zero-shot: the text encoders
         "onnx": ["onnx", "onnxscript", "onnxruntime"],  # export --format onnx, and running it
         "dali": ["nvidia-dali-cuda130==2.4.0"],

@@ -175,6 +175,10 @@ def cmd_export(args) -> None:
         from .transfer.onnx_export import export_onnx
         print(export_onnx(args.weights, args.out))
         return
+    if args.format == "xares":
+        from .transfer.interfaces.xares import write_encoder_file
+        print(write_encoder_file(args.weights, args.out, args.name, args.untrained_seed))
+        return
     print(export_original(args.weights, args.out, encoder_only=args.encoder_only, fmt=args.format))
 
 
@@ -352,9 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="folder to create the <name>-<F>x<T>p<pF>x<pT>-<date>/ folder in")
     ex.add_argument("--encoder-only", action="store_true", help="only the encoder's weights (the original's "
                                                                 "to_encoder_only_weight.py layout)")
-    ex.add_argument("--format", choices=("pth", "safetensors", "onnx"), default="pth",
+    ex.add_argument("--format", choices=("pth", "safetensors", "onnx", "xares"), default="pth",
                     help="safetensors: weights and config without any pickle (safe to publish and to load); onnx: "
-                         "the encoder graph (log-mel in) + frontend.json, for onnxruntime and other runtimes")
+                         "the encoder graph (log-mel in) + frontend.json, for onnxruntime and other runtimes; xares: "
+                         "the encoder file X-ARES's runner builds with no arguments (--out FILE.py or a folder)")
+    ex.add_argument("--name", help="xares: the class name's start (default: the weights' folder name)")
+    ex.add_argument("--untrained-seed", type=int, help="xares: the same architecture freshly initialised with "
+                                                        "this seed, a baseline row beside the model")
     ex.set_defaults(func=cmd_export, weights_required=True, out_required=True)
     return p
 

@@ -346,3 +346,83 @@ def test_a_text_encoder_in_the_file_is_never_dropped_silently(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fastm2d"):
         load_encoder(path)
     assert "optimizer_state.step" in caplog.text and "not used" in caplog.text
+
+
+def _xares_task(root, n=12):  # kNN takes 10 neighbours
+    """A two-class task in X-ARES's own layout, written by X-ARES's own writer (write_audio_tar): tones against noise,
+    train / valid / test tars, and the task file its runner imports."""
+    import numpy as np
+    import soundfile as sf
+    from xares.audiowebdataset import write_audio_tar
+    task = root / "env" / "tinytask"
+    task.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "valid", "test"):
+        paths, labels = [], []
+        for i in range(n):
+            t = np.arange(16000) / 16000
+            wav = 0.3 * np.sin(2 * np.pi * (300 + 40 * i) * t) if i % 2 else 0.2 * rng.standard_normal(16000)
+            path = root / "audio" / split / f"{split}_{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, wav.astype(np.float32), 16000)
+            paths.append(str(path))
+            labels.append(str(i % 2))
+        write_audio_tar(paths, labels, str(task / f"{split}-*.tar"), num_shards=1)
+    (task / ".audio_tar_ready").touch()
+    (root / "tiny_task.py").write_text(
+        "from xares.task import TaskConfig\n\n\n"
+        "def tiny_config(encoder) -> TaskConfig:\n"
+        f"    return TaskConfig(name='tinytask', env_root={str(root / 'env')!r}, encoder=encoder, output_dim=2,\n"
+        "                      label_processor=lambda x: int(x['label']), epochs=2, batch_size_encode=4,\n"
+        "                      batch_size_train=4, num_encoder_workers=0, torch_num_threads=1)\n")
+    return task
+
+
+@pytest.mark.slow
+def test_xares_runs_the_exported_encoder_file_and_keeps_two_models_apart(tiny_run, tmp_path):
+    """`fastm2d export --format xares` writes the file X-ARES's runner builds with no arguments; run through X-ARES's
+    own pipeline (encode to shards, MLP, kNN) on a task written by X-ARES's own writer. The untrained baseline of
+    the same weights gets its own class name, so its own embeddings and scores, never the model's."""
+    pytest.importorskip("xares.run", reason="X-ARES's runner: pip install xares (in the test extra)")
+    from fastm2d.cli import main
+    task = _xares_task(tmp_path)
+    files = []
+    for extra in ([], ["--untrained-seed", "0"]):
+        assert main(["export", "--format", "xares", "--weights", str(tiny_run), "--out", str(tmp_path), *extra]) == 0
+    files = sorted(tmp_path.glob("*encoder.py"))
+    assert len(files) == 2
+    for f in files:
+        r = subprocess.run([sys.executable, "-m", "fastm2d.transfer.interfaces.xares", f.name, "tiny_task.py",
+                            "--max-jobs", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and "Results:" in r.stdout, (r.stdout[-3000:], r.stderr[-3000:])
+    classes = sorted(p.name for p in (task / "embeddings").iterdir() if p.name != "Unknown")  # its download stage's
+    assert len(classes) == 2 and all(c.endswith("Encoder") for c in classes) and "untrained0" in classes[1]
+    for c in classes:
+        assert list((task / "embeddings" / c).glob("wds-encoded-test*.tar"))
+        assert (task / "checkpoints" / c / "mlp_score.txt").is_file()
+    # an encoder file is never replaced, and refuses weights that changed since it was written
+    assert main(["export", "--format", "xares", "--weights", str(tiny_run), "--out", str(files[0])]) != 0
+
+
+def test_an_xares_encoder_file_refuses_weights_changed_since_it_was_written(tiny_run, tmp_path):
+    import importlib.util
+    import shutil
+
+    from fastm2d.checkpoint import resolve_checkpoint_file
+    from fastm2d.errors import CheckpointError
+    from fastm2d.transfer.interfaces.xares import write_encoder_file
+    weights = tmp_path / "w" / "checkpoint-2.pth"
+    weights.parent.mkdir()
+    shutil.copy(resolve_checkpoint_file(tiny_run), weights)
+    path = write_encoder_file(weights, tmp_path / "my_encoder.py")
+    spec = importlib.util.spec_from_file_location("my_encoder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (cls,) = [getattr(module, n) for n in dir(module) if n.endswith("Encoder")]  # X-ARES's rule: exactly one
+    frames = cls()(torch.randn(1, 16000))
+    assert frames.shape[-1] == cls().output_dim
+    torch.save(torch.load(weights, weights_only=True) | {"epoch": 3}, weights)  # other bytes at the same path
+    with pytest.raises(CheckpointError, match="not the weights this encoder file was written for"):
+        cls()
+    with pytest.raises(FileExistsError):
+        write_encoder_file(weights, path)

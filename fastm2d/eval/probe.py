@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import torch
-
 from ..atomic import atomic_file, write_atomic
 from ..folder_lock import RunLock
 from .embeddings import cached_embeddings, weights_key
@@ -32,10 +30,7 @@ def probe_weights(weights: str, task_spec: str, out: Path, probe: ProbeConfig, s
 def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size, device,
                    progress) -> List[str]:
     from ..transfer.runtime import load_encoder
-    runtime = load_encoder(weights, device=device)
-    if untrained_seed is not None:  # the same architecture with fresh weights: the baseline pre-training must beat
-        torch.manual_seed(untrained_seed)
-        runtime.encoder.init_weights()
+    runtime = load_encoder(weights, device=device, untrained_seed=untrained_seed)  # None: the weights themselves
     layers = list(layers) if layers else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -127,13 +127,19 @@ class Runtime(nn.Module):
 
 
 def load_encoder(path: str | Path, input_frames: Optional[int] = None, attention: Optional[str] = None,
-                 device: str | torch.device = "cpu") -> Runtime:
+                 device: str | torch.device = "cpu", untrained_seed: Optional[int] = None) -> Runtime:
     """A `Runtime` from a fastm2d checkpoint or run folder, an original checkpoint, or an encoder-only file.
 
     input_frames: another training length for fine-tuning; the position table is trimmed or resampled.
+    untrained_seed: the same architecture freshly initialised with this seed (its normalisation statistics kept): the
+    baseline a pre-trained model must beat, in linear-eval and every interface.
     """
     state, cfg, sr, _ = read_checkpoint(path)
-    return runtime_from_state(state, cfg, sr, path, input_frames, attention).to(device)
+    runtime = runtime_from_state(state, cfg, sr, path, input_frames, attention)
+    if untrained_seed is not None:
+        torch.manual_seed(untrained_seed)
+        runtime.encoder.init_weights()
+    return runtime.to(device)
 
 
 def runtime_from_state(state, cfg: ModelConfig, sr: int, path, input_frames: Optional[int] = None,

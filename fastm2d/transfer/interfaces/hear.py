@@ -13,7 +13,7 @@ by $FASTM2D_HEAR_WEIGHTS (no weights are downloaded).
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,13 +32,18 @@ class HearModel(torch.nn.Module):
         self.timestamp_embedding_size = runtime.feature_dim
 
 
-def load_model(model_file_path: str = "") -> HearModel:
+def load_model(model_file_path: str = "", untrained_seed: Optional[int] = None) -> HearModel:
+    """`untrained_seed` (or $FASTM2D_HEAR_UNTRAINED_SEED, for runners that pass the path alone): the same
+    architecture freshly initialised, the baseline row beside the model."""
     from ..runtime import load_encoder
+    if untrained_seed is None and os.environ.get("FASTM2D_HEAR_UNTRAINED_SEED", "").strip():
+        untrained_seed = int(os.environ["FASTM2D_HEAR_UNTRAINED_SEED"])
     path = model_file_path or os.environ.get("FASTM2D_HEAR_WEIGHTS", "")
     if not path:
         raise ValueError("hear.load_model: pass the weights (model_file_path) or set FASTM2D_HEAR_WEIGHTS; "
                          "fastm2d downloads nothing")
-    return HearModel(load_encoder(path, device="cuda" if torch.cuda.is_available() else "cpu"))
+    return HearModel(load_encoder(path, device="cuda" if torch.cuda.is_available() else "cpu",
+                                  untrained_seed=untrained_seed))
 
 
 def _check(audio: Tensor, model: HearModel) -> None:

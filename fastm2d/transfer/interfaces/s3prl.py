@@ -13,7 +13,7 @@ outputs are zero-padded to the longest. The model's normalisation statistics com
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +22,11 @@ from ...devices import autocast
 
 
 class UpstreamExpert(nn.Module):
-    def __init__(self, ckpt: str, model_config: str = None, **kwargs):
+    def __init__(self, ckpt: str, model_config: str = None, untrained_seed: Optional[int] = None, **kwargs):
+        """`untrained_seed`: the same architecture freshly initialised (a baseline row beside the model)."""
         super().__init__()
         from ..runtime import load_encoder
-        self.runtime = load_encoder(ckpt)
+        self.runtime = load_encoder(ckpt, untrained_seed=untrained_seed)
         self.name = "fastm2d"
 
     def get_downsample_rates(self, key: str) -> int:
