@@ -212,6 +212,11 @@ class DataConfig:
     check_cache: Optional[str] = None
     num_workers: int = 2  # DataLoader processes (reference / store loaders) or DALI CPU threads
     loader: str = "reference"  # reference (folder / CSV / store, exact resume) | dali (raw audio, GPU spectrogram)
+    # Streamed shards that other tools wrote (no fastm2d shards.json beside them): a webdataset shard index (wids
+    # JSON, a path or URL) with each shard's sample count, or the samples every shard holds; neither: one listing
+    # pass over the shards, cached per machine (data/shard_counts.py)
+    shard_index: Optional[str] = None
+    shard_samples: int = 0
     valid: Optional[str] = None  # held-out data (same forms as train): its M2D loss is monitored (train.eval_every)
     synthetic_clips: int = 512
     synthetic_seconds: float = 6.1
@@ -410,7 +415,7 @@ def check_config(c: Config) -> None:
     for key in ("stats_items", "synthetic_clips"):
         if getattr(c.data, key) < 1:
             raise ConfigError(f"data.{key}={getattr(c.data, key)}: must be >= 1")
-    for key in ("num_workers", "min_epoch_items"):
+    for key in ("num_workers", "min_epoch_items", "shard_samples"):
         if getattr(c.data, key) < 0:
             raise ConfigError(f"data.{key}={getattr(c.data, key)}: must be >= 0 (num_workers=0: load in the main process)")
     if not c.data.synthetic_seconds > 0:

@@ -598,3 +598,83 @@ def test_real_recordings_stream_from_shards_as_they_read_from_files(tmp_path):
         assert all(np.isfinite(r["loss"]) for r in read_metrics(run))
     finally:
         server.shutdown()
+
+
+def _foreign_shards(folder, clips, per_shard=4, writer="shardwriter"):
+    """webdataset tars as other tools write them, no fastm2d manifest: webdataset's own ShardWriter (NNNNNN.wav +
+    .json), or X-ARES's write_audio_tar (stem.wav + .json)."""
+    import webdataset as wds
+    folder.mkdir()
+    files = sorted(clips.glob("c*.wav"))
+    if writer == "xares":
+        from xares.audiowebdataset import write_audio_tar
+        write_audio_tar([str(f) for f in files], [f.stem for f in files], str(folder / "shard-*.tar"),
+                        num_shards=len(files) // per_shard)
+    else:
+        with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+            for i, f in enumerate(files):
+                sink.write({"__key__": f"{i:06d}", "wav": f.read_bytes(), "json": {"name": f.name}})
+    return sorted(folder.glob("shard-*.tar"))
+
+
+@pytest.mark.parametrize("writer", ["shardwriter", "xares"])
+def test_shards_other_tools_wrote_are_counted_once_and_trained_on(shard_folder, tmp_path, monkeypatch, caplog,
+                                                                   writer):
+    if writer == "xares":
+        pytest.importorskip("xares.audiowebdataset", reason="X-ARES's writer: pip install xares (the test extra)")
+    from fastm2d.config import load_config
+    from fastm2d.data import shard_counts
+    from fastm2d.data.shards import open_shards
+    monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
+    clips, _ = shard_folder
+    shards = _foreign_shards(tmp_path / "foreign", clips, writer=writer)
+    assert len(shards) == 3 and not (tmp_path / "foreign" / "shards.json").exists()
+    spec = str(tmp_path / "foreign" / "shard-{000000..000002}.tar")
+    cfg = load_config(None, [*TINY_TRAIN, f"data.train={spec}"])
+    with caplog.at_level("INFO", logger="fastm2d.data"):
+        source = open_shards(spec, cfg, 16)
+    assert source.counts == [4, 4, 4] and "counting the samples of 3 shard(s)" in caplog.text
+    listed = []
+    real = shard_counts.count_samples
+    monkeypatch.setattr(shard_counts, "count_samples", lambda url: listed.append(url) or real(url))
+    assert open_shards(spec, cfg, 16).counts == [4, 4, 4] and listed == []  # cached: not listed again
+    shards[0].write_bytes(shards[1].read_bytes()[:-1024] + b"\0" * 1024)  # changed on disk: listed again
+    open_shards(spec, cfg, 16)
+    assert listed == [str(shards[0])]
+    r = main(["pretrain", f"out_dir={tmp_path / 'run'}", *TINY_TRAIN, f"data.train={spec}", "train.max_steps=2",
+              "data.norm_stats=[-10,3.5]", "train.batch_size=2"])
+    assert r == 0
+
+
+def test_foreign_shards_over_http_a_wids_index_or_a_given_count_need_no_listing(shard_folder, tmp_path, monkeypatch):
+    import functools
+    import json as json_
+    from fastm2d.config import load_config
+    from fastm2d.data import shard_counts
+    from fastm2d.data.shards import open_shards
+    monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
+    clips, _ = shard_folder
+    _foreign_shards(tmp_path / "foreign", clips)
+    requests = []
+    handler = functools.partial(type("H", (_Handler,), {"requests": requests, "cut_once": set()}),
+                                directory=str(tmp_path / "foreign"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        spec = f"{base}/shard-{{000000..000002}}.tar"
+        cfg = load_config(None, [*TINY_TRAIN, f"data.train={spec}"])
+        assert open_shards(spec, cfg, 16).counts == [4, 4, 4]  # listed over HTTP
+        assert sorted(r for r in requests if r.endswith(".tar")) == [f"/shard-00000{i}.tar" for i in range(3)]
+        requests.clear()
+        assert open_shards(spec, cfg, 16).counts == [4, 4, 4] and not [r for r in requests if r.endswith(".tar")]
+        # webdataset's shard index (wids), as `widsindex create` writes it: no shard is opened to count
+        (tmp_path / "foreign" / "index.json").write_text(json_.dumps({"wids_version": 1, "shardlist": [
+            {"url": f"shard-00000{i}.tar", "nsamples": 4} for i in range(3)]}))
+        monkeypatch.setattr(shard_counts, "count_samples", lambda url: pytest.fail(f"listed {url}"))
+        with_index = load_config(None, [*TINY_TRAIN, f"data.train={spec}", f"data.shard_index={base}/index.json"])
+        assert open_shards(spec, with_index, 16).counts == [4, 4, 4]
+        given = load_config(None, [*TINY_TRAIN, f"data.train={spec}", "data.shard_samples=4"])
+        assert open_shards(spec, given, 16).counts == [4, 4, 4]
+    finally:
+        server.shutdown()

@@ -45,6 +45,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..atomic import atomic_file, open_append, write_atomic
 from ..frontend import AudioReadError, LogMelSpectrogram, decode_audio, first_line
 from .dataset import crop_clip, padded_lms
+from .shard_counts import open_stream, sample_counts, webdataset_module
 from .sources import AUDIO_EXTS, DataError, sample_name
 from .stats import mean_std
 from .store import item_span, warn_if_prepared_shorter
@@ -60,19 +61,6 @@ FETCH_TRIES = 3
 def shard_urls(spec: str) -> List[str]:
     from braceexpand import braceexpand
     return list(braceexpand(str(spec)))
-
-
-def _webdataset():
-    try:
-        import webdataset
-    except ImportError:
-        raise DataError("streamed shards need webdataset: pip install 'fastm2d[shards]'") from None
-    return webdataset
-
-
-def _open(url: str):
-    gopen = _webdataset().gopen
-    return gopen(url, "rb")
 
 
 def _shard_word(address: str) -> Optional[str]:
@@ -103,22 +91,27 @@ class ShardSource:
     """The shards of a run and their sample counts (from shards.json beside them)."""
 
     def __init__(self, spec: str, sample_rate: int, frames: int, pad_to: int, stats_items: int = 10000,
-                 seed: int = 0, repeat_short: bool = False):
+                 seed: int = 0, repeat_short: bool = False, index: Optional[str] = None, per_shard: int = 0):
         self.urls = shard_urls(spec)
         if not self.urls:
             raise DataError(f"data.train={spec}: no shard")
         manifest_url = manifest_address(self.urls[0])
-        try:
-            with _open(manifest_url) as f:
-                manifest = json.loads(f.read())
-            counts = {s["file"]: int(s["samples"]) for s in manifest["shards"]}
-        except Exception as e:  # noqa: BLE001 - any transport's error: one line naming what is needed
-            raise DataError(f"data.train={spec}: cannot read {manifest_url} ({first_line(e)}), the samples per shard "
-                            f"(`fastm2d prepare SRC --out DIR --format shards` writes it)") from None
-        missing = [u for u in self.urls if shard_file_name(u) not in counts]
-        if missing:
-            raise DataError(f"{manifest_url}: no entry for {len(missing)} of the shards, e.g. {missing[0]}")
-        self.counts = [counts[shard_file_name(u)] for u in self.urls]
+        manifest = {}
+        if not (index or per_shard):  # prepare's manifest: the fast path (and the log-mel shards' description)
+            try:
+                with open_stream(manifest_url) as f:
+                    manifest = json.loads(f.read())
+                counts = {s["file"]: int(s["samples"]) for s in manifest["shards"]}
+            except Exception as e:  # noqa: BLE001 - absent (shards other tools wrote) or unreadable: counted
+                manifest, why = {}, f"no {MANIFEST} at {manifest_url} ({first_line(e)})"
+        if manifest:
+            missing = [u for u in self.urls if shard_file_name(u) not in counts]
+            if missing:
+                raise DataError(f"{manifest_url}: no entry for {len(missing)} of the shards, e.g. {missing[0]}")
+            self.counts = [counts[shard_file_name(u)] for u in self.urls]
+        else:  # webdataset tars from other tools: their index, a given count, or one listing pass
+            self.counts = sample_counts(self.urls, why if not (index or per_shard) else f"data.train={spec}",
+                                        index, per_shard)
         self.sample_rate, self.frames, self.pad_to = sample_rate, frames, pad_to
         self.stats_items, self.seed, self.repeat_short = stats_items, seed, repeat_short
         self.names = [f"{u}#{n}" for u, n in zip(self.urls, self.counts)]  # what statistics are computed from
@@ -214,7 +207,7 @@ def open_shards(spec: str, config, stats_items: int) -> ShardSource:
     from ..frontend import pad_samples
     d, frames = config.data, config.model.input_size[1]
     return ShardSource(spec, d.sample_rate, frames, 0 if d.repeat_short else pad_samples(d.sample_rate, frames),
-                       stats_items, config.train.seed, d.repeat_short)
+                       stats_items, config.train.seed, d.repeat_short, d.shard_index, d.shard_samples)
 
 
 def audio_key(sample: dict) -> Optional[str]:
@@ -223,7 +216,7 @@ def audio_key(sample: dict) -> Optional[str]:
 
 
 def _samples(url: str) -> Iterator[dict]:
-    return _webdataset().tariterators.tarfile_samples([{"url": url}])
+    return webdataset_module().tariterators.tarfile_samples([{"url": url}])
 
 
 def is_stream_position(obj) -> bool:
@@ -486,7 +479,7 @@ def write_shards(src: str, out: str | Path, files_per_shard: int = 1000, root: O
     the log-mel a prepared store holds for the file (`<key>.npy`, (F, T), short clips padded by frontend.py's rule
     for the longest crop, its own audio frames in the JSON), made by `workers` processes: no decoding while
     training, and smaller than 16-bit audio at 16 kHz."""
-    TarWriter = _webdataset().TarWriter
+    TarWriter = webdataset_module().TarWriter
     from ..folder_lock import RunLock
     from .file_checks import check_files_once
     from .offline import read_label_rows
