@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .errors import LinkInTheWay
+from .errors import LinkInTheWay, SpecialFileInTheWay
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+TEMP_PREFIX = ".fastm2d-"  # every temporary file this program writes starts so: the only ones it ever removes
 
 
 def refuse_link(path: str | Path) -> None:
@@ -50,7 +52,7 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     path = Path(path)
     refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name[:100]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -66,10 +68,11 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
 
 
 def remove_stale_temporaries(folder: str | Path, recursive: bool = False) -> int:
-    """Remove the temporary files a killed writer left in `folder` (and below it; only while holding the folder's
-    lock: no other writer is running). -> how many."""
+    """Remove the temporary files a killed writer of this program left in `folder` (and below it; only while holding
+    the folder's lock: no other writer is running): only names it makes (TEMP_PREFIX...tmp), never a user's
+    `notes.tmp`. -> how many."""
     n = 0
-    for p in (Path(folder).rglob if recursive else Path(folder).glob)("*.tmp"):  # atomic_file's ".<name>.<random>.tmp" and older "<name>.tmp" names
+    for p in (Path(folder).rglob if recursive else Path(folder).glob)(f"{TEMP_PREFIX}*.tmp"):
         if p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
             n += 1
@@ -82,13 +85,26 @@ def write_atomic(path: str | Path, content: bytes | str) -> None:
 
 
 def open_nofollow(path: str | Path, flags: int, mode: int = 0o644) -> int:
-    """os.open that refuses a symbolic link at `path` (O_NOFOLLOW) with one line instead of following it."""
+    """os.open that refuses a symbolic link at `path` (O_NOFOLLOW), and a FIFO, socket or device (opened without
+    blocking, so a FIFO planted as an output never hangs the command), with one line each; a regular file's
+    descriptor comes back in blocking mode."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:
             refuse_link(path)
+        if e.errno == errno.ENXIO:  # a FIFO nobody reads: opening it for writing would block forever
+            raise SpecialFileInTheWay(f"{path} is a FIFO, not a regular file: fastm2d writes its outputs to regular "
+                                      f"files only; remove it or write somewhere else") from None
         raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        what = "a FIFO" if stat.S_ISFIFO(kind) else "a socket" if stat.S_ISSOCK(kind) else "a device or folder"
+        raise SpecialFileInTheWay(f"{path} is {what}, not a regular file: fastm2d writes its outputs to regular "
+                                  f"files only; remove it or write somewhere else")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def open_append(path: str | Path, encoding: str = "utf-8"):

@@ -505,11 +505,68 @@ def to_yaml(config: Config) -> str:
 
 
 def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config saved with a checkpoint (validated like a file)."""
-    config: Config = OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(d), "checkpoint config"))
+    """Rebuild a Config saved with a checkpoint (validated like a file; its values are data: see `as_data`)."""
+    data = as_data(d, Config, "checkpoint config")
+    config: Config = OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(data),
+                                                "checkpoint config"))
     config.model = config.model.resolved()
     return config
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
-    return OmegaConf.to_object(_merge(OmegaConf.structured(ModelConfig), OmegaConf.create(d), "model config")).resolved()
+    """A model config read from a file (a checkpoint, a model folder's config.json), checked as data."""
+    data = as_data(d, ModelConfig, "model config")
+    return OmegaConf.to_object(_merge(OmegaConf.structured(ModelConfig), OmegaConf.create(data),
+                                      "model config")).resolved()
+
+
+def as_data(d, cls, where: str):
+    """A configuration read from a file someone else wrote, made plain data before OmegaConf sees it: every value of
+    the schema's type (a "4" where an integer belongs is refused naming the key, not converted: a file that
+    mistypes one value may mistype others), and every `${...}` escaped, so nothing is interpolated (a downloaded
+    checkpoint's `${oc.env:SECRET}` stays those characters, never the secret)."""
+    import typing
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: a {type(d).__name__}, not a mapping")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in d.items():
+        name = f"{where}: {key}"
+        expected = hints.get(key)
+        out[key] = _typed_value(value, expected, name) if expected is not None else _escaped(value)
+    return out
+
+
+def _escaped(value):
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {k: _escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def _typed_value(value, expected, name: str):
+    import dataclasses
+    import typing
+    args = typing.get_args(expected)
+    if typing.get_origin(expected) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        expected = next(a for a in args if a is not type(None))
+    if dataclasses.is_dataclass(expected):
+        return as_data(value, expected, name.replace(": ", ".", 1) if ": " in name else name)
+    origin = typing.get_origin(expected)
+    ok = {int: lambda v: type(v) is int, float: lambda v: type(v) in (int, float), bool: lambda v: type(v) is bool,
+          str: lambda v: isinstance(v, str)}
+    if origin in (list, typing.List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r}: a {type(value).__name__}, expected a list")
+        inner = typing.get_args(expected)
+        return [_typed_value(v, inner[0], name) if inner else _escaped(v) for v in value]
+    check = ok.get(expected)
+    if check is not None and not check(value):
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[expected]
+        raise ConfigError(f"{name}={value!r}: a {type(value).__name__}, expected {kind}")
+    return _escaped(value)

@@ -57,6 +57,10 @@ class LinkInTheWay(UserError):
     """A symbolic link stands where fastm2d would write a file: it never writes through a link it did not create."""
 
 
+class SpecialFileInTheWay(UserError):
+    """A FIFO, socket or device stands where fastm2d would write a file: opening it could block forever."""
+
+
 def message(e: BaseException) -> str:
     """The line to print for an error. One raised in a DataLoader worker arrives re-raised by torch with the
     worker's whole traceback as its message ('Caught DataError in DataLoader worker process 0. Original

@@ -178,10 +178,11 @@ def test_a_killed_embed_leaves_no_temporary_behind_its_rerun(tmp_path, tiny_run)
     clips = _clips(tmp_path)
     out = tmp_path / "f"
     (out / "sub").mkdir(parents=True)
-    for stale in (out / ".c0.npy.abc123.tmp", out / "sub" / ".x.npy.def456.tmp"):  # what a kill mid-write leaves
+    for stale in (out / ".fastm2d-c0.npy.abc123.tmp", out / "sub" / ".fastm2d-x.npy.def456.tmp"):  # a kill's leftovers
         stale.write_bytes(b"torn")
+    (out / "sub" / "notes.tmp").write_text("the user's own: never ours to delete")
     assert main(["embed", "--weights", str(tiny_run), "--out", str(out), str(clips)]) == 0
-    assert not list(out.rglob("*.tmp")) and len(list(out.glob("c*.npy"))) == 3
+    assert [p.name for p in out.rglob("*.tmp")] == ["notes.tmp"] and len(list(out.glob("c*.npy"))) == 3
 
 
 # -------------------------------------------------------------------------------- output names on disk ----

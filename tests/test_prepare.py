@@ -78,11 +78,12 @@ def test_rerun_skips_finished_shards_and_completes_a_half_done_one(audio_dir, tm
     before = (out / "shard-00000.bin").stat().st_mtime_ns
     # Simulate a crash in shard 1: its completion marker is gone and a torn .tmp is left behind.
     (out / "shard-00001.json").unlink()
-    (out / "shard-00001.bin").rename(out / "shard-00001.bin.tmp")
+    (out / "shard-00001.bin").rename(out / ".fastm2d-shard-00001.bin.x1y2z3.tmp")  # as atomic_file names it
+    (out / "notes.tmp").write_text("the user's own")
     again = prepare(str(audio_dir), out, workers=1, files_per_shard=3, stats_items=10, progress=False)
     assert again["shards_skipped"] == 3 and again["files_processed"] == 3
     assert again["items"] == first["items"] and (out / "shard-00000.bin").stat().st_mtime_ns == before
-    assert not list(out.glob("*.tmp")) and len(LogMelStore(out)) == first["items"]
+    assert [p.name for p in out.glob("*.tmp")] == ["notes.tmp"] and len(LogMelStore(out)) == first["items"]
 
 
 def test_damaged_or_unfinished_store_fails_on_open(audio_dir, tmp_path):

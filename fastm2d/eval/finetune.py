@@ -24,7 +24,7 @@ from ..atomic import write_atomic
 from ..devices import autocast_dtype
 from ..checkpoint import atomic_save
 from ..config import ConfigError
-from ..errors import TrainingDiverged
+from ..errors import DataError, TrainingDiverged
 from .embeddings import load_clip
 from .lars import LARS
 from .tasks import EvalTask
@@ -126,6 +126,8 @@ def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneCon
     probe = load_encoder(weights)
     clips = [probe.to_lms(load_clip(i, probe.sample_rate, task), probe.sample_rate)[0, 0] for i in task.items]
     pt = probe.cfg.patch_size[1]
+    if frames and frames < pt:
+        raise DataError(f"--frames {frames}: at least one patch width ({pt} frames, {pt * 10} ms) is needed")
     frames = frames or max(pt, int(np.median([c.shape[-1] for c in clips[:50]])) // pt * pt)
     # position table trimmed or resampled to the clip length
     runtime = load_encoder(weights, input_frames=frames, attention=cfg.attention)

@@ -31,6 +31,7 @@ def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrai
                    progress) -> List[str]:
     from ..transfer.runtime import load_encoder
     runtime = load_encoder(weights, device=device, untrained_seed=untrained_seed)  # None: the weights themselves
+    runtime.check_layers(layers)
     layers = list(layers) if layers else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from .attention import Attention
 from .pos_embed import resample_pos_embed, sincos_2d
 
@@ -66,6 +66,9 @@ class ViTEncoder(nn.Module):
         """Another input length (fine-tuning on other clip lengths), as timm's `set_input_size`: the time axis of
         the position table trimmed or bicubically resampled to whole patches of `frames`, the grid and the config
         updated with it."""
+        if type(frames) is not int or frames < self.cfg.patch_size[1]:
+            raise ConfigError(f"input frames {frames}: at least one patch width ({self.cfg.patch_size[1]} frames, "
+                              f"{self.cfg.patch_size[1] * 10} ms) is needed")
         new_t = frames // self.cfg.patch_size[1]
         self.pos_embed = resample_pos_embed(self.pos_embed, self.grid, (self.grid[0], new_t))
         self.cfg.input_size = [self.cfg.input_size[0], new_t * self.cfg.patch_size[1]]

@@ -64,14 +64,27 @@ class TextEncoder(nn.Module):
             from transformers import AutoModel, AutoTokenizer
         except ImportError:
             raise CheckpointError("zero-shot needs transformers: pip install 'fastm2d[clap]'") from None
+        # A model folder is data: its custom code (`auto_map`) is never run and never asked about
+        # (trust_remote_code=False: transformers would otherwise prompt, and run it on "y").
         try:
             with checkout_kernels_hidden():
-                self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-                self.model = AutoModel.from_pretrained(source, local_files_only=True).eval()
+                self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+                self.model = AutoModel.from_pretrained(source, local_files_only=True, trust_remote_code=False).eval()
         except OSError as e:
             raise CheckpointError(f"text encoder {source}: not found locally ({str(e).splitlines()[0][:160]}); "
                                   f"download it once (huggingface-cli download {source}) or pass --text-encoder "
                                   f"DIR") from None
+        except Exception as e:  # noqa: BLE001 - custom code, a pickle that would run code, a broken config
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"text encoder {source}: refused ({type(e).__name__}: {first}); fastm2d reads a "
+                                  f"text model's config and weights as data only: no custom code, no pickled "
+                                  f"objects (safetensors weights are the safe form)") from None
+        custom = getattr(self.model.config, "auto_map", None) or \
+            getattr(self.tokenizer, "init_kwargs", {}).get("auto_map")
+        if custom:  # its code was not run, and the stock class read in its place would compute something else
+            raise CheckpointError(f"text encoder {source}: its config names custom code ({custom}); fastm2d reads "
+                                  f"a text model's config and weights as data only: no custom code, no pickled "
+                                  f"objects")
         self.pooling = pooling
 
     @property

@@ -129,10 +129,7 @@ def embed_corpus(runtime, inputs: Sequence[str], out: str | Path, level: str = "
     rows; the second is refused. A killed run's temporary files are removed before this one resumes it."""
     if level not in LEVELS:
         raise DataError(f"--level {level!r}: expected one of {LEVELS}")
-    depth = runtime.cfg.depth
-    if layers is not None and not all(-depth <= k < depth for k in layers):
-        raise DataError(f"--layers {','.join(map(str, layers))}: this model has {depth} blocks: layers 0 to "
-                        f"{depth - 1} (or -1 to -{depth} from the last)")
+    runtime.check_layers(layers)
     with RunLock(Path(out)):
         remove_stale_temporaries(out, recursive=True)  # arrays mirror the inputs' folders
         return _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, progress)

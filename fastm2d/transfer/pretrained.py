@@ -18,9 +18,9 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import PRETRAINED_CONFIG as CONFIG, PRETRAINED_FORMAT as FORMAT, PRETRAINED_WEIGHTS as WEIGHTS
-from ..atomic import write_atomic
+from ..atomic import DISK_FULL, write_atomic
 from ..checkpoint import is_pretrained_folder, read_checkpoint, save_safetensors
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointWriteError
 from ..frontend import FRONTEND_PARAMS, N_MELS
 
 
@@ -38,8 +38,15 @@ def save_pretrained(weights, folder: str | Path) -> Path:
     # Both files are written atomically, weights first; one id in both tells a reader whether they belong
     # together (a save killed between the two leaves new weights beside the old config: refused, not mixed).
     config["pair"] = uuid.uuid4().hex
-    save_safetensors(state, folder / WEIGHTS, {"format": FORMAT, "pair": config["pair"]})
-    write_atomic(folder / CONFIG, json.dumps(config, indent=1) + "\n")
+    try:
+        save_safetensors(state, folder / WEIGHTS, {"format": FORMAT, "pair": config["pair"]})
+        write_atomic(folder / CONFIG, json.dumps(config, indent=1) + "\n")
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise CheckpointWriteError(f"{folder}: cannot write the model folder ({e.strerror or e}): free space and "
+                                   f"save again; what was there is kept (each file is replaced whole or not at "
+                                   f"all, and a half-saved pair is refused when read)") from None
     return folder
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checkpoint import ENCODER_PREFIXES, TEXT_ENCODER_PREFIX, load_weights, read_checkpoint
 from ..config import ModelConfig
+from ..errors import DataError
 from ..frontend import LogMelSpectrogram, normalize
 from ..model import ViTEncoder
 
@@ -33,6 +34,14 @@ class Runtime(nn.Module):
     @property
     def cfg(self) -> ModelConfig:
         return self.encoder.cfg
+
+    def check_layers(self, layers, option: str = "--layers") -> None:
+        """Every block index a user passes, checked against this model's depth in one place (embed, linear-eval,
+        the interfaces): one line naming the option and the range, never an IndexError inside a batch loop."""
+        depth = self.cfg.depth
+        if layers is not None and not all(type(k) is int and -depth <= k < depth for k in layers):
+            raise DataError(f"{option} {','.join(map(str, layers))}: this model has {depth} blocks: layers 0 to "
+                            f"{depth - 1} (or -1 to -{depth} from the last)")
 
     @property
     def feature_dim(self) -> int:

@@ -1,0 +1,142 @@
+"""Hostile and unlucky inputs, round 3 (the cases fixed so far): every user-given block index checked in one place,
+a fine-tuning length below one patch, model configs read as data (types checked, nothing interpolated), text
+models that would run code refused without a prompt, temporaries deleted only when they are this program's, a FIFO
+planted as an output refused instead of hanging, save_pretrained on a full disk in one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastm2d.cli import main
+
+from .conftest import tiny_bert
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err, err[-2000:]
+    lines = [x for x in err.strip().splitlines() if "error" in x.lower()]
+    assert lines, err
+    return lines[-1]
+
+
+def test_linear_eval_checks_layers_against_the_depth_before_any_work(tiny_run, tmp_path, capsys):
+    assert main(["linear-eval", "synthetic", "--weights", str(tiny_run), "--layers", "99",
+                 "--out", str(tmp_path / "le")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--layers 99" in line and "2 blocks" in line
+
+
+def test_finetune_refuses_frames_below_one_patch(tiny_run, tmp_path, capsys):
+    assert main(["finetune", "synthetic", "--weights", str(tiny_run), "--frames", "1", "--epochs", "1",
+                 "--out", str(tmp_path / "ft")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--frames 1" in line and "16 frames" in line
+
+
+def test_a_model_folder_config_of_the_wrong_types_is_refused_naming_the_key(tiny_run, tmp_path, capsys):
+    from fastm2d import save_pretrained
+    folder = save_pretrained(tiny_run, tmp_path / "model")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_config"]["depth"] = "4"  # a string where the schema has an integer: once loaded as if fine
+    (folder / "config.json").write_text(json.dumps(cfg))
+    wav = tmp_path / "a.wav"
+    from .conftest import write_tone
+    write_tone(wav)
+    assert main(["tag", str(wav), "--weights", str(folder)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "depth='4'" in line and "integer" in line
+
+
+def test_a_checkpoint_config_is_data_nothing_in_it_is_interpolated(tiny_run, tmp_path, monkeypatch, capsys):
+    """`${oc.env:NAME}` in a downloaded checkpoint's config once copied the secret into an export and an error line;
+    `${nope}` was an InterpolationKeyError traceback. Both are kept as the characters they are."""
+    from fastm2d.checkpoint import resolve_checkpoint_file
+    monkeypatch.setenv("FASTM2D_TEST_SECRET", "hunter2")
+    obj = torch.load(resolve_checkpoint_file(tiny_run), weights_only=True)
+    obj["model_config"]["text_encoder"] = "${oc.env:FASTM2D_TEST_SECRET}"
+    obj["config"]["data"]["train"] = "${nope}"
+    obj["config"]["model"]["text_encoder"] = "${oc.env:FASTM2D_TEST_SECRET}"
+    planted = tmp_path / "w" / "checkpoint-2.pth"
+    planted.parent.mkdir()
+    torch.save(obj, planted)
+    assert main(["export", "--weights", str(planted), "--out", str(tmp_path / "x"), "--format", "safetensors"]) == 0
+    out = capsys.readouterr()
+    exported = b"".join(p.read_bytes() for p in (tmp_path / "x").rglob("*") if p.is_file())
+    assert b"hunter2" not in exported and "hunter2" not in out.out + out.err
+    from fastm2d.config import config_from_dict, model_config_from_dict
+    assert model_config_from_dict(obj["model_config"]).text_encoder == "${oc.env:FASTM2D_TEST_SECRET}"
+    assert config_from_dict(obj["config"]).data.train == "${nope}"
+
+
+def _marker_model(folder, marker):
+    """A text model folder whose config asks for custom code (auto_map) that would leave `marker` if run."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel", "AutoConfig": "modeling_evil.EvilConfig"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                             "from transformers import BertConfig as EvilConfig, BertModel as EvilModel\n")
+
+
+def test_a_text_model_with_custom_code_is_refused_without_asking_or_running_it(tmp_path):
+    from fastm2d.errors import CheckpointError
+    from fastm2d.transfer.clap import TextEncoder
+    tiny_bert(tmp_path / "text", ["dog", "rain"])
+    marker = tmp_path / "ran.txt"
+    _marker_model(tmp_path / "text", marker)
+    code = ("import sys; from fastm2d.transfer.clap import TextEncoder\n"
+            f"TextEncoder({str(tmp_path / 'text')!r}, 'mean')")
+    r = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=300, input=None)
+    assert not marker.exists(), "the folder's code ran"
+    assert "Do you wish to run the custom code" not in r.stdout + r.stderr
+    with pytest.raises(CheckpointError, match="no custom code"):
+        TextEncoder(str(tmp_path / "text"), "mean")
+    assert not marker.exists()
+
+
+def test_a_pickled_text_model_that_would_run_code_is_refused(tmp_path):
+    from fastm2d.errors import CheckpointError
+    from fastm2d.transfer.clap import TextEncoder
+    tiny_bert(tmp_path / "text", ["dog", "rain"])
+    marker = tmp_path / "ran.txt"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    import pickle
+    for f in (tmp_path / "text").glob("model.safetensors"):
+        f.unlink()
+    (tmp_path / "text" / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(CheckpointError, match="text encoder"):
+        TextEncoder(str(tmp_path / "text"), "mean")
+    assert not marker.exists()
+
+
+def test_a_fifo_planted_as_embeds_manifest_is_refused_not_waited_on(tiny_run, tmp_path):
+    from .conftest import write_tone
+    write_tone(tmp_path / "clips" / "a.wav" if (tmp_path / "clips").mkdir() is None else None)
+    out = tmp_path / "feats"
+    out.mkdir()
+    os.mkfifo(out / "manifest.jsonl")
+    r = subprocess.run([sys.executable, "-m", "fastm2d.cli", "embed", "--weights", str(tiny_run), "--out", str(out),
+                        str(tmp_path / "clips")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = _one_line(r.stderr)
+    assert "manifest.jsonl is a FIFO" in line
+
+
+def test_save_pretrained_on_a_full_disk_is_one_line(tiny_run, tmp_path):
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); import fastm2d\n"
+            "try:\n"
+            f"    fastm2d.save_pretrained({str(tiny_run)!r}, {str(tmp_path / 'model')!r})\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__, '|', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    name, _, text = r.stdout.strip().partition(" | ")
+    assert name == "CheckpointWriteError" and "\n" not in text and "cannot write the model folder" in text, r
+    assert not [p for p in (tmp_path / "model").glob(".fastm2d-*.tmp")]
