@@ -72,7 +72,16 @@ class LogMelSpectrogram(torch.nn.Module):
             raise ValueError(f"LogMelSpectrogram expects (N,) or (B, N) waveforms, got shape {tuple(wav.shape)}")
         # The STFT runs in fp32 even under autocast: log of tiny powers needs the precision.
         with torch.autocast(wav.device.type, enabled=False):
-            return torch.log(self.mel(wav.float()) + LOG_EPS)
+            spectrogram = self.mel.spectrogram
+            if wav.shape[-1] > spectrogram.n_fft // 2:
+                return torch.log(self.mel(wav.float()) + LOG_EPS)
+            # Shorter than half a window (a 1-sample file): reflection has nothing to mirror, so this clip's frames
+            # are centred on zeros instead, the same number of frames (num_frames) as any other length.
+            spectrogram.pad_mode = "constant"
+            try:
+                return torch.log(self.mel(wav.float()) + LOG_EPS)
+            finally:
+                spectrogram.pad_mode = "reflect"
 
     def num_frames(self, num_samples: int) -> int:
         return num_samples // self.hop_length + 1

@@ -140,3 +140,82 @@ def test_save_pretrained_on_a_full_disk_is_one_line(tiny_run, tmp_path):
     name, _, text = r.stdout.strip().partition(" | ")
     assert name == "CheckpointWriteError" and "\n" not in text and "cannot write the model folder" in text, r
     assert not [p for p in (tmp_path / "model").glob(".fastm2d-*.tmp")]
+
+
+def _shards(folder, n_shards=3, per_shard=2, name=lambda s, i: f"{s:02d}{i:04d}"):
+    import webdataset as wds
+
+    from .conftest import write_tone
+    folder.mkdir(parents=True)
+    write_tone(folder / "t.wav", seconds=1.0)
+    data = (folder / "t.wav").read_bytes()
+    for s in range(n_shards):
+        with wds.TarWriter(str(folder / f"shard-{s:06d}.tar")) as sink:
+            for i in range(per_shard):
+                sink.write({"__key__": name(s, i), "wav": data})
+    return str(folder / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def test_shards_holding_fewer_samples_than_one_batch_are_one_line(tmp_path, capsys, monkeypatch):
+    from .conftest import TINY_TRAIN
+    monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
+    spec = _shards(tmp_path / "s", n_shards=2, per_shard=1)
+    assert main(["pretrain", f"out_dir={tmp_path / 'run'}", *TINY_TRAIN, f"data.train={spec}",
+                 "data.norm_stats=[-10,3.5]"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "2 usable training items cannot fill one batch of 4" in line
+
+
+def test_a_logmel_manifest_with_a_sample_rate_that_is_no_integer_is_one_line(tmp_path, capsys, monkeypatch):
+    from .conftest import TINY_TRAIN
+    spec = _shards(tmp_path / "s")
+    (tmp_path / "s" / "shards.json").write_text(json.dumps({
+        "format": "fastm2d-logmel-shards", "frontend": {"sample_rate": "16k"},
+        "shards": [{"file": f"shard-{k:06d}.tar", "samples": 2} for k in range(3)]}))
+    assert main(["pretrain", f"out_dir={tmp_path / 'run'}", *TINY_TRAIN, f"data.train={spec}"]) == 2
+    assert "frontend.sample_rate='16k'" in _one_line(capsys.readouterr().err)
+
+
+def test_statistics_go_on_past_a_shard_that_cannot_be_fetched(tmp_path, monkeypatch, caplog):
+    """docs/data_at_scale.md: a shard that cannot be fetched is listed and the run goes on; the statistics once
+    stopped at it."""
+    from fastm2d.config import load_config
+    from fastm2d.data import shards
+    from fastm2d.data.shards import open_shards
+    from .conftest import TINY_TRAIN
+    monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(shards, "FETCH_TRIES", 1)
+    spec = _shards(tmp_path / "s")
+    cfg = load_config(None, [*TINY_TRAIN, f"data.train={spec}"])
+    source = open_shards(spec, cfg, 16)
+    (tmp_path / "s" / "shard-000001.tar").unlink()  # gone after the listing, as a 404 at start
+    with caplog.at_level("WARNING", logger="fastm2d.data"):
+        mean, std = source.norm_stats
+    assert std > 0 and "shard-000001.tar" in caplog.text and "the other shards go on" in caplog.text
+
+
+def test_a_noise_shard_member_with_a_name_too_long_for_a_file_system_is_copied(tmp_path):
+    from fastm2d.data.shards import local_copy
+    spec = _shards(tmp_path / "s", n_shards=1, per_shard=2, name=lambda s, i: f"{'n' * 300}{i}")
+    folder = local_copy(spec, tmp_path / "cache")
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".wav")
+    assert len(files) == 2 and all(len(p.name.encode()) < 255 for p in files)
+
+
+def test_a_one_sample_file_is_embedded_beside_a_good_one_and_the_interfaces_take_it(tiny_run, tmp_path):
+    """Shorter than half an STFT window: reflection had nothing to mirror and the whole embed died."""
+    import numpy as np
+    import soundfile as sf
+
+    from fastm2d.transfer.interfaces import hear
+    from fastm2d.transfer.interfaces.xares import M2DEncoder
+    (tmp_path / "clips").mkdir()
+    sf.write(tmp_path / "clips" / "one.wav", np.array([0.1], np.float32), 16000)
+    sf.write(tmp_path / "clips" / "good.wav", (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(
+        np.float32), 16000)
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(tmp_path / "out"), str(tmp_path / "clips")]) == 0
+    one = np.load(tmp_path / "out" / "one.npy")
+    assert one.shape[0] == 1 and np.isfinite(one).all()
+    assert M2DEncoder(tiny_run)(torch.randn(1, 1)).shape[1] == 1
+    model = hear.load_model(str(tiny_run))
+    assert hear.get_scene_embeddings(torch.randn(2, 1), model).shape == (2, model.scene_embedding_size)

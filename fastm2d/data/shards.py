@@ -118,7 +118,9 @@ class ShardSource:
         self._stats = None
         self.logmel = manifest.get("format") == "fastm2d-logmel-shards"  # samples hold log-mel, not audio
         if self.logmel:
-            made_at = int(manifest.get("frontend", {}).get("sample_rate", 0))
+            made_at = manifest.get("frontend", {}).get("sample_rate", 0)
+            if type(made_at) is not int:
+                raise DataError(f"{manifest_url}: frontend.sample_rate={made_at!r}: expected an integer (Hz)")
             if made_at != sample_rate:
                 raise DataError(f"{manifest_url}: log-mel made at {made_at} Hz, this run's data.sample_rate is "
                                 f"{sample_rate}")
@@ -164,11 +166,15 @@ class ShardSource:
     def leading_crops(self, seed: int) -> Iterator[np.ndarray]:
         """A random crop of each readable sample, in shard order from the first (statistics, monitor clips)."""
         frontend, rng = LogMelSpectrogram(self.sample_rate), np.random.default_rng(seed)
-        for sample in itertools.chain.from_iterable(fetch_samples(url) for url in self.urls):
+        for url in self.urls:
             try:
-                yield self.crop(self.log_mel(sample, frontend), rng)
-            except AudioReadError:
-                continue
+                for sample in fetch_samples(url):
+                    try:
+                        yield self.crop(self.log_mel(sample, frontend), rng)
+                    except AudioReadError:
+                        continue
+            except DataError as e:  # a shard that cannot be fetched (404, a broken stream): the others go on, as in
+                log.warning("%s; left out here, the other shards go on", e)  # training, where it is also listed
 
 
 class LeadingClips:
@@ -267,7 +273,10 @@ def local_copy(spec: str, cache: Path) -> Path:
             if key is None:
                 log.warning("skipping %s: no audio member", sample_name(sample))
                 continue
-            name = f"{k:06d}-{str(sample['__key__']).replace('/', '_')}.{key}"
+            stem = str(sample['__key__']).replace('/', '_')
+            if len(stem.encode()) > 120:  # a member name past what a file system takes (255 bytes): a digest of it
+                stem = stem.encode()[:60].decode(errors="ignore") + "-" + hashlib.sha256(stem.encode()).hexdigest()[:16]
+            name = f"{k:06d}-{stem}.{key}"
             write_atomic(folder / name, sample[key])
             files += 1
     write_atomic(done, json.dumps({"spec": str(spec), "shards": len(urls), "files": files}))

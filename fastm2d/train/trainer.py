@@ -152,12 +152,12 @@ class Trainer:
                                   "short clips to the crop); use data.loader=reference")
         if is_shard_spec(config.data.train):
             self.source = shard_source(config)
-            return
-        self.source = open_source(config.data.train, config, self.out_dir, config.data.root)
-        files = getattr(self.source, "files", None)  # a LogMelStore holds no audio files
-        if config.data.loader == "dali" and not (files and all(f.suffix.lower() in AUDIO_EXTS for f in files)):
-            raise ConfigError(f"data.loader=dali decodes audio files; {config.data.train} holds log-mel "
-                              f"(a prepared store or .npy files): use data.loader=reference")
+        else:
+            self.source = open_source(config.data.train, config, self.out_dir, config.data.root)
+            files = getattr(self.source, "files", None)  # a LogMelStore holds no audio files
+            if config.data.loader == "dali" and not (files and all(f.suffix.lower() in AUDIO_EXTS for f in files)):
+                raise ConfigError(f"data.loader=dali decodes audio files; {config.data.train} holds log-mel "
+                                  f"(a prepared store or .npy files): use data.loader=reference")
         per_step = t.batch_size * self.dist.world_size
         if max(len(self.source), config.data.min_epoch_items) < per_step:
             raise ConfigError(f"{len(self.source)} usable training items cannot fill one batch of "
