@@ -11,6 +11,7 @@ first object is still alive (resume tests, notebooks) is one writer at a time al
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -145,3 +146,16 @@ def process_alive(pid: int) -> bool:
     except OSError:  # no /proc (macOS): existence is all we can tell
         return True
     return fields[0] not in ("Z", "X") and not int(fields[6]) & PF_EXITING  # state, then flags (stat(5))
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path):
+    """An exclusive lock on `path` (a lock file beside what it guards) that WAITS for the holder instead of refusing:
+    for short read-modify-write updates shared by several runs (linear-eval's results.md), where the second run must
+    add its row after the first, never give up or lose it."""
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

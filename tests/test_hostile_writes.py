@@ -152,10 +152,10 @@ def test_a_torn_embedding_cache_is_recomputed(tmp_path, tiny_run, capsys):
 
 # --------------------------------------------------------------------------------- two commands, one output ----
 def test_a_second_command_on_a_folder_in_use_is_refused(tmp_path, capsys, tiny_run):
-    """Another process holds the output (a running embed, linear-eval or prepare): the second command says so,
-    exit 2, and leaves the folder as it was."""
+    """Another process holds the output (a running embed or prepare): the second command says so, exit 2, and leaves
+    the folder as it was. (linear-eval shares its folder instead: test_two_linear_evals_on_one_results_file.)"""
     clips = _clips(tmp_path)
-    for command, out in (["embed", tmp_path / "f"], ["linear-eval", tmp_path / "p"], ["prepare", tmp_path / "s"]):
+    for command, out in (["embed", tmp_path / "f"], ["prepare", tmp_path / "s"]):
         out.mkdir()
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastm2d.folder_lock import RunLock; "
                                    "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
@@ -274,3 +274,23 @@ def test_a_store_index_row_outside_its_shard_is_refused_on_open(tmp_path, row):
     (store / INDEX_CACHE).unlink(missing_ok=True)
     with pytest.raises(DataError, match=r"index.tsv: 1 rows point outside their shards, e\.g\. row 3"):
         LogMelStore(store)
+
+
+def test_two_linear_evals_on_one_results_file_both_keep_their_rows(tmp_path, tiny_run):
+    """A second linear-eval into a shared results folder once refused, and its row was lost: it now waits for the
+    row being written and adds its own."""
+    out = tmp_path / "p"
+    base = ["linear-eval", "synthetic:60", "--weights", str(tiny_run), "--out", str(out), "--quiet", "--seeds", "1"]
+    assert main(base) == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from fastm2d.folder_lock import waiting_lock\n"
+                               "with waiting_lock(Path(sys.argv[1]) / '.results.lock'):\n"
+                               "    print('held', flush=True); time.sleep(3)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another run is writing its row right now
+        assert main([*base, "--untrained"]) == 0
+    finally:
+        holder.wait(timeout=60)
+    rows = [r for r in (out / "results.md").read_text().splitlines() if "synthetic" in r]
+    assert len(rows) == 4 and sum("untrained" in r for r in rows) == 2, rows  # two synthetic tasks each

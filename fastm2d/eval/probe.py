@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..atomic import atomic_file, write_atomic
-from ..folder_lock import RunLock
+from ..folder_lock import waiting_lock
 from .embeddings import cached_embeddings, weights_key
 from .linear import ProbeConfig, linear_eval
 from .tasks import load_tasks
+
+RESULTS_LOCK = ".results.lock"  # beside results.md: held for one row's update at a time
 
 RESULTS_HEADER = "| weights | task | metric | % (95 % CI) | seeds |\n| --- | --- | --- | --- | --- |"
 
@@ -20,11 +22,11 @@ def probe_weights(weights: str, task_spec: str, out: Path, probe: ProbeConfig, s
                   layers: Optional[Sequence[int]] = None, hidden: Sequence[int] = (),
                   untrained_seed: Optional[int] = None, batch_size: int = 64, device="cpu",
                   progress: bool = True) -> List[str]:
-    """-> the results rows written; `untrained_seed`: probe the architecture re-initialised with that seed. One
-    `linear-eval` writes an output folder at a time (its results.md and cache): a second is refused."""
-    with RunLock(Path(out)):
-        return _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size,
-                              device, progress)
+    """-> the results rows written; `untrained_seed`: probe the architecture re-initialised with that seed. Several
+    `linear-eval`s may share an output folder: each cache file is written whole (atomically), and results.md is
+    updated under a lock that waits, so every run adds its row."""
+    return _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size,
+                          device, progress)
 
 
 def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size, device,
@@ -56,6 +58,8 @@ def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrai
 def upsert_row(path: Path, row: str) -> None:
     """Add a results row, replacing the row of the same weights and task: a re-run updates, never duplicates."""
     key = "|".join(row.split("|")[:3])
-    rows = [r for r in path.read_text().splitlines() if "|".join(r.split("|")[:3]) != key] if path.is_file() else []
-    with atomic_file(path) as f:
-        f.write("".join(r + "\n" for r in [*rows, row]).encode())
+    with waiting_lock(path.parent / RESULTS_LOCK):  # another run's update finishes first, then this row is added
+        rows = [r for r in path.read_text().splitlines() if "|".join(r.split("|")[:3]) != key] \
+            if path.is_file() else []
+        with atomic_file(path) as f:
+            f.write("".join(r + "\n" for r in [*rows, row]).encode())
