@@ -45,13 +45,30 @@ def _os_error(e: BaseException, path: Path) -> OSError | None:
     return OSError(cause.errno, cause.strerror or str(cause), str(path))
 
 
+def make_dirs(folder: str | Path) -> None:
+    """`mkdir -p` without recursion: pathlib's and os.makedirs recurse once per missing level, and an output tree
+    mirroring inputs thousands of levels deep ended in RecursionError."""
+    missing, p = [], Path(folder)
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     """`with atomic_file(p) as f: f.write(...)`: p holds the complete new content after the block, or its old
     content when the block raised (the temporary file is removed)."""
     path = Path(path)
     refuse_link(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name[:100]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

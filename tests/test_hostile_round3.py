@@ -219,3 +219,16 @@ def test_a_one_sample_file_is_embedded_beside_a_good_one_and_the_interfaces_take
     assert M2DEncoder(tiny_run)(torch.randn(1, 1)).shape[1] == 1
     model = hear.load_model(str(tiny_run))
     assert hear.get_scene_embeddings(torch.randn(2, 1), model).shape == (2, model.scene_embedding_size)
+
+
+def test_embed_mirrors_an_input_tree_1500_levels_deep(tiny_run, tmp_path):
+    """Listing such a tree was fixed in round 2; writing its mirror in --out ended in RecursionError."""
+    from fastm2d.atomic import make_dirs
+
+    from .conftest import write_tone
+    deep = (tmp_path / "in").joinpath(*(["d"] * 1500))
+    make_dirs(deep)
+    write_tone(tmp_path / "a.wav", seconds=0.5)
+    os.replace(tmp_path / "a.wav", deep / "a.wav")  # libsndfile takes no path that long; fastm2d reads by file object
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(tmp_path / "out"), str(tmp_path / "in")]) == 0
+    assert (tmp_path / "out").joinpath(*(["d"] * 1500), "a.npy").is_file()
