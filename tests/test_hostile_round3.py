@@ -228,7 +228,76 @@ def test_embed_mirrors_an_input_tree_1500_levels_deep(tiny_run, tmp_path):
     from .conftest import write_tone
     deep = (tmp_path / "in").joinpath(*(["d"] * 1500))
     make_dirs(deep)
-    write_tone(tmp_path / "a.wav", seconds=0.5)
-    os.replace(tmp_path / "a.wav", deep / "a.wav")  # libsndfile takes no path that long; fastm2d reads by file object
-    assert main(["embed", "--weights", str(tiny_run), "--out", str(tmp_path / "out"), str(tmp_path / "in")]) == 0
-    assert (tmp_path / "out").joinpath(*(["d"] * 1500), "a.npy").is_file()
+    try:
+        write_tone(tmp_path / "a.wav", seconds=0.5)
+        os.replace(tmp_path / "a.wav", deep / "a.wav")  # libsndfile takes no path that long; fastm2d reads file objects
+        assert main(["embed", "--weights", str(tiny_run), "--out", str(tmp_path / "out"), str(tmp_path / "in")]) == 0
+        assert (tmp_path / "out").joinpath(*(["d"] * 1500), "a.npy").is_file()
+    finally:  # removed here, bottom up: pytest's own clean-up of old temporary folders recurses and would fail
+        for root in (tmp_path / "in", tmp_path / "out"):
+            _remove_deep(root)
+
+
+def _remove_deep(root):
+    """rm -r without recursion, for trees thousands of levels deep."""
+    stack = [root]
+    while stack:
+        folder = stack[-1]
+        if not folder.is_dir():
+            stack.pop()
+            continue
+        subfolders = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()]
+        for p in folder.iterdir():
+            if not (p.is_dir() and not p.is_symlink()):
+                p.unlink()
+        if subfolders:
+            stack.extend(subfolders)
+        else:
+            folder.rmdir()
+            stack.pop()
+
+
+def test_embed_reuses_an_array_only_when_weights_settings_and_input_are_the_same(tiny_run, tmp_path, capsys):
+    """The manifest was keyed by the input path alone: other weights, another level or a replaced input gave exit 0,
+    "already there" and the old array."""
+    import numpy as np
+
+    from fastm2d.checkpoint import resolve_checkpoint_file
+
+    from .conftest import write_tone
+    (tmp_path / "clips").mkdir()
+    clip = tmp_path / "clips" / "a.wav"
+    write_tone(clip, seconds=1.0, freq=300)
+    out = tmp_path / "feats"
+
+    def embed(weights, *extra):
+        assert main(["embed", "--weights", str(weights), "--out", str(out), str(clip), "--quiet", *extra]) == 0
+        return capsys.readouterr(), np.load(out / "a.npy")
+    first, a = embed(tiny_run)
+    again, a2 = embed(tiny_run)
+    assert "1 already there" in again.out and np.array_equal(a, a2)
+    other = tmp_path / "other" / "checkpoint-2.pth"  # the same architecture, other weights
+    other.parent.mkdir()
+    obj = torch.load(resolve_checkpoint_file(tiny_run), weights_only=True)
+    obj["model"] = {k: v + 0.05 if v.is_floating_point() and k.startswith("blocks.") else v
+                    for k, v in obj["model"].items()}
+    torch.save(obj, other)
+    by_other, b = embed(other)
+    assert "already there" not in by_other.out and "replacing 1 array" in by_other.err and not np.allclose(a, b)
+    by_level, c = embed(other, "--level", "clip")
+    assert c.ndim == 1 and "replacing 1 array" in by_level.err
+    write_tone(clip, seconds=1.5, freq=500)  # the input replaced at the same path
+    by_input, d = embed(other, "--level", "clip")
+    assert "replacing 1 array" in by_input.err and not np.allclose(c, d)
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 1  # one row per input, the last one made
+
+
+def test_a_second_export_into_the_same_out_is_refused_not_a_silent_replacement(tiny_run, tmp_path, capsys):
+    args = ["export", "--weights", str(tiny_run), "--out", str(tmp_path / "x")]
+    assert main(args) == 0
+    written = sorted((tmp_path / "x").rglob("*.pth"))
+    before = written[0].read_bytes()
+    assert main(args) == 2
+    assert "exists: an export never replaces a file" in _one_line(capsys.readouterr().err)
+    assert sorted((tmp_path / "x").rglob("*.pth")) == written and written[0].read_bytes() == before

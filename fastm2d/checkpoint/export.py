@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import CheckpointError
+
+
+def refuse_existing(path: Path) -> None:
+    """An export never replaces a file silently (a second export into the same --out once did)."""
+    if path.exists() or path.is_symlink():
+        raise CheckpointError(f"{path} exists: an export never replaces a file; remove it or choose another --out")
 from .files import atomic_save, save_safetensors
 from .loading import read_checkpoint
 from .original import ENCODER_PREFIXES, EXTRA_PREFIXES, HEAD_LAYOUTS, original_folder_name
@@ -31,6 +37,7 @@ def export_original(path: str | Path, out_root: str | Path, encoder_only: bool =
                                + ("_enconly" if encoder_only else ""))
     epoch = int(obj.get("epoch", 0)) if isinstance(obj, dict) else 0
     out = folder / f"checkpoint-{epoch}.{fmt}"
+    refuse_existing(out)
     extra = {k: obj[k] for k in ("classes", "multi_label") if isinstance(obj, dict) and k in obj}
     if fmt == "safetensors":
         save_safetensors(state, out, {"model_config": json.dumps(asdict(cfg)), "sample_rate": str(sr),

@@ -102,19 +102,28 @@ def _unique_names(items: List[Item], level: str, taken: Dict[str, str]) -> List[
 
 def _done(out: Path) -> Dict[str, dict]:
     """The manifest's finished clips (a torn last line from a kill is ignored)."""
-    done, kept = {}, []
+    done = {}
     path = out / MANIFEST
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
                 if (out / row["array"]).is_file():
-                    done[row["file"]] = row
-                    kept.append(json.dumps(row) + "\n")
+                    done[row["file"]] = row  # a file embedded again: its last row
             except (ValueError, KeyError, TypeError):
                 continue
-        write_atomic(path, "".join(kept))  # torn or stale lines gone before anything is appended
+        # torn, stale and replaced lines gone before anything is appended
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in done.values()))
     return done
+
+
+def _source(path: Path) -> dict:
+    """What says an input is the one an array was made from: its size and modification time."""
+    try:
+        st = path.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except OSError:
+        return {}
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -147,9 +156,18 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
         if row.get("timestamps"):
             taken[row["timestamps"][:-len(".npy")]] = file
     items = expand_inputs(inputs, level, taken)
-    todo = [i for i, it in enumerate(items) if str(it.path) not in done]
+    # An array is reused only when everything that made it is the same: the weights, the level, the layers and
+    # the input file itself (once keyed by the input's path alone: other weights gave "already there" and old arrays).
+    made_with = {"weights": getattr(runtime, "weights_id", None), "level": level, "layers": layers}
+    sources = [_source(it.path) for it in items]
+    todo = [i for i, it in enumerate(items) if str(it.path) not in done
+            or done[str(it.path)].get("made_with") != made_with or done[str(it.path)].get("source") != sources[i]]
+    replaced = sum(1 for i in todo if str(items[i].path) in done)
+    if replaced:
+        print(f"replacing {replaced} array(s) in {out} made with other weights or settings, or from an input "
+              f"changed since", file=sys.stderr)
     device = next(runtime.parameters()).device
-    stats = {"written": 0, "skipped": len(items) - len(todo), "failed": 0}
+    stats = {"written": 0, "skipped": len(items) - len(todo), "failed": 0, "replaced": replaced}
     manifest = open_append(out / MANIFEST)
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="embed", unit="clip", disable=not progress, dynamic_ncols=True)
@@ -174,7 +192,7 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
                 array = f.mean(0) if level in ("clip", "scene") else f
                 _save(out / f"{it.name}.npy", array)
                 row = {"file": str(it.path), "array": f"{it.name}.npy", "shape": list(array.shape), "level": level,
-                       "seconds": wav.shape[-1] / runtime.sample_rate}
+                       "seconds": wav.shape[-1] / runtime.sample_rate, "made_with": made_with, "source": sources[i]}
                 if level == "timestamp":
                     _save(out / f"{it.name}.timestamps.npy", times)
                     row["timestamps"] = f"{it.name}.timestamps.npy"
@@ -188,5 +206,7 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
     finally:
         bar.close()
         manifest.close()
+        if replaced:
+            _done(out)  # one row per input again: the replaced arrays' old rows go
     stats["clips_per_s"] = stats["written"] / max(time.perf_counter() - t0, 1e-9)
     return stats

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_file, write_atomic
+from ..checkpoint.export import refuse_existing
 from ..errors import CheckpointError
 
 
@@ -68,6 +69,7 @@ def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.onnx"
+    refuse_existing(path)
     shapes = {"lms": {0: batch, 3: patch_t * patches}}
     _export(graph, example, path, "frames", shapes)
     head = {}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import ENCODER_PREFIXES, TEXT_ENCODER_PREFIX, load_weights, read_checkpoint
+from ..checkpoint import ENCODER_PREFIXES, TEXT_ENCODER_PREFIX, load_weights, read_checkpoint, resolve_checkpoint_file
 from ..config import ModelConfig
 from ..errors import DataError
 from ..frontend import LogMelSpectrogram, normalize
@@ -30,6 +30,7 @@ class Runtime(nn.Module):
         self.encoder = encoder.eval()
         self.frontend = LogMelSpectrogram(sample_rate)
         self.sample_rate = sample_rate
+        self.weights_id: Optional[str] = None  # load_encoder's identity of the weights (outputs are keyed by it)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -148,7 +149,22 @@ def load_encoder(path: str | Path, input_frames: Optional[int] = None, attention
     if untrained_seed is not None:
         torch.manual_seed(untrained_seed)
         runtime.encoder.init_weights()
+    runtime.weights_id = weights_identity(path, untrained_seed, input_frames)
     return runtime.to(device)
+
+
+def weights_identity(path, untrained_seed: Optional[int] = None, input_frames: Optional[int] = None) -> str:
+    """Which weights made an output: the resolved file, its size and time, and what changed them after loading.
+    Outputs are reused only under the same identity (`embed`'s manifest)."""
+    import hashlib
+    file = resolve_checkpoint_file(path).resolve()
+    try:
+        st = file.stat()
+        stamp = f"{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        stamp = "?"
+    text = f"{file}|{stamp}|untrained={untrained_seed}|frames={input_frames}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def runtime_from_state(state, cfg: ModelConfig, sr: int, path, input_frames: Optional[int] = None,
