@@ -128,9 +128,17 @@ def decode_audio(raw, name, sample_rate: int, min_samples: int = 0, truncation=N
     what errors say; `truncation()`, when given, returns why a WAV was cut (read_audio's header check) or None."""
     import soundfile as sf  # optional at import time of the package
     try:
+        size = raw.seek(0, 2)
+        raw.seek(0)
+    except (AttributeError, OSError):
+        size = None
+    try:
         with sf.SoundFile(raw) as f:
             promised, sr = f.frames, f.samplerate
+            check_declared(name, sr, promised, f.channels, size)  # from the header, before any payload is decoded
             data = f.read(dtype="float32", always_2d=True)
+    except AudioReadError:
+        raise
     except Exception as e:  # libsndfile raises several types for corrupt / non-audio input
         raise AudioReadError(f"{name}: cannot decode audio ({first_line(e)})") from None
     if data.shape[0] == 0:
@@ -151,6 +159,22 @@ def decode_audio(raw, name, sample_rate: int, min_samples: int = 0, truncation=N
     if sr != sample_rate:
         wav = resample(wav, sr, sample_rate, name)
     return wav
+
+
+MAX_DECODED_BYTES = 1 << 30  # float32 samples one file may decode to, when it also inflates past MAX_AUDIO_INFLATION
+MAX_AUDIO_INFLATION = 200  # decoded float32 bytes per file byte: lossless codecs reach ~10x on real sound; silence more
+
+
+def check_declared(name, sr: int, frames: int, channels: int, file_bytes=None) -> None:
+    """What an audio header declares, refused before the payload is read: a rate outside 1 kHz - 2 MHz (a FLAC at
+    1 Hz resampled to 16 kHz once took 4.6 GB from a 958 KB file), or more than 1 GiB of float32 samples from a
+    file that small (a compressed bomb)."""
+    if not 1000 <= sr <= MAX_SAMPLE_RATE:
+        raise AudioReadError(f"{name}: sample rate {sr} Hz: outside 1 kHz - {MAX_SAMPLE_RATE // 1000} kHz")
+    decoded = frames * max(channels, 1) * 4
+    if decoded > MAX_DECODED_BYTES and file_bytes and decoded > MAX_AUDIO_INFLATION * file_bytes:
+        raise AudioReadError(f"{name}: declares {frames} samples x {channels} channel(s) ({decoded / 2**30:.1f} GiB "
+                             f"decoded) in a {file_bytes / 2**10:.0f} KiB file: refused before decoding")
 
 
 # torchaudio's polyphase resampler builds (new/g) x (orig/g)-sized sinc kernels, g = gcd: cheap for the usual

@@ -301,3 +301,44 @@ def test_a_second_export_into_the_same_out_is_refused_not_a_silent_replacement(t
     assert main(args) == 2
     assert "exists: an export never replaces a file" in _one_line(capsys.readouterr().err)
     assert sorted((tmp_path / "x").rglob("*.pth")) == written and written[0].read_bytes() == before
+
+
+def test_a_checkpoint_of_overlapping_zip_records_is_refused_before_loading(tmp_path):
+    """An 8 MB .pth whose stored records overlap once made torch.load allocate 3 GB: each record's declared size
+    fits the file, their sum does not. Crafted here: 300 central-directory entries onto one 1 MiB record."""
+    import io
+    import struct
+    import zipfile
+
+    from fastm2d.checkpoint import read_checkpoint
+    from fastm2d.errors import CheckpointError
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data/0", b"\0" * 2**20)
+    data = buf.getvalue()
+    eocd = data.rfind(b"PK\x05\x06")
+    cd_size, cd_off = struct.unpack("<II", data[eocd + 12:eocd + 20])
+    record = data[cd_off:cd_off + 46]  # one central-directory record, its name after the 46 fixed bytes
+    names = [f"archive/data/{i:04d}".encode() for i in range(300)]
+    central = b"".join(record[:28] + struct.pack("<H", len(n)) + record[30:46] + n for n in names)
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(names), len(names), len(central), cd_off, 0)
+    path = tmp_path / "bomb.pth"
+    path.write_bytes(data[:cd_off] + central + end)
+    with pytest.raises(CheckpointError, match="records that overlap"):
+        read_checkpoint(path)
+
+
+def test_an_audio_header_declaring_1_hz_is_refused_before_its_samples_are_read(tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    from fastm2d.frontend import read_audio
+    from fastm2d.errors import AudioReadError
+    path = tmp_path / "slow.flac"
+    sf.write(path, np.zeros(4000, np.float32), 1, format="FLAC")
+    read = []
+    real = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, *a, **k: read.append(1) or real(self, *a, **k))
+    with pytest.raises(AudioReadError, match="sample rate 1 Hz"):
+        read_audio(path, 16000)
+    assert read == []  # refused from the header

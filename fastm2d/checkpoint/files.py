@@ -75,12 +75,18 @@ def check_zip_members(path: Path) -> None:
         if not zipfile.is_zipfile(path):
             return  # legacy pickle format or not a checkpoint: torch.load's own checks apply
         with zipfile.ZipFile(path) as z:
+            stored = 0
             for info in z.infolist():
                 if info.compress_type != zipfile.ZIP_STORED and \
                         info.file_size > MAX_INFLATION * max(info.compress_size, 1) + 2**20:
                     raise CheckpointError(f"{path}: refused to load: member {info.filename} inflates "
                                           f"{info.file_size / max(info.compress_size, 1):.0f}x to "
                                           f"{info.file_size / 2**20:.0f} MiB (PyTorch never compresses checkpoints)")
+                stored += info.file_size if info.compress_type == zipfile.ZIP_STORED else 0
+            size = path.stat().st_size
+            if stored > size + 2**20:  # stored members each hold their own bytes: more than the file means overlap
+                raise CheckpointError(f"{path}: refused to load: its stored members claim {stored / 2**20:.0f} MiB "
+                                      f"in a {size / 2**20:.1f} MiB file (records that overlap: a zip bomb)")
     except (OSError, zipfile.BadZipFile):
         return  # unreadable: torch.load reports it
 
