@@ -342,3 +342,88 @@ def test_an_audio_header_declaring_1_hz_is_refused_before_its_samples_are_read(t
     with pytest.raises(AudioReadError, match="sample rate 1 Hz"):
         read_audio(path, 16000)
     assert read == []  # refused from the header
+
+
+def test_a_server_that_stalls_mid_shard_is_a_broken_stream_not_a_wait(tmp_path, monkeypatch, caplog):
+    """It sends 8 KB of a shard, then nothing: the statistics once waited forever. A stream that delivers nothing
+    for FASTM2D_STALL_SECONDS (60 by default) is broken: tried again, then left out with the others going on."""
+    import http.server
+    import threading
+    import time
+
+    from fastm2d.config import load_config
+    from fastm2d.data import shards
+    from fastm2d.data.shards import open_shards
+    from .conftest import TINY_TRAIN
+    monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTM2D_STALL_SECONDS", "2")
+    monkeypatch.setattr(shards, "FETCH_TRIES", 1)
+    spec = _shards(tmp_path / "s", n_shards=2)
+    folder = tmp_path / "s"
+
+    class Stalling(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            if self.path.endswith("000001.tar"):
+                data = (folder / self.path.lstrip("/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:8192])
+                self.wfile.flush()
+                time.sleep(20)
+                return
+            super().do_GET()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             lambda *a: Stalling(*a, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000000..000001}}.tar"
+        cfg = load_config(None, [*TINY_TRAIN, f"data.train={url}", "data.shard_samples=2"])
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="fastm2d.data"):
+            mean, std = open_shards(url, cfg, 16).norm_stats
+        assert time.monotonic() - t0 < 15 and std > 0 and "shard-000001.tar" in caplog.text
+    finally:
+        server.shutdown()
+
+
+def test_a_gzipped_shard_with_a_1_gib_member_is_read_in_bounded_memory(tmp_path):
+    """1 MiB on disk, 1 GiB declared by one member's header: the member is not read (its sample says why), the
+    other samples are, and the reading process stays far below the member's size."""
+    import io
+    import tarfile
+
+    from .conftest import write_tone
+    write_tone(tmp_path / "t.wav", seconds=0.5)
+
+    class Zeros(io.RawIOBase):
+        def __init__(self, n):
+            self.left = n
+
+        def readinto(self, b):
+            k = min(len(b), self.left)
+            b[:k] = bytes(k)
+            self.left -= k
+            return k
+
+        def readable(self):
+            return True
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        tar.add(tmp_path / "t.wav", arcname="000000.wav")
+        big = tarfile.TarInfo("000001.wav")
+        big.size = 1 << 30
+        tar.addfile(big, io.BufferedReader(Zeros(1 << 30), buffer_size=1 << 20))
+        tar.add(tmp_path / "t.wav", arcname="000002.wav")
+    assert path.stat().st_size < 8 << 20  # 1 GiB declared: over 100x the file
+    code = ("import resource, sys; from fastm2d.data.shard_counts import tar_samples, TOO_LARGE\n"
+            "s = list(tar_samples(sys.argv[1]))\n"
+            "print([k['__key__'] for k in s], [TOO_LARGE in k for k in s], "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    peak_mb = int(r.stdout.strip().rsplit(" ", 1)[1])
+    assert "['000000', '000001', '000002'] [False, True, False]" in r.stdout, r.stderr[-2000:]
+    assert peak_mb < 800, peak_mb  # the process itself (torch imported) is ~500 MB; the member would add 1024+

@@ -32,9 +32,55 @@ def webdataset_module():
     return webdataset
 
 
+MAX_MEMBER_BYTES = 256 << 20  # one tar member read into memory at most: a 1 GiB member (a gzip bomb) is refused
+TOO_LARGE = "__too_large__"  # the suffix under which a sample carries why a member of it was not read
+
+
+def stall_seconds() -> float:
+    """A stream that delivers less than a byte a second for this long is broken (curl --speed-time), never waited on
+    forever; FASTM2D_STALL_SECONDS overrides the 60 s."""
+    try:
+        return max(1.0, float(os.environ.get("FASTM2D_STALL_SECONDS", "60")))
+    except ValueError:
+        return 60.0
+
+
 def open_stream(url: str):
-    """A shard or file in any transport webdataset opens (a path, http(s)://, pipe:CMD), as a binary stream."""
-    return webdataset_module().gopen(url, "rb")
+    """A shard or file in any transport webdataset opens (a path, http(s)://, pipe:CMD), as a binary stream; over
+    HTTP with webdataset's curl command plus a stall limit (a server that stops sending mid-shard once made the
+    statistics wait forever)."""
+    webdataset = webdataset_module()
+    if url.startswith(("http://", "https://")):
+        from webdataset.gopen import Pipe
+        # no curl retries: fetch_samples tries a shard again itself, going on after the samples already given
+        cmd = ["curl", "--connect-timeout", "30", "--speed-limit", "1", "--speed-time", str(int(stall_seconds())),
+               "-f", "-s", "-L", url]
+        return Pipe(cmd, mode="rb", bufsize=8192, ignore_status=[141, 23])
+    return webdataset.gopen(url, "rb")
+
+
+def tar_samples(url: str):
+    """A shard's samples as webdataset groups them (members sharing a key; `__key__`, `__url__`, one entry per
+    suffix), read with a bound: a member larger than MAX_MEMBER_BYTES is not read (its header says so first), and
+    its sample carries TOO_LARGE instead. Links, folders and metadata members are skipped, as webdataset does."""
+    import re
+    stream = open_stream(url)
+    try:
+        def members():
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    name = info.name
+                    if not info.isreg() or name is None or re.match(r"__[^/]*__($|/)", name):
+                        continue
+                    if info.size > MAX_MEMBER_BYTES:
+                        note = f"{name}: {info.size} bytes, over the {MAX_MEMBER_BYTES >> 20} MiB a member may hold"
+                        yield {"fname": f"{sample_key(name)}.{TOO_LARGE}", "data": note.encode(), "__url__": url}
+                        continue
+                    yield {"fname": name, "data": tar.extractfile(info).read(), "__url__": url}
+                    tar.members = []  # a stream of millions of members: keep no list
+        yield from webdataset_module().tariterators.group_by_keys(members())
+    finally:
+        stream.close()
 
 
 def _first_line(e: BaseException) -> str:

@@ -45,7 +45,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..atomic import atomic_file, open_append, write_atomic
 from ..frontend import AudioReadError, LogMelSpectrogram, decode_audio, first_line
 from .dataset import crop_clip, padded_lms
-from .shard_counts import open_stream, sample_counts, webdataset_module
+from .shard_counts import TOO_LARGE, open_stream, sample_counts, tar_samples, webdataset_module
 from .sources import AUDIO_EXTS, DataError, sample_name
 from .stats import mean_std
 from .store import item_span, warn_if_prepared_shorter
@@ -143,6 +143,8 @@ class ShardSource:
         Audio (its original bytes): the files' own decoder and padding (frontend.decode_audio, dataset.padded_lms).
         Log-mel shards: the stored array cut as a store cuts it for this crop (store.item_span)."""
         name = sample_name(sample)
+        if TOO_LARGE in sample:  # its member was not read: the header declared more than a sample may hold
+            raise AudioReadError(f"{name}: {bytes(sample[TOO_LARGE]).decode(errors='replace')}")
         if not self.logmel:
             key = audio_key(sample)
             if key is None:
@@ -222,7 +224,7 @@ def audio_key(sample: dict) -> Optional[str]:
 
 
 def _samples(url: str) -> Iterator[dict]:
-    return webdataset_module().tariterators.tarfile_samples([{"url": url}])
+    return tar_samples(url)
 
 
 def is_stream_position(obj) -> bool:
