@@ -358,7 +358,7 @@ def test_a_server_that_stalls_mid_shard_is_a_broken_stream_not_a_wait(tmp_path, 
     monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FASTM2D_STALL_SECONDS", "2")
     monkeypatch.setattr(shards, "FETCH_TRIES", 1)
-    spec = _shards(tmp_path / "s", n_shards=2)
+    _shards(tmp_path / "s", n_shards=2)
     folder = tmp_path / "s"
 
     class Stalling(http.server.SimpleHTTPRequestHandler):
