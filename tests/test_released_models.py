@@ -290,7 +290,7 @@ def test_round_trips_keep_every_setting_and_the_outputs(tmp_path, lms_12s, fmt):
             assert json.loads((out / "config.json").read_text())["frontend"]["hop_length"] == 160
             back = from_pretrained(out)
         else:
-            out = export_original(path, tmp_path / "exp" / fmt, fmt=fmt, date="261201")
+            out = export_original(path, tmp_path / "exp" / fmt / folder, fmt=fmt, date="261201")  # two models: two --out
             back = load_encoder(out)
         a, b = load_encoder(path), back
         with torch.no_grad():
