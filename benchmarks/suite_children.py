@@ -137,6 +137,6 @@ def data_rows(device: torch.device, tiny: bool) -> list:
             row(f"DALI ({device.type})", "clips/s",
                 lambda: dali_rate(files, device, workers, batch=8 if tiny else 64, epochs=1 if tiny else 2))
         row(f"embed a corpus, ViT-B ({device.type})", "clips/s",
-            lambda: embed_rate(files[:16 if tiny else 256], device, Path(tmp), batch=16 if tiny else 64,
+            lambda: embed_rate(files[:4 if tiny else 256], device, Path(tmp), batch=4 if tiny else 64,
                                workers=min(workers, 8)), min(workers, 8))
     return rows
