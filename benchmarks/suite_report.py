@@ -53,8 +53,16 @@ def markdown(result: dict) -> str:
                          f"{r.get('speedup_vs_compile', float('nan')):.2f} |")
     lines += ["", "## The decomposition", ""] + _train_table(_with_x_vs_eager(result["ladder"]))
     lines += ["", f"GPU tests: {result['gpu_tests'].get('summary', 'not run')}", "",
-              "## Data paths", "", "| data path | workers | rate |", "|---|---|---|"]
+              "## Data paths", "", f"Against the recipe's appetite: {MILESTONE_SAMPLES_PER_S:,} crops/s at the first "
+              f"MFU milestone, {TARGET_SAMPLES_PER_S:,} at the target.", "",
+              "| data path | workers | rate | per worker | workers to feed the target |", "|---|---|---|---|---|"]
     for r in result["data"]:
-        rate = f"{r['rate']:.0f} {r['unit']}" if "rate" in r else r.get("note", "")
-        lines.append(f"| {r['path']} | {r['workers']} | {rate} |")
+        if "rate" not in r:
+            lines.append(f"| {r['path']} | {r['workers']} | {r.get('note', '')} | | |")
+            continue
+        per = r["rate"] / r["workers"] if isinstance(r["workers"], int) and r["workers"] else None
+        loader = r["unit"] in ("crops/s", "clips/s") and not r["path"].startswith("embed")
+        feed = f"{TARGET_SAMPLES_PER_S / per:.1f}" if per and loader else "-"
+        lines.append(f"| {r['path']} | {r['workers']} | {r['rate']:.0f} {r['unit']} | "
+                     f"{f'{per:.0f}' if per else '-'} | {feed} |")
     return "\n".join(lines) + "\n"
