@@ -145,3 +145,26 @@ def test_bf16_features_are_fp32_features_within_the_stated_tolerance(tmp_path, m
         bf16 = rt.encode(wav, 16000).float()
     rel = ((bf16 - fp32).norm() / fp32.norm()).item()
     assert 0 < rel < 0.03, rel
+
+
+def test_the_readmes_first_api_call_runs_in_the_commands_arithmetic(measured, tmp_path):
+    """`load_encoder(W).encode(...)` / `scene_embedding` once ran fp32 where `embed` and `tag` use bf16 autocast:
+    the encoder now runs under the same choice (here a CPU with bf16 units), features back in fp32;
+    `rt.precision = "fp32"` keeps fp32."""
+    from fastm2d.checkpoint import atomic_save
+    from fastm2d.model import M2D
+    from fastm2d.transfer.runtime import load_encoder
+    from tests.conftest import tiny_model_config
+    model = M2D(tiny_model_config())
+    atomic_save({"model": model.state_dict(), "model_config": model.cfg.__dict__}, tmp_path / "w.pth")
+    rt = load_encoder(tmp_path / "w.pth")
+    seen = []
+    rt.encoder.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(torch.get_autocast_dtype("cpu")
+                                                                            if torch.is_autocast_enabled("cpu") else None))
+    wav = torch.randn(1, 16000) * 0.1
+    measured("bf16")
+    frames, clip = rt.encode(wav, 16000), rt.scene_embedding(wav, 16000)
+    assert set(seen) == {torch.bfloat16} and frames.dtype == clip.dtype == torch.float32
+    seen.clear()
+    rt.precision = "fp32"
+    assert rt.encode(wav, 16000).dtype == torch.float32 and set(seen) == {None}

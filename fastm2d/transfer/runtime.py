@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checkpoint import ENCODER_PREFIXES, TEXT_ENCODER_PREFIX, load_weights, read_checkpoint, resolve_checkpoint_file
 from ..config import ModelConfig
+from ..devices import autocast
 from ..errors import DataError
 from ..frontend import LogMelSpectrogram, normalize
 from ..model import ViTEncoder
@@ -31,6 +32,7 @@ class Runtime(nn.Module):
         self.frontend = LogMelSpectrogram(sample_rate)
         self.sample_rate = sample_rate
         self.weights_id: Optional[str] = None  # load_encoder's identity of the weights (outputs are keyed by it)
+        self.precision = "auto"  # encode / scene_embedding / clap_audio: auto | fp32 | bf16 (fastm2d/devices.py)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -87,8 +89,14 @@ class Runtime(nn.Module):
         return self.normalize(self.frontend(waveform)).unsqueeze(1)
 
     def encode(self, waveform: torch.Tensor, sample_rate: int, return_layers: bool = False):
-        """Waveform (B, N) -> frame features (B, T', F'*D), one frame per patch width (160 ms for 16x16)."""
-        return self.encode_lms(self.to_lms(waveform, sample_rate), return_layers=return_layers)
+        """Waveform (B, N) -> frame features (B, T', F'*D), one frame per patch width (160 ms for 16x16).
+
+        Runs in the arithmetic the commands use (`self.precision`, `auto`: bf16 on a GPU and on a CPU with bf16
+        units, fastm2d/devices.py; FASTM2D_PRECISION overrides), so the README's first call is as fast as `embed`;
+        the features come back in fp32 either way."""
+        with autocast(waveform.device, self.precision):
+            out = self.encode_lms(self.to_lms(waveform, sample_rate), return_layers=return_layers)
+        return [o.float() for o in out] if return_layers else out.float()
 
     @property
     def frame_seconds(self) -> float:
