@@ -91,3 +91,25 @@ def test_long_audio_chunks_are_one_batch_equal_to_one_after_another(tiny_run):
         want = [torch.cat([c[i] for c in seq], dim=1) for i in range(2)]
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(batched, want))
     assert batched[-1].shape[1] == 5 * 4 + 3
+
+
+def test_embed_says_where_its_time_goes(tiny_run, tmp_path, capsys):
+    """decode and resample (waiting for the loader), front end, encoder, writing: each timed apart, together within
+    the command's own wall time."""
+    import time
+
+    from fastm2d.cli import main
+
+    from .conftest import write_tone
+    (tmp_path / "c").mkdir()
+    for i in range(3):
+        write_tone(tmp_path / "c" / f"{i}.wav", seconds=1.0 + i, freq=300 + 100 * i)
+    t0 = time.perf_counter()
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(tmp_path / "o"), str(tmp_path / "c"),
+                 "--quiet", "--workers", "0"]) == 0
+    wall = time.perf_counter() - t0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("time: ")][0]
+    import re
+    parts = dict(re.fullmatch(r"(.+?) ([\d.]+) s \(\d+ %\)", p).groups() for p in line[len("time: "):].split(", "))
+    assert list(parts) == ["decode and resample", "front end", "encoder", "writing"]
+    assert 0 < sum(float(v) for v in parts.values()) <= wall

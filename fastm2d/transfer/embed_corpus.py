@@ -177,15 +177,30 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
         stats["failed"] += 1
         bar.update(1)
 
+    # Where the time goes (printed by `embed`): waiting for the loader (decoding and resampling in its workers),
+    # the front end, the encoder (its device work ends at the copy back), writing arrays and manifest rows.
+    spent = stats["seconds"] = dict.fromkeys(("decode and resample", "front end", "encoder", "writing"), 0.0)
+    batches = iter(length_batches([it.path for it in items], runtime.sample_rate, batch_size, workers, failed,
+                                  order=todo))
     try:
-        for group, wav in length_batches([it.path for it in items], runtime.sample_rate, batch_size, workers,
-                                         failed, order=todo):
+        while True:
+            t = time.perf_counter()
+            try:
+                group, wav = next(batches)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            spent["decode and resample"] += t1 - t
             with torch.no_grad(), autocast(device):
                 lms = runtime.to_lms(wav.to(device), runtime.sample_rate)
+                t2 = time.perf_counter()
                 feats = runtime.encode_lms(lms, return_layers=layers is not None)
             if layers is not None:
                 feats = torch.cat([feats[k] for k in layers], dim=-1)
             feats = feats.float().cpu().numpy()
+            t3 = time.perf_counter()
+            spent["front end"] += t2 - t1
+            spent["encoder"] += t3 - t2
             times = runtime.frame_times_ms(lms.shape[-1]).numpy()
             for i, f in zip(group, feats):
                 it = items[i]
@@ -201,6 +216,7 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
                 manifest.write(json.dumps(row) + "\n")  # one whole line per clip, after its array
                 stats["written"] += 1
             manifest.flush()
+            spent["writing"] += time.perf_counter() - t3
             bar.update(len(group))
             bar.set_postfix(clips_s=f"{stats['written'] / max(time.perf_counter() - t0, 1e-9):.1f}")
     finally:
