@@ -104,7 +104,7 @@ def cmd_embed(args) -> None:
           + (f"; {stats['failed']} failed" if stats["failed"] else "") + f" ({stats['clips_per_s']:.1f} clips/s)")
     if stats["written"]:
         total = max(sum(stats["seconds"].values()), 1e-9)
-        print("time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f} %)" for k, v in stats["seconds"].items()))
+        print("time: " + ", ".join(f"{k} {v:.3g} s ({100 * v / total:.0f} %)" for k, v in stats["seconds"].items()))
     if stats["failed"] and not stats["written"] and not stats["skipped"]:
         raise AudioReadError("no file could be read")
 

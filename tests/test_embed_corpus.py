@@ -110,6 +110,6 @@ def test_embed_says_where_its_time_goes(tiny_run, tmp_path, capsys):
     wall = time.perf_counter() - t0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("time: ")][0]
     import re
-    parts = dict(re.fullmatch(r"(.+?) ([\d.]+) s \(\d+ %\)", p).groups() for p in line[len("time: "):].split(", "))
+    parts = dict(re.fullmatch(r"(.+?) ([\d.e+-]+) s \(\d+ %\)", p).groups() for p in line[len("time: "):].split(", "))
     assert list(parts) == ["decode and resample", "front end", "encoder", "writing"]
     assert 0 < sum(float(v) for v in parts.values()) <= wall
