@@ -111,22 +111,40 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def measure_rung(name: str, cfg: Config, steps: int = 5) -> dict:
-    """Samples/s of `steps` optimiser steps after two (compilation, autotuning) that are timed apart. Any failure
-    (a backend missing here, an OOM, a compile or CUDA-graph error) is this rung's row, never the ladder's end."""
+def _drive_rung(name: str, cfg: Config, body) -> dict:
+    """`body(trainer, micro_batches)` -> this rung's row, on a Trainer built for `cfg` with in-memory micro-batches.
+    Any failure (a backend missing here, an OOM, a compile or CUDA-graph error) is the rung's row, never the ladder's
+    end; afterwards everything the rung held is released (the body's references are gone once it returns)."""
     from fastm2d.train import Trainer
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     env = _one_process_group_env() if cfg.train.engine == "deepspeed" else {}
     os.environ.update(env)
-    trainer = None
+    trainer = micro = None
     try:
         trainer = Trainer(cfg)
         t = cfg.train
         micro = [torch.randn(t.batch_size, 1, *cfg.model.input_size, device=trainer.device)
                  for _ in range(t.accum_steps)]
+        return body(trainer, micro)
+    except Exception as e:
+        return {"rung": name, "note": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+    finally:
+        if trainer is not None:
+            trainer.close()
+        trainer = micro = None  # before the flush: the model, optimiser and batches must be garbage by then
+        _release()
+        for k in env:
+            os.environ.pop(k, None)
+
+
+def measure_rung(name: str, cfg: Config, steps: int = 5) -> dict:
+    """Samples/s of `steps` optimiser steps after two (compilation, autotuning) that are timed apart."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    def timed(trainer, micro) -> dict:
+        t = cfg.train
         t0 = trainer.sync_time()
         trainer.train_step(micro)  # compilation / autotuning happen here
         first = trainer.sync_time() - t0
@@ -142,44 +160,29 @@ def measure_rung(name: str, cfg: Config, steps: int = 5) -> dict:
                 "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""),
                 "attention": next(m.backend for m in trainer.model.modules() if hasattr(m, "backend")),
                 "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None}
-    except Exception as e:
-        return {"rung": name, "note": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
-    finally:
-        if trainer is not None:
-            trainer.close()
-        trainer = micro = None  # before the flush: the model, optimiser and batches must be garbage by then
-        _release()
-        for k in env:
-            os.environ.pop(k, None)
+    return _drive_rung(name, cfg, timed)
 
 
-def profiled_steps(cfg: Config, out: Path, max_file_mb: float = 15.0) -> dict:
+def profiled_steps(cfg: Config, out: Path, max_file_mb: float = 15.0, name: str = RECIPE_NAME) -> dict:
     """The rung's step under train.profile (warm-up steps first, then the profiled ones), driven like measure_rung;
     the profiler's trace, tables and memory snapshot are copied into `out` (a GPU slot brings back files of at most
     16 MiB: a larger one is left behind and said so)."""
     import shutil
 
     from fastm2d.phases import phase
-    from fastm2d.train import Trainer
     from fastm2d.train.profiling import phase_markdown
 
-    env = _one_process_group_env() if cfg.train.engine == "deepspeed" else {}
-    os.environ.update(env)
-    trainer = None
-    try:
-        trainer = Trainer(cfg)
-        t = cfg.train
-        micro = [torch.randn(t.batch_size, 1, *cfg.model.input_size, device=trainer.device)
-                 for _ in range(t.accum_steps)]
+    def profiled(trainer, micro) -> dict:
+        p = cfg.train.profile
         summary = None
-        while summary is None and trainer.step < t.profile.start + t.profile.steps:
+        while summary is None and trainer.step < p.start + p.steps:
             trainer.profiler.before_step(trainer.step)
             with phase("data wait"):  # in memory here: the loaders have their own rows
                 batches = list(micro)
             trainer.train_step(batches)
             summary = trainer.profiler.after_step(trainer.step)
-        row = {"step_ms": summary["step_ms"], "mfu": summary.get("mfu"), "table": phase_markdown(summary),
-               "files": [], "left_behind": []}
+        row = {"rung": name, "step_ms": summary["step_ms"], "mfu": summary.get("mfu"),
+               "table": phase_markdown(summary), "files": [], "left_behind": []}
         for f in sorted(trainer.run.profile.glob("*-rank0.*")):
             if f.name.startswith("phases") and f.suffix == ".json":
                 continue  # its content is the row's table
@@ -190,15 +193,7 @@ def profiled_steps(cfg: Config, out: Path, max_file_mb: float = 15.0) -> dict:
                 shutil.copy(f, out / f.name)
                 row["files"].append(f"{f.name} ({mb:.1f} MiB)")
         return row
-    except Exception as e:
-        return {"note": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
-    finally:
-        if trainer is not None:
-            trainer.close()
-        trainer = micro = None
-        _release()
-        for k in env:
-            os.environ.pop(k, None)
+    return _drive_rung(name, cfg, profiled)
 
 
 def cuda_usable() -> bool:

@@ -32,6 +32,16 @@ def test_unsupported_settings_fail_at_start_up():
         load_config(None, ["train.engine=horovod"])
 
 
+def _one_rank(monkeypatch) -> None:
+    """What a launcher sets for one process on a free port: DeepSpeed needs a process group even for one."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+
+
 def _run(args, nproc, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -141,14 +151,8 @@ def test_the_forward_under_deepspeed_runs_in_bf16_autocast(tmp_path, monkeypatch
     config; it asks `torch.is_autocast_enabled()`, which is about CUDA only. Answered here with the CPU's state,
     the CPU run takes the GPU run's branch: the model's forward must still see bf16 autocast, and the master
     weights and the EMA target stay fp32."""
-    import socket
-
     from fastm2d.train import Trainer
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
+    _one_rank(monkeypatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cuda_only = torch.is_autocast_enabled
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: cuda_only(*a) if a else cuda_only("cpu"))
@@ -182,16 +186,9 @@ def test_deepspeed_refuses_fp16_and_keeps_gradients_in_fp32():
 def test_two_deepspeed_runs_in_one_process(tmp_path, monkeypatch):
     """A notebook (or the device suite) training twice under DeepSpeed in one process: the second run must not
     inherit DeepSpeed's cached handles to the first run's destroyed process group."""
-    import socket
-
     from fastm2d.train import pretrain
     for run in ("a", "b"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(port)).items():
-            monkeypatch.setenv(k, v)
+        _one_rank(monkeypatch)
         trainer = pretrain(load_config(None, [f"out_dir={tmp_path / run}", *TINY_TRAIN, "train.engine=deepspeed",
                                               "train.max_steps=1"]))
         assert trainer.step == 1 and not torch.distributed.is_initialized()
@@ -202,8 +199,6 @@ def test_two_deepspeed_runs_in_one_process(tmp_path, monkeypatch):
 def test_the_clap_temperature_clamp_reaches_zeros_own_fp32_copy(tmp_path, monkeypatch):
     """ZeRO-1/2 update a private fp32 copy of the weights and write it back after each step: clamping only the
     module's logit_scale (as the original does under DDP) would be undone by the next step."""
-    import socket
-
     import numpy as np
 
     from fastm2d.train import Trainer
@@ -211,11 +206,7 @@ def test_the_clap_temperature_clamp_reaches_zeros_own_fp32_copy(tmp_path, monkey
     from .test_clap_training import _captioned_clips
     folder = _captioned_clips(tmp_path)
     np.savez(tmp_path / "capemb.npz", **{f"c{i}": np.full((1, 64), float(i), np.float32) for i in range(8)})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
+    _one_rank(monkeypatch)
     tr = Trainer(load_config(None, [f"out_dir={tmp_path / 'run'}", *TINY_TRAIN, "train.engine=deepspeed",
                                     "train.zero_stage=2", f"data.train={folder}", "offline.task=clap",
                                     f"offline.caption_embeddings={tmp_path / 'capemb.npz'}", "data.norm_stats=[-8,4]",
@@ -241,19 +232,12 @@ def test_fused_adamw_under_zero_2_takes_the_cuda_branch_and_equals_foreach(tmp_p
     """On CUDA the trainer builds AdamW(fused=True) and DeepSpeed's ZeRO-2 wraps it. That branch is taken here on CPU
     (torch has a CPU fused AdamW): ZeRO keeps the fused optimiser, steps it on its flat fp32 partition, and two steps
     give the weights the default (foreach) AdamW gives, to fp32 rounding."""
-    import socket
-
     import fastm2d.train.trainer as trainer_module
     from fastm2d.train import Trainer
     from fastm2d.train.engine import release_process_groups
     weights = {}
     for fused in (True, False):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(port)).items():
-            monkeypatch.setenv(k, v)
+        _one_rank(monkeypatch)
         monkeypatch.setattr(trainer_module, "fused_adamw", lambda device: fused)
         tr = Trainer(load_config(None, [f"out_dir={tmp_path / str(fused)}", *TINY_TRAIN, "train.engine=deepspeed",
                                         "train.zero_stage=2", "train.max_steps=2", "data.norm_stats=[-8,4]",

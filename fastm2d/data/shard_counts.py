@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 from ..atomic import write_atomic
 from ..errors import DataError
+from ..frontend import first_line
 from ..run_folder import user_cache
 
 log = logging.getLogger("fastm2d.data")
@@ -83,9 +84,17 @@ def tar_samples(url: str):
         stream.close()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+def _shard_word(address: str) -> Optional[str]:
+    """The part of a shard's address that names its file: the address, or in a `pipe:` command the word holding
+    `.tar` (`pipe:aws s3 cp s3://b/x/shard-000000.tar -` -> `s3://b/x/shard-000000.tar`)."""
+    if not address.startswith("pipe:"):
+        return address
+    return next((word for word in address.split() if ".tar" in word), None)
+
+
+def shard_file_name(address: str) -> str:
+    """A shard's file name, as shards.json and webdataset's index list it."""
+    return (_shard_word(address) or address).rsplit("/", 1)[-1]
 
 
 def sample_key(member: str) -> str:
@@ -129,25 +138,20 @@ def shard_identity(url: str) -> Optional[str]:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _file_name(address: str) -> str:
-    word = next((w for w in address.split() if ".tar" in w), address) if address.startswith("pipe:") else address
-    return word.rsplit("/", 1)[-1]
-
-
 def counts_from_index(urls: List[str], index: str) -> List[int]:
     """`nsamples` of each shard from a webdataset shard index (wids JSON: {"shardlist": [{"url", "nsamples"}]}),
     matched by file name."""
     try:
         with open_stream(index) as f:
             listed = json.loads(f.read())
-        by_name = {_file_name(str(s["url"])): int(s["nsamples"]) for s in listed["shardlist"]}
+        by_name = {shard_file_name(str(s["url"])): int(s["nsamples"]) for s in listed["shardlist"]}
     except Exception as e:  # noqa: BLE001 - any transport's or format's error: one line naming the index
-        raise DataError(f"data.shard_index={index}: not a readable webdataset shard index ({_first_line(e)}); "
+        raise DataError(f"data.shard_index={index}: not a readable webdataset shard index ({first_line(e)}); "
                         f"expected JSON with a shardlist of url / nsamples") from None
-    missing = [u for u in urls if _file_name(u) not in by_name]
+    missing = [u for u in urls if shard_file_name(u) not in by_name]
     if missing:
         raise DataError(f"data.shard_index={index}: no entry for {len(missing)} of the shards, e.g. {missing[0]}")
-    return [by_name[_file_name(u)] for u in urls]
+    return [by_name[shard_file_name(u)] for u in urls]
 
 
 def counts_by_listing(urls: List[str], why: str) -> List[int]:
@@ -172,7 +176,7 @@ def counts_by_listing(urls: List[str], why: str) -> List[int]:
             try:
                 return count_samples(urls[i])
             except Exception as e:  # noqa: BLE001 - the transport's or the tar's error, naming the shard
-                raise DataError(f"{urls[i]}: cannot be listed to count its samples ({_first_line(e)}); {why}") \
+                raise DataError(f"{urls[i]}: cannot be listed to count its samples ({first_line(e)}); {why}") \
                     from None
         with ThreadPoolExecutor(LISTING_THREADS) as pool:
             for i, n in zip(todo, pool.map(listed, todo)):

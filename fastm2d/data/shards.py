@@ -45,7 +45,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..atomic import atomic_file, open_append, write_atomic
 from ..frontend import AudioReadError, LogMelSpectrogram, decode_audio, first_line
 from .dataset import crop_clip, padded_lms
-from .shard_counts import TOO_LARGE, open_stream, sample_counts, tar_samples, webdataset_module
+from .shard_counts import (TOO_LARGE, _shard_word, open_stream, sample_counts, shard_file_name, tar_samples,
+                           webdataset_module)
 from .sources import AUDIO_EXTS, DataError, sample_name
 from .stats import mean_std
 from .store import item_span, warn_if_prepared_shorter
@@ -61,19 +62,6 @@ FETCH_TRIES = 3
 def shard_urls(spec: str) -> List[str]:
     from braceexpand import braceexpand
     return list(braceexpand(str(spec)))
-
-
-def _shard_word(address: str) -> Optional[str]:
-    """The part of a shard's address that names its file: the address, or in a `pipe:` command the word holding
-    `.tar` (`pipe:aws s3 cp s3://b/x/shard-000000.tar -` -> `s3://b/x/shard-000000.tar`)."""
-    if not address.startswith("pipe:"):
-        return address
-    return next((word for word in address.split() if ".tar" in word), None)
-
-
-def shard_file_name(address: str) -> str:
-    """A shard's file name, as shards.json lists it."""
-    return (_shard_word(address) or address).rsplit("/", 1)[-1]
 
 
 def manifest_address(first_shard: str) -> str:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..devices import autocast
 from ..errors import CheckpointError
+from ..frontend import first_line
 from ..model.projections import sub_state
 
 # The text encoder a release name declares (the letter after the sample rate: "...p16kpB..."), as the original's
@@ -75,10 +76,9 @@ class TextEncoder(nn.Module):
                                   f"download it once (huggingface-cli download {source}) or pass --text-encoder "
                                   f"DIR") from None
         except Exception as e:  # noqa: BLE001 - custom code, a pickle that would run code, a broken config
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"text encoder {source}: refused ({type(e).__name__}: {first}); fastm2d reads a "
-                                  f"text model's config and weights as data only: no custom code, no pickled "
-                                  f"objects (safetensors weights are the safe form)") from None
+            raise CheckpointError(f"text encoder {source}: refused ({type(e).__name__}: {first_line(e)}); fastm2d "
+                                  f"reads a text model's config and weights as data only: no custom code, no "
+                                  f"pickled objects (safetensors weights are the safe form)") from None
         custom = getattr(self.model.config, "auto_map", None) or \
             getattr(self.tokenizer, "init_kwargs", {}).get("auto_map")
         if custom:  # its code was not run, and the stock class read in its place would compute something else
