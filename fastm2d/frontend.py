@@ -83,6 +83,18 @@ class LogMelSpectrogram(torch.nn.Module):
             finally:
                 spectrogram.pad_mode = "reflect"
 
+    def uncentred(self, samples: torch.Tensor) -> torch.Tensor:
+        """(N,) samples that already hold each frame's whole window -> (80, 1 + (N - n_fft) // hop) log-mel, frame k
+        starting at sample k * hop: the frames `forward` computes, for a stretch of a longer signal
+        (transfer/long_audio.py reads recordings in windows)."""
+        spectrogram = self.mel.spectrogram
+        with torch.autocast(samples.device.type, enabled=False):
+            spectrogram.center = False
+            try:
+                return torch.log(self.mel(samples.float()) + LOG_EPS)
+            finally:
+                spectrogram.center = True
+
     def num_frames(self, num_samples: int) -> int:
         return num_samples // self.hop_length + 1
 

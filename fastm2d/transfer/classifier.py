@@ -56,10 +56,13 @@ class Tagger(nn.Module):
 
     def _frames(self, lms: torch.Tensor) -> torch.Tensor:
         """Normalised log-mel -> the frame features the head reads: (B, T', F'*D), or (B, T', D) when flat."""
-        feats = self.runtime.encode_lms(lms)
-        if self.flat:  # mean over the F' frequency patches of each time step
-            b, t, _ = feats.shape
-            feats = feats.reshape(b, t, self.runtime.encoder.grid[0], -1).mean(2)
+        return self.flat_frames(self.runtime.encode_lms(lms))
+
+    def flat_frames(self, feats: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 frames (..., F'*D) -> what the head reads: the same, or the mean over the F' frequency patches of
+        each time step (..., D) for a head trained on flat features."""
+        if self.flat:
+            feats = feats.reshape(*feats.shape[:-1], self.runtime.encoder.grid[0], -1).mean(-2)
         return feats
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
@@ -119,8 +122,9 @@ def tag_files(tagger: Tagger, files, topk: int = 5, frames: bool = False, batch_
     on_skip(message) and is left out."""
     from tqdm import tqdm
 
-    from ..devices import autocast
+    from ..errors import AudioReadError
     from .batching import length_batches
+    from .long_audio import encode_file, is_long
     device = next(tagger.parameters()).device
     sr = tagger.runtime.sample_rate
     results = {}
@@ -135,8 +139,35 @@ def tag_files(tagger: Tagger, files, topk: int = 5, frames: bool = False, batch_
         values, idx = probs.topk(min(topk, len(tagger.classes)))
         return {"labels": [tagger.classes[i] for i in idx.tolist()], "scores": [round(float(v), 5) for v in values]}
 
-    for idx, wav in length_batches(files, sr, batch_size, workers, skipped):
-        with torch.no_grad(), autocast(device):  # bf16 on a GPU and on a CPU with fast bf16 (fastm2d/devices.py)
+    def tag_long(i: int) -> None:
+        """A recording longer than a window, read in windows (long_audio.encode_file): the head on each frame as
+        it comes, or the clip's frames summed for its mean."""
+        head = lambda f: tagger._activate(tagger.head(tagger.norm(tagger.flat_frames(f))))  # noqa: E731
+        rows, total, n = [], 0.0, 0
+        for window in encode_file(tagger.runtime, files[i]):
+            f = window.layers[0]
+            if frames:
+                with tagger.runtime.inference():
+                    probs = head(f).float().cpu()
+                rows += [{"file": str(files[i]), "time_ms": round(float(t), 1), **top(q)}
+                         for t, q in zip(window.times_ms.tolist(), probs)]
+            total, n = total + f.sum(0, dtype=torch.float64), n + len(f)
+        if not frames:
+            with tagger.runtime.inference():  # the head over the time mean of the frames (logits_lms)
+                rows = [{"file": str(files[i]), **top(head((total / n).float()[None])[0].float().cpu())}]
+        results[i] = rows
+
+    long = {i for i, f in enumerate(files) if is_long(tagger.runtime, f)}  # memory bounded by a window
+    for i in sorted(long):
+        try:
+            tag_long(i)
+        except AudioReadError as e:
+            skipped(i, str(e))
+            continue
+        bar.update(1)
+    for idx, wav in length_batches(files, sr, batch_size, workers, skipped,
+                                   order=[i for i in range(len(files)) if i not in long]):
+        with tagger.runtime.inference():
             if frames:
                 probs, times = tagger.frame_scores(wav.to(device), sr)
                 for i, p in zip(idx, probs.float().cpu()):

@@ -1,8 +1,9 @@
 """`fastm2d embed`: a whole corpus (files, folders, CSV lists) -> one array per clip under --out, resumable.
 
 Clips are decoded in DataLoader workers; clips of the same length are encoded together in batches (clips of
-different lengths never share a batch: padding would change their features); long clips have their chunks
-encoded in one batch (Runtime.encode_lms). Outputs mirror the inputs' relative paths (a folder's tree, a CSV's
+different lengths never share a batch: padding would change their features), their chunks batched together
+(Runtime.encode_lms). Recordings longer than a window (97 s for 80x608) are read, encoded and written window by window
+(long_audio.py, `npy_rows`): memory bounded by a window whatever their length, features the whole file's. Outputs mirror the inputs' relative paths (a folder's tree, a CSV's
 paths under its root; single files by name), each written atomically, and `manifest.jsonl` records every clip:
 input file, array, shape, frame times. A re-run skips what the manifest holds (a killed run resumes).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from ..atomic import atomic_file, open_append, remove_stale_temporaries, write_atomic
 from ..folder_lock import RunLock
+import contextlib
 import json
 import os
 import time
@@ -21,10 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..devices import autocast
 from .batching import length_batches
+from .long_audio import encode_file, is_long, recording_seconds
 from ..data.sources import AUDIO_EXTS, list_files
-from ..errors import DataError
+from ..errors import AudioReadError, DataError
 
 MANIFEST = "manifest.jsonl"
 LEVELS = ("frame", "clip", "scene", "timestamp")  # scene = clip (HEAR's word)
@@ -131,6 +133,52 @@ def _save(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+NPY_HEADER_BYTES = 128  # a .npy (format 1.0) header with room for any 2-D float32 shape, written last
+
+
+@contextlib.contextmanager
+def npy_rows(path: Path, width: int):
+    """`with npy_rows(p, D) as append: append(rows)...`: a (rows, D) float32 .npy written as the rows come (its
+    header, which holds the row count, last), atomically: a kill leaves no torn array."""
+    count = 0
+    with atomic_file(path) as f:
+        f.write(bytes(NPY_HEADER_BYTES))
+
+        def append(rows: np.ndarray) -> None:
+            nonlocal count
+            f.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+            count += len(rows)
+        yield append
+        header = repr({"descr": "<f4", "fortran_order": False, "shape": (count, width)})
+        f.seek(0)
+        f.write(b"\x93NUMPY\x01\x00" + (NPY_HEADER_BYTES - 10).to_bytes(2, "little")
+                + header.ljust(NPY_HEADER_BYTES - 11).encode("latin1") + b"\n")
+
+
+def _embed_long(runtime, path: Path, array: Path, level: str, layers, progress: bool):
+    """One recording longer than a window, read and encoded window by window (long_audio.encode_file): frames
+    written as they come, a clip embedding summed as they come. -> (shape, seconds, frame times in ms)."""
+    width = runtime.feature_dim * (len(layers) if layers is not None else 1)
+    total, n, times = np.zeros(width, np.float64), 0, []
+    seconds = recording_seconds(path)
+    bar = tqdm(total=round(seconds), desc=path.name[:40], unit="s", disable=not progress, leave=False)
+    with contextlib.ExitStack() as stack:
+        append = stack.enter_context(npy_rows(array, width)) if level not in ("clip", "scene") else None
+        for window in encode_file(runtime, path, layers):
+            frames = torch.cat(window.layers, dim=-1).cpu().numpy()
+            if append is not None:
+                append(frames)
+            total += frames.sum(0, dtype=np.float64)
+            n += len(frames)
+            times.append(window.times_ms.numpy())
+            bar.update(min(round(window.lms_frames * runtime.frontend.hop_length / runtime.sample_rate) - bar.n,
+                           bar.total - bar.n))
+        if append is None:
+            _save(array, (total / n).astype(np.float32))
+    bar.close()
+    return ((width,) if append is None else (n, width)), window.samples / runtime.sample_rate, np.concatenate(times)
+
+
 def embed_corpus(runtime, inputs: Sequence[str], out: str | Path, level: str = "frame",
                  layers: Optional[List[int]] = None, batch_size: int = 16, workers: int = 2,
                  progress: bool = True) -> dict:
@@ -166,7 +214,6 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
     if replaced:
         print(f"replacing {replaced} array(s) in {out} made with other weights or settings, or from an input "
               f"changed since", file=sys.stderr)
-    device = next(runtime.parameters()).device
     stats = {"written": 0, "skipped": len(items) - len(todo), "failed": 0, "replaced": replaced}
     manifest = open_append(out / MANIFEST)
     t0 = time.perf_counter()
@@ -180,9 +227,36 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
     # Where the time goes (printed by `embed`): waiting for the loader (decoding and resampling in its workers),
     # the front end, the encoder (its device work ends at the copy back), writing arrays and manifest rows.
     spent = stats["seconds"] = dict.fromkeys(("decode and resample", "front end", "encoder", "writing"), 0.0)
-    batches = iter(length_batches([it.path for it in items], runtime.sample_rate, batch_size, workers, failed,
-                                  order=todo))
+    def record(i: int, shape, seconds: float, times: np.ndarray) -> None:
+        """The clip's manifest row, after its arrays: one whole line, flushed."""
+        it = items[i]
+        row = {"file": str(it.path), "array": f"{it.name}.npy", "shape": list(shape), "level": level,
+               "seconds": seconds, "made_with": made_with, "source": sources[i]}
+        if level == "timestamp":
+            _save(out / f"{it.name}.timestamps.npy", times)
+            row["timestamps"] = f"{it.name}.timestamps.npy"
+        if len(shape) == 2:
+            row["frame_ms"] = [float(times[0]), float(times[1] - times[0]) if len(times) > 1 else 0.0]
+        manifest.write(json.dumps(row) + "\n")
+        manifest.flush()
+        stats["written"] += 1
+
+    long = [i for i in todo if is_long(runtime, items[i].path)]  # read in windows: memory bounded by a window
     try:
+        for i in long:
+            t = time.perf_counter()
+            try:
+                shape, seconds, times = _embed_long(runtime, items[i].path, out / f"{items[i].name}.npy", level,
+                                                    layers, progress)
+            except AudioReadError as e:
+                failed(i, str(e))
+                continue
+            spent["encoder"] += time.perf_counter() - t  # decoding, front end and encoder interleaved, window by window
+            record(i, shape, seconds, times)
+            bar.update(1)
+        long_set = set(long)
+        batches = iter(length_batches([it.path for it in items], runtime.sample_rate, batch_size, workers, failed,
+                                      order=[i for i in todo if i not in long_set]))
         while True:
             t = time.perf_counter()
             try:
@@ -191,8 +265,8 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
                 break
             t1 = time.perf_counter()
             spent["decode and resample"] += t1 - t
-            with torch.no_grad(), autocast(device):
-                lms = runtime.to_lms(wav.to(device), runtime.sample_rate)
+            with runtime.inference():
+                lms = runtime.to_lms(wav.to(runtime.device), runtime.sample_rate)
                 t2 = time.perf_counter()
                 feats = runtime.encode_lms(lms, return_layers=layers is not None)
             if layers is not None:
@@ -203,19 +277,9 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
             spent["encoder"] += t3 - t2
             times = runtime.frame_times_ms(lms.shape[-1]).numpy()
             for i, f in zip(group, feats):
-                it = items[i]
                 array = f.mean(0) if level in ("clip", "scene") else f
-                _save(out / f"{it.name}.npy", array)
-                row = {"file": str(it.path), "array": f"{it.name}.npy", "shape": list(array.shape), "level": level,
-                       "seconds": wav.shape[-1] / runtime.sample_rate, "made_with": made_with, "source": sources[i]}
-                if level == "timestamp":
-                    _save(out / f"{it.name}.timestamps.npy", times)
-                    row["timestamps"] = f"{it.name}.timestamps.npy"
-                if array.ndim == 2:
-                    row["frame_ms"] = [float(times[0]), float(times[1] - times[0]) if len(times) > 1 else 0.0]
-                manifest.write(json.dumps(row) + "\n")  # one whole line per clip, after its array
-                stats["written"] += 1
-            manifest.flush()
+                _save(out / f"{items[i].name}.npy", array)
+                record(i, array.shape, wav.shape[-1] / runtime.sample_rate, times)
             spent["writing"] += time.perf_counter() - t3
             bar.update(len(group))
             bar.set_postfix(clips_s=f"{stats['written'] / max(time.perf_counter() - t0, 1e-9):.1f}")

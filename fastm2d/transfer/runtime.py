@@ -5,6 +5,7 @@ each chunk is encoded on its own and the frames concatenated (docs/spec.md "Tran
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -21,6 +22,7 @@ from ..frontend import LogMelSpectrogram, normalize
 from ..model import ViTEncoder
 
 log = logging.getLogger("fastm2d")
+CHUNKS_PER_FORWARD = 64  # whole chunks per encoder call: ~0.3 GB of ViT-B activations, batches of 64 10-s clips whole
 
 
 class Runtime(nn.Module):
@@ -33,6 +35,19 @@ class Runtime(nn.Module):
         self.sample_rate = sample_rate
         self.weights_id: Optional[str] = None  # load_encoder's identity of the weights (outputs are keyed by it)
         self.precision = "auto"  # encode / scene_embedding / clap_audio: auto | fp32 | bf16 (fastm2d/devices.py)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.pos_embed.device
+
+    @contextlib.contextmanager
+    def inference(self, grad: bool = False):
+        """The one context a model is used in (encode, embed, tag, zero-shot, the interfaces, linear-eval's
+        embeddings): the arithmetic `self.precision` chooses on the model's device (`auto`: bf16 on a GPU and on a
+        CPU with bf16 units, fastm2d/devices.py; FASTM2D_PRECISION overrides), no autograd unless `grad` (and the
+        caller's grad mode) asks for it: s3prl fine-tunes through `encode`."""
+        with autocast(self.device, self.precision), torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            yield
 
     @property
     def cfg(self) -> ModelConfig:
@@ -56,7 +71,9 @@ class Runtime(nn.Module):
     def encode_lms(self, lms: torch.Tensor, return_layers: bool = False) -> torch.Tensor | List[torch.Tensor]:
         """Normalised log-mel (B, 1, F, T) or (B, F, T), any T -> (B, T', F'*D) frame features (eq. 4).
 
-        With return_layers, a list with one such tensor per block (the last after the final norm).
+        With return_layers, a list with one such tensor per block (the last after the final norm). Whole chunks go
+        through the encoder `CHUNKS_PER_FORWARD` at a time: a long input's activations stay bounded (an hour at
+        once once took 9.9 GB); only the layers asked for are kept.
         """
         if lms.dim() == 3:
             lms = lms.unsqueeze(1)
@@ -67,15 +84,18 @@ class Runtime(nn.Module):
         n_f, b = self.encoder.grid[0], lms.shape[0]
         eq4 = lambda z, n: z.reshape(n, n_f, -1, z.shape[-1]).transpose(1, 2).flatten(2)  # noqa: E731
         # (B, F'*T', D) -> (B, F', T', D) -> (B, T', F'*D)   (eq. 4)
+        encode = lambda x: (self.encoder.encode_patches(x, return_layers=True) if return_layers  # noqa: E731
+                            else [self.encoder.encode_patches(x)])
         full = lms.shape[-1] // unit
         parts = []
-        if full:  # every whole chunk of every clip in one batch, not one after another
+        if full:  # every whole chunk of every clip batched together, not one after another
             x = lms[..., :full * unit].reshape(b, 1, lms.shape[2], full, unit).permute(0, 3, 1, 2, 4)
-            out = self.encoder.encode_patches(x.reshape(b * full, 1, lms.shape[2], unit), return_layers=True)
-            parts.append([eq4(z, b * full).reshape(b, -1, z.shape[-1] * n_f) for z in out])
+            x = x.reshape(b * full, 1, lms.shape[2], unit)
+            outs = [encode(x[i:i + CHUNKS_PER_FORWARD]) for i in range(0, b * full, CHUNKS_PER_FORWARD)]
+            chunked = [eq4(torch.cat([o[k] for o in outs]), b * full) for k in range(len(outs[0]))]
+            parts.append([z.reshape(b, -1, z.shape[-1]) for z in chunked])
         if lms.shape[-1] > full * unit:  # the shorter tail chunk
-            out = self.encoder.encode_patches(lms[..., full * unit:], return_layers=True)
-            parts.append([eq4(z, b) for z in out])
+            parts.append([eq4(z, b) for z in encode(lms[..., full * unit:])])
         layers = [torch.cat([p[i] for p in parts], dim=1) for i in range(len(parts[0]))]
         return layers if return_layers else layers[-1]
 
@@ -94,7 +114,7 @@ class Runtime(nn.Module):
         Runs in the arithmetic the commands use (`self.precision`, `auto`: bf16 on a GPU and on a CPU with bf16
         units, fastm2d/devices.py; FASTM2D_PRECISION overrides), so the README's first call is as fast as `embed`;
         the features come back in fp32 either way."""
-        with autocast(waveform.device, self.precision):
+        with self.inference(grad=True):
             out = self.encode_lms(self.to_lms(waveform, sample_rate), return_layers=return_layers)
         return [o.float() for o in out] if return_layers else out.float()
 
