@@ -17,6 +17,17 @@ from .spellings import settle
 USER_ERRORS = (UserError, FileNotFoundError)
 
 
+def running_options(parser, batch: int = 16, workers: bool = True, quiet: bool = True) -> None:
+    """The options every command that runs a model on audio files shares (embed, tag, zeroshot, linear-eval), declared
+    once: --batch-size, --workers (decoding processes), --device, --quiet."""
+    parser.add_argument("--batch-size", type=at_least(1), default=batch, help="clips of one length per forward pass")
+    if workers:
+        parser.add_argument("--workers", type=at_least(0), default=2, help="decoding worker processes")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _device(name: str) -> str:
     """'auto' -> cuda when there is one, else cpu; an unknown or unavailable device is a ConfigError."""
     from .devices import pick_device
@@ -160,7 +171,7 @@ def cmd_zeroshot(args) -> None:
     if len(labels) < 2:
         raise DataError(f"--labels {args.labels!r}: give at least two comma-separated labels")
     zs = ZeroShot(args.weights, args.text_encoder, device=_device(args.device))
-    for row in zeroshot_files(zs, args.files, labels, args.topk,
+    for row in zeroshot_files(zs, args.files, labels, args.topk, batch_size=args.batch_size, workers=args.workers,
                               on_skip=lambda e: print(f"skipped: {e}", file=sys.stderr)):
         print(json.dumps(row))
 
@@ -279,10 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="frame: (T', D) per file; clip (= scene): the time mean (HEAR scene embedding); timestamp: "
                          "frames plus <name>.timestamps.npy with each frame's centre in ms (HEAR timestamp embeddings)")
     em.add_argument("--layers", type=int_list, help="comma-separated block indices to concatenate (default: the output)")
-    em.add_argument("--batch-size", type=at_least(1), default=16, help="clips of one length per forward pass")
-    em.add_argument("--workers", type=at_least(0), default=2, help="decoding worker processes")
-    em.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
-    em.add_argument("--quiet", action="store_true", help="no progress bar")
+    running_options(em)
     em.add_argument("files", nargs="+", help="audio files, folders (searched recursively) or CSV lists")
     em.set_defaults(func=cmd_embed)
 
@@ -298,9 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--hidden", type=int_list, help="comma-separated hidden layer sizes (default: none, a linear probe)")
     le.add_argument("--untrained", action="store_true", help="the same architecture, freshly initialised (baseline)")
     le.add_argument("--untrained-seed", type=int, default=0, help="initialisation seed of --untrained")
-    le.add_argument("--batch-size", type=at_least(1), default=64, help="clips per embedding batch")
-    le.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
-    le.add_argument("--quiet", action="store_true", help="no progress bar")
+    running_options(le, batch=64, workers=False)
     le.set_defaults(func=cmd_linear_eval, weights_required=True, overrides=[])
 
     ft = sub.add_parser("finetune", help="fine-tune the encoder + a linear head on a task (the original's recipe family)")
@@ -332,10 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--frames", action="store_true", help="scores per feature frame with its centre time in ms "
                                                           "(sound event detection)")
     tg.add_argument("--out", help="write here: .csv (one row per label) or JSON lines; default: print JSON lines")
-    tg.add_argument("--batch-size", type=at_least(1), default=16, help="clips of one length per forward pass")
-    tg.add_argument("--workers", type=at_least(0), default=2, help="decoding worker processes")
-    tg.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
-    tg.add_argument("--quiet", action="store_true", help="no progress bar")
+    running_options(tg)
     tg.set_defaults(func=cmd_tag)
 
     zs = sub.add_parser("zeroshot", help="M2D-CLAP: rank text labels for each audio file (cosine similarity in the "
@@ -346,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--text-encoder", help="local folder of the text encoder (default: the one the release name "
                                            "declares, from the local Hugging Face cache; never downloaded)")
     zs.add_argument("--topk", type=at_least(1), default=5, help="labels shown per file")
-    zs.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    running_options(zs, quiet=False)
     zs.set_defaults(func=cmd_zeroshot)
 
     rp = sub.add_parser("report", help="figures (PNG) and a one-page markdown summary of a run")

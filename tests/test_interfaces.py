@@ -8,6 +8,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +134,22 @@ def test_clap_zero_shot_ranks_labels_as_the_computation_written_here(tmp_path, c
     # no local text encoder: one line naming it, never a download
     assert main(["zeroshot", str(clip), "--weights", str(path), "--labels", "a,b"]) == 2
     assert "not found locally" in capsys.readouterr().err
+
+    # several files: clips of one length embedded together, rows in the order given, each as that file alone
+    from fastm2d import read_audio
+    from fastm2d.transfer.clap import zeroshot_files
+    files = [write_tone(tmp_path / f"z{i}.wav", seconds=s, freq=300 + 200 * i) for i, s in enumerate((2, 1, 2, 2))]
+    (tmp_path / "bad.wav").write_bytes(b"RIFF0000WAVEjunk")
+    calls, audio = [], zs.audio
+    zs.audio = lambda w, sr: calls.append(len(w)) or audio(w, sr)
+    skipped = []
+    rows = list(zeroshot_files(zs, [files[0], tmp_path / "bad.wav", *files[1:]], labels, topk=4,
+                               on_skip=skipped.append, workers=0))
+    assert [r["file"] for r in rows] == [str(f) for f in files] and len(skipped) == 1 and sorted(calls) == [1, 3]
+    for r, f in zip(rows, files):
+        alone = zs.similarity(read_audio(f, 16000)[None], 16000, labels)[0]
+        assert r["labels"] == [labels[i] for i in alone.argsort(descending=True).tolist()]
+        assert np.allclose(r["similarity"], alone.sort(descending=True).values.numpy(), atol=1e-5)
 
 
 CLAP_RELEASES = [("m2d_clap_vit_base-80x608p16x16-240128", "checkpoint-300.pth", "full", ("clap2024",)),

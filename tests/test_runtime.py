@@ -52,3 +52,15 @@ def test_load_encoder_from_run_folder_and_other_length(tmp_path):
     assert rt.encode_lms(torch.randn(1, 1, 80, 1008)).shape == (1, 63, 320)
     short = load_encoder(tmp_path / "run", input_frames=400)
     assert torch.equal(short.encoder.pos_embed[0, 1:26], m.pos_embed[0, 1:26])  # trimmed, not interpolated
+
+
+def test_one_inference_context_no_autograd_unless_asked(runtime):
+    """Runtime.inference() is the context every use of a model runs in: no autograd (embed, tag, zero-shot ...),
+    while `encode` keeps the caller's grad mode (s3prl fine-tunes its upstream through it)."""
+    wav = torch.randn(1, 16000) * 0.1
+    with runtime.inference():
+        assert not torch.is_grad_enabled()
+        assert not runtime.encode(wav, 16000).requires_grad
+    assert runtime.encode(wav, 16000).requires_grad
+    with torch.no_grad():
+        assert not runtime.encode(wav, 16000).requires_grad

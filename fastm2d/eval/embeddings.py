@@ -13,7 +13,6 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import atomic_file
-from ..devices import autocast
 from ..data.synthetic import synth_labelled_clip
 from ..frontend import read_audio
 from .tasks import EvalTask
@@ -43,16 +42,15 @@ def load_clip(item: str, sample_rate: int, task: EvalTask) -> torch.Tensor:
     return read_audio(item, sample_rate)
 
 
-@torch.no_grad()
-def clip_embeddings(clips: Iterable[torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor],
-                    device: torch.device, batch_size: int = 64) -> torch.Tensor:
+def clip_embeddings(clips: Iterable[torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor], runtime,
+                    batch_size: int = 64) -> torch.Tensor:
     """Clips -> (n, dim) time means of `encode`'s frame features, in order, on the CPU. Consecutive clips of equal
-    shape share a batch; bf16 autocast where the hardware does it fast (fastm2d/devices.py)."""
+    shape share a batch, run in `runtime.inference()` (its device and arithmetic, no autograd)."""
     out, pending = [], []
 
     def flush():
-        x = torch.stack(pending).to(device)
-        with autocast(device):
+        x = torch.stack(pending).to(runtime.device)
+        with runtime.inference():
             out.append(encode(x).float().mean(1).cpu())
         pending.clear()
 
@@ -77,7 +75,7 @@ def embed_task(runtime, task: EvalTask, batch_size: int = 64, layers: Optional[S
     t0 = time.perf_counter()
     clips = (load_clip(item, runtime.sample_rate, task)
              for item in tqdm(task.items, desc=f"embed {task.name}", disable=not progress))
-    emb = clip_embeddings(clips, encode, device, batch_size)
+    emb = clip_embeddings(clips, encode, runtime, batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     rate = len(task.items) / max(time.perf_counter() - t0, 1e-9)

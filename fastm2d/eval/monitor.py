@@ -72,8 +72,7 @@ class Monitor:
         """Normalised log-mel, (N, 1, F, T) or a list of (F, T_i) -> (N, F'*D) clip embeddings."""
         from .embeddings import clip_embeddings
         items = list(lms) if isinstance(lms, list) else list(lms.unbind(0))
-        return clip_embeddings(items, lambda x: runtime.encode_lms(x if x.dim() == 4 else x.unsqueeze(1)),
-                               self.device)
+        return clip_embeddings(items, lambda x: runtime.encode_lms(x if x.dim() == 4 else x.unsqueeze(1)), runtime)
 
     @torch.no_grad()
     def __call__(self) -> Dict:

@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..devices import autocast
 from ..errors import CheckpointError
 from ..frontend import first_line
 from ..model.projections import sub_state
@@ -149,9 +148,8 @@ class ZeroShot(nn.Module):
         last = [m for m in proj.modules() if isinstance(m, (nn.Linear, nn.LayerNorm))][-1]
         return last.normalized_shape[0] if isinstance(last, nn.LayerNorm) else last.out_features
 
-    @torch.no_grad()
     def audio(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        with autocast(waveform.device):  # bf16 where the hardware does it fast (fastm2d/devices.py)
+        with self.runtime.inference():
             return nn.functional.normalize(self.runtime.clap_audio(waveform, sample_rate).float(), dim=-1)
 
     @torch.no_grad()
@@ -162,21 +160,19 @@ class ZeroShot(nn.Module):
         return self.audio(waveform, sample_rate) @ self.texts(labels).T
 
 
-def zeroshot_files(zs: ZeroShot, files, labels, topk: int = 5, on_skip=None):
-    """`fastm2d zeroshot`: for each readable file, {'file', 'labels' (the top k, best first), 'similarity'};
-    an unreadable file goes to on_skip(message)."""
-    from ..errors import AudioReadError
-    from ..frontend import read_audio
+def zeroshot_files(zs: ZeroShot, files, labels, topk: int = 5, on_skip=None, batch_size: int = 16,
+                   workers: int = 2):
+    """`fastm2d zeroshot`: for each readable file, in the order given, {'file', 'labels' (the top k, best first),
+    'similarity'}; files decoded in workers and clips of one length embedded together (transfer/batching.py); an
+    unreadable file goes to on_skip(message)."""
+    from .batching import length_batches
     texts = zs.texts(labels)
     sr = zs.runtime.sample_rate
-    for f in files:
-        try:
-            wav = read_audio(f, sr).to(texts.device)
-        except AudioReadError as e:
-            if on_skip is not None:
-                on_skip(str(e))
-            continue
-        sims = (zs.audio(wav[None], sr) @ texts.T)[0]
-        order = torch.argsort(sims, descending=True)[:topk].tolist()
-        yield {"file": str(f), "labels": [labels[i] for i in order],
-               "similarity": [round(float(sims[i]), 5) for i in order]}
+    rows = {}
+    for idx, wav in length_batches(files, sr, batch_size, workers, lambda i, error: on_skip and on_skip(error)):
+        for i, sims in zip(idx, zs.audio(wav.to(texts.device), sr) @ texts.T):
+            order = torch.argsort(sims, descending=True)[:topk].tolist()
+            rows[i] = {"file": str(files[i]), "labels": [labels[j] for j in order],
+                       "similarity": [round(float(sims[j]), 5) for j in order]}
+    for i in sorted(rows):
+        yield rows[i]

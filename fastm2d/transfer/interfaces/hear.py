@@ -18,7 +18,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...devices import autocast
 
 BATCH = 16  # sounds per forward pass
 
@@ -57,8 +56,7 @@ def get_timestamp_embeddings(audio: Tensor, model: HearModel) -> Tuple[Tensor, T
     rt = model.runtime
     outs = []
     for i in range(0, len(audio), BATCH):
-        with autocast(audio.device):  # bf16 where the hardware does it fast (fastm2d/devices.py)
-            outs.append(rt.encode(audio[i:i + BATCH], rt.sample_rate).float())
+        outs.append(rt.encode(audio[i:i + BATCH], rt.sample_rate))  # in rt.inference()'s arithmetic, fp32 out
     emb = torch.cat(outs) if outs else torch.zeros(0, 0, model.timestamp_embedding_size, device=audio.device)
     n_frames = rt.frontend.num_frames(audio.shape[1])
     ts = rt.frame_times_ms(n_frames).to(device=audio.device, dtype=torch.float32)

@@ -18,7 +18,6 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ...devices import autocast
 
 
 class UpstreamExpert(nn.Module):
@@ -45,8 +44,7 @@ class UpstreamExpert(nn.Module):
         layers = None
         for n, idx in by_length.items():
             batch = torch.stack([wavs[i].reshape(-1) for i in idx]).to(device)
-            with autocast(device):  # bf16 where the hardware does it fast (fastm2d/devices.py)
-                out = [z.float() for z in rt.encode(batch, rt.sample_rate, return_layers=True)]
+            out = rt.encode(batch, rt.sample_rate, return_layers=True)  # rt.inference()'s arithmetic, fp32 out
             if layers is None:
                 layers = [torch.zeros(len(wavs), t_max, z.shape[-1], device=device, dtype=z.dtype) for z in out]
             for full, z in zip(layers, out):

@@ -29,7 +29,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ...devices import autocast
 from ...errors import CheckpointError
 
 
@@ -65,8 +64,7 @@ class M2DEncoder(nn.Module):
             audio = audio[None]
         if audio.dim() != 2:
             raise ValueError(f"X-ARES audio is (batch, samples), got shape {tuple(audio.shape)}")
-        with autocast(audio.device):  # bf16 where the hardware does it fast (fastm2d/devices.py)
-            return self.runtime.encode(audio, self.sampling_rate).float()
+        return self.runtime.encode(audio, self.sampling_rate)  # rt.inference()'s arithmetic, fp32 out
 
 
 def encoder_class_name(weights, untrained_seed: Optional[int] = None, name: Optional[str] = None) -> str:
