@@ -99,6 +99,31 @@ class LogMelSpectrogram(torch.nn.Module):
         return num_samples // self.hop_length + 1
 
 
+class LogMelByMatrices(torch.nn.Module):
+    """`LogMelSpectrogram` as two matrix products, for graphs (ONNX) that have no complex numbers or FFT: the
+    windowed real DFT of each hop as one strided Conv1d (cos and sin rows), power, then the mel filterbank. The
+    window, sizes and filterbank are read from the LogMelSpectrogram it is built from (the one training uses), so
+    the two cannot drift apart; they agree to float32 rounding (tests/test_onnx_waveform.py). Input: (B, N)
+    waveforms of more than half a window (n_fft / 2 samples), as reflection needs."""
+
+    def __init__(self, frontend: LogMelSpectrogram):
+        super().__init__()
+        spec = frontend.mel.spectrogram
+        self.n_fft, self.hop = spec.n_fft, spec.hop_length
+        window = spec.window.double()
+        k = torch.arange(self.n_fft // 2 + 1, dtype=torch.float64)[:, None]
+        angle = 2 * math.pi * k * torch.arange(self.n_fft, dtype=torch.float64)[None] / self.n_fft
+        basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * window  # (2 * bins, n_fft): real, imaginary
+        self.register_buffer("dft", basis.float()[:, None, :])
+        self.register_buffer("mel_fb", frontend.mel.mel_scale.fb.T.contiguous())  # (n_mels, bins)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pad(wav[:, None], (self.n_fft // 2, self.n_fft // 2), mode="reflect")
+        spec = torch.nn.functional.conv1d(x, self.dft, stride=self.hop)  # (B, 2 * bins, T)
+        re, im = spec.chunk(2, dim=1)
+        return torch.log(torch.matmul(self.mel_fb, re * re + im * im) + LOG_EPS)
+
+
 def normalize(lms, mean: float, std: float):
     """Log-mel -> the model's input: standardised by the training set's mean and std (computed once per data set
     and carried in every checkpoint as `norm_stats`). Works on tensors and arrays alike."""

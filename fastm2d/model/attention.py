@@ -156,8 +156,13 @@ class Attention(nn.Module):
         self._backend = name
         self._attend = BACKENDS[name]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """key_mask: (B, N) bool, False for keys no query may attend to (the padding of a shorter chunk batched
+        with whole ones, the waveform-in ONNX graph): SDPA with that mask, whatever the backend."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = self._attend(q, k, v)
+        if key_mask is not None:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        else:
+            x = self._attend(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))

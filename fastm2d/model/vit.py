@@ -5,7 +5,7 @@ their state dicts load without renaming. `M2D` extends this class, which keeps t
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from timm.layers import Mlp
@@ -28,8 +28,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -97,11 +97,14 @@ class ViTEncoder(nn.Module):
                 m.backend = backend
 
     # -- full-sequence encoding, used for transfer --------------------------------------------------------------
-    def encode_patches(self, lms: torch.Tensor, return_layers: bool = False) -> torch.Tensor | List[torch.Tensor]:
+    def encode_patches(self, lms: torch.Tensor, return_layers: bool = False,
+                       valid_columns: Optional[torch.Tensor] = None) -> torch.Tensor | List[torch.Tensor]:
         """(B, 1, F, t) normalised log-mel, t <= the training length -> (B, F'*t', D) without CLS.
 
         A shorter input uses the first t' columns of the position table. With return_layers, every block's
-        output (the last one after the final norm) is returned as a list.
+        output (the last one after the final norm) is returned as a list. valid_columns (B,): each input's patch
+        columns that hold audio; the rest are padding no token attends to, so each input's valid tokens come out as
+        if it had been encoded alone at its own length (chunks of several lengths in one batch).
         """
         if lms.dim() != 4 or lms.shape[1] != 1 or lms.shape[2] != self.cfg.input_size[0]:
             raise ValueError(f"expected (B, 1, {self.cfg.input_size[0]}, T) log-mel, got {tuple(lms.shape)}")
@@ -111,8 +114,13 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"input of {lms.shape[-1]} frames is longer than the model's {self.cfg.input_size[1]}")
         pos = self.pos_embed[:, 1:].reshape(1, self.grid[0], self.grid[1], -1)[:, :, :n_t].reshape(1, -1, x.shape[-1])
         x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x + pos], dim=1)
+        key_mask = None
+        if valid_columns is not None:  # CLS, then the patches frequency-major: column = index % t'
+            columns = torch.arange(x.shape[1] - 1, device=x.device) % n_t
+            key_mask = torch.cat([torch.ones_like(valid_columns, dtype=torch.bool)[:, None],
+                                  columns[None, :] < valid_columns[:, None]], dim=1)
         layers = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = blk(x, key_mask)
             layers.append(self.norm(x) if i == len(self.blocks) - 1 else x)
         return [y[:, 1:] for y in layers] if return_layers else layers[-1][:, 1:]

@@ -78,9 +78,10 @@ class Runtime(nn.Module):
         if lms.dim() == 3:
             lms = lms.unsqueeze(1)
         unit = self.cfg.input_size[1]
-        pad = self.padded_frames(lms.shape[-1]) - lms.shape[-1]
-        if pad:
-            lms = F.pad(lms, (0, pad))
+        chunks = -(-lms.shape[-1] // unit)  # counted before the padding, as the original (portable_m2d l. 412-415):
+        pad = self.padded_frames(lms.shape[-1]) - lms.shape[-1]  # padding that crosses a chunk boundary (80x1001,
+        if pad:  # 2000 frames: 2009) starts no chunk of its own
+            lms = F.pad(lms, (0, pad))[..., :chunks * unit]
         n_f, b = self.encoder.grid[0], lms.shape[0]
         eq4 = lambda z, n: z.reshape(n, n_f, -1, z.shape[-1]).transpose(1, 2).flatten(2)  # noqa: E731
         # (B, F'*T', D) -> (B, F', T', D) -> (B, T', F'*D)   (eq. 4)
