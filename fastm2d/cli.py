@@ -24,6 +24,9 @@ def running_options(parser, batch: int = 16, workers: bool = True, quiet: bool =
     if workers:
         parser.add_argument("--workers", type=at_least(0), default=2, help="decoding worker processes")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                        help="auto: bf16 on a GPU and on a CPU with bf16 units, else fp32; int8: the encoder's linear "
+                             "layers in dynamic int8 on CPU (faster, features move slightly: docs/performance.md)")
     if quiet:
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -107,7 +110,7 @@ def cmd_embed(args) -> None:
     from .transfer.embed_corpus import embed_corpus
     from .transfer.runtime import load_encoder
 
-    runtime = load_encoder(args.weights, device=_device(args.device))
+    runtime = load_encoder(args.weights, device=_device(args.device)).set_precision(args.precision)
     stats = embed_corpus(runtime, args.files, args.out, level=args.level, layers=args.layers or None,
                          batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     print(f"wrote {stats['written']} feature files to {args.out}"
@@ -128,7 +131,7 @@ def cmd_linear_eval(args) -> None:
     probe = settings_from(ProbeConfig, {}, args.overrides, "linear-eval")
     rows = probe_weights(args.weights, args.task, Path(args.out), probe, args.seeds, args.layers, args.hidden or (),
                          args.untrained_seed if args.untrained else None, args.batch_size, _device(args.device),
-                         progress=not args.quiet)
+                         progress=not args.quiet, precision=args.precision)
     print(RESULTS_HEADER + "\n" + "\n".join(rows))
 
 
@@ -151,6 +154,7 @@ def cmd_tag(args) -> None:
     from .transfer.classifier import format_tag_rows, load_classifier, tag_files
 
     tagger = load_classifier(args.weights, device=_device(args.device))
+    tagger.runtime.set_precision(args.precision)
     failed = []
     rows = tag_files(tagger, args.files, args.topk, args.frames, args.batch_size, args.workers,
                      on_skip=lambda e: (print(f"skipped: {e}", file=sys.stderr), failed.append(e)),
@@ -171,6 +175,7 @@ def cmd_zeroshot(args) -> None:
     if len(labels) < 2:
         raise DataError(f"--labels {args.labels!r}: give at least two comma-separated labels")
     zs = ZeroShot(args.weights, args.text_encoder, device=_device(args.device))
+    zs.runtime.set_precision(args.precision)
     for row in zeroshot_files(zs, args.files, labels, args.topk, batch_size=args.batch_size, workers=args.workers,
                               on_skip=lambda e: print(f"skipped: {e}", file=sys.stderr)):
         print(json.dumps(row))

@@ -21,23 +21,24 @@ RESULTS_HEADER = "| weights | task | metric | % (95 % CI) | seeds |\n| --- | ---
 def probe_weights(weights: str, task_spec: str, out: Path, probe: ProbeConfig, seeds: int = 5,
                   layers: Optional[Sequence[int]] = None, hidden: Sequence[int] = (),
                   untrained_seed: Optional[int] = None, batch_size: int = 64, device="cpu",
-                  progress: bool = True) -> List[str]:
+                  progress: bool = True, precision: str = "auto") -> List[str]:
     """-> the results rows written; `untrained_seed`: probe the architecture re-initialised with that seed. Several
     `linear-eval`s may share an output folder: each cache file is written whole (atomically), and results.md is
     updated under a lock that waits, so every run adds its row."""
     return _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size,
-                          device, progress)
+                          device, progress, precision)
 
 
 def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size, device,
-                   progress) -> List[str]:
+                   progress, precision) -> List[str]:
     from ..transfer.runtime import load_encoder
     runtime = load_encoder(weights, device=device, untrained_seed=untrained_seed)  # None: the weights themselves
+    runtime.set_precision(precision)
     runtime.check_layers(layers)
     layers = list(layers) if layers else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    key = weights_key(weights, layers, untrained_seed)
+    key = weights_key(weights, layers, untrained_seed) + ("-int8" if runtime.int8 else "")  # other features
     rows = []
     for task in load_tasks(task_spec):
         emb, rate = cached_embeddings(runtime, task, out / "cache", key, layers=layers, batch_size=batch_size,
@@ -45,9 +46,11 @@ def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrai
         result = linear_eval(emb, task, seeds=seeds, hidden=tuple(hidden), device=device, **vars(probe))
         result.update(weights=str(weights), untrained_seed=untrained_seed, layers=layers,
                       embedding_dim=emb.shape[1], clips_per_s=rate, probe=vars(probe))
-        name = task.name + (f"-untrained-seed{untrained_seed}" if untrained_seed is not None else "")
+        name = task.name + (f"-untrained-seed{untrained_seed}" if untrained_seed is not None else "") \
+            + ("-int8" if runtime.int8 else "")
         write_atomic(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
         baseline = f" (untrained, init seed {untrained_seed})" if untrained_seed is not None else ""
+        baseline += " (int8)" if runtime.int8 else ""
         row = (f"| {weights}{baseline} | {task.name} | {result['metric']} | "
                f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f} | {seeds} |")
         upsert_row(out / "results.md", row)

@@ -207,6 +207,8 @@ def _embed_corpus(runtime, inputs, out, level, layers, batch_size, workers, prog
     # An array is reused only when everything that made it is the same: the weights, the level, the layers and
     # the input file itself (once keyed by the input's path alone: other weights gave "already there" and old arrays).
     made_with = {"weights": getattr(runtime, "weights_id", None), "level": level, "layers": layers}
+    if getattr(runtime, "int8", False):  # other features: never reused as fp32 ones, nor the reverse
+        made_with["int8"] = True
     sources = [_source(it.path) for it in items]
     todo = [i for i, it in enumerate(items) if str(it.path) not in done
             or done[str(it.path)].get("made_with") != made_with or done[str(it.path)].get("source") != sources[i]]

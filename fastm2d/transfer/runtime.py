@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -35,6 +36,29 @@ class Runtime(nn.Module):
         self.sample_rate = sample_rate
         self.weights_id: Optional[str] = None  # load_encoder's identity of the weights (outputs are keyed by it)
         self.precision = "auto"  # encode / scene_embedding / clap_audio: auto | fp32 | bf16 (fastm2d/devices.py)
+        self.int8 = False  # use_int8(): the encoder's linear layers in dynamic int8
+
+    def use_int8(self) -> "Runtime":
+        """The encoder's linear layers in dynamic int8 on CPU (weights int8 per tensor, each batch's activations
+        quantised on the fly: PyTorch's fbgemm / x86 kernels), the rest fp32. Opt-in, never `auto`: features move
+        by a measured amount (benchmarks/cpu_inference.py reports the speed, the features' cosine to fp32 and a
+        probe's accuracy both ways). Irreversible on this object: load the weights again for fp32."""
+        if self.device.type != "cpu":
+            raise ValueError(f"int8 inference runs on CPU; this model is on {self.device}")
+        with warnings.catch_warnings():  # torch.ao.quantization is deprecated for torchao, still in torch 2.11
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.encoder = torch.ao.quantization.quantize_dynamic(self.encoder, {nn.Linear}, dtype=torch.qint8)
+        self.precision, self.int8 = "fp32", True  # quantised layers take fp32 activations
+        return self
+
+    def set_precision(self, setting: str) -> "Runtime":
+        """The commands' --precision: auto | fp32 | bf16 (autocast, fastm2d/devices.py) or int8 (use_int8)."""
+        if setting == "int8":
+            return self.use_int8()
+        if setting not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision {setting!r}: expected auto, fp32, bf16 or int8")
+        self.precision = setting
+        return self
 
     @property
     def device(self) -> torch.device:
