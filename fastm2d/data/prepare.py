@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -20,49 +19,14 @@ import torch
 
 from ..atomic import atomic_file, remove_stale_temporaries, write_atomic
 from ..folder_lock import RunLock
-from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, AudioReadError, LogMelSpectrogram, min_real_samples, pad_samples
-from .dataset import load_lms_file
+from ..frontend import N_MELS, LogMelSpectrogram, pad_samples
+from .logmel_items import frontend_record, in_processes, item_lms
+from .norm_stats_file import write_norm_stats
 from .sources import DataError, list_digest, list_files
-from .stats import compute_norm_stats, write_norm_stats
+from .stats import compute_norm_stats
 from .store import FORMAT, INDEX_COLUMNS, VERSION, LogMelStore, read_manifest
 
 log = logging.getLogger("fastm2d.prepare")
-
-
-def frontend_record(sample_rate: int) -> dict:
-    """The front end's parameters as a prepared store or log-mel shards record them (a reader checks its own)."""
-    if sample_rate not in FRONTEND_PARAMS:
-        raise DataError(f"sample_rate={sample_rate}: expected one of {sorted(FRONTEND_PARAMS)}")
-    return dict(FRONTEND_PARAMS[sample_rate], sample_rate=sample_rate, n_mels=N_MELS, log_eps=LOG_EPS,
-                mel_scale="slaney", norm="slaney")
-
-
-def in_processes(fn, tasks: List, workers: int, ordered: bool = False):
-    """fn over tasks, results as they finish (`ordered`: in the tasks' order): by a pool of `workers` processes, or
-    in this process for workers=0 (as data.num_workers=0), its torch threads restored after (fn pins one thread,
-    right for a pool's processes)."""
-    if not tasks:
-        return
-    if workers == 0:
-        threads = torch.get_num_threads()
-        try:
-            yield from map(fn, tasks)
-        finally:
-            torch.set_num_threads(threads)
-        return
-    with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(min(workers, len(tasks))) as pool:
-        yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks)
-
-
-def _item_lms(path: Path, frontend: LogMelSpectrogram, pad_to: int, min_patch_frames: int) -> Tuple[np.ndarray, int]:
-    """One file -> (finite float32 (F, T) log-mel, frames of its own audio before padding), or an exception whose
-    message is the reason."""
-    min_samples = min_real_samples(frontend.sample_rate, min_patch_frames)
-    lms, audio_frames = load_lms_file(path, frontend, pad_to, min_samples, min_patch_frames)
-    lms = np.asarray(lms, dtype=np.float32)
-    if not np.isfinite(lms).all():
-        raise AudioReadError("log-mel contains NaN or infinite values")
-    return lms, audio_frames
 
 
 def _write_shard(task: Tuple[int, List[str], str, str, int, int, int]) -> dict:
@@ -76,7 +40,7 @@ def _write_shard(task: Tuple[int, List[str], str, str, int, int, int]) -> dict:
     with atomic_file(out / f"{name}.bin") as f:
         for file in files:
             try:
-                lms, audio_frames = _item_lms(Path(file), frontend, pad_to, min_patch_frames)
+                lms, audio_frames = item_lms(Path(file), frontend, pad_to, min_patch_frames)
             except Exception as e:  # every failure is recorded with its reason, never fatal
                 failures.append([file, str(e).replace(str(file) + ": ", "")])
                 continue

@@ -48,7 +48,7 @@ from .dataset import crop_clip, padded_lms
 from .shard_counts import (TOO_LARGE, _shard_word, open_stream, sample_counts, shard_file_name, tar_samples,
                            webdataset_module)
 from .sources import AUDIO_EXTS, DataError, sample_name
-from .stats import mean_std
+from .norm_stats_file import mean_std
 from .store import item_span, warn_if_prepared_shorter
 
 log = logging.getLogger("fastm2d.data")
@@ -520,7 +520,7 @@ def write_shards(src: str, out: str | Path, files_per_shard: int = 1000, root: O
 
 def _logmel_about(logmel: dict) -> dict:
     from ..frontend import N_MELS
-    from .prepare import frontend_record
+    from .logmel_items import frontend_record
     return {"dtype": logmel["dtype"], "max_crop_frames": logmel["crop_frames"], "n_mels": N_MELS,
             "frontend": frontend_record(logmel["sample_rate"])}
 
@@ -534,7 +534,7 @@ def _shard_members(chunks, logmel: Optional[dict], workers: Optional[int]):
                           for i, p in enumerate(paths, start=lo)]
         return
     import os
-    from .prepare import frontend_record, in_processes
+    from .logmel_items import frontend_record, in_processes
     frontend_record(logmel["sample_rate"])  # an unknown rate: one line before any file is read
     tasks = [(s, lo, paths, logmel) for s, lo, paths in chunks]
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -543,9 +543,9 @@ def _shard_members(chunks, logmel: Optional[dict], workers: Optional[int]):
 
 
 def _logmel_members(task):
-    """One shard's files -> their log-mel as .npy bytes (the store's per-item rule, prepare._item_lms)."""
+    """One shard's files -> their log-mel as .npy bytes (the store's per-item rule, logmel_items.item_lms)."""
     from ..frontend import LogMelSpectrogram, pad_samples
-    from .prepare import _item_lms
+    from .logmel_items import item_lms
     s, lo, paths, logmel = task
     torch.set_num_threads(1)
     frontend = LogMelSpectrogram(logmel["sample_rate"])
@@ -553,7 +553,7 @@ def _logmel_members(task):
     members = []
     for i, path in enumerate(paths, start=lo):
         try:
-            lms, audio_frames = _item_lms(Path(path), frontend, pad_to, logmel["min_patch_frames"])
+            lms, audio_frames = item_lms(Path(path), frontend, pad_to, logmel["min_patch_frames"])
         except Exception as e:  # noqa: BLE001 - every failure is listed with its reason, never fatal
             members.append((i, path, str(e).replace(f"{path}: ", ""), {}))
             continue

@@ -1,21 +1,19 @@
-"""Dataset statistics for normalisation: mean and std of log-mel values over random training crops, and the one
-JSON schema every statistics file uses (a run's norm_stats.json / noise_stats.json, a store's stats.json,
-`fastm2d stats --out`): {"norm_stats": [mean, std], "items": crops used, "basis": what they were computed from,
-"from": the store they were copied from, ...}; a reader needs only "norm_stats"."""
+"""Dataset statistics for normalisation: mean and std of log-mel values over random training crops, computed once
+per data set and basis (a run's, a store's, `fastm2d stats`); their file schema is norm_stats_file.py."""
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
 from ..config import Config, is_shard_spec
-from ..atomic import write_atomic
 from ..distributed import barrier, dist_from_env
 from .dataset import LogMelSource, random_crop
+from .norm_stats_file import mean_std, read_norm_stats, write_norm_stats
 from .sources import DataError, list_digest
 
 log = logging.getLogger("fastm2d.data")
@@ -38,31 +36,6 @@ def compute_norm_stats(source: LogMelSource, frames: int, n_items: int = 10000, 
             except Exception:  # bad items are reported by the training data checks, not here
                 continue
     return mean_std(crops(), "no readable item to compute statistics from")
-
-
-def mean_std(crops: Iterable[np.ndarray], none_readable: str) -> Tuple[float, float]:
-    """Mean and std over every value of the finite crops, in float64 sums; DataError(none_readable) if none."""
-    total = total_sq = count = 0.0
-    for x in crops:
-        x = np.asarray(x, dtype=np.float64)
-        if not np.isfinite(x).all():
-            continue
-        total, total_sq, count = total + x.sum(), total_sq + np.square(x).sum(), count + x.size
-    if count == 0:
-        raise DataError(none_readable)
-    mean = total / count
-    return float(mean), float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
-
-
-def write_norm_stats(path: Path, stats, **about) -> None:
-    """The statistics file, in the one schema (about: items, basis, from, skipped_files ...)."""
-    write_atomic(path, json.dumps({"norm_stats": [float(v) for v in stats], **about}))
-
-
-def read_norm_stats(path: Path) -> Tuple[List[float], dict]:
-    """-> ([mean, std], the whole saved record); OSError / ValueError / KeyError when unreadable."""
-    saved = json.loads(Path(path).read_text())
-    return [float(v) for v in saved["norm_stats"]], saved
 
 
 def stats_basis(source, config: Config, n_items: int, crop) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 from ..frontend import padded_frames
 from ..atomic import atomic_file
 from .file_list import FileList
+from .norm_stats_file import read_norm_stats  # the one schema of statistics files
 from .sources import DataError
 
 log = logging.getLogger("fastm2d.data")
@@ -178,7 +179,6 @@ class LogMelStore:
         path = self.root / "stats.json"
         if not path.is_file():
             return None
-        from .stats import read_norm_stats  # the one schema of statistics files
         stats, saved = read_norm_stats(path)
         if self.crop_frames is not None and (saved.get("crop_frames") != self.crop_frames
                                              or saved.get("repeat_short", False) != self.repeat_short):
