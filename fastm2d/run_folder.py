@@ -69,6 +69,9 @@ class RunFolder:
     def file_checks(self, key: str) -> Path:  # the header checks of one ordered list
         return self.path / f"file_checks-{key}.npz"
 
+    def dataset_stats(self, key: str) -> Path:  # a data set's normalisation statistics (data/stats.py stats_key)
+        return self.path / f"norm_stats-{key}.json"
+
     # checkpoints
     def checkpoint(self, step: int) -> Path:
         return self.path / f"checkpoint-{step}.pth"

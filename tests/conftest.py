@@ -75,16 +75,24 @@ ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}  # relat
 DTYPES = list(ATOL)
 
 
-def labelled_folder(tmp_path, n=8):
-    """A folder of short tones with a multi-label labels.csv (4 classes, some clips with two)."""
+def tone_folder(tmp_path, n: int, seconds: float, freq, listing: str, header: str, rows):
+    """`tmp_path/clips`: n short tones c<i>.wav (tone i at freq(i) Hz) and a CSV `listing` whose lines for clip i are
+    rows(i) (labels, captions ...) under `header`: the tests' one builder of small labelled folders."""
     folder = tmp_path / "clips"
     folder.mkdir()
-    rows = ["file_name,labels"]
+    lines = [header]
     for i in range(n):
-        write_tone(folder / f"c{i}.wav", seconds=0.7, freq=200 + 150 * (i % 4))
-        rows.append(f'c{i}.wav,"{["dog", "bird", "car", "rain"][i % 4]}' + (',bird"' if i % 3 == 0 else '"'))
-    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+        write_tone(folder / f"c{i}.wav", seconds=seconds, freq=freq(i))
+        lines += rows(i)
+    (folder / listing).write_text("\n".join(lines) + "\n")
     return folder
+
+
+def labelled_folder(tmp_path, n=8):
+    """A folder of short tones with a multi-label labels.csv (4 classes, some clips with two)."""
+    names = ["dog", "bird", "car", "rain"]
+    return tone_folder(tmp_path, n, 0.7, lambda i: 200 + 150 * (i % 4), "labels.csv", "file_name,labels",
+                       lambda i: [f'c{i}.wav,"{names[i % 4]}' + (',bird"' if i % 3 == 0 else '"')])
 
 
 def write_m2d_checkpoint(tmp_path, name="teacher", **cfg):

@@ -15,7 +15,7 @@ from fastm2d.data import DataError
 from fastm2d.model.clip_loss import LOGIT_SCALE_MAX, clip_loss
 from fastm2d.train import Trainer, pretrain, read_metrics
 
-from .conftest import TINY_TRAIN, tiny_bert, write_tone
+from .conftest import TINY_TRAIN, tiny_bert, tone_folder
 
 
 def _clip_loss_float64(a: np.ndarray, t: np.ndarray, scale: float) -> float:
@@ -111,14 +111,9 @@ CAPTIONS = {0: ["a low tone", "a low hum"], 1: ["a high whistle"], 2: ["a high b
 
 
 def _captioned_clips(tmp_path, n=8):
-    folder = tmp_path / "clips"
-    folder.mkdir()
-    rows = ["file_name,caption"]
-    for i in range(n):
-        write_tone(folder / f"c{i}.wav", seconds=0.8, freq=200 + 300 * (i % 4))
-        rows += [f"c{i}.wav,{text}" for text in CAPTIONS[i % 4]]
-    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
-    return folder
+    """Tones with captions.csv: each clip's kind described in several captions."""
+    return tone_folder(tmp_path, n, 0.8, lambda i: 200 + 300 * (i % 4), "captions.csv", "file_name,caption",
+                       lambda i: [f"c{i}.wav,{text}" for text in CAPTIONS[i % 4]])
 
 
 def _clap_overrides(tmp_path, folder, encoder):

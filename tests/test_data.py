@@ -242,3 +242,46 @@ def test_a_folder_tree_deeper_than_the_recursion_limit_is_listed(tmp_path):
     os.symlink(tree / "nowhere.wav", tree / "dangling.wav")
     (tree / "folder.wav").mkdir()
     assert sorted(walk(tree)) == sorted(tree.rglob("*"))
+
+
+def test_norm_stats_decoded_in_workers_equal_the_sequential_ones(tmp_path):
+    """The picked items are decoded by loader workers, the crops drawn here in the picks' order: the statistics of
+    2 workers equal those computed in this process, exactly."""
+    from .conftest import write_tone
+    files = [write_tone(tmp_path / f"c{i}.wav", seconds=0.5 + 0.3 * i, freq=200 + 90 * i) for i in range(7)]
+    src = LogMelSource(files)
+    assert compute_norm_stats(src, 64, n_items=5, seed=4, workers=2) == compute_norm_stats(src, 64, n_items=5, seed=4)
+
+
+def test_norm_stats_are_computed_once_per_data_set(tmp_path, monkeypatch):
+    """A second run folder on the same list reads the statistics the first computed (kept beside the list's file
+    checks, data.check_cache), identical; a picked file changed since, or another crop length, computes again; with
+    data.check_cache=run nothing is shared."""
+    import fastm2d.data.stats as stats_module
+    from fastm2d.config import load_config
+    from fastm2d.data.stats import run_norm_stats
+
+    from .conftest import TINY_TRAIN, write_tone
+    monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    files = [write_tone(folder / f"c{i}.wav", seconds=1.0, freq=300 + 50 * i) for i in range(6)]
+    computed = []
+    compute = stats_module.compute_norm_stats
+    monkeypatch.setattr(stats_module, "compute_norm_stats", lambda *a, **k: computed.append(1) or compute(*a, **k))
+
+    def stats_of(run, *extra):
+        (tmp_path / run).mkdir(exist_ok=True)
+        config = load_config(None, [f"out_dir={tmp_path / run}", *TINY_TRAIN, f"data.train={folder}", *extra])
+        return run_norm_stats(LogMelSource(files), config, None, tmp_path / run / "norm_stats.json")
+
+    first = stats_of("a")
+    assert stats_of("b") == first and len(computed) == 1
+    assert (tmp_path / "b" / "norm_stats.json").is_file()
+    write_tone(files[2], seconds=1.0, freq=1234)  # a picked file's content (size, time) changed
+    assert stats_of("c") != first and len(computed) == 2
+    stats_of("d", "model.input_size=[80,32]")  # other crops
+    assert len(computed) == 3
+    stats_of("e", "data.check_cache=run")
+    stats_of("f", "data.check_cache=run")
+    assert len(computed) == 5

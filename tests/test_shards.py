@@ -483,7 +483,7 @@ def test_shards_with_no_usable_sample_stop_with_one_line_from_a_loader_worker(tm
 
 
 def test_a_sample_without_labels_is_listed_and_skipped(tmp_path):
-    from fastm2d.data.offline import ShardLabels
+    from fastm2d.data.offline_targets import ShardLabels
     from fastm2d.data.sources import DataError
     (tmp_path / "classes.txt").write_text("dog\ncat\nbird\n")
     labels = ShardLabels(tmp_path / "classes.txt")

@@ -481,7 +481,7 @@ def write_shards(src: str, out: str | Path, files_per_shard: int = 1000, root: O
     TarWriter = webdataset_module().TarWriter
     from ..folder_lock import RunLock
     from .file_checks import check_files_once
-    from .offline import read_label_rows
+    from .offline_targets import read_label_rows
     from .sources import list_file_names
     out = Path(out)
     with RunLock(out):

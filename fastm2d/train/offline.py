@@ -24,7 +24,7 @@ from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, ModelConfig, check_model_config
 from ..data.captions import (CaptionTargets, NamedCaptions, default_cache_dir, embed_captions, encoder_fingerprint,
                              read_captions, read_precomputed)
-from ..data.offline import FeatureTargets, LabelTargets, ShardLabels
+from ..data.offline_targets import FeatureTargets, LabelTargets, ShardLabels
 from ..data.shards import ShardSource
 from ..frontend import FRONTEND_PARAMS, normalize, sound_info
 
