@@ -190,12 +190,20 @@ def decode_audio(raw, name, sample_rate: int, min_samples: int = 0, truncation=N
     reason = truncation() if truncation is not None else None
     if reason:
         raise AudioReadError(f"{name}: {reason}")
-    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
-    if not torch.isfinite(wav).all():
-        raise AudioReadError(f"{name}: contains NaN or infinite samples")
+    wav = torch.from_numpy(mono(data, name))
     if sr != sample_rate:
         wav = resample(wav, sr, sample_rate, name)
     return wav
+
+
+def mono(data: np.ndarray, name) -> np.ndarray:
+    """(N, channels) decoded samples -> (N,) float32, the channels' mean; NaN / inf refused naming the file. Every
+    reader mixes this way: whole files here, training crops' windows (data/dataset.py), long recordings' blocks
+    (transfer/long_audio.py)."""
+    x = np.ascontiguousarray(data.mean(axis=1), dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise AudioReadError(f"{name}: contains NaN or infinite samples")
+    return x
 
 
 MAX_DECODED_BYTES = 1 << 30  # float32 samples one file may decode to, when it also inflates past MAX_AUDIO_INFLATION

@@ -20,7 +20,7 @@ from ..frontend import SILENCE_LOG, AudioReadError, LogMelSpectrogram, read_audi
 from ..atomic import open_append
 from .file_list import as_file_list
 from .noise import tile_crop
-from .sources import LMS_EXT, DataError, check_lms_array_shape
+from .sources import LMS_EXT, DataError, lms_array
 from .synthetic import synth_clip
 
 log = logging.getLogger("fastm2d.data")
@@ -34,11 +34,7 @@ def load_lms_file(path: Path, frontend: LogMelSpectrogram, pad_to: int = 0, min_
     front end, its waveform zero-padded to `pad_to` samples first (frontend.py's rule for short clips). Files
     shorter than one patch width (`min_samples` / `min_frames`) raise with the reason."""
     if path.suffix.lower() == LMS_EXT:
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except Exception as e:
-            raise DataError(f"{path}: unreadable .npy ({e})") from None
-        reason = check_lms_array_shape(arr, frontend.mel.n_mels, min_frames)
+        arr, reason = lms_array(path, frontend.mel.n_mels, min_frames)
         if reason:
             raise DataError(f"{path}: {reason}")
         return arr.reshape(arr.shape[-2], arr.shape[-1]), arr.shape[-1]
@@ -135,7 +131,7 @@ def window_read(path: Path, frontend: LogMelSpectrogram, start: int, frames: int
     reflect padding applies there)."""
     import math
 
-    from ..frontend import MAX_POLYPHASE, resample
+    from ..frontend import MAX_POLYPHASE, mono, resample
     sr, target, hop = info.samplerate, frontend.sample_rate, frontend.hop_length
     g = math.gcd(sr, target)
     if sr != target and (sr // g) * (target // g) > MAX_POLYPHASE:
@@ -149,9 +145,7 @@ def window_read(path: Path, frontend: LogMelSpectrogram, start: int, frames: int
     with sound_file(path) as f:
         f.seek(lo_b * block_in)
         data = f.read((hi_b - lo_b) * block_in, dtype="float32", always_2d=True)
-    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
-    if not torch.isfinite(wav).all():
-        raise AudioReadError(f"{path}: contains NaN or infinite samples")
+    wav = torch.from_numpy(mono(data, path))
     if sr != target:
         wav = resample(wav, sr, target, path)
     offset = lo_t - lo_b * block_out

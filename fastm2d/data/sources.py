@@ -174,11 +174,7 @@ def probe_file(path: Path, n_mels: int = 80, min_seconds: float = 0.0, min_frame
     if path.stat().st_size == 0:
         return "empty file"
     if path.suffix.lower() == LMS_EXT:
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except Exception as e:
-            return f"unreadable .npy ({e})"
-        return check_lms_array_shape(arr, n_mels, min_frames)
+        return lms_array(path, n_mels, min_frames)[1]
     try:
         frames, samplerate = sound_info(path)
     except Exception as e:
@@ -189,6 +185,16 @@ def probe_file(path: Path, n_mels: int = 80, min_seconds: float = 0.0, min_frame
         return (f"too short: {frames / samplerate * 1000:.0f} ms of audio, at least "
                 f"{min_seconds * 1000:.0f} ms (one patch width) needed")
     return wav_truncation(path)
+
+
+def lms_array(path: Path, n_mels: int = 80, min_frames: int = 1) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """An original-style .npy log-mel, memory-mapped (a crop reads only its bytes), and why it is unusable (None
+    when it is usable): the file checks and the loader open it the same way."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except Exception as e:
+        return None, f"unreadable .npy ({e})"
+    return arr, check_lms_array_shape(arr, n_mels, min_frames)
 
 
 def check_lms_array_shape(arr: np.ndarray, n_mels: int = 80, min_frames: int = 1) -> Optional[str]:

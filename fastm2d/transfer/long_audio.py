@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import AudioReadError
-from ..frontend import FRONTEND_PARAMS, MAX_POLYPHASE, check_declared, first_line, sound_file
+from ..frontend import FRONTEND_PARAMS, MAX_POLYPHASE, check_declared, first_line, mono, sound_file
 
 WINDOW_CHUNKS = 16  # chunks of the training length encoded per window (one encoder batch)
 BLOCK_SAMPLES = 1 << 18  # samples decoded per read (16 s at 16 kHz)
@@ -44,10 +44,7 @@ def stream_samples(path: str | Path, sample_rate: int) -> Iterator[np.ndarray]:
                 block = f.read(BLOCK_SAMPLES, dtype="float32", always_2d=True)
                 read += block.shape[0]
                 last = block.shape[0] < BLOCK_SAMPLES
-                mono = np.ascontiguousarray(block.mean(axis=1))
-                if not np.isfinite(mono).all():
-                    raise AudioReadError(f"{path}: contains NaN or infinite samples")
-                out = resampler.push(mono, last)
+                out = resampler.push(mono(block, path), last)
                 if out.size:
                     yield out
                 if last:
