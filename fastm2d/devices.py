@@ -28,7 +28,7 @@ import torch
 from .atomic import write_atomic
 from .config import PRECISION_CHOICES
 from .errors import ConfigError
-from .run_folder import user_cache
+from .user_cache import user_cache
 
 log = logging.getLogger("fastm2d")
 

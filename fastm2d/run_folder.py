@@ -6,20 +6,11 @@ object for the path, so a name cannot drift between the writer and its readers.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Dict, Optional
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
-
-
-def user_cache(*parts: str) -> Path:
-    """Where fastm2d keeps what every run may reuse (file checks of a list, caption embeddings): $FASTM2D_CACHE,
-    else $XDG_CACHE_HOME/fastm2d, else ~/.cache/fastm2d."""
-    base = os.environ.get("FASTM2D_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
-        "fastm2d"
-    return Path(base, *parts)
 
 
 class RunFolder:
@@ -45,6 +36,14 @@ class RunFolder:
     @property
     def report(self) -> Path:  # `fastm2d report`'s figures and summary
         return self.path / "report"
+
+    @property
+    def ranks(self) -> Path:  # each rank's host:pid while it trains, for naming a lost rank (train/faults.py)
+        return self.path / ".ranks"
+
+    @property
+    def eval(self) -> Path:  # `linear-eval --out RUN/eval`: results `report` shows beside the run's own
+        return self.path / "eval"
 
     @property
     def profile(self) -> Path:  # train.profile's traces, tables and memory snapshots (train/profiling.py)

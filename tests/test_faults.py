@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastm2d.run_folder import RunFolder
+
 from fastm2d.train import read_metrics
 from fastm2d.train.faults import Fleet, StopSignals, lost_rank_error
 
@@ -89,7 +91,7 @@ def test_a_peer_whose_exit_shows_late_is_still_named(tmp_path):
     import socket
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     try:
-        fleet = Fleet(0, 2, tmp_path)  # no process group: only the registry is used
+        fleet = Fleet(0, 2, RunFolder(tmp_path))  # no process group: only the registry is used
         fleet.registry.mkdir()
         (fleet.registry / "0").write_text(f"{socket.gethostname()}:{os.getpid()}")
         (fleet.registry / "1").write_text(f"{socket.gethostname()}:{peer.pid}")

@@ -17,7 +17,7 @@ import pytest
 import fastm2d.data.file_checks as file_checks
 from fastm2d.data.file_list import FileList
 from fastm2d.data.sources import check_files, list_digest
-from fastm2d.run_folder import user_cache
+from fastm2d.user_cache import user_cache
 
 from .conftest import TINY_TRAIN, write_tone
 

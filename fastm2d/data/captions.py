@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..atomic import atomic_file
-from ..run_folder import user_cache
+from ..user_cache import user_cache
 from .sources import DataError, file_value_rows, sample_name
 
 log = logging.getLogger("fastm2d.data")

@@ -14,7 +14,8 @@ from .dataset import FOUND_WHILE_TRAINING, LogMelSource
 from .file_checks import check_files_once
 from .sources import list_file_names, require_usable
 from .store import LogMelStore, is_store
-from ..run_folder import RunFolder, user_cache
+from ..run_folder import RunFolder
+from ..user_cache import user_cache
 
 
 def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",

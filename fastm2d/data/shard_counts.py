@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 from ..atomic import write_atomic
 from ..errors import DataError
 from ..frontend import first_line
-from ..run_folder import user_cache
+from ..user_cache import user_cache
 
 log = logging.getLogger("fastm2d.data")
 LISTING_THREADS = 8  # shards listed at once: network-bound

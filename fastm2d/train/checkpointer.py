@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_save, latest_checkpoint, list_checkpoints, load_weights, safe_load
+from ..checkpoint import CheckpointError, atomic_save, load_weights, safe_load
 from ..config import ConfigError, config_from_dict
 from ..data.shards import POSITION_FIELDS, is_stream_position
 from ..distributed import barrier
@@ -63,11 +63,11 @@ class RandomState:
 
 
 class Checkpointer:
-    def __init__(self, out_dir: Path, every: int, keep: int, is_main: bool):
-        self.out_dir, self.every, self.keep, self.is_main = Path(out_dir), every, keep, is_main
+    def __init__(self, run: RunFolder, every: int, keep: int, is_main: bool):
+        self.run, self.every, self.keep, self.is_main = run, every, keep, is_main
 
     def latest(self) -> Optional[Path]:
-        return latest_checkpoint(self.out_dir)
+        return self.run.latest_checkpoint()
 
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.every == 0 or step == total_steps
@@ -76,16 +76,16 @@ class Checkpointer:
     def save(self, trainer) -> Path:
         """Every rank calls this (DeepSpeed writes its optimiser partitions collectively); rank 0 writes the
         checkpoint file."""
-        path = RunFolder(self.out_dir).checkpoint(trainer.step)
+        path = self.run.checkpoint(trainer.step)
         previous, state = self.latest(), None
         try:
-            trainer.engine.save_extra(self.out_dir, trainer.step)
+            trainer.engine.save_extra(self.run, trainer.step)
             if self.is_main:
                 state = {"model": trainer.model.state_dict(), **trainer.engine.state_dict(), **trainer.state_dict()}
                 atomic_save(state, path)
         except OSError as e:  # disk full, quota, unwritable: stop saying what is needed; the old one stays
             needed = state_bytes(state) if state is not None else 3 * state_bytes(trainer.model.state_dict())
-            raise write_failure(self.out_dir, needed, e, previous) from None
+            raise write_failure(self.run.path, needed, e, previous) from None
         if self.is_main:
             self.prune()
         barrier()
@@ -93,9 +93,9 @@ class Checkpointer:
 
     def prune(self) -> None:
         """Keep the newest `keep` checkpoints; an older one goes with its DeepSpeed partitions."""
-        for step, old in sorted(list_checkpoints(self.out_dir).items())[: -self.keep]:
+        for step, old in sorted(self.run.checkpoints().items())[: -self.keep]:
             old.unlink(missing_ok=True)
-            shutil.rmtree(RunFolder(self.out_dir).deepspeed / RunFolder.deepspeed_tag(step), ignore_errors=True)
+            shutil.rmtree(self.run.deepspeed / RunFolder.deepspeed_tag(step), ignore_errors=True)
 
     # ----------------------------------------------------------------------------------------- resume ----
     def resume(self, trainer, path: Path) -> None:
@@ -106,7 +106,7 @@ class Checkpointer:
         trainer.engine.load_state_dict(obj, path)
         trainer.load_state_dict(obj)
         if self.is_main:
-            truncate_metrics(RunFolder(self.out_dir).metrics, trainer.step)
+            truncate_metrics(self.run.metrics, trainer.step)
         log.info("resumed from %s at step %d", path, trainer.step)
 
     def read(self, path: Path, trainer) -> dict:
@@ -116,7 +116,7 @@ class Checkpointer:
         missing = [k for k in ("model", "step", "rng", "config") if not isinstance(obj, dict) or k not in obj]
         if missing:
             raise CheckpointError(f"{path}: not a fastm2d training checkpoint (no {', '.join(missing)}): --resume "
-                                  f"needs one written by `fastm2d pretrain`; move it out of {self.out_dir} or use "
+                                  f"needs one written by `fastm2d pretrain`; move it out of {self.run.path} or use "
                                   f"another out_dir")
         for key, kind in (("step", int), ("epoch", int), ("config", dict), ("rng", dict)):
             if key in obj and (type(obj[key]) is not kind or (kind is int and obj[key] < 0)):

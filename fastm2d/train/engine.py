@@ -142,7 +142,7 @@ class SingleEngine(_Engine):
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
-    def save_extra(self, out_dir: Path, step: int) -> None:
+    def save_extra(self, run: RunFolder, step: int) -> None:
         pass
 
     def weights_loaded(self) -> None:
@@ -206,9 +206,9 @@ class DeepSpeedEngine(_Engine):
         if refresh is not None:
             refresh()
 
-    def save_extra(self, out_dir: Path, step: int) -> None:
+    def save_extra(self, run: RunFolder, step: int) -> None:
         """Collective: every rank writes its optimiser partition."""
-        self.engine.save_checkpoint(str(RunFolder(out_dir).deepspeed), tag=RunFolder.deepspeed_tag(step),
+        self.engine.save_checkpoint(str(run.deepspeed), tag=RunFolder.deepspeed_tag(step),
                                     save_latest=False)
 
 

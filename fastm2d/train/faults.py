@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..atomic import write_atomic
+from ..run_folder import RunFolder
 from ..folder_lock import process_alive
 from ..errors import CheckpointWriteError, RankLost  # noqa: F401  (re-exported)
 from ..frontend import first_line
@@ -94,10 +95,10 @@ class Fleet:
     """The distributed side of the above: the gloo side channel and the host:pid registry in the run folder
     (plain files: readable after the launcher's store has gone, and on a shared file system from any node)."""
 
-    def __init__(self, rank: int, world_size: int, out_dir: Path):
+    def __init__(self, rank: int, world_size: int, run: RunFolder):
         self.rank, self.world_size = rank, world_size
         self.group = None
-        self.registry = Path(out_dir) / ".ranks"
+        self.registry = run.ranks
         if world_size > 1 and torch.distributed.is_initialized():
             self.group = torch.distributed.new_group(backend="gloo")  # CPU tensors: never touches the GPU stream
             self.registry.mkdir(parents=True, exist_ok=True)

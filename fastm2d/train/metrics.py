@@ -16,11 +16,11 @@ log = logging.getLogger("fastm2d.train")
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int, tensorboard: bool = True,
+    def __init__(self, run: RunFolder, total_steps: int, start_step: int, tensorboard: bool = True,
                  progress: bool = True):
-        self.path = RunFolder(out_dir).metrics
+        self.path = run.metrics
         self.fd = open_nofollow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        self.writer = self._tensorboard(RunFolder(out_dir).tensorboard) if tensorboard else None
+        self.writer = self._tensorboard(run.tensorboard) if tensorboard else None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", disable=not progress,
                         dynamic_ncols=True)
 

@@ -60,12 +60,13 @@ def _profile_section(folder: Path, out: Path) -> List[str]:
 
 def write_report(run: str | Path) -> Path:
     run = Path(run)
-    if not RunFolder(run).metrics.is_file():
+    folder = RunFolder(run)
+    if not folder.metrics.is_file():
         raise DataError(f"{run}: no metrics.jsonl (not a fastm2d run folder?)")
     rows, mons = read_metrics(run), read_metrics(run, monitors=True)
     if not rows:
         raise DataError(f"{run}/metrics.jsonl: no training rows yet")
-    out = RunFolder(run).report
+    out = folder.report
     out.mkdir(exist_ok=True)
     figures = []
     if _plot(out / "loss.png", rows, ["loss", "loss_m2d", "loss_off"], "loss terms"):
@@ -96,7 +97,7 @@ def write_report(run: str | Path) -> Path:
             if k in m:
                 lines.append(f"| {k} | {mons[0].get(k, float('nan')):.4g} | {m[k]:.4g} |")
         lines.append(f"\nMonitors took {cost:.1f} s in all ({len(mons)} calls).")
-    results = sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
+    results = sorted(folder.eval.glob("*.json")) if folder.eval.is_dir() else []
     if results:
         lines += ["", "| linear evaluation | metric | % (95 % CI) | seeds |", "| --- | --- | --- | --- |"]
         for p in results:
@@ -104,6 +105,6 @@ def write_report(run: str | Path) -> Path:
             lines.append(f"| {p.stem} | {r['metric']} | {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} | {r['seeds']} |")
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
-    lines += _profile_section(RunFolder(run).profile, out)
+    lines += _profile_section(folder.profile, out)
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

@@ -108,7 +108,7 @@ class Trainer:
             log.warning("launcher restart %d: resuming from the latest complete checkpoint", launcher_restart())
             resume = True
         t = self.config.train
-        self.checkpointer = Checkpointer(self.out_dir, t.save_every, t.keep_checkpoints, self.dist.is_main)
+        self.checkpointer = Checkpointer(self.run, t.save_every, t.keep_checkpoints, self.dist.is_main)
         latest = self.checkpointer.latest()
         if latest is not None and not resume:
             raise ConfigError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, "
@@ -131,7 +131,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.use_deepspeed:
             init_distributed(self.config, self.device.type)
-        self.fleet = Fleet(self.dist.rank, self.dist.world_size, self.out_dir)  # stop agreement, lost-rank reports
+        self.fleet = Fleet(self.dist.rank, self.dist.world_size, self.run)  # stop agreement, lost-rank reports
         self.preempted: Optional[int] = None  # the signal that stopped fit(), if any
         # bf16 needs no loss scaling; fp16 gets a GradScaler (CUDA only)
         self.amp_dtype = devices.autocast_dtype(self.device, t.precision, "train.precision")
@@ -298,7 +298,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- the loop ----
     def fit(self) -> None:
         t = self.config.train
-        logger = MetricsLogger(self.out_dir, self.total_steps, self.step, t.tensorboard, t.progress) \
+        logger = MetricsLogger(self.run, self.total_steps, self.step, t.tensorboard, t.progress) \
             if self.dist.is_main else NullLogger()
         batches = self.micro_batches()
         last_time, last_step = time.perf_counter(), self.step
