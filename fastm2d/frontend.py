@@ -151,13 +151,20 @@ def read_audio(path: str | Path, sample_rate: int, min_samples: int = 0) -> torc
     Raises AudioReadError naming the file when it is missing, empty, undecodable, holds fewer samples than its
     header promises, holds NaN/inf, or (min_samples, counted at `sample_rate`) is too short to use.
     """
+    path = check_audio_path(path)
+    with open(path, "rb") as raw:  # a Python file object: names that are not valid UTF-8 open too (sound_file)
+        return decode_audio(raw, path, sample_rate, min_samples, truncation=lambda: wav_truncation(path))
+
+
+def check_audio_path(path: str | Path) -> Path:
+    """What is refused before any audio is decoded, naming the file: missing, a folder, empty (read_audio, and
+    transfer/long_audio.py's windowed reader)."""
     path = Path(path)
     if not path.is_file():
         raise AudioReadError(f"{path}: file not found" if not path.is_dir() else f"{path}: a folder, not a file")
     if path.stat().st_size == 0:
         raise AudioReadError(f"{path}: empty file")
-    with open(path, "rb") as raw:  # a Python file object: names that are not valid UTF-8 open too (sound_file)
-        return decode_audio(raw, path, sample_rate, min_samples, truncation=lambda: wav_truncation(path))
+    return path
 
 
 def decode_audio(raw, name, sample_rate: int, min_samples: int = 0, truncation=None) -> torch.Tensor:

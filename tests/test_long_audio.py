@@ -168,3 +168,23 @@ def test_a_long_file_is_never_held_whole(tiny_run, tmp_path, monkeypatch):
         tracemalloc.stop()
     assert frames == rt.encode_lms(torch.zeros(1, 1, 80, n // 160 + 1)).shape[1]
     assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MB held at once"
+
+
+def test_a_cut_long_wav_is_refused_as_read_audio_refuses_it(tiny_run, tmp_path, monkeypatch, capsys):
+    """A WAV cut short (its data chunk promises more than the file holds): libsndfile reads what is there without a
+    word, so the windowed reader checks the RIFF header as `read_audio` does; `embed` lists the file as failed and
+    writes no array, where it once wrote the cut recording's features."""
+    monkeypatch.setattr(long_audio, "WINDOW_CHUNKS", 1)
+    path = tmp_path / "cut.wav"
+    t = np.arange(16000 * 4) / 16000
+    sf.write(str(path), (0.2 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 16000, subtype="PCM_16")
+    path.write_bytes(path.read_bytes()[:-20000])
+    with pytest.raises(AudioReadError, match="truncated"):
+        read_audio(path, 16000)
+    assert long_audio.is_long(__import__("fastm2d").load_encoder(tiny_run), path)
+    out = tmp_path / "feats"
+    good = tmp_path / "good.wav"  # beside it, read as usual
+    _recording(good, 1.0, 16000)
+    assert main(["embed", "--weights", str(tiny_run), "--out", str(out), "--quiet", "--workers", "0", str(path),
+                 str(good)]) == 0
+    assert "truncated" in capsys.readouterr().err and not (out / "cut.npy").exists() and (out / "good.npy").exists()

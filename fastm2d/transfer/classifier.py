@@ -86,10 +86,13 @@ class Tagger(nn.Module):
     def frame_scores(self, waveform: torch.Tensor, sample_rate: int):
         """-> (probabilities (B, T', classes), frame centres (T',) in ms): the head applied to every frame."""
         lms = self.runtime.to_lms(waveform, sample_rate)
-        frames = self._frames(lms)
-        b, t, d = frames.shape
-        logits = self.head(self.norm(frames.reshape(b * t, d))).reshape(b, t, -1)
-        return self._activate(logits), self.runtime.frame_times_ms(lms.shape[-1])
+        return self.probs(self._frames(lms)), self.runtime.frame_times_ms(lms.shape[-1])
+
+    def probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Features the head reads, (..., width) -> activated class scores (..., classes): per frame, or on a clip's
+        time mean."""
+        lead = features.shape[:-1]
+        return self._activate(self.head(self.norm(features.reshape(-1, features.shape[-1])))).reshape(*lead, -1)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Tagger:
@@ -142,19 +145,19 @@ def tag_files(tagger: Tagger, files, topk: int = 5, frames: bool = False, batch_
     def tag_long(i: int) -> None:
         """A recording longer than a window, read in windows (long_audio.encode_file): the head on each frame as
         it comes, or the clip's frames summed for its mean."""
-        head = lambda f: tagger._activate(tagger.head(tagger.norm(tagger.flat_frames(f))))  # noqa: E731
         rows, total, n = [], 0.0, 0
         for window in encode_file(tagger.runtime, files[i]):
             f = window.layers[0]
             if frames:
                 with tagger.runtime.inference():
-                    probs = head(f).float().cpu()
+                    probs = tagger.probs(tagger.flat_frames(f)).float().cpu()
                 rows += [{"file": str(files[i]), "time_ms": round(float(t), 1), **top(q)}
                          for t, q in zip(window.times_ms.tolist(), probs)]
             total, n = total + f.sum(0, dtype=torch.float64), n + len(f)
         if not frames:
             with tagger.runtime.inference():  # the head over the time mean of the frames (logits_lms)
-                rows = [{"file": str(files[i]), **top(head((total / n).float()[None])[0].float().cpu())}]
+                clip = tagger.flat_frames((total / n).float())
+                rows = [{"file": str(files[i]), **top(tagger.probs(clip).float().cpu())}]
         results[i] = rows
 
     long = {i for i, f in enumerate(files) if is_long(tagger.runtime, f)}  # memory bounded by a window

@@ -24,17 +24,20 @@ import numpy as np
 import torch
 
 from ..errors import AudioReadError
-from ..frontend import FRONTEND_PARAMS, MAX_POLYPHASE, check_declared, first_line, mono, sound_file
+from ..frontend import (FRONTEND_PARAMS, MAX_POLYPHASE, check_audio_path, check_declared, first_line, mono, sound_file,
+                        wav_truncation)
 
 WINDOW_CHUNKS = 16  # chunks of the training length encoded per window (one encoder batch)
 BLOCK_SAMPLES = 1 << 18  # samples decoded per read (16 s at 16 kHz)
 
 
 def stream_samples(path: str | Path, sample_rate: int) -> Iterator[np.ndarray]:
-    """A file's samples at `sample_rate`, mono float32, in consecutive blocks; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise AudioReadError(f"{path}: file not found" if not path.is_dir() else f"{path}: a folder, not a file")
+    """A file's samples at `sample_rate`, mono float32, in consecutive blocks; errors name the file, as
+    `read_audio`'s do (a WAV cut short is refused before its first block: libsndfile would read what is there)."""
+    path = check_audio_path(path)
+    reason = wav_truncation(path)
+    if reason:
+        raise AudioReadError(f"{path}: {reason}")
     try:
         with sound_file(path) as f:
             check_declared(path, f.samplerate, f.frames, f.channels, path.stat().st_size)
@@ -78,7 +81,8 @@ class Resampler:
             try:
                 import soxr
             except ImportError:
-                raise AudioReadError(f"{name}: resampling {orig} Hz to {new} Hz needs soxr (pip install soxr)") from None
+                raise AudioReadError(f"{name}: resampling {orig} Hz to {new} Hz needs soxr (pip install soxr)") \
+                    from None
             self.stream = soxr.ResampleStream(orig, new, 1, dtype="float32", quality="VHQ")
 
     def push(self, x: np.ndarray, last: bool) -> np.ndarray:
@@ -194,4 +198,5 @@ def recording_seconds(path: str | Path) -> float:
 def is_long(runtime, path: str | Path, window_chunks: Optional[int] = None) -> bool:
     """Longer than one window: read in windows (`encode_file`) rather than whole (`read_audio`)."""
     hop = FRONTEND_PARAMS[runtime.sample_rate]["hop_length"]
-    return recording_seconds(path) * runtime.sample_rate / hop > (window_chunks or WINDOW_CHUNKS) * runtime.cfg.input_size[1]
+    window_frames = (window_chunks or WINDOW_CHUNKS) * runtime.cfg.input_size[1]
+    return recording_seconds(path) * runtime.sample_rate / hop > window_frames
