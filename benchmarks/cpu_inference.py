@@ -37,17 +37,15 @@ from fastm2d import devices  # noqa: E402
 def vit_b_files(folder: Path) -> Path:
     """Our checkpoint of a random ViT-B, and the same encoder in the original's release layout and folder name (its
     loader reads the sizes from the folder's name): -> our file."""
-    from fastm2d.checkpoint import atomic_save
-    from fastm2d.config import ModelConfig
-    from fastm2d.model import M2D, ViTEncoder
-    torch.manual_seed(0)
-    model = M2D(ModelConfig().resolved())
-    ours = folder / "vit_b.pth"
-    atomic_save({"model": model.state_dict(), "model_config": model.cfg.__dict__}, ours)
-    encoder_keys = set(ViTEncoder(model.cfg).state_dict())
+    from benchmarks.model_cases import random_checkpoint
+    from fastm2d.checkpoint import read_checkpoint
+    from fastm2d.model import ViTEncoder
+    ours = random_checkpoint(folder / "vit_b.pth")
+    state, cfg, _, _ = read_checkpoint(ours)
+    encoder_keys = set(ViTEncoder(cfg).state_dict())
     original = folder / "m2d_vit_base-80x608p16x16-221006-mr7_enconly" / "checkpoint-300.pth"
     original.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {k: v for k, v in model.state_dict().items() if k in encoder_keys}}, original)
+    torch.save({"model": {k: v for k, v in state.items() if k in encoder_keys}}, original)
     return ours
 
 
@@ -106,6 +104,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     warnings.filterwarnings("ignore")
+    from benchmarks.model_cases import emit
     from fastm2d.transfer.runtime import load_encoder
     torch.manual_seed(0)
     wav = torch.randn(args.clips, 160000) * 0.1
@@ -171,10 +170,7 @@ def main(argv=None) -> int:
     if probes:
         lines += ["", f"Linear probe (3 seeds) on `synthetic:{args.probe_clips}`, the same ViT-B embedded in each "
                       f"precision: " + "; ".join(f"{p}: {v}" for p, v in probes.items())]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

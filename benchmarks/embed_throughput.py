@@ -61,21 +61,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", help="write the markdown table here")
     args = ap.parse_args(argv)
-    from fastm2d.checkpoint import atomic_save
-    from fastm2d.config import ModelConfig
-    from fastm2d.model import M2D
+    from benchmarks.model_cases import emit, random_checkpoint
     from fastm2d.transfer.embed_corpus import embed_corpus
     from fastm2d.transfer.runtime import load_encoder
-    torch.manual_seed(0)
-    sizes = {} if args.model == "vit_b" else dict(size="tiny", embed_dim=64, depth=2, num_heads=2,
-                                                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         what = corpus(folder, args.files)
-        model = M2D(ModelConfig(**sizes).resolved())
-        atomic_save({"model": model.state_dict(), "model_config": model.cfg.__dict__}, folder / "w.pth")
-        rt = load_encoder(folder / "w.pth")
+        rt = load_encoder(random_checkpoint(folder / "w.pth", args.model))
         lines += [f"embed throughput, {platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
                   f"{time.strftime('%Y-%m-%d')}: {args.files} inputs from {what}, model {args.model}, "
                   f"batch {args.batch_size}, precision {rt.precision}", "",
@@ -87,10 +80,7 @@ def main(argv=None) -> int:
             parts = " | ".join(f"{v:.1f} s ({100 * v / total:.0f} %)" for v in stats["seconds"].values())
             lines.append(f"| {workers} | {stats['clips_per_s']:.1f} | {parts} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

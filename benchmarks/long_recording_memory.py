@@ -65,19 +65,13 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from fastm2d.checkpoint import atomic_save
-    from fastm2d.config import ModelConfig
-    from fastm2d.model import M2D
-    sizes = {} if args.model == "vit_b" else dict(size="tiny", embed_dim=64, depth=2, num_heads=2,
-                                                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    from benchmarks.model_cases import emit, random_checkpoint
     lines = [f"embed of one long recording, peak memory (VmHWM), {platform.machine()} ({os.cpu_count()} CPUs), torch "
              f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; model {args.model}, fp32, 16 kHz WAV", "",
              "| length | read | peak memory | time | frames written |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        torch.manual_seed(0)
-        model = M2D(ModelConfig(**sizes).resolved())
-        atomic_save({"model": model.state_dict(), "model_config": model.cfg.__dict__}, folder / "w.pth")
+        random_checkpoint(folder / "w.pth", args.model)
         whole = {float(m) for m in args.whole.split(",") if m}
         for minutes in [float(m) for m in args.minutes.split(",")]:
             audio = folder / f"rec{minutes:g}.wav"
@@ -91,10 +85,7 @@ def main(argv=None) -> int:
                              f"{seconds if mb is None else f'{seconds:.0f} s'} | {frames} |")
                 print(lines[-1], flush=True)
             audio.unlink()
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

@@ -1,0 +1,30 @@
+"""What the inference benchmarks share: a checkpoint of random weights at a size (speed and memory do not depend on
+the weights), and the markdown table they print and write."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+TINY = dict(size="tiny", embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+            decoder_num_heads=2)  # the tests' tiny model: the decoding side of a benchmark dominates
+
+
+def random_checkpoint(path: Path, model: str = "vit_b", seed: int = 0) -> Path:
+    """A fastm2d checkpoint of a random M2D: `vit_b` (the paper's ViT-B 80x608) or `tiny` -> its path."""
+    from fastm2d.checkpoint import atomic_save
+    from fastm2d.config import ModelConfig
+    from fastm2d.model import M2D
+    torch.manual_seed(seed)
+    m = M2D(ModelConfig(**(TINY if model == "tiny" else {})).resolved())
+    atomic_save({"model": m.state_dict(), "model_config": m.cfg.__dict__}, path)
+    return path
+
+
+def emit(lines: List[str], out: Optional[str]) -> None:
+    """The table: printed, and written to `out` when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
