@@ -138,12 +138,12 @@ def test_clap_task_trains_and_zero_shot_reads_what_it_wrote(tmp_path, tiny_confi
     want = {i: _mean_pooled(tok, bert, CAPTIONS[i % 4]) for i in range(8)}
     drawn = set()
     for seed in range(12):
-        got = tr.dataset[(2, seed, 0)]["offline"].numpy()
+        got = tr.data.dataset[(2, seed, 0)]["offline"].numpy()
         k = int(np.argmin(np.abs(want[2] - got).max(axis=1)))
         assert np.allclose(want[2][k], got, atol=1e-5)
         drawn.add(k)
     assert drawn == {0, 1}  # both captions of clip 2 are used
-    assert np.allclose(tr.dataset[(2, 5, 0)]["offline"], tr.dataset[(2, 5, 0)]["offline"])  # exact resume
+    assert np.allclose(tr.data.dataset[(2, 5, 0)]["offline"], tr.data.dataset[(2, 5, 0)]["offline"])  # exact resume
     # the original's M2D-CLAP layout: audio_proj.0/2 (D -> D -> D), text_proj a Linear from the caption width
     state, cfg, _, _ = read_checkpoint(tr.out_dir)
     assert state["audio_proj.0.weight"].shape == (64, 64) and state["audio_proj.2.weight"].shape == (64, 64)

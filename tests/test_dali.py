@@ -124,8 +124,8 @@ from fastm2d.config import load_config
 from fastm2d.train import Trainer
 out, overrides = sys.argv[1], sys.argv[2:]
 trainer = Trainer(load_config(None, overrides))
-files = [str(f) for f in trainer.source.files]
-epoch = [files[i] for _, index in trainer.dali_loader(with_index=True) for i in index.tolist()]
+files = [str(f) for f in trainer.data.source.files]
+epoch = [files[i] for _, index in trainer.data.dali_loader(with_index=True) for i in index.tolist()]
 with open(f"{out}/rank{trainer.dist.rank}.json", "w") as f:
     json.dump(epoch, f)
 torch.distributed.destroy_process_group()

@@ -108,16 +108,16 @@ def test_bad_files_skip_mode_counts_and_continues(tmp_path, tiny_config):
     bad = (tr.out_dir / "bad_training_files.txt").read_text()
     assert "empty.wav" in bad and "corrupt.flac" in bad and "wrong_shape.npy" in bad
     # has_nan.npy passes the header check; the NaN is found when first read, listed, counted, and left out.
-    assert len(tr.source) == 5
-    nan_index = tr.source.names.index(str(tmp_path / "has_nan.npy"))
+    assert len(tr.data.source) == 5
+    nan_index = tr.data.source.names.index(str(tmp_path / "has_nan.npy"))
     rows = read_metrics(tr.out_dir)
     assert all(np.isfinite(r["loss"]) for r in rows)
     if rows[-1]["skipped_items"]:  # drawn in these 3 steps: listed once with its reason, known to the sampler
-        assert "has_nan.npy: log-mel contains NaN" in bad and tr.sampler.bad == {nan_index}
-    ds = CropDataset(tr.source, 64)
+        assert "has_nan.npy: log-mel contains NaN" in bad and tr.data.sampler.bad == {nan_index}
+    ds = CropDataset(tr.data.source, 64)
     item = ds[(nan_index, 0)]
     assert item["skipped"] == 1 and torch.isfinite(item["lms"]).all()
-    strict = CropDataset(tr.source, 64, on_bad_file="error")
+    strict = CropDataset(tr.data.source, 64, on_bad_file="error")
     with pytest.raises(DataError, match="has_nan.npy.*NaN"):
         strict[(nan_index, 0)]
 
@@ -155,23 +155,44 @@ def test_an_item_found_bad_while_training_is_read_once_and_left_out(tmp_path, ti
     np.save(tmp_path / "has_nan.npy", nan)
     cfg = tiny_config(f"data.train={tmp_path}", "train.batch_size=2", "data.norm_stats=[-8,4]", "train.max_steps=12")
     tr = Trainer(cfg)
-    nan_index = tr.source.names.index(str(tmp_path / "has_nan.npy"))
+    nan_index = tr.data.source.names.index(str(tmp_path / "has_nan.npy"))
     reads = []
-    load = tr.source.load
-    tr.source.load = lambda i: (reads.append(i), load(i))[1]
+    load = tr.data.source.load
+    tr.data.source.load = lambda i: (reads.append(i), load(i))[1]
     it = tr.micro_batches()
     batches = [next(it).x for _ in range(12)]  # 8 items / batch 2 = 4 per epoch: three epochs
-    assert reads.count(nan_index) == 1 and tr.sampler.bad == {nan_index}
+    assert reads.count(nan_index) == 1 and tr.data.sampler.bad == {nan_index}
     lines = (tr.out_dir / "bad_training_files.txt").read_text().splitlines()
     assert len(lines) == 1 and "has_nan.npy: log-mel contains NaN" in lines[0]
     # The same batches as the dataset's substitution rule alone (no sampler knowledge) gives.
     fresh = Trainer(tiny_config(f"data.train={tmp_path}", "train.batch_size=2", "data.norm_stats=[-8,4]",
                                 f"out_dir={tmp_path / 'other'}"))
     it2 = fresh.micro_batches()
-    fresh.sampler.bad.clear()
+    fresh.data.sampler.bad.clear()
     for a in batches:
-        fresh.sampler.bad.clear()  # forget it every batch: the dataset substitutes by itself
+        fresh.data.sampler.bad.clear()  # forget it every batch: the dataset substitutes by itself
         assert torch.equal(a, next(it2).x)
+
+
+def test_the_items_found_bad_travel_with_the_checkpoint_and_a_damaged_list_is_refused(tiny_config):
+    """The training data's part of a checkpoint: a resumed run leaves out what the interrupted one found bad;
+    a list that is not item numbers is refused naming the file and the field, before anything is loaded."""
+    from fastm2d.checkpoint import CheckpointError
+    cfg = tiny_config("train.max_steps=2")
+    tr = Trainer(cfg)
+    batches = tr.micro_batches()
+    tr.train_step([next(batches)])
+    tr.data.sampler.bad.update({3, 5})  # as the loader does when it reads a NaN item
+    path = tr.save()
+    tr.close()
+    resumed = Trainer(cfg, resume=True)
+    assert resumed.data.sampler.bad == {3, 5} and resumed.step == 1
+    resumed.close()
+    obj = torch.load(path, weights_only=True)
+    obj["bad_items"] = ["t3.wav"]
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match=f"{path.name}.*bad_items is not a list of item numbers"):
+        Trainer(cfg, resume=True)
 
 
 def test_short_and_broken_audio_is_listed_not_fatal(tmp_path, tiny_config):
@@ -190,7 +211,7 @@ def test_short_and_broken_audio_is_listed_not_fatal(tmp_path, tiny_config):
     for name, reason in [("cut.wav", "too short"), ("blip.wav", "too short"), ("gone.wav", "dangling"),
                          ("folder.wav", "a folder")]:
         assert any(name in line and reason in line for line in listing.splitlines()), (name, listing)
-    assert len(tr.source) == 6 and all(np.isfinite(r["loss"]) for r in read_metrics(tr.out_dir))
+    assert len(tr.data.source) == 6 and all(np.isfinite(r["loss"]) for r in read_metrics(tr.out_dir))
 
 
 def test_noise_statistics_use_the_tiled_crops_training_uses(tmp_path):

@@ -108,7 +108,7 @@ def test_every_gpu_rung_builds_its_trainer_at_the_gpu_batch(tmp_path, monkeypatc
                     Trainer(cfg)
                 continue
             trainer = Trainer(cfg)
-            assert trainer.model.cfg.embed_dim == 768 and trainer.sampler.batches_per_epoch >= 1
+            assert trainer.model.cfg.embed_dim == 768 and trainer.data.sampler.batches_per_epoch >= 1
             if recipe:
                 assert trainer.config.model.decoder_depth == 8 and trainer.config.data.norm_stats == [-7.1, 4.2]
             trainer.close()

@@ -23,14 +23,14 @@ def test_labels_task_trains_from_a_csv(tmp_path, tiny_config):
     rows = read_metrics(tr.out_dir)
     assert all(np.isfinite(r["loss_off"]) and r["loss_off"] > 0 for r in rows)
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss_m2d"] + rows[-1]["loss_off"], rel=1e-5)
-    item = tr.dataset[(0, 5, 0)]
+    item = tr.data.dataset[(0, 5, 0)]
     assert item["offline"].tolist() == tr.offline.targets.matrix[0].tolist()
     # balanced sampling: item weight = sum over its labels of 1 / (clips with that label), counted here
     names = [line.split(",", 1)[1].strip('"').split(",") for line in (folder / "labels.csv").read_text().split()[1:]]
     counts = {c: sum(c in n for n in names) for c in ("dog", "bird", "car", "rain")}
     want = [sum(1 / counts[c] for c in n) for n in names]
     assert np.allclose(tr.offline.targets.balanced_weights(), want)
-    assert np.allclose(tr.sampler.p, np.array(want) / sum(want))
+    assert np.allclose(tr.data.sampler.p, np.array(want) / sum(want))
 
 
 def test_distillation_from_precomputed_features_aligned_to_the_crop(tmp_path, tiny_config):
@@ -45,9 +45,9 @@ def test_distillation_from_precomputed_features_aligned_to_the_crop(tmp_path, ti
                              "train.batch_size=2", "data.norm_stats=[-8,4]", "train.max_steps=2"))
     assert tr.model.cfg.off_dim == 10
     seed = 123
-    item = tr.dataset[(1, seed, 0)]
+    item = tr.data.dataset[(1, seed, 0)]
     from fastm2d.data.dataset import crop_start
-    full = tr.source.load(1)
+    full = tr.data.source.load(1)
     start = crop_start(full.shape[-1], 64, np.random.default_rng(seed))
     # patch frame p covers 10 ms x 16 = 160 ms from start: the mean of the 50 Hz frames centred inside it
     for p in range(4):
@@ -67,7 +67,7 @@ def test_teacher_runs_on_clean_input_gets_no_gradient_and_is_not_saved(tmp_path,
     teacher = tr.offline.teacher
     assert tr.model.cfg.off_dim == teacher.dim == 5 * 64
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    item = tr.dataset[(3, 11, 3)]
+    item = tr.data.dataset[(3, 11, 3)]
     batch = tr.to_batch(item["lms"][None], item["bg"][None])
     assert torch.equal(batch.teacher_x, item["lms"][None].float())  # the paper: the teacher hears the clean crop
     assert not torch.allclose(batch.x, (item["lms"][None] + 8) / 4)  # ... and the M2D branch the noisy mix
@@ -86,7 +86,7 @@ def test_noise_direction_reverse_gives_the_teacher_the_mix(tmp_path, tiny_config
     tr = Trainer(tiny_config("offline.task=distill", f"offline.teacher={teacher_path}", "data.noise.train=synthetic",
                              "data.noise.eta=0.3", "data.norm_stats=[-8,4]", "data.noise.norm_stats=[-10,3]",
                              "data.noise.direction=noisy_teacher"))
-    item = tr.dataset[(3, 11, 3)]
+    item = tr.data.dataset[(3, 11, 3)]
     raw, bg = item["lms"][None].double(), item["bg"][None].double()
     batch = tr.to_batch(item["lms"][None], item["bg"][None])
     assert torch.allclose(batch.x.double(), (raw + 8) / 4, atol=1e-5)  # M2D: clean

@@ -27,14 +27,14 @@ def test_short_noise_is_tiled_not_padded():
 def test_mix_on_device_is_eq5_with_each_sets_mean(tiny_config):
     tr = Trainer(tiny_config("data.noise.train=synthetic", "data.noise.eta=0.3", "data.norm_stats=[-9,3.5]",
                              "data.noise.norm_stats=[-11,2]", "train.max_steps=2"))
-    item = tr.dataset[(2, 12345, 5)]
+    item = tr.data.dataset[(2, 12345, 5)]
     x, bg = item["lms"].double(), item["bg"].double()
     assert bg.shape == x.shape and not torch.equal(x, bg)
     expected = torch.log(0.7 * torch.exp(x + 9) + 0.3 * torch.exp(bg + 11)) / 3.5
     got = tr.on_device(item["lms"][None], item["bg"][None])[0]
     assert torch.allclose(got.double(), expected, atol=1e-4)
     # The same sample number always gets the same background crop (workers, resume).
-    assert torch.equal(tr.dataset[(4, 1, 5)]["bg"], item["bg"])
+    assert torch.equal(tr.data.dataset[(4, 1, 5)]["bg"], item["bg"])
 
 
 def test_training_with_noise_runs_and_the_noise_needs_data(tiny_config):
@@ -58,6 +58,6 @@ def test_noise_statistics_of_short_clips_come_from_tiled_crops(tmp_path, tiny_co
     tr = Trainer(tiny_config(f"data.noise.train={noise}", "data.noise.eta=0.3", "data.norm_stats=[-9,3.5]",
                              "model.input_size=[80,608]", "data.synthetic_seconds=6.1", "data.synthetic_clips=8"))
     got = json.loads((tr.out_dir / "noise_stats.json").read_text())["norm_stats"][0]
-    clips = np.concatenate([tr.noise.load(i) for i in range(4)], axis=1).astype(np.float64)
+    clips = np.concatenate([tr.data.noise.load(i) for i in range(4)], axis=1).astype(np.float64)
     assert got == pytest.approx(clips.mean(), abs=0.25)  # tiling covers each clip ~6 times, plus a random part
-    assert tr.noise_mean == pytest.approx(got)
+    assert tr.data.noise_mean == pytest.approx(got)

@@ -246,9 +246,9 @@ def test_m2d_x_runs_from_a_prepared_store_as_from_the_files(tmp_path, tiny_confi
               f"offline.labels={folder / 'labels.csv'}"]
     direct = Trainer(tiny_config(f"data.train={folder}", *common, f"out_dir={tmp_path / 'a'}"))
     stored = Trainer(tiny_config(f"data.train={tmp_path / 'store'}", *common, f"out_dir={tmp_path / 'b'}"))
-    assert list(stored.source.names) == list(direct.source.names)
+    assert list(stored.data.source.names) == list(direct.data.source.names)
     assert np.array_equal(stored.offline.targets.matrix, direct.offline.targets.matrix)
-    assert stored.offline.targets.matrix.sum() > len(direct.source)  # multi-hot rows: some clips hold two labels
+    assert stored.offline.targets.matrix.sum() > len(direct.data.source)  # multi-hot rows: some clips hold two labels
     stored.fit()
     direct.close()
     feats = tmp_path / "feats"

@@ -174,7 +174,7 @@ def test_pretrain_streams_shards_over_http_and_resumes(http_base, tmp_path, caps
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in read_metrics(run))
     stats = json.loads((run / "norm_stats.json").read_text())["norm_stats"]
-    assert stats[1] > 0 and tr.sampler.batches_per_epoch == 12 // 2
+    assert stats[1] > 0 and tr.data.sampler.batches_per_epoch == 12 // 2
     assert main(args + ["train.max_steps=5", "--resume"]) == 0
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
     bad = (run / "bad_training_files.txt")

@@ -73,7 +73,7 @@ def check_crops(crops, refs, crop: int, atol: float):
 
 
 def dataset_crops(trainer, n: int = 24):
-    ds = trainer.dataset
+    ds = trainer.data.dataset
     return [(k % len(ds), ds[(k % len(ds), 1000 + k, k)]["lms"][0].numpy()) for k in range(n)]
 
 
@@ -83,7 +83,7 @@ def test_the_trainers_data_path_pads_short_real_clips_to_the_crop(real_clips, ti
     crop = CROPS[name]
     src, files = real_clips
     tr = Trainer(tiny_config(f"data.train={src}", f"model.input_size=[80,{crop}]"))  # statistics computed
-    names = [str(f) for f in tr.source.files]
+    names = [str(f) for f in tr.data.source.files]
     refs = {names.index(str(f)): rule_reference(f, crop) for f in files}
     check_crops(dataset_crops(tr), refs, crop, atol=1e-4)
     # The statistics are those of the same crops: the mean over the rule's windows, computed here in float64.
@@ -105,7 +105,7 @@ def test_a_store_serves_each_crop_its_own_padding(real_clips, tiny_config, tmp_p
     for crop in CROPS.values():
         tr = Trainer(tiny_config(f"data.train={store_dir}", f"model.input_size=[80,{crop}]", "data.norm_stats=[-8,4]",
                                  f"out_dir={tmp_path / f'run{crop}'}"))
-        refs = {tr.source.names.index(str(f)): rule_reference(f, crop) for f in files}
+        refs = {tr.data.source.names.index(str(f)): rule_reference(f, crop) for f in files}
         check_crops(dataset_crops(tr), refs, crop, atol=1e-4)
 
 
@@ -130,7 +130,7 @@ def test_repeat_short_tiles_real_clips_instead(real_clips, tiny_config):
     crop = CROPS["2 s"]
     tr = Trainer(tiny_config(f"data.train={src}", f"model.input_size=[80,{crop}]", "data.norm_stats=[-8,4]",
                              "data.repeat_short=true"))
-    names = [str(f) for f in tr.source.files]
+    names = [str(f) for f in tr.data.source.files]
     for item, lms in dataset_crops(tr, 8):
         clip = LogMelSpectrogram(16000)(read_audio(names[item], 16000)).numpy()  # 101 frames, unpadded
         tiled = np.concatenate([clip] * 4, axis=1)

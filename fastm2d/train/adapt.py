@@ -78,7 +78,7 @@ def adapt_config(audio: str, checkpoint: str, noise: Optional[str], out_dir: str
 
 def describe_plan(trainer) -> str:
     t = trainer.config.train
-    return (f"plan: {len(trainer.source)} usable clips, {trainer.sampler.epoch_items} items per epoch, "
+    return (f"plan: {len(trainer.data.source)} usable clips, {trainer.data.sampler.epoch_items} items per epoch, "
             f"{trainer.total_steps} optimiser steps of {trainer.effective_batch} "
             f"({t.batch_size} x {t.accum_steps} accumulated x {trainer.dist.world_size} process(es)), "
-            f"teacher and start: {t.init_from}" + (f", noise eta {trainer.eta}" if trainer.noise is not None else ""))
+            f"teacher and start: {t.init_from}" + (f", noise eta {trainer.data.eta}" if trainer.data.noise is not None else ""))

@@ -1,10 +1,10 @@
 """Run checkpoints, in one place: what a checkpoint holds, when one is written, how many are kept, and how a run
 resumes from one (torchtitan's CheckpointManager is the model).
 
-  what    three parts, each with state_dict / load_state_dict: the model (online, predictor, target, statistics),
-          the engine (AdamW moments; under DeepSpeed its ZeRO partitions in deepspeed/step<N>/) and the trainer
-          (step, epoch, every RNG, the items found bad, and the run's description: config, model config, world
-          size, effective batch, version)
+  what    four parts, each with state_dict / load_state_dict: the model (online, predictor, target, statistics),
+          the engine (AdamW moments; under DeepSpeed its ZeRO partitions in deepspeed/step<N>/), the trainer
+          (step, epoch, every RNG, and the run's description: config, model config, world size, effective batch,
+          version) and the training data (the items found bad; streamed shards' positions, every rank's)
   when    every `train.save_every` steps, at the last step, and when a stop signal is agreed (Trainer.fit)
   kept    the newest `train.keep_checkpoints`; an older one goes with its DeepSpeed partitions
   resume  once, after the engine exists: read safely, check it belongs to this run, then load the three parts
@@ -26,7 +26,6 @@ import torch
 
 from ..checkpoint import CheckpointError, atomic_save, load_weights, safe_load
 from ..config import ConfigError, config_from_dict
-from ..data.shards import POSITION_FIELDS, is_stream_position
 from ..distributed import barrier
 from ..atomic import write_atomic
 from ..run_folder import RunFolder
@@ -78,10 +77,12 @@ class Checkpointer:
         checkpoint file."""
         path = self.run.checkpoint(trainer.step)
         previous, state = self.latest(), None
+        data = trainer.data.state_dict()  # collective: every rank's stream position travels to rank 0
         try:
             trainer.engine.save_extra(self.run, trainer.step)
             if self.is_main:
-                state = {"model": trainer.model.state_dict(), **trainer.engine.state_dict(), **trainer.state_dict()}
+                state = {"model": trainer.model.state_dict(), **trainer.engine.state_dict(), **trainer.state_dict(),
+                         **data}
                 atomic_save(state, path)
         except OSError as e:  # disk full, quota, unwritable: stop saying what is needed; the old one stays
             needed = state_bytes(state) if state is not None else 3 * state_bytes(trainer.model.state_dict())
@@ -105,6 +106,7 @@ class Checkpointer:
         trainer.engine.weights_loaded()  # ZeRO keeps its own fp32 copy of the weights: refresh it
         trainer.engine.load_state_dict(obj, path)
         trainer.load_state_dict(obj)
+        trainer.data.load_state_dict(obj)
         if self.is_main:
             truncate_metrics(self.run.metrics, trainer.step)
         log.info("resumed from %s at step %d", path, trainer.step)
@@ -122,9 +124,9 @@ class Checkpointer:
             if key in obj and (type(obj[key]) is not kind or (kind is int and obj[key] < 0)):
                 raise CheckpointError(f"{path}: {key}={obj[key]!r} is not a {'count >= 0' if kind is int else 'mapping'}"
                                       f"; the checkpoint is damaged or not fastm2d's")
-        if "shard_position" in obj and not is_stream_position(obj["shard_position"]):
-            raise CheckpointError(f"{path}: shard_position is not a stream position (epoch and, per rank and loader "
-                                  f"worker, {', '.join(POSITION_FIELDS)}); the checkpoint is damaged or not fastm2d's")
+        problem = trainer.data.state_problem(obj)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}; the checkpoint is damaged or not fastm2d's")
         saved, now = asdict(config_from_dict(obj["config"]).model), asdict(trainer.model.cfg)
         if saved != now:
             diff = {k: (v, now[k]) for k, v in saved.items() if now[k] != v}

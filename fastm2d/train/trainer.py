@@ -11,24 +11,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
-from torch.utils.data import DataLoader
 
 from .. import __version__, devices, kernels
 from ..atomic import write_atomic
 from ..checkpoint import init_from_weights
-from ..config import Config, ConfigError, is_shard_spec, to_yaml, unseen_frames
-from ..data import CropDataset, EpochSampler
-from ..data.dataset import training_crop
-from ..data.noise import BackgroundCrops, NoisePicker, tile_crop
-from ..data.open_source import open_source
-from ..data.shards import (POSITION_FIELDS, LeadingClips, ShardBatches, ShardCrops, ShardSource, resume_start,
-                           shard_source)
-from ..data.sources import AUDIO_EXTS
-from ..data.stats import run_norm_stats
+from ..config import Config, ConfigError, to_yaml, unseen_frames
+from ..data.training_data import TrainingData, open_training_source
 from ..frontend import normalize
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported)
 from ..model import EMA, M2D, ema_tau
@@ -36,7 +27,7 @@ from ..model.attention import resolve_attention
 from ..phases import phase
 from ..run_folder import RunFolder
 from .flops import mfu, peak_flops, train_flops_per_sample
-from ..distributed import all_gather_stacked, all_reduce_, dist_from_env
+from ..distributed import all_reduce_, dist_from_env
 from ..folder_lock import RunLock
 from .engine import fused_adamw, init_distributed, make_engine, release_process_groups, wants_deepspeed
 from .checkpointer import Checkpointer, RandomState
@@ -83,14 +74,11 @@ class Trainer:
         """The run, built part by part; each builder reads what the ones before it made."""
         resume_from = self._resume_point(resume)  # decided before anything is written
         self._build_devices()
-        self._build_data()
-        self._build_offline_task()  # M2D-X; makes the model config final
+        self._build_data()  # the offline task (M2D-X) with it: it reads the items and weights them
         self._build_model(init=resume_from is None)
         self._build_schedule()
         if resume_from is None:
-            stats = run_norm_stats(self.source, config, config.data.norm_stats, self.run.norm_stats,
-                                    crop=training_crop(config.data.repeat_short))
-            self.model.norm_stats.copy_(torch.tensor(stats))
+            self.model.norm_stats.copy_(torch.tensor(self.data.norm_stats()))
         self._build_engine()
         t = config.train
         self.profiler = StepProfiler(t.profile, self.run.profile, self.dist.rank, self.device,
@@ -98,7 +86,6 @@ class Trainer:
         if resume_from is not None:
             self.checkpointer.resume(self, resume_from)
         self.mean, self.std = self.model.norm_stats.tolist()
-        self._build_crops()
         self._build_monitor()
         write_atomic(self.run.config, to_yaml(config))
 
@@ -141,39 +128,15 @@ class Trainer:
         self.rng = RandomState(self.mask_gen, self.device)
 
     def _build_data(self) -> None:
-        """The training items (audio files, .npy log-mel or a prepared store), checked against the loader."""
-        config, t = self.config, self.config.train
-        if config.data.loader == "dali":
-            from ..data.dali import dali_missing_reason
-            if dali_missing_reason():
-                raise ConfigError(f"data.loader=dali: {dali_missing_reason()}; or use data.loader=reference")
-            if config.data.repeat_short:
-                raise ConfigError("data.repeat_short=true is not available with data.loader=dali (it zero-pads "
-                                  "short clips to the crop); use data.loader=reference")
-        if is_shard_spec(config.data.train):
-            self.source = shard_source(config)
-        else:
-            self.source = open_source(config.data.train, config, self.out_dir, config.data.root)
-            files = getattr(self.source, "files", None)  # a LogMelStore holds no audio files
-            if config.data.loader == "dali" and not (files and all(f.suffix.lower() in AUDIO_EXTS for f in files)):
-                raise ConfigError(f"data.loader=dali decodes audio files; {config.data.train} holds log-mel "
-                                  f"(a prepared store or .npy files): use data.loader=reference")
-        per_step = t.batch_size * self.dist.world_size
-        if max(len(self.source), config.data.min_epoch_items) < per_step:
-            raise ConfigError(f"{len(self.source)} usable training items cannot fill one batch of "
-                              f"{t.batch_size} x {self.dist.world_size} process(es): lower train.batch_size (and "
-                              f"raise train.accum_steps to keep the effective batch), or repeat the list with "
-                              f"data.min_epoch_items={per_step * 100}")
-
-    def _build_offline_task(self) -> None:
-        """M2D-X's offline task (None for plain M2D), the model config it implies, and the epoch sampler (the task
-        may weight the items)."""
-        config, t = self.config, self.config.train
-        self.offline = build_offline_task(config, self.source, self.device)
+        """The training items, M2D-X's offline task built on them (None for plain M2D; it makes the model config
+        final and may weight the items), then the one data object the loop reads."""
+        config = self.config
+        source = open_training_source(config, self.dist, self.run)
+        self.offline = build_offline_task(config, source, self.device)
         config.model = final_model_config(self.offline, config.model)
-        self.sampler = EpochSampler(len(self.source), t.batch_size, t.seed, config.data.min_epoch_items,
-                                    self.dist.rank, self.dist.world_size,
-                                    weights=self.offline.sample_weights if self.offline else None)
+        self.data = TrainingData(config, source, self.dist, self.run, self.device,
+                                 offline_targets=self.offline.targets if self.offline else None,
+                                 sample_weights=self.offline.sample_weights if self.offline else None)
 
     def _build_model(self, init: bool) -> None:
         """M2D with its attention kernel, optionally compiled, and its EMA; `init`: a fresh run may start from
@@ -204,7 +167,7 @@ class Trainer:
         """Steps, warm-up and peak learning rate from the effective batch; the device-side accumulators."""
         t = self.config.train
         self.effective_batch = t.batch_size * t.accum_steps * self.dist.world_size
-        steps_per_epoch = self.sampler.batches_per_epoch / t.accum_steps
+        steps_per_epoch = self.data.batches_per_epoch / t.accum_steps
         self.total_steps = t.max_steps or max(1, round(t.epochs * steps_per_epoch))
         self.warmup_steps = min(round(t.warmup_epochs * steps_per_epoch), self.total_steps // 2)
         self.peak_lr = scaled_lr(t.base_lr, self.effective_batch)
@@ -212,7 +175,6 @@ class Trainer:
         # Device-side accumulators: read only on logging steps, so a step never waits for the host.
         self._loss_sum = torch.zeros((), device=self.device)
         self._nonfinite = torch.zeros((), device=self.device)
-        self._skipped = torch.zeros((), device=self.device)
         self._terms = torch.zeros(2, device=self.device)  # loss_m2d, loss_off summed over steps
         self.step_timer = None  # optional callback(seconds of one optimiser step), e.g. `fastm2d adapt`'s plan
 
@@ -223,25 +185,6 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(t.betas), fused=fused_adamw(self.device))
         self.engine = make_engine(self.model, optimizer, self.config, self.amp_dtype, self.dist, self.use_deepspeed)
 
-    def _build_crops(self) -> None:
-        """Background noise (M2D-X denoising) and the dataset of training crops the loader reads (streamed shards
-        build theirs per epoch: _shard_batches)."""
-        config, t = self.config, self.config.train
-        self.noise, self.background, self.eta, self.noise_mean = None, None, 0.0, 0.0
-        noise = config.data.noise
-        if noise.train is not None and noise.eta > 0:
-            self.noise = open_source(noise.train, config, self.out_dir, noise.root, label="noise", seed_offset=1)
-            self.background = BackgroundCrops(self.noise, NoisePicker(len(self.noise), t.seed),
-                                              config.model.input_size[1], getattr(self.noise, "dtype", np.float32))
-            self.eta = noise.eta
-            self.noise_mean = run_norm_stats(self.noise, config, noise.norm_stats, self.run.noise_stats,
-                                             crop=tile_crop)[0]
-        self.dataset = None if isinstance(self.source, ShardSource) else \
-            CropDataset(self.source, config.model.input_size[1], config.data.on_bad_file, self.background,
-                        bad_list=self.run.bad_files("training"),
-                        offline=self.offline.targets if self.offline else None,
-                        repeat_short=config.data.repeat_short)
-
     def _build_monitor(self) -> None:
         """Representation monitors every train.eval_every steps, on rank 0 only (the others wait at the next
         collective)."""
@@ -249,12 +192,9 @@ class Trainer:
         self.monitor = None
         if config.train.eval_every and self.dist.is_main:
             from ..eval.monitor import Monitor
-            valid = open_source(config.data.valid, config, self.out_dir, config.data.root, label="valid") \
-                if config.data.valid else None
-            clips = LeadingClips(self.source, config.eval.clips, config.train.seed) if self.dataset is None \
-                else self.dataset
-            self.monitor = Monitor(self.model, clips, (self.mean, self.std), config.data.sample_rate,
-                                   config.train.seed, config.eval.clips, config.eval.task, valid)
+            self.monitor = Monitor(self.model, self.data.monitor_clips(), (self.mean, self.std),
+                                   config.data.sample_rate, config.train.seed, config.eval.clips, config.eval.task,
+                                   self.data.validation())
 
     # ---------------------------------------------------------------------------------------- the step ----
     def train_step(self, micro_batches: List[Batch | torch.Tensor]) -> torch.Tensor:
@@ -373,70 +313,11 @@ class Trainer:
         logger.close()
         self.close()
 
-    def micro_batches(self) -> Iterator[torch.Tensor]:
-        """Endless micro-batches from the position that `self.step` implies (so resuming continues the order)."""
-        if self.config.data.loader == "dali":
-            yield from self._dali_batches()
-            return
-        if isinstance(self.source, ShardSource):
-            yield from self._shard_batches()
-            return
-        micro = self.step * self.config.train.accum_steps
-        epoch, batch = divmod(micro, self.sampler.batches_per_epoch)
-        workers = self.config.data.num_workers
-        # One loader for the run: persistent workers keep their caches and open memory maps across epochs; the
-        # sampler is read in this process when each epoch's iterator starts, so its position still applies.
-        loader = DataLoader(self.dataset, batch_size=self.config.train.batch_size, sampler=self.sampler,
-                            num_workers=workers, drop_last=True, persistent_workers=workers > 0,
-                            generator=torch.Generator().manual_seed(self.config.train.seed),  # not the global RNG
-                            pin_memory=self.device.type == "cuda")
-        while True:
-            self.sampler.set_position(epoch, batch)
-            for item in loader:
-                self._skipped += item["skipped"].sum().to(self.device, non_blocking=True)
-                bad = item["bad"][item["bad"] >= 0]  # a CPU tensor: no device sync
-                if len(bad):
-                    self.sampler.bad.update(bad.tolist())  # left out from now on
-                yield self.to_batch(item["lms"], item.get("bg"), item.get("offline"))
-            epoch, batch = epoch + 1, 0
-
-    def _shard_batches(self) -> Iterator[Batch]:
-        """Streamed tar shards: every rank reads its own shards, the same number of batches per epoch; a resumed
-        run continues its epoch's stream exactly (data/shards.py)."""
-        t, bpe = self.config.train, self.sampler.batches_per_epoch
-        epoch, used = divmod(self.step * t.accum_steps, bpe)
-        workers = self.config.data.num_workers
-        start = resume_start(getattr(self, "_saved_shard_position", None), epoch, used, self.dist.rank,
-                             self.dist.world_size, max(workers, 1))
-        while True:
-            crops = ShardCrops(self.source, epoch, t.seed, self.dist.rank, self.dist.world_size, bpe, t.batch_size,
-                               bad_list=self.run.bad_files("training"), start=start, background=self.background,
-                               targets=self.offline.targets if self.offline else None)
-            stream = ShardBatches(crops, workers)
-            self.shard_position = (epoch, stream.state)  # advanced as batches are handed out: what a checkpoint keeps
-            for batch in stream:
-                self._skipped += batch["skipped"]
-                yield self.to_batch(batch["lms"], batch.get("bg"), batch.get("offline"))
-            epoch, start = epoch + 1, None
-
-    def _dali_batches(self) -> Iterator[torch.Tensor]:
-        """DALI decodes on CPU threads and computes the log-mel on the GPU; model state resumes exactly, the
-        data order restarts at an epoch boundary (DALI's reader keeps its own shuffling state)."""
-        loader = self.dali_loader()
-        while True:
-            for lms in loader:
-                yield self.to_batch(lms)
-
-    def dali_loader(self, with_index: bool = False):
-        """This rank's DALI loader: its own shard of the files (the global batch is N different batches, not N
-        copies of one), its own crop positions (seed + rank), and the node's cores shared among its ranks."""
-        from ..data.dali import DaliLogMelLoader, dali_threads
-
-        return DaliLogMelLoader(self.source.files, self.config.train.batch_size, self.device,
-                                sample_rate=self.config.data.sample_rate, crop_frames=self.config.model.input_size[1],
-                                num_threads=dali_threads(self.config.data.num_workers, self.dist.local_world_size),
-                                seed=self.config.train.seed + self.dist.rank, shard_id=self.dist.rank,
-                                num_shards=self.dist.world_size, with_index=with_index)
+    def micro_batches(self) -> Iterator[Batch]:
+        """Endless micro-batches on the device from the position that `self.step` implies (so resuming continues
+        the order)."""
+        for item in self.data.batches(self.step * self.config.train.accum_steps):
+            yield self.to_batch(item["lms"], item.get("bg"), item.get("offline"))
 
     def sync_time(self) -> float:
         if self.device.type == "cuda":
@@ -466,8 +347,8 @@ class Trainer:
         if bg is None:
             return normalize(x, self.mean, self.std)
         ops = kernels.select(self.config.model.kernels, self.device)
-        return ops.noise_mix(x, bg.to(self.device, non_blocking=True).float(), self.eta, self.mean, self.noise_mean,
-                             self.std)
+        return ops.noise_mix(x, bg.to(self.device, non_blocking=True).float(), self.data.eta, self.mean,
+                             self.data.noise_mean, self.std)
 
     def log_row(self, steps: int, seconds: float) -> dict:
         self.check_finite()  # a logging step may synchronise; all others never do
@@ -476,11 +357,11 @@ class Trainer:
         terms = (all_reduce_(self._terms) / (max(steps, 1) * self.dist.world_size)).tolist()
         self._terms.zero_()
         rate = steps * self.effective_batch / max(seconds, 1e-9)
-        row = {"step": self.step, "epoch": self.step * self.config.train.accum_steps / self.sampler.batches_per_epoch,
+        row = {"step": self.step, "epoch": self.step * self.config.train.accum_steps / self.data.batches_per_epoch,
                "loss": loss, "loss_m2d": terms[0], **({"loss_off": terms[1]} if self.offline else {}),
                "lr": self.engine.param_groups[0]["lr"],
                "tau": ema_tau(self.step - 1, self.total_steps, self.config.train.ema_start, self.config.train.ema_end),
-               "samples_per_s": rate, "skipped_items": int(all_reduce_(self._skipped.clone()).item()),
+               "samples_per_s": rate, "skipped_items": self.skipped_items(),
                "gflop_per_sample": self.flops_per_sample / 1e9}
         if self.peak_flops:  # the peak the MFU is measured against travels with it
             row["mfu"], row["peak_tflops"] = mfu(rate, self.flops_per_sample, self.peak_flops), self.peak_flops / 1e12
@@ -496,29 +377,26 @@ class Trainer:
                 + (f"Last good checkpoint: {saved}." if saved else "No checkpoint was written before it.")
                 + " Try a lower train.base_lr or train.precision=fp32.")
 
-    # ------------------------------------------------------------------------------------- statistics -----
+    def skipped_items(self) -> int:
+        """Items every rank substituted since the start (one collective: a logging step's)."""
+        return int(all_reduce_(torch.tensor(self.data.skipped, dtype=torch.int64, device=self.device)).item())
+
     # ------------------------------------------------------------------ the trainer's part of a checkpoint ----
     def state_dict(self) -> dict:
-        """Position, RNG and the run's description (the model and engine parts are the Checkpointer's to add)."""
+        """Position, RNG and the run's description (the model, engine and data parts are the Checkpointer's to
+        add)."""
         config = OmegaConf.to_container(OmegaConf.structured(self.config))
-        epoch = self.step * self.config.train.accum_steps // self.sampler.batches_per_epoch
+        epoch = self.step * self.config.train.accum_steps // self.data.batches_per_epoch
         return {"epoch": int(epoch), "step": self.step, "rng": self.rng.state_dict(), "args": config,
                 "config": config, "model_config": asdict(self.model.cfg), "sample_rate": self.config.data.sample_rate,
-                "bad_items": sorted(self.sampler.bad), "world_size": self.dist.world_size,
-                "effective_batch": self.effective_batch, "fastm2d_version": __version__,
-                **({"shard_position": self._shard_position_all} if hasattr(self, "_shard_position_all") else {})}
+                "world_size": self.dist.world_size, "effective_batch": self.effective_batch,
+                "fastm2d_version": __version__}
 
     def load_state_dict(self, obj: dict) -> None:
         self.step = int(obj["step"])
         self.rng.load_state_dict(obj["rng"])
-        self.sampler.bad.update(obj.get("bad_items", []))
-        self._saved_shard_position = obj.get("shard_position")
 
     def save(self) -> Path:
-        if isinstance(self.source, ShardSource):  # every rank's stream position, for an exact resume
-            epoch, rows = getattr(self, "shard_position", (0, [[0] * len(POSITION_FIELDS)]))
-            gathered = all_gather_stacked(torch.tensor(rows, dtype=torch.int64, device=self.device))
-            self._shard_position_all = {"epoch": epoch, "rows": gathered.cpu().tolist()}
         return self.checkpointer.save(self)
 
 
