@@ -214,7 +214,7 @@ class DataConfig:
     loader: str = "reference"  # reference (folder / CSV / store, exact resume) | dali (raw audio, GPU spectrogram)
     # Streamed shards that other tools wrote (no fastm2d shards.json beside them): a webdataset shard index (wids
     # JSON, a path or URL) with each shard's sample count, or the samples every shard holds; neither: one listing
-    # pass over the shards, cached per machine (data/shard_counts.py)
+    # pass over the shards, cached per machine (data/shards/counts.py)
     shard_index: Optional[str] = None
     shard_samples: int = 0
     valid: Optional[str] = None  # held-out data (same forms as train): its M2D loss is monitored (train.eval_every)

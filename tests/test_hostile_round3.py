@@ -180,11 +180,10 @@ def test_statistics_go_on_past_a_shard_that_cannot_be_fetched(tmp_path, monkeypa
     """docs/data_at_scale.md: a shard that cannot be fetched is listed and the run goes on; the statistics once
     stopped at it."""
     from fastm2d.config import load_config
-    from fastm2d.data import shards
-    from fastm2d.data.shards import open_shards
+    from fastm2d.data.shards import fetching, open_shards
     from .conftest import TINY_TRAIN
     monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(shards, "FETCH_TRIES", 1)
+    monkeypatch.setattr(fetching, "FETCH_TRIES", 1)
     spec = _shards(tmp_path / "s")
     cfg = load_config(None, [*TINY_TRAIN, f"data.train={spec}"])
     source = open_shards(spec, cfg, 16)
@@ -352,12 +351,11 @@ def test_a_server_that_stalls_mid_shard_is_a_broken_stream_not_a_wait(tmp_path, 
     import time
 
     from fastm2d.config import load_config
-    from fastm2d.data import shards
-    from fastm2d.data.shards import open_shards
+    from fastm2d.data.shards import fetching, open_shards
     from .conftest import TINY_TRAIN
     monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FASTM2D_STALL_SECONDS", "2")
-    monkeypatch.setattr(shards, "FETCH_TRIES", 1)
+    monkeypatch.setattr(fetching, "FETCH_TRIES", 1)
     _shards(tmp_path / "s", n_shards=2)
     folder = tmp_path / "s"
 
@@ -421,7 +419,7 @@ def test_a_gzipped_shard_with_a_1_gib_member_is_read_in_bounded_memory(tmp_path)
     assert path.stat().st_size < 8 << 20  # 1 GiB declared: over 100x the file
     # The peak from /proc (VmHWM: this address space's own), not ru_maxrss, which a child keeps from its parent
     # across exec (a pytest process of 3 GB made the child look 3 GB).
-    code = ("import re, sys; from fastm2d.data.shard_counts import tar_samples, TOO_LARGE\n"
+    code = ("import re, sys; from fastm2d.data.shards.fetching import tar_samples, TOO_LARGE\n"
             "s = list(tar_samples(sys.argv[1]))\n"
             "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024\n"
             "print([k['__key__'] for k in s], [TOO_LARGE in k for k in s], hwm)")

@@ -623,8 +623,7 @@ def test_shards_other_tools_wrote_are_counted_once_and_trained_on(shard_folder, 
     if writer == "xares":
         pytest.importorskip("xares.audiowebdataset", reason="X-ARES's writer: pip install xares (the test extra)")
     from fastm2d.config import load_config
-    from fastm2d.data import shard_counts
-    from fastm2d.data.shards import open_shards
+    from fastm2d.data.shards import counts, open_shards
     monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
     clips, _ = shard_folder
     shards = _foreign_shards(tmp_path / "foreign", clips, writer=writer)
@@ -635,8 +634,8 @@ def test_shards_other_tools_wrote_are_counted_once_and_trained_on(shard_folder, 
         source = open_shards(spec, cfg, 16)
     assert source.counts == [4, 4, 4] and "counting the samples of 3 shard(s)" in caplog.text
     listed = []
-    real = shard_counts.count_samples
-    monkeypatch.setattr(shard_counts, "count_samples", lambda url: listed.append(url) or real(url))
+    real = counts.count_samples
+    monkeypatch.setattr(counts, "count_samples", lambda url: listed.append(url) or real(url))
     assert open_shards(spec, cfg, 16).counts == [4, 4, 4] and listed == []  # cached: not listed again
     shards[0].write_bytes(shards[1].read_bytes()[:-1024] + b"\0" * 1024)  # changed on disk: listed again
     open_shards(spec, cfg, 16)
@@ -650,8 +649,7 @@ def test_foreign_shards_over_http_a_wids_index_or_a_given_count_need_no_listing(
     import functools
     import json as json_
     from fastm2d.config import load_config
-    from fastm2d.data import shard_counts
-    from fastm2d.data.shards import open_shards
+    from fastm2d.data.shards import counts, open_shards
     monkeypatch.setenv("FASTM2D_CACHE", str(tmp_path / "cache"))
     clips, _ = shard_folder
     _foreign_shards(tmp_path / "foreign", clips)
@@ -671,7 +669,7 @@ def test_foreign_shards_over_http_a_wids_index_or_a_given_count_need_no_listing(
         # webdataset's shard index (wids), as `widsindex create` writes it: no shard is opened to count
         (tmp_path / "foreign" / "index.json").write_text(json_.dumps({"wids_version": 1, "shardlist": [
             {"url": f"shard-00000{i}.tar", "nsamples": 4} for i in range(3)]}))
-        monkeypatch.setattr(shard_counts, "count_samples", lambda url: pytest.fail(f"listed {url}"))
+        monkeypatch.setattr(counts, "count_samples", lambda url: pytest.fail(f"listed {url}"))
         with_index = load_config(None, [*TINY_TRAIN, f"data.train={spec}", f"data.shard_index={base}/index.json"])
         assert open_shards(spec, with_index, 16).counts == [4, 4, 4]
         given = load_config(None, [*TINY_TRAIN, f"data.train={spec}", "data.shard_samples=4"])

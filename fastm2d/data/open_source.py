@@ -24,7 +24,7 @@ def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = 
 
     Short training clips follow frontend.py's rule (waveform zero-padded to the crop, or tiled with
     data.repeat_short); background noise is never padded (it is tiled). Streamed shards given for noise or
-    validation are copied to the machine first (training data given as shards streams: data/shards.py).
+    validation are copied to the machine first (training data given as shards streams: data/shards/).
     """
     d, frames = config.data, config.model.input_size[1]
     tiled = label == "noise" or d.repeat_short
@@ -49,7 +49,7 @@ def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = 
 
 
 def node_local_copy(spec: str) -> Path:
-    """Streamed shards as files in this machine's cache (data/shards.py local_copy): the node's first rank copies
+    """Streamed shards as files in this machine's cache (data/shards/fetching.py local_copy): the node's first rank copies
     while the others wait."""
     from .shards import local_copy
     return node_first(lambda: local_copy(spec, user_cache("shard_copies")))

@@ -145,7 +145,7 @@ class TrainingData:
 
     def _shard_batches(self, micro_batch: int) -> Iterator[dict]:
         """Every rank reads its own shards, the same number of batches per epoch; a resumed run continues its
-        epoch's stream exactly (data/shards.py)."""
+        epoch's stream exactly (data/shards/stream.py)."""
         t, bpe = self.config.train, self.batches_per_epoch
         epoch, used = divmod(micro_batch, bpe)
         workers = self.config.data.num_workers

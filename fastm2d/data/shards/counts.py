@@ -16,91 +16,14 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
-from ..atomic import write_atomic
-from ..errors import DataError
-from ..frontend import first_line
-from ..user_cache import user_cache
+from ...atomic import write_atomic
+from ...errors import DataError
+from ...frontend import first_line
+from ...user_cache import user_cache
+from .fetching import open_stream, sample_key, shard_file_name
 
 log = logging.getLogger("fastm2d.data")
 LISTING_THREADS = 8  # shards listed at once: network-bound
-
-
-def webdataset_module():
-    try:
-        import webdataset
-    except ImportError:
-        raise DataError("streamed shards need webdataset: pip install 'fastm2d[shards]'") from None
-    return webdataset
-
-
-MAX_MEMBER_BYTES = 256 << 20  # one tar member read into memory at most: a 1 GiB member (a gzip bomb) is refused
-TOO_LARGE = "__too_large__"  # the suffix under which a sample carries why a member of it was not read
-
-
-def stall_seconds() -> float:
-    """A stream that delivers less than a byte a second for this long is broken (curl --speed-time), never waited on
-    forever; FASTM2D_STALL_SECONDS overrides the 60 s."""
-    try:
-        return max(1.0, float(os.environ.get("FASTM2D_STALL_SECONDS", "60")))
-    except ValueError:
-        return 60.0
-
-
-def open_stream(url: str):
-    """A shard or file in any transport webdataset opens (a path, http(s)://, pipe:CMD), as a binary stream; over
-    HTTP with webdataset's curl command plus a stall limit (a server that stops sending mid-shard once made the
-    statistics wait forever)."""
-    webdataset = webdataset_module()
-    if url.startswith(("http://", "https://")):
-        from webdataset.gopen import Pipe
-        # no curl retries: fetch_samples tries a shard again itself, going on after the samples already given
-        cmd = ["curl", "--connect-timeout", "30", "--speed-limit", "1", "--speed-time", str(int(stall_seconds())),
-               "-f", "-s", "-L", url]
-        return Pipe(cmd, mode="rb", bufsize=8192, ignore_status=[141, 23])
-    return webdataset.gopen(url, "rb")
-
-
-def tar_samples(url: str):
-    """A shard's samples as webdataset groups them (members sharing a key; `__key__`, `__url__`, one entry per
-    suffix), read with a bound: a member larger than MAX_MEMBER_BYTES is not read (its header says so first), and
-    its sample carries TOO_LARGE instead. Links, folders and metadata members are skipped, as webdataset does."""
-    import re
-    stream = open_stream(url)
-    try:
-        def members():
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    name = info.name
-                    if not info.isreg() or name is None or re.match(r"__[^/]*__($|/)", name):
-                        continue
-                    if info.size > MAX_MEMBER_BYTES:
-                        note = f"{name}: {info.size} bytes, over the {MAX_MEMBER_BYTES >> 20} MiB a member may hold"
-                        yield {"fname": f"{sample_key(name)}.{TOO_LARGE}", "data": note.encode(), "__url__": url}
-                        continue
-                    yield {"fname": name, "data": tar.extractfile(info).read(), "__url__": url}
-                    tar.members = []  # a stream of millions of members: keep no list
-        yield from webdataset_module().tariterators.group_by_keys(members())
-    finally:
-        stream.close()
-
-
-def _shard_word(address: str) -> Optional[str]:
-    """The part of a shard's address that names its file: the address, or in a `pipe:` command the word holding
-    `.tar` (`pipe:aws s3 cp s3://b/x/shard-000000.tar -` -> `s3://b/x/shard-000000.tar`)."""
-    if not address.startswith("pipe:"):
-        return address
-    return next((word for word in address.split() if ".tar" in word), None)
-
-
-def shard_file_name(address: str) -> str:
-    """A shard's file name, as shards.json and webdataset's index list it."""
-    return (_shard_word(address) or address).rsplit("/", 1)[-1]
-
-
-def sample_key(member: str) -> str:
-    """webdataset's sample key of a tar member: the path up to the first dot of its file name."""
-    folder, _, name = member.rpartition("/")
-    return (folder + "/" if folder else "") + name.split(".", 1)[0]
 
 
 def count_samples(url: str) -> int:
@@ -122,7 +45,7 @@ def shard_identity(url: str) -> Optional[str]:
     if url.startswith("pipe:"):
         return None
     if url.startswith(("http://", "https://")):
-        import urllib.request
+        import urllib.request  # only for shards over HTTP
         try:
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30) as r:
                 stamp = r.headers.get("ETag") or r.headers.get("Last-Modified")
@@ -199,4 +122,3 @@ def sample_counts(urls: List[str], why: str, index: Optional[str] = None, per_sh
     if index:
         return counts_from_index(urls, index)
     return counts_by_listing(urls, why)
-
