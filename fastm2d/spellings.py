@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError
+from .config import check_out_dir
 
 REMOVED_IN = "0.3"
 KEY_VALUE = re.compile(r"^[A-Za-z_][\w.]*=")  # a settings override, never a task name or a path
@@ -62,7 +63,6 @@ OUT_KIND = {"embed": "folder", "linear-eval": "folder", "finetune": "folder", "p
 def check_out_kind(command: str, out: Path, kind: str) -> None:
     """--out a file where a folder is needed (or under a file), or a folder where a file is written: one line
     before anything runs."""
-    from .config import check_out_dir
     if kind == "file" and out.is_dir():
         raise ConfigError(f"--out {out}: a folder, but `{command}` writes one file there; name a file")
     check_out_dir(out if kind == "folder" else out.parent, "--out")

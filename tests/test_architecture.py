@@ -67,3 +67,23 @@ def test_embed_and_tag_import_nothing_from_training(tmp_path, command, tiny_run)
             "sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
     assert "LOADED []" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_function_local_imports_of_the_package_say_why():
+    """An import of fastm2d's own modules inside a function hides a dependency from the contracts' reader and
+    from the module's top; it stays only where loading on first use is the point (the CLI, which answers --help
+    without torch; optional libraries such as transformers), and then says why on its line."""
+    import ast
+    package = ROOT / "fastm2d"
+    unexplained = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "cli.py":  # module docstring: nothing heavy at import time, each command imports its own
+            continue
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").startswith("fastm2d")):
+                        if "#" not in lines[inner.lineno - 1]:
+                            unexplained.append(f"{path.relative_to(ROOT)}:{inner.lineno}: {lines[inner.lineno - 1].strip()}")
+    assert not unexplained, "\n".join(unexplained)

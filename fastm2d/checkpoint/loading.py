@@ -15,6 +15,7 @@ from ..model import DEFAULT_NORM_STATS, M2D
 from ..run_folder import RunFolder
 from .files import PRETRAINED_WEIGHTS, is_pretrained_folder, load_weights_file
 from .original import ENCODER_PREFIXES, EXTRA_PREFIXES, canonical_heads, infer_model_config, strip_wrappers
+from ..model.projections import attach_projections
 
 log = logging.getLogger("fastm2d")
 TEXT_ENCODER_PREFIX = "text_encoder."  # M2D-CLAP 2025 'TI' releases: the fine-tuned caption encoder in the file
@@ -149,7 +150,6 @@ def load_model(path: str | Path, kernels: Optional[str] = None, attention: Optio
     load_weights(model, {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIXES) or k in own}, path)
     model.sample_rate = sr
     if cfg.off_loss != "clip":
-        from ..model.projections import attach_projections
         attach_projections(model, state, path)  # M2D-CLAP inference files: audio_proj / text_proj kept with it
     return model
 

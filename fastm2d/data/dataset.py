@@ -22,6 +22,7 @@ from .file_list import as_file_list
 from .noise import tile_crop
 from .sources import LMS_EXT, DataError, lms_array
 from .synthetic import synth_clip
+from ..frontend import MAX_POLYPHASE, mono, resample
 
 log = logging.getLogger("fastm2d.data")
 FOUND_WHILE_TRAINING = " (found while training)"  # how bad_training_files.txt marks what the header check missed
@@ -131,7 +132,6 @@ def window_read(path: Path, frontend: LogMelSpectrogram, start: int, frames: int
     reflect padding applies there)."""
     import math
 
-    from ..frontend import MAX_POLYPHASE, mono, resample
     sr, target, hop = info.samplerate, frontend.sample_rate, frontend.hop_length
     g = math.gcd(sr, target)
     if sr != target and (sr // g) * (target // g) > MAX_POLYPHASE:

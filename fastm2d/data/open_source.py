@@ -16,6 +16,7 @@ from .sources import list_file_names, require_usable
 from .store import LogMelStore, is_store
 from ..run_folder import RunFolder
 from ..user_cache import user_cache
+from .shards import local_copy
 
 
 def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",
@@ -51,7 +52,6 @@ def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = 
 def node_local_copy(spec: str) -> Path:
     """Streamed shards as files in this machine's cache (data/shards/fetching.py local_copy): the node's first rank copies
     while the others wait."""
-    from .shards import local_copy
     return node_first(lambda: local_copy(spec, user_cache("shard_copies")))
 
 

@@ -20,6 +20,7 @@ from .dataset import LogMelSource, random_crop, training_crop
 from .norm_stats_file import mean_std, read_norm_stats, write_norm_stats
 from .open_source import check_cache_dir, file_source
 from .sources import DataError, list_digest
+from .shards import open_shards
 
 log = logging.getLogger("fastm2d.data")
 
@@ -157,7 +158,6 @@ def dataset_stats(spec: str, config: Config, items: int) -> Tuple[dict, list]:
     """`fastm2d stats`: the statistics of a folder / CSV / streamed shards as training would compute them (its crop
     and short-clip rule) -> (the record in the one schema, the files left out with their reasons)."""
     if is_shard_spec(spec):  # streamed: the first `items` readable samples, as a run on them computes
-        from .shards import open_shards
         source = open_shards(spec, config, items)
         return {"norm_stats": source.norm_stats, "items": min(items, len(source)), "skipped_files": 0}, []
     source, bad = file_source(spec, config, config.data.root, pad=not config.data.repeat_short)

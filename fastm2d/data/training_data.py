@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from ..config import Config, ConfigError, is_shard_spec
 from ..distributed import DistInfo, all_gather_stacked
 from ..run_folder import RunFolder
+from .dali import DaliLogMelLoader, dali_missing_reason, dali_threads
 from .dataset import CropDataset, training_crop
 from .noise import BackgroundCrops, NoisePicker, tile_crop
 from .open_source import open_source
@@ -39,7 +40,6 @@ def open_training_source(config: Config, dist: DistInfo, run: RunFolder):
     loader and the batch before anything is built on them. The offline task (M2D-X) reads them next."""
     d, t = config.data, config.train
     if d.loader == "dali":
-        from .dali import dali_missing_reason
         if dali_missing_reason():
             raise ConfigError(f"data.loader=dali: {dali_missing_reason()}; or use data.loader=reference")
         if d.repeat_short:
@@ -171,7 +171,6 @@ class TrainingData:
     def dali_loader(self, with_index: bool = False):
         """This rank's DALI loader: its own shard of the files (the global batch is N different batches, not N
         copies of one), its own crop positions (seed + rank), and the node's cores shared among its ranks."""
-        from .dali import DaliLogMelLoader, dali_threads
 
         c = self.config
         return DaliLogMelLoader(self.source.files, c.train.batch_size, self.device, sample_rate=c.data.sample_rate,

@@ -16,6 +16,7 @@ from ..atomic import atomic_file
 from ..data.synthetic import synth_labelled_clip
 from ..frontend import read_audio
 from .tasks import EvalTask
+from ..checkpoint import CheckpointError, resolve_checkpoint_file
 
 log = logging.getLogger("fastm2d.eval")
 
@@ -23,7 +24,6 @@ log = logging.getLogger("fastm2d.eval")
 def weights_key(weights: str | Path, layers: Optional[Sequence[int]] = None, untrained_seed: Optional[int] = None) -> str:
     """Identifies the weights file by path, size and modification time (a re-written checkpoint is re-embedded);
     `untrained_seed`: the fresh initialisation used instead of the weights (each seed is its own baseline)."""
-    from ..checkpoint import CheckpointError, resolve_checkpoint_file
     try:
         p = resolve_checkpoint_file(weights)
     except CheckpointError:

@@ -28,6 +28,8 @@ from ..errors import DataError, TrainingDiverged
 from .embeddings import load_clip
 from .lars import LARS
 from .tasks import EvalTask
+from ..frontend import SILENCE_LOG
+from ..transfer.runtime import load_encoder
 
 log = logging.getLogger("fastm2d.finetune")
 
@@ -111,7 +113,6 @@ def _augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, g: torch.Gen
 def _fixed_length(runtime, clips: List[torch.Tensor], frames: int) -> torch.Tensor:
     """Normalised log-mel clips (F, T_i) -> (N, 1, F, frames): each clip's first `frames` frames, padded with
     (normalised) silence when shorter; held in memory."""
-    from ..frontend import SILENCE_LOG
     silence = float(runtime.normalize(torch.tensor(SILENCE_LOG)))
     out = torch.full((len(clips), 1, runtime.cfg.input_size[0], frames), silence)
     for k, lms in enumerate(clips):
@@ -121,7 +122,6 @@ def _fixed_length(runtime, clips: List[torch.Tensor], frames: int) -> torch.Tens
 
 def finetune(weights: str, task: EvalTask, out_dir: str | Path, cfg: FinetuneConfig = FinetuneConfig(),
              device: str = "cpu", frames: int = 0) -> Dict:
-    from ..transfer.runtime import load_encoder
     torch.manual_seed(cfg.seed)
     probe = load_encoder(weights)
     clips = [probe.to_lms(load_clip(i, probe.sample_rate, task), probe.sample_rate)[0, 0] for i in task.items]

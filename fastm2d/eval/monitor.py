@@ -20,6 +20,11 @@ import torch
 from ..devices import autocast
 from ..frontend import LogMelSpectrogram, normalize
 from ..transfer.runtime import Runtime
+from ..data import CropDataset
+from .embeddings import load_clip
+from .tasks import load_tasks
+from .embeddings import clip_embeddings
+from .linear import linear_eval
 
 
 def rank_me(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
@@ -53,7 +58,6 @@ class Monitor:
         if valid is not None:
             vr = np.random.default_rng(seed + 78)
             vpick = vr.choice(len(valid), size=min(n_clips, len(valid)), replace=False)
-            from ..data import CropDataset
             vds = CropDataset(valid, model.cfg.input_size[1])
             self.valid = torch.stack([normalize(vds[(int(i), int(i) * 17 + 3, 0)]["lms"].float(), *self.norm_stats)
                                       for i in vpick])
@@ -61,8 +65,6 @@ class Monitor:
             self.valid_ids = model.ids_from_noise(torch.rand(len(self.valid), model.mask_noise_shape, generator=g))
         self.tasks = []
         if task is not None:
-            from .embeddings import load_clip
-            from .tasks import load_tasks
             frontend = LogMelSpectrogram(sample_rate)
             for t in load_tasks(task):
                 with torch.inference_mode():  # cached audio -> log-mel, normalised at call time
@@ -70,7 +72,6 @@ class Monitor:
 
     def _embed(self, runtime: Runtime, lms) -> torch.Tensor:
         """Normalised log-mel, (N, 1, F, T) or a list of (F, T_i) -> (N, F'*D) clip embeddings."""
-        from .embeddings import clip_embeddings
         items = list(lms) if isinstance(lms, list) else list(lms.unbind(0))
         return clip_embeddings(items, lambda x: runtime.encode_lms(x if x.dim() == 4 else x.unsqueeze(1)), runtime)
 
@@ -93,7 +94,6 @@ class Monitor:
                         losses.append(float(model(x, self.valid_ids[i:i + 64].to(self.device))["loss_m2d"]) * len(x))
                 row["valid_loss"] = sum(losses) / len(self.valid)
             for task, lms in self.tasks:
-                from .linear import linear_eval
                 emb_t = self._embed(runtime, [normalize(x, *self.norm_stats) for x in lms]).numpy()
                 result = linear_eval(emb_t, task, seeds=1, max_epochs=50, patience=10)
                 row[f"probe_{task.name}"] = result["mean"]

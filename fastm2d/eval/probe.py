@@ -12,6 +12,7 @@ from ..folder_lock import waiting_lock
 from .embeddings import cached_embeddings, weights_key
 from .linear import ProbeConfig, linear_eval
 from .tasks import load_tasks
+from ..transfer.runtime import load_encoder
 
 RESULTS_LOCK = ".results.lock"  # beside results.md: held for one row's update at a time
 
@@ -31,7 +32,6 @@ def probe_weights(weights: str, task_spec: str, out: Path, probe: ProbeConfig, s
 
 def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size, device,
                    progress, precision) -> List[str]:
-    from ..transfer.runtime import load_encoder
     runtime = load_encoder(weights, device=device, untrained_seed=untrained_seed)  # None: the weights themselves
     runtime.set_precision(precision)
     runtime.check_layers(layers)

@@ -14,6 +14,8 @@ import torch
 
 from ..checkpoint import read_checkpoint
 from ..config import Config, load_config
+from ..model import M2D
+from ..devices import pick_device
 
 log = logging.getLogger("fastm2d.adapt")
 
@@ -43,7 +45,6 @@ def largest_micro_batch(config: Config, device: torch.device, candidates: Sequen
     real forward/backward on random input); on CPU 32 (memory there is not probed: running out kills the process)."""
     if device.type != "cuda":
         return 32
-    from ..model import M2D
 
     model = M2D(config.model).to(device)
     try:
@@ -69,7 +70,6 @@ def adapt_config(audio: str, checkpoint: str, noise: Optional[str], out_dir: str
     config = load_config(None, [*base, *overrides])
     user_keys = {o.split("=", 1)[0] for o in overrides}
     if not {"train.batch_size", "train.accum_steps"} & user_keys:
-        from ..devices import pick_device
         micro = largest_micro_batch(config, pick_device(config.train.device, "train.device"))
         config = load_config(None, [*base, f"train.batch_size={micro}",
                                     f"train.accum_steps={max(1, EFFECTIVE_BATCH // micro)}", *overrides])

@@ -30,6 +30,7 @@ from ..config import Config, ConfigError
 from ..distributed import DistInfo
 from ..run_folder import RunFolder
 from .faults import attempt_store
+from .zero_state import consolidate, push_into_zero
 
 log = logging.getLogger("fastm2d.train")
 
@@ -124,7 +125,6 @@ class SingleEngine(_Engine):
 
     def load_state_dict(self, state: dict, path: Path) -> None:
         if state.get("optimizer") is None:  # written by DeepSpeed: gather its ZeRO partitions
-            from .zero_state import consolidate
             try:
                 moments = consolidate(RunFolder(path.parent).deepspeed, RunFolder.deepspeed_tag(state['step']),
                                       [g["params"] for g in self.optimizer.param_groups])
@@ -187,7 +187,6 @@ class DeepSpeedEngine(_Engine):
                                         load_lr_scheduler_states=False, load_module_only=False)
             return
         # Another world size, or a single-process checkpoint: per-parameter moments, re-partitioned for this run.
-        from .zero_state import consolidate, push_into_zero
         try:
             moments = state.get("optimizer") or consolidate(folder, tag, self.groups)
             push_into_zero(self.engine.optimizer, moments, self.groups)

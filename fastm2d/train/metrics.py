@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..atomic import open_nofollow
 from ..run_folder import RunFolder
+from .faults import CheckpointWriteError
 log = logging.getLogger("fastm2d.train")
 
 
@@ -60,7 +61,6 @@ class MetricsLogger:
 def append_line(fd: int, path: Path, text: str) -> None:
     """Append one whole line or nothing: a write the disk cuts short (full, quota, size limit) is rolled back,
     so the file never ends in a torn line, and the failure is raised as a machine fault naming the file."""
-    from .faults import CheckpointWriteError
 
     data = (text + "\n").encode()
     end = os.lseek(fd, 0, os.SEEK_END)

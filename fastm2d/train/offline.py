@@ -27,6 +27,8 @@ from ..data.captions import (CaptionTargets, NamedCaptions, default_cache_dir, e
 from ..data.offline_targets import FeatureTargets, LabelTargets, ShardLabels
 from ..data.shards import ShardSource
 from ..frontend import FRONTEND_PARAMS, normalize, sound_info
+from ..transfer.runtime import load_encoder
+from ..distributed import barrier, dist_from_env
 
 log = logging.getLogger("fastm2d.train")
 
@@ -59,7 +61,6 @@ class Teacher(torch.nn.Module):
 
 
 def load_teacher(path: str, config: Config, device: torch.device) -> Teacher:
-    from ..transfer.runtime import load_encoder
 
     try:
         runtime = load_encoder(path, device=device)
@@ -125,7 +126,6 @@ def build_offline_task(config: Config, source, device: torch.device) -> Optional
 def build_clap_task(config: Config, source, device: torch.device) -> OfflineTask:
     """Caption embeddings for every training file. With a text encoder, the first rank encodes what the cache
     does not hold while the others wait, then every rank reads the cache (one model load per run, not per rank)."""
-    from ..distributed import barrier, dist_from_env
     o = config.offline
     streamed = isinstance(source, ShardSource)  # targets found by each sample's file name, not by item
     if o.caption_embeddings is not None:

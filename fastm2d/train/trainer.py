@@ -36,6 +36,7 @@ from .metrics import MetricsLogger, NullLogger
 from .profiling import StepProfiler
 from .offline import build_offline_task, final_model_config
 from .schedule import lr_at, scaled_lr
+from ..eval.monitor import Monitor
 
 log = logging.getLogger("fastm2d.train")
 
@@ -191,7 +192,6 @@ class Trainer:
         config = self.config
         self.monitor = None
         if config.train.eval_every and self.dist.is_main:
-            from ..eval.monitor import Monitor
             self.monitor = Monitor(self.model, self.data.monitor_clips(), (self.mean, self.std),
                                    config.data.sample_rate, config.train.seed, config.eval.clips, config.eval.task,
                                    self.data.validation())

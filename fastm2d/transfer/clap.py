@@ -11,6 +11,9 @@ from torch import nn
 from ..errors import CheckpointError
 from ..frontend import first_line
 from ..model.projections import sub_state
+from ..checkpoint import read_checkpoint
+from .runtime import runtime_from_state
+from .batching import length_batches
 
 # The text encoder a release name declares (the letter after the sample rate: "...p16kpB..."), as the original's
 # portable_m2d picks it, and how it pools tokens into one embedding.
@@ -110,8 +113,6 @@ class ZeroShot(nn.Module):
 
     def __init__(self, weights, text_encoder: Optional[str] = None, device="cpu"):
         super().__init__()
-        from ..checkpoint import read_checkpoint
-        from .runtime import runtime_from_state
         state, cfg, sr, _ = read_checkpoint(weights)  # read once: encoder, projections and any text encoder
         self.runtime = runtime_from_state(state, cfg, sr, weights, text_encoder_used=True).to(device)
         if getattr(self.runtime, "audio_proj", None) is None:
@@ -165,7 +166,6 @@ def zeroshot_files(zs: ZeroShot, files, labels, topk: int = 5, on_skip=None, bat
     """`fastm2d zeroshot`: for each readable file, in the order given, {'file', 'labels' (the top k, best first),
     'similarity'}; files decoded in workers and clips of one length embedded together (transfer/batching.py); an
     unreadable file goes to on_skip(message)."""
-    from .batching import length_batches
     texts = zs.texts(labels)
     sr = zs.runtime.sample_rate
     rows = {}

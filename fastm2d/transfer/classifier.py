@@ -17,6 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..checkpoint import read_checkpoint
+from .runtime import runtime_from_state
+from ..errors import AudioReadError
+from .batching import length_batches
+from .long_audio import encode_file, is_long
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"  # fastm2d/assets
 
@@ -97,7 +102,6 @@ class Tagger(nn.Module):
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Tagger:
     """A Tagger from a file with a classifier head: the original's AS-FT weights or `fastm2d finetune` output."""
-    from ..checkpoint import read_checkpoint
 
     tagger = tagger_from_checkpoint(*read_checkpoint(path), path)  # read once: encoder and head from one file
     if tagger is None:
@@ -108,7 +112,6 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Tag
 
 def tagger_from_checkpoint(state, cfg, sr, obj, path, attention: Optional[str] = None) -> Optional[Tagger]:
     """`load_classifier` from what `read_checkpoint` returned; None when the file has no classifier head."""
-    from .runtime import runtime_from_state
 
     head = {k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}
     if not head:
@@ -125,9 +128,6 @@ def tag_files(tagger: Tagger, files, topk: int = 5, frames: bool = False, batch_
     on_skip(message) and is left out."""
     from tqdm import tqdm
 
-    from ..errors import AudioReadError
-    from .batching import length_batches
-    from .long_audio import encode_file, is_long
     device = next(tagger.parameters()).device
     sr = tagger.runtime.sample_rate
     results = {}

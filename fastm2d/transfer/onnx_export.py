@@ -23,6 +23,11 @@ from torch import nn
 from ..atomic import atomic_file, write_atomic
 from ..checkpoint.export import refuse_existing
 from ..errors import CheckpointError
+from ..frontend import LogMelByMatrices
+from ..checkpoint import read_checkpoint
+from .classifier import tagger_from_checkpoint
+from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
+from .runtime import runtime_from_state
 
 
 WAVEFORM_GRAPH = "m2d_waveform.onnx"
@@ -54,7 +59,6 @@ class WaveformGraph(nn.Module):
 
     def __init__(self, runtime, tagger=None):
         super().__init__()
-        from ..frontend import LogMelByMatrices
         self.logmel = LogMelByMatrices(runtime.frontend)
         self.encoder, self.tagger = runtime.encoder, tagger
         self.register_buffer("stats", runtime.encoder.norm_stats.detach().clone())
@@ -97,10 +101,6 @@ class ClassifierGraph(nn.Module):
 
 
 def export_onnx(weights, out_dir, name: str = "m2d_encoder") -> Path:
-    from ..checkpoint import read_checkpoint
-    from .classifier import tagger_from_checkpoint
-    from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
-    from .runtime import runtime_from_state
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401

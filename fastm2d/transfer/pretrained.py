@@ -22,6 +22,7 @@ from ..atomic import DISK_FULL, write_atomic
 from ..checkpoint import is_pretrained_folder, read_checkpoint, save_safetensors
 from ..errors import CheckpointError, CheckpointWriteError
 from ..frontend import FRONTEND_PARAMS, N_MELS
+from .runtime import load_encoder
 
 
 def save_pretrained(weights, folder: str | Path) -> Path:
@@ -51,7 +52,6 @@ def save_pretrained(weights, folder: str | Path) -> Path:
 
 
 def from_pretrained(folder: str | Path, device="cpu"):
-    from .runtime import load_encoder
     if not is_pretrained_folder(Path(folder)):
         raise CheckpointError(f"{folder}: expected {CONFIG} and {WEIGHTS} (written by fastm2d.save_pretrained)")
     return load_encoder(folder, device=device)

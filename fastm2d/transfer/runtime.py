@@ -21,6 +21,8 @@ from ..devices import autocast
 from ..errors import DataError
 from ..frontend import LogMelSpectrogram, normalize
 from ..model import ViTEncoder
+from ..model.projections import audio_embedding
+from ..model.projections import attach_projections
 
 log = logging.getLogger("fastm2d")
 CHUNKS_PER_FORWARD = 64  # whole chunks per encoder call: ~0.3 GB of ViT-B activations, batches of 64 10-s clips whole
@@ -180,7 +182,6 @@ class Runtime(nn.Module):
         it), not the F'*D-wide frames of eq. 4."""
         if getattr(self, "audio_proj", None) is None:
             raise ValueError("these weights have no audio_proj: not an M2D-CLAP model")
-        from ..model.projections import audio_embedding
         return audio_embedding(self.patch_tokens(self.encode(waveform, sample_rate)), self.audio_proj)
 
     def patch_tokens(self, frames: torch.Tensor) -> torch.Tensor:
@@ -239,6 +240,5 @@ def runtime_from_state(state, cfg: ModelConfig, sr: int, path, input_frames: Opt
     if input_frames is not None and input_frames != cfg.input_size[1]:
         encoder.set_input_frames(input_frames)
     runtime = Runtime(encoder, sr)
-    from ..model.projections import attach_projections
     attach_projections(runtime, state, path)  # M2D-CLAP: audio_proj / text_proj travel with the encoder
     return runtime

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from ..runtime import load_encoder
 
 
 BATCH = 16  # sounds per forward pass
@@ -34,7 +35,6 @@ class HearModel(torch.nn.Module):
 def load_model(model_file_path: str = "", untrained_seed: Optional[int] = None) -> HearModel:
     """`untrained_seed` (or $FASTM2D_HEAR_UNTRAINED_SEED, for runners that pass the path alone): the same
     architecture freshly initialised, the baseline row beside the model."""
-    from ..runtime import load_encoder
     if untrained_seed is None and os.environ.get("FASTM2D_HEAR_UNTRAINED_SEED", "").strip():
         untrained_seed = int(os.environ["FASTM2D_HEAR_UNTRAINED_SEED"])
     path = model_file_path or os.environ.get("FASTM2D_HEAR_WEIGHTS", "")

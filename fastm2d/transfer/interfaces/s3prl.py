@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
+from ..runtime import load_encoder
 
 
 
@@ -24,7 +25,6 @@ class UpstreamExpert(nn.Module):
     def __init__(self, ckpt: str, model_config: str = None, untrained_seed: Optional[int] = None, **kwargs):
         """`untrained_seed`: the same architecture freshly initialised (a baseline row beside the model)."""
         super().__init__()
-        from ..runtime import load_encoder
         self.runtime = load_encoder(ckpt, untrained_seed=untrained_seed)
         self.name = "fastm2d"
 

@@ -30,6 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import CheckpointError
+from ...checkpoint import resolve_checkpoint_file
+from ..runtime import load_encoder
+from ...atomic import write_atomic
 
 
 def file_sha256(path) -> str:
@@ -44,8 +47,6 @@ class M2DEncoder(nn.Module):
     def __init__(self, weights, device: str = "cpu", untrained_seed: Optional[int] = None,
                  expected_sha256: Optional[str] = None):
         super().__init__()
-        from ...checkpoint import resolve_checkpoint_file
-        from ..runtime import load_encoder
         if expected_sha256 is not None:  # an exported encoder file: X-ARES's caches are keyed by these weights
             path = resolve_checkpoint_file(weights)
             found = file_sha256(path) if path.is_file() else "missing"
@@ -69,7 +70,6 @@ class M2DEncoder(nn.Module):
 
 def encoder_class_name(weights, untrained_seed: Optional[int] = None, name: Optional[str] = None) -> str:
     """A class name unique to the weights (their file's SHA-256) and the baseline seed, ending in `Encoder`."""
-    from ...checkpoint import resolve_checkpoint_file
     digest = file_sha256(resolve_checkpoint_file(weights))[:10]
     label = re.sub(r"\W+", "_", name or resolve_checkpoint_file(weights).parent.name or "m2d").strip("_")[:40]
     label = label if label and label[0].isalpha() else f"M2D_{label}"
@@ -80,8 +80,6 @@ def encoder_class_name(weights, untrained_seed: Optional[int] = None, name: Opti
 def write_encoder_file(weights, out, name: Optional[str] = None, untrained_seed: Optional[int] = None) -> Path:
     """The X-ARES encoder file for these weights: `out` (a .py path, or a folder for <class name>.py); a file already
     there is refused (another model's results must not be filed under it)."""
-    from ...checkpoint import resolve_checkpoint_file
-    from ..runtime import load_encoder
     weights_file = resolve_checkpoint_file(weights).resolve()
     load_encoder(weights_file)  # readable, and a model: refused here rather than inside X-ARES's workers
     cls = encoder_class_name(weights_file, untrained_seed, name)
@@ -116,7 +114,6 @@ class {cls}(_xares.M2DEncoder):
                          untrained_seed={untrained_seed!r}, expected_sha256=WEIGHTS_SHA256)
 '''
     path.parent.mkdir(parents=True, exist_ok=True)
-    from ...atomic import write_atomic
     write_atomic(path, text)
     return path
 
