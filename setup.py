@@ -1,9 +1,9 @@
 from setuptools import find_packages, setup
 
-# Discovered, never listed by hand (a hand list once left fastm2d.eval out of every wheel). kernels/ lives at the
-# top of the repository but installs as fastm2d.kernels, never as a bare `kernels`.
-PACKAGES = find_packages(include=["fastm2d", "fastm2d.*"]) + \
-    ["fastm2d.kernels" + p[len("kernels"):] for p in find_packages(include=["kernels", "kernels.*"])]
+# Discovered, never listed by hand (a hand list once left fastm2d.eval out of every wheel). The kernels are the
+# package fastm2d.kernels (fastm2d/kernels/); the top-level kernels/ only shows them (links, no __init__.py), so
+# nothing installs or imports as a bare `kernels`.
+PACKAGES = find_packages(include=["fastm2d", "fastm2d.*"])
 
 setup(
     name="fastm2d",
@@ -11,7 +11,6 @@ setup(
     description="Fast, tested pre-training and transfer of Masked Modeling Duo (M2D / M2D-X) audio representations",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_dir={"fastm2d": "fastm2d", "fastm2d.kernels": "kernels"},
     package_data={"fastm2d": ["assets/*.csv", "assets/README.md"]},  # AudioSet's class names (source and licence inside)
     install_requires=[
         "torch==2.11.0",

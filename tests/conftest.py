@@ -124,14 +124,12 @@ def tiny_bert(folder, words, width=16):
     folder.mkdir()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    from fastm2d.transfer.clap import checkout_kernels_hidden
-    with checkout_kernels_hidden():  # this checkout's kernels/ would pass for the HF `kernels` package
-        # transformers 5 ignores vocab_file here (every word became [UNK]): the vocabulary itself
-        tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
-        torch.manual_seed(5)
-        model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=width,
-                                                               num_hidden_layers=1, num_attention_heads=2,
-                                                               intermediate_size=2 * width))
+    # transformers 5 ignores vocab_file here (every word became [UNK]): the vocabulary itself
+    tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    torch.manual_seed(5)
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=width,
+                                                           num_hidden_layers=1, num_attention_heads=2,
+                                                           intermediate_size=2 * width))
     tok.save_pretrained(str(folder))
     model.save_pretrained(str(folder))
     return tok, model.eval()

@@ -1,4 +1,5 @@
-"""A non-editable install ships kernels/ as fastm2d.kernels and nothing as a bare top-level `kernels`."""
+"""A non-editable install ships fastm2d/kernels/ as fastm2d.kernels and nothing as a bare top-level `kernels`; a checkout
+imports the same package, and its top-level kernels/ (links, no __init__.py) never passes for another `kernels`."""
 import subprocess
 import sys
 import zipfile
@@ -28,20 +29,26 @@ def test_wheel_maps_kernels_under_the_package(tmp_path):
 
 
 def test_a_checkout_that_pip_never_installed_imports_fastm2d_kernels(tmp_path):
-    """The GPU machine runs the repository with PYTHONPATH=. : kernels/ must map to fastm2d.kernels there too."""
-    probe = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+    """The GPU machine runs the repository with PYTHONPATH=. : fastm2d.kernels is the checkout's, and the top-level
+    kernels/ does not shadow the Hugging Face package `kernels` (transformers imports it; an __init__.py there once
+    made transformers import our folder and fail)."""
+    probe = ("import importlib.util, sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
              f"sys.path.insert(0, {str(ROOT)!r}); "
-             "import fastm2d.kernels as k, fastm2d.model; print(k.__file__); print(k.REFERENCE.l2norm_mse.__module__)")
+             "import fastm2d.kernels as k, fastm2d.model; print(k.__file__); print(k.REFERENCE.l2norm_mse.__module__); "
+             "spec = importlib.util.find_spec('kernels'); print(spec and spec.origin)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(ROOT / "kernels" / "__init__.py"), "fastm2d.kernels.l2norm_mse"]
+    lines = out.stdout.split()
+    assert lines[:2] == [str(ROOT / "fastm2d" / "kernels" / "__init__.py"), "fastm2d.kernels.l2norm_mse"]
+    assert not lines[2].startswith(str(ROOT / "kernels")), lines[2]  # HF's kernels, or nothing: never this folder
+    shown = {p.name for p in (ROOT / "kernels").glob("*.py")}
+    assert shown == {p.name for p in (ROOT / "fastm2d" / "kernels").glob("*.py")} - {"__init__.py"}
+    assert all((ROOT / "kernels" / n).resolve() == (ROOT / "fastm2d" / "kernels" / n) for n in shown)
 
 
 def _source_modules() -> set:
-    """Every module of the source tree, named as installed (kernels/ -> fastm2d/kernels/)."""
-    found = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastm2d").rglob("*.py")}
-    found |= {"fastm2d/kernels/" + p.relative_to(ROOT / "kernels").as_posix() for p in (ROOT / "kernels").rglob("*.py")}
-    return found
+    """Every module of the source tree, named as installed."""
+    return {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastm2d").rglob("*.py")}
 
 
 def _dependency_folders() -> list:

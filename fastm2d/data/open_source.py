@@ -19,7 +19,7 @@ from ..user_cache import user_cache
 from .shards import local_copy
 
 
-def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = None, label: str = "training",
+def open_source(spec: str, config: Config, run: RunFolder, root: Optional[str] = None, label: str = "training",
                  seed_offset: int = 0):
     """The embedded synthetic set, a prepared LogMelStore folder, or a folder / CSV of files (checked first).
 
@@ -40,8 +40,8 @@ def open_source(spec: str, config: Config, out_dir: Path, root: Optional[str] = 
         return LogMelSource(sample_rate=d.sample_rate, synthetic=(config.train.seed + seed_offset, d.synthetic_clips,
                                                                    d.synthetic_seconds),
                             pad_to=0 if tiled else pad_samples(d.sample_rate, frames))
-    source, bad = file_source(spec, config, root, pad=not tiled, cache_dir=check_cache_dir(config, out_dir))
-    listing = RunFolder(out_dir).bad_files(label)
+    source, bad = file_source(spec, config, root, pad=not tiled, cache_dir=check_cache_dir(config, run.path))
+    listing = run.bad_files(label)
     if bad:  # the header checks' list, keeping what earlier runs of this folder found while training
         found = _found_while_training(listing, set(source.files.names()))
         write_atomic(listing, "".join(f"{b}\n" for b in bad) + "".join(found))

@@ -48,7 +48,7 @@ def open_training_source(config: Config, dist: DistInfo, run: RunFolder):
     if is_shard_spec(d.train):
         source = shard_source(config)
     else:
-        source = open_source(d.train, config, run.path, d.root)
+        source = open_source(d.train, config, run, d.root)
         files = getattr(source, "files", None)  # a LogMelStore holds no audio files
         if d.loader == "dali" and not (files and all(f.suffix.lower() in AUDIO_EXTS for f in files)):
             raise ConfigError(f"data.loader=dali decodes audio files; {d.train} holds log-mel "
@@ -100,7 +100,7 @@ class TrainingData:
         self.noise, self.background, self.eta, self.noise_mean = None, None, 0.0, 0.0
         if noise.train is None or noise.eta <= 0:
             return
-        self.noise = open_source(noise.train, config, self.run.path, noise.root, label="noise", seed_offset=1)
+        self.noise = open_source(noise.train, config, self.run, noise.root, label="noise", seed_offset=1)
         self.background = BackgroundCrops(self.noise, NoisePicker(len(self.noise), config.train.seed),
                                           config.model.input_size[1], getattr(self.noise, "dtype", np.float32))
         self.eta = noise.eta
@@ -189,7 +189,7 @@ class TrainingData:
     def validation(self):
         """data.valid opened like the training data, or None."""
         d = self.config.data
-        return open_source(d.valid, self.config, self.run.path, d.root, label="valid") if d.valid else None
+        return open_source(d.valid, self.config, self.run, d.root, label="valid") if d.valid else None
 
     # ------------------------------------------------------------------------ the checkpoint's part ----
     def state_dict(self) -> dict:

@@ -104,7 +104,7 @@ class Checkpointer:
         obj = self.read(path, trainer)
         load_weights(trainer.model, obj["model"], path)
         trainer.engine.weights_loaded()  # ZeRO keeps its own fp32 copy of the weights: refresh it
-        trainer.engine.load_state_dict(obj, path)
+        trainer.engine.load_state_dict(obj, path, self.run)
         trainer.load_state_dict(obj)
         trainer.data.load_state_dict(obj)
         if self.is_main:

@@ -123,10 +123,10 @@ class SingleEngine(_Engine):
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state: dict, path: Path) -> None:
+    def load_state_dict(self, state: dict, path: Path, run: RunFolder) -> None:
         if state.get("optimizer") is None:  # written by DeepSpeed: gather its ZeRO partitions
             try:
-                moments = consolidate(RunFolder(path.parent).deepspeed, RunFolder.deepspeed_tag(state['step']),
+                moments = consolidate(run.deepspeed, RunFolder.deepspeed_tag(state['step']),
                                       [g["params"] for g in self.optimizer.param_groups])
             except CheckpointError:
                 raise  # a partition file that would run code: refuse the resume, never continue past it
@@ -176,9 +176,9 @@ class DeepSpeedEngine(_Engine):
     def state_dict(self) -> dict:
         return {"optimizer": None, "scaler": None}  # partitioned: saved by save_extra
 
-    def load_state_dict(self, state: dict, path: Path) -> None:
+    def load_state_dict(self, state: dict, path: Path, run: RunFolder) -> None:
         tag = RunFolder.deepspeed_tag(state["step"])
-        folder = RunFolder(path.parent).deepspeed
+        folder = run.deepspeed
         saved_world = state.get("world_size")
         same_layout = saved_world in (None, self.engine.world_size) or self.stage == 0
         if (folder / tag).is_dir() and same_layout:

@@ -2,7 +2,6 @@
 model/projections.py; the text encoders come from Hugging Face transformers, loaded from local files only)."""
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -36,27 +35,6 @@ def declared_text_encoder(weights) -> str:
     return "A"
 
 
-@contextlib.contextmanager
-def checkout_kernels_hidden():
-    """Run from a checkout, the repository root is on sys.path and its kernels/ folder (installed as
-    fastm2d.kernels) looks like the Hugging Face package `kernels` to transformers, which then imports it as a
-    top-level module and fails. Hide the checkout's root while transformers loads its models."""
-    import importlib
-    import os
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: above fastm2d/
-    if not os.path.isfile(os.path.join(root, "kernels", "__init__.py")):
-        yield
-        return
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-    importlib.invalidate_caches()
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-
-
 class TextEncoder(nn.Module):
     """A Hugging Face text model from a local folder (or the local cache: never the network), pooled as the
     release was trained: mean over tokens (GTE) or the [CLS] token (BERT)."""
@@ -70,9 +48,8 @@ class TextEncoder(nn.Module):
         # A model folder is data: its custom code (`auto_map`) is never run and never asked about
         # (trust_remote_code=False: transformers would otherwise prompt, and run it on "y").
         try:
-            with checkout_kernels_hidden():
-                self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
-                self.model = AutoModel.from_pretrained(source, local_files_only=True, trust_remote_code=False).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+            self.model = AutoModel.from_pretrained(source, local_files_only=True, trust_remote_code=False).eval()
         except OSError as e:
             raise CheckpointError(f"text encoder {source}: not found locally ({str(e).splitlines()[0][:160]}); "
                                   f"download it once (huggingface-cli download {source}) or pass --text-encoder "

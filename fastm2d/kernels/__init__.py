@@ -1,6 +1,7 @@
 """fastm2d.kernels: the M2D hot-path operations, each with its pure-PyTorch reference beside the fast version.
 
-Installed as `fastm2d.kernels` (setup.py maps this folder under the package). One switch selects the
+The repository's top-level kernels/ shows these files (links to them; it has no __init__.py on purpose: a bare
+`kernels` would pass for the Hugging Face package of that name, which transformers imports). One switch selects the
 implementation: `model.kernels` in the config (auto | triton | reference) and the environment variable
 FASTM2D_KERNELS, which wins. `auto` = Triton on CUDA, reference elsewhere; `triton` on CPU runs only under TRITON_INTERPRET=1.
 """
