@@ -17,12 +17,11 @@ from .spellings import settle
 USER_ERRORS = (UserError, FileNotFoundError)
 
 
-def running_options(parser, batch: int = 16, workers: bool = True, quiet: bool = True) -> None:
+def running_options(parser, batch: int = 16, quiet: bool = True) -> None:
     """The options every command that runs a model on audio files shares (embed, tag, zeroshot, linear-eval), declared
     once: --batch-size, --workers (decoding processes), --device, --quiet."""
     parser.add_argument("--batch-size", type=at_least(1), default=batch, help="clips of one length per forward pass")
-    if workers:
-        parser.add_argument("--workers", type=at_least(0), default=2, help="decoding worker processes")
+    parser.add_argument("--workers", type=at_least(0), default=2, help="decoding worker processes")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
                         help="auto: bf16 on a GPU and on a CPU with bf16 units, else fp32; int8: the encoder's linear "
@@ -131,7 +130,7 @@ def cmd_linear_eval(args) -> None:
     probe = settings_from(ProbeConfig, {}, args.overrides, "linear-eval")
     rows = probe_weights(args.weights, args.task, Path(args.out), probe, args.seeds, args.layers, args.hidden or (),
                          args.untrained_seed if args.untrained else None, args.batch_size, _device(args.device),
-                         progress=not args.quiet, precision=args.precision)
+                         progress=not args.quiet, precision=args.precision, workers=args.workers)
     print(RESULTS_HEADER + "\n" + "\n".join(rows))
 
 
@@ -311,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--hidden", type=int_list, help="comma-separated hidden layer sizes (default: none, a linear probe)")
     le.add_argument("--untrained", action="store_true", help="the same architecture, freshly initialised (baseline)")
     le.add_argument("--untrained-seed", type=int, default=0, help="initialisation seed of --untrained")
-    running_options(le, batch=64, workers=False)
+    running_options(le, batch=64)
     le.set_defaults(func=cmd_linear_eval, weights_required=True, overrides=[])
 
     ft = sub.add_parser("finetune", help="fine-tune the encoder + a linear head on a task (the original's recipe family)")

@@ -110,6 +110,26 @@ def test_cached_embeddings_equal_recomputed_ones(tiny_run, tmp_path, capsys):
     assert len(cached) == 3 and not np.allclose(np.load(cached[1]), np.load(cached[2]))
 
 
+def test_task_embeddings_of_mixed_lengths_come_back_in_order_with_workers(tiny_run, tmp_path):
+    """Clips of three lengths interleaved, decoded by two worker processes and batched by length (transfer/batching,
+    as embed and tag batch): row i is still clip i's own embedding, computed alone."""
+    from fastm2d.eval.embeddings import embed_task
+    from fastm2d.frontend import read_audio
+    from fastm2d.transfer.runtime import load_encoder
+    rows = ["file_name,label,split"]
+    for i in range(7):
+        write_tone(tmp_path / f"c{i}.wav", seconds=(0.7, 1.3, 2.1)[i % 3], freq=300 + 60 * i)
+        rows.append(f"c{i}.wav,{'xy'[i % 2]},{('train', 'valid', 'test')[i % 3]}")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    (task,) = load_tasks(str(tmp_path))
+    rt = load_encoder(tiny_run)
+    emb, _ = embed_task(rt, task, batch_size=2, progress=False, workers=2)
+    for i, item in enumerate(task.items):
+        with torch.inference_mode():
+            alone = rt.encode(read_audio(item, rt.sample_rate)[None], rt.sample_rate).float().mean(1)[0]
+        assert np.allclose(emb[i], alone.numpy(), atol=1e-5), i
+
+
 def test_rank_me_and_explained_variance_by_hand():
     u, _ = torch.linalg.qr(torch.randn(50, 50, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))

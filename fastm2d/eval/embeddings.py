@@ -6,7 +6,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from ..data.synthetic import synth_labelled_clip
 from ..frontend import read_audio
 from .tasks import EvalTask
 from ..checkpoint import CheckpointError, resolve_checkpoint_file
+from ..transfer.batching import batches_by_length
 
 log = logging.getLogger("fastm2d.eval")
 
@@ -42,40 +43,44 @@ def load_clip(item: str, sample_rate: int, task: EvalTask) -> torch.Tensor:
     return read_audio(item, sample_rate)
 
 
-def clip_embeddings(clips: Iterable[torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor], runtime,
-                    batch_size: int = 64) -> torch.Tensor:
-    """Clips -> (n, dim) time means of `encode`'s frame features, in order, on the CPU. Consecutive clips of equal
-    shape share a batch, run in `runtime.inference()` (its device and arithmetic, no autograd)."""
-    out, pending = [], []
-
-    def flush():
-        x = torch.stack(pending).to(runtime.device)
+def clip_embeddings(n: int, load: Callable[[int], torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor],
+                    runtime, batch_size: int = 64, workers: int = 0) -> torch.Tensor:
+    """Items 0..n-1 (`load(i)`) -> (n, dim) time means of `encode`'s frame features, in item order, on the CPU.
+    Items of one shape share a batch (transfer/batching.py, as embed and tag batch files), run in
+    `runtime.inference()` (its device and arithmetic, no autograd)."""
+    out: List[Optional[torch.Tensor]] = [None] * n
+    for idx, x in batches_by_length(n, load, batch_size, workers):
         with runtime.inference():
-            out.append(encode(x).float().mean(1).cpu())
-        pending.clear()
+            rows = encode(x.to(runtime.device)).float().mean(1).cpu()
+        for j, row in zip(idx, rows):
+            out[j] = row
+    return torch.stack(out)
 
-    for x in clips:
-        if pending and (len(pending) >= batch_size or x.shape != pending[0].shape):
-            flush()
-        pending.append(x)
-    if pending:
-        flush()
-    return torch.cat(out)
+
+class _TaskClip:
+    """load(i) for an evaluation task: its i-th item as a waveform at `sample_rate` (picklable for the workers)."""
+
+    def __init__(self, task: EvalTask, sample_rate: int):
+        self.task, self.sample_rate = task, sample_rate
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return load_clip(self.task.items[i], self.sample_rate, self.task)
 
 
 def embed_task(runtime, task: EvalTask, batch_size: int = 64, layers: Optional[Sequence[int]] = None,
-               progress: bool = True) -> Tuple[np.ndarray, float]:
-    """-> ((n, dim) clip embeddings, clips per second)."""
+               progress: bool = True, workers: int = 0) -> Tuple[np.ndarray, float]:
+    """-> ((n, dim) clip embeddings, clips per second); `workers` decode the files in parallel."""
     device = next(runtime.parameters()).device
+    bar = tqdm(total=len(task.items), desc=f"embed {task.name}", disable=not progress)
 
     def encode(x):
         feats = runtime.encode(x, runtime.sample_rate, return_layers=layers is not None)
+        bar.update(len(x))
         return feats if layers is None else torch.cat([feats[i] for i in layers], dim=-1)
 
     t0 = time.perf_counter()
-    clips = (load_clip(item, runtime.sample_rate, task)
-             for item in tqdm(task.items, desc=f"embed {task.name}", disable=not progress))
-    emb = clip_embeddings(clips, encode, runtime, batch_size)
+    emb = clip_embeddings(len(task.items), _TaskClip(task, runtime.sample_rate), encode, runtime, batch_size, workers)
+    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     rate = len(task.items) / max(time.perf_counter() - t0, 1e-9)

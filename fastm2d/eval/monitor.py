@@ -73,7 +73,8 @@ class Monitor:
     def _embed(self, runtime: Runtime, lms) -> torch.Tensor:
         """Normalised log-mel, (N, 1, F, T) or a list of (F, T_i) -> (N, F'*D) clip embeddings."""
         items = list(lms) if isinstance(lms, list) else list(lms.unbind(0))
-        return clip_embeddings(items, lambda x: runtime.encode_lms(x if x.dim() == 4 else x.unsqueeze(1)), runtime)
+        return clip_embeddings(len(items), items.__getitem__,
+                               lambda x: runtime.encode_lms(x if x.dim() == 4 else x.unsqueeze(1)), runtime)
 
     @torch.no_grad()
     def __call__(self) -> Dict:

@@ -22,16 +22,16 @@ RESULTS_HEADER = "| weights | task | metric | % (95 % CI) | seeds |\n| --- | ---
 def probe_weights(weights: str, task_spec: str, out: Path, probe: ProbeConfig, seeds: int = 5,
                   layers: Optional[Sequence[int]] = None, hidden: Sequence[int] = (),
                   untrained_seed: Optional[int] = None, batch_size: int = 64, device="cpu",
-                  progress: bool = True, precision: str = "auto") -> List[str]:
+                  progress: bool = True, precision: str = "auto", workers: int = 0) -> List[str]:
     """-> the results rows written; `untrained_seed`: probe the architecture re-initialised with that seed. Several
     `linear-eval`s may share an output folder: each cache file is written whole (atomically), and results.md is
     updated under a lock that waits, so every run adds its row."""
     return _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size,
-                          device, progress, precision)
+                          device, progress, precision, workers)
 
 
 def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrained_seed, batch_size, device,
-                   progress, precision) -> List[str]:
+                   progress, precision, workers) -> List[str]:
     runtime = load_encoder(weights, device=device, untrained_seed=untrained_seed)  # None: the weights themselves
     runtime.set_precision(precision)
     runtime.check_layers(layers)
@@ -42,7 +42,7 @@ def _probe_weights(weights, task_spec, out, probe, seeds, layers, hidden, untrai
     rows = []
     for task in load_tasks(task_spec):
         emb, rate = cached_embeddings(runtime, task, out / "cache", key, layers=layers, batch_size=batch_size,
-                                      progress=progress)
+                                      progress=progress, workers=workers)
         result = linear_eval(emb, task, seeds=seeds, hidden=tuple(hidden), device=device, **vars(probe))
         result.update(weights=str(weights), untrained_seed=untrained_seed, layers=layers,
                       embedding_dim=emb.shape[1], clips_per_s=rate, probe=vars(probe))
