@@ -17,12 +17,16 @@ from .spellings import settle
 USER_ERRORS = (UserError, FileNotFoundError)
 
 
+def device_option(parser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+
+
 def running_options(parser, batch: int = 16, quiet: bool = True) -> None:
     """The options every command that runs a model on audio files shares (embed, tag, zeroshot, linear-eval), declared
     once: --batch-size, --workers (decoding processes), --device, --quiet."""
     parser.add_argument("--batch-size", type=at_least(1), default=batch, help="clips of one length per forward pass")
     parser.add_argument("--workers", type=at_least(0), default=2, help="decoding worker processes")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    device_option(parser)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
                         help="auto: bf16 on a GPU and on a CPU with bf16 units, else fp32; int8: the encoder's linear "
                              "layers in dynamic int8 on CPU (faster, features move slightly: docs/performance.md)")
@@ -331,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                     help="attention backend")
     ft.add_argument("--compile", action="store_true", help="torch.compile the classifier (pays off on long runs)")
-    ft.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    device_option(ft)
     ft.set_defaults(func=cmd_finetune, weights_required=True, overrides=[])
 
     tg = sub.add_parser("tag", help="audio files -> class scores from a fine-tuned head (the original's AS-FT "
