@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from ..config import Config, ConfigError, is_shard_spec
 from ..distributed import DistInfo, all_gather_stacked
 from ..run_folder import RunFolder
-from .dali import DaliLogMelLoader, dali_missing_reason, dali_threads
+from . import dali  # NVIDIA DALI itself is imported only when the loader is built
 from .dataset import CropDataset, training_crop
 from .noise import BackgroundCrops, NoisePicker, tile_crop
 from .open_source import open_source
@@ -40,8 +40,9 @@ def open_training_source(config: Config, dist: DistInfo, run: RunFolder):
     loader and the batch before anything is built on them. The offline task (M2D-X) reads them next."""
     d, t = config.data, config.train
     if d.loader == "dali":
-        if dali_missing_reason():
-            raise ConfigError(f"data.loader=dali: {dali_missing_reason()}; or use data.loader=reference")
+        missing = dali.dali_missing_reason()
+        if missing:
+            raise ConfigError(f"data.loader=dali: {missing}; or use data.loader=reference")
         if d.repeat_short:
             raise ConfigError("data.repeat_short=true is not available with data.loader=dali (it zero-pads "
                               "short clips to the crop); use data.loader=reference")
@@ -171,13 +172,12 @@ class TrainingData:
     def dali_loader(self, with_index: bool = False):
         """This rank's DALI loader: its own shard of the files (the global batch is N different batches, not N
         copies of one), its own crop positions (seed + rank), and the node's cores shared among its ranks."""
-
         c = self.config
-        return DaliLogMelLoader(self.source.files, c.train.batch_size, self.device, sample_rate=c.data.sample_rate,
-                                crop_frames=c.model.input_size[1],
-                                num_threads=dali_threads(c.data.num_workers, self.dist.local_world_size),
-                                seed=c.train.seed + self.dist.rank, shard_id=self.dist.rank,
-                                num_shards=self.dist.world_size, with_index=with_index)
+        return dali.DaliLogMelLoader(self.source.files, c.train.batch_size, self.device,
+                                     sample_rate=c.data.sample_rate, crop_frames=c.model.input_size[1],
+                                     num_threads=dali.dali_threads(c.data.num_workers, self.dist.local_world_size),
+                                     seed=c.train.seed + self.dist.rank, shard_id=self.dist.rank,
+                                     num_shards=self.dist.world_size, with_index=with_index)
 
     # --------------------------------------------------------------------------------- the monitors ----
     def monitor_clips(self):
