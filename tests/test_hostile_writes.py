@@ -104,15 +104,13 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_run
 def test_embed_linear_eval_and_finetune_on_a_full_disk_are_one_line(tmp_path, tiny_run):
     clips = _clips(tmp_path)
     r = _with_file_size_limit(2048, ["embed", "--weights", str(tiny_run), "--out", str(tmp_path / "f"), str(clips),
-                                     "--workers", "0"], tmp_path)
+                                     "--workers", "2"], tmp_path)
     _assert_one_line_disk_error(r, tmp_path)
     assert not list((tmp_path / "f").rglob("*.npy"))
-    # --workers 0 here as for embed: the file-size limit also caps the shared-memory files DataLoader workers hand
-    # tensors over in (a full disk leaves /dev/shm alone), and a worker's failed hand-over is never reported by
-    # PyTorch: the command would wait for the batch until killed.
+    # with decoding workers (the default 2): the limit also caps shared-memory files, which the workers' hand-over
+    # once went through (the command then waited for a batch PyTorch never said was lost, until killed)
     r = _with_file_size_limit(4096, ["linear-eval", "synthetic:60", "--weights", str(tiny_run), "--out",
-                                     str(tmp_path / "p"), "--seeds", "1", "--quiet", "max_epochs=2", "--workers", "0"],
-                              tmp_path)
+                                     str(tmp_path / "p"), "--seeds", "1", "--quiet", "max_epochs=2"], tmp_path)
     _assert_one_line_disk_error(r, tmp_path)
     task = tmp_path / "task.csv"
     task.write_text("file_name,label,split\n" + "".join(f"clips/c{i}.wav,{'ab'[i % 2]},{s}\n" for i, s in

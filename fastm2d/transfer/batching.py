@@ -15,8 +15,10 @@ from ..frontend import read_audio
 
 
 class _Loaded(Dataset):
-    """Items loaded by `load(i)` (in DataLoader workers when there are any): (index, tensor, None) or (index,
-    None, the reason it cannot be read)."""
+    """Items loaded by `load(i)` (in DataLoader workers when there are any): (index, array, None) or (index, None,
+    the reason it cannot be read). Arrays, not tensors: a worker pickles them through its pipe, where a tensor
+    would go through a shared-memory file, and a hand-over that fails there (a small /dev/shm, a file-size limit)
+    is never reported by PyTorch: the command waited for the item until killed."""
 
     def __init__(self, n: int, load: Callable[[int], torch.Tensor]):
         self.n, self.load = n, load
@@ -26,9 +28,13 @@ class _Loaded(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.load(i), None
+            return i, self.load(i).numpy(), None
         except AudioReadError as e:
             return i, None, str(e)
+
+
+def _as_is(item):
+    return item
 
 
 class _ReadAudio:
@@ -47,15 +53,16 @@ def batches_by_length(n: int, load: Callable[[int], torch.Tensor], batch_size: i
     """(indices, stacked items) batches of items of one shape, `load(i)` run in DataLoader workers; an item that
     cannot be read (AudioReadError) goes to on_error(index, message), or is raised without one. The items of a
     shape wait until their batch is full, the rest come at the end."""
-    loader = DataLoader(_Loaded(n, load), batch_size=None, num_workers=workers,
+    loader = DataLoader(_Loaded(n, load), batch_size=None, num_workers=workers, collate_fn=_as_is,
                         sampler=list(order) if order is not None else range(n))
     buckets: Dict[tuple, list] = {}
-    for i, x, error in loader:
+    for i, array, error in loader:
         if error is not None:
             if on_error is None:
                 raise AudioReadError(error)
             on_error(i, error)
             continue
+        x = torch.from_numpy(array)
         bucket = buckets.setdefault(tuple(x.shape), [])
         bucket.append((i, x))
         if len(bucket) >= batch_size:
