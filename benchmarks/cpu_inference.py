@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.model_cases import cpu_name  # noqa: E402
 from fastm2d import devices  # noqa: E402
 
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
     base_name = next(iter(rows))
     base = statistics.median(times[base_name])
     ours = statistics.median(times["ours fp32 (Runtime.encode)"])
-    lines = [f"CPU inference, {platform.machine()} ({_cpu_name()}), {threads} threads, torch {torch.__version__}, "
+    lines = [f"CPU inference, {platform.machine()} ({cpu_name()}), {threads} threads, torch {torch.__version__}, "
              f"bf16 units: {'yes' if bf16_units else 'no'}, {time.strftime('%Y-%m-%d')}; ViT-B 80x608, "
              f"{args.clips} clips of 10 s per call, median of {args.rounds} rounds", "",
              f"| what | clips/s | vs {base_name.split(',')[0]} | vs ours fp32 | features vs ours fp32 (max diff / "
@@ -172,16 +173,6 @@ def main(argv=None) -> int:
                       f"precision: " + "; ".join(f"{p}: {v}" for p, v in probes.items())]
     emit(lines, args.out)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 the weights), and the markdown table they print and write."""
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,3 +29,14 @@ def emit(lines: List[str], out: Optional[str]) -> None:
     print(text)
     if out:
         Path(out).write_text(text)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for a results file's first line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
