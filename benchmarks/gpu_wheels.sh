@@ -5,7 +5,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-} \
 #     && python3 benchmarks/device_suite.py --out "$OUT"
-# (fastm2d runs from the checkout itself: fastm2d/__init__.py maps kernels/ to fastm2d.kernels there.)
+# (fastm2d runs from the checkout itself: fastm2d/kernels/ is an ordinary part of the package.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
