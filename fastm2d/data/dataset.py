@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..frontend import SILENCE_LOG, AudioReadError, LogMelSpectrogram, read_audio, sound_file, sound_info, wav_truncation
+from ..frontend import (MAX_POLYPHASE, SILENCE_LOG, AudioReadError, LogMelSpectrogram, mono, read_audio, resample,
+                        sound_file, sound_info, wav_truncation)
 from ..atomic import open_append
 from .file_list import as_file_list
 from .noise import tile_crop
 from .sources import LMS_EXT, DataError, lms_array
 from .synthetic import synth_clip
-from ..frontend import MAX_POLYPHASE, mono, resample
 
 log = logging.getLogger("fastm2d.data")
 FOUND_WHILE_TRAINING = " (found while training)"  # how bad_training_files.txt marks what the header check missed

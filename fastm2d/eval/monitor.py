@@ -21,9 +21,8 @@ from ..devices import autocast
 from ..frontend import LogMelSpectrogram, normalize
 from ..transfer.runtime import Runtime
 from ..data import CropDataset
-from .embeddings import load_clip
+from .embeddings import clip_embeddings, load_clip
 from .tasks import load_tasks
-from .embeddings import clip_embeddings
 from .linear import linear_eval
 
 

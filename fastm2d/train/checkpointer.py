@@ -7,7 +7,7 @@ resumes from one (torchtitan's CheckpointManager is the model).
           version) and the training data (the items found bad; streamed shards' positions, every rank's)
   when    every `train.save_every` steps, at the last step, and when a stop signal is agreed (Trainer.fit)
   kept    the newest `train.keep_checkpoints`; an older one goes with its DeepSpeed partitions
-  resume  once, after the engine exists: read safely, check it belongs to this run, then load the three parts
+  resume  once, after the engine exists: read safely, check it belongs to this run, then load the four parts
 
 One file per checkpoint, `checkpoint-<step>.pth`, written atomically by rank 0 (the file `load_model` reads);
 a crash, a full disk or a kill never leaves a half-written one in place of a good one.

@@ -16,10 +16,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import AudioReadError, CheckpointError
 from ..checkpoint import read_checkpoint
 from .runtime import runtime_from_state
-from ..errors import AudioReadError
 from .batching import length_batches
 from .long_audio import encode_file, is_long
 

@@ -23,10 +23,9 @@ from torch import nn
 from ..atomic import atomic_file, write_atomic
 from ..checkpoint.export import refuse_existing
 from ..errors import CheckpointError
-from ..frontend import LogMelByMatrices
+from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS, LogMelByMatrices
 from ..checkpoint import read_checkpoint
 from .classifier import tagger_from_checkpoint
-from ..frontend import FRONTEND_PARAMS, LOG_EPS, N_MELS
 from .runtime import runtime_from_state
 
 

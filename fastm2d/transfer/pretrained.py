@@ -18,8 +18,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import PRETRAINED_CONFIG as CONFIG, PRETRAINED_FORMAT as FORMAT, PRETRAINED_WEIGHTS as WEIGHTS
-from ..atomic import DISK_FULL, write_atomic
 from ..checkpoint import is_pretrained_folder, read_checkpoint, save_safetensors
+from ..atomic import DISK_FULL, write_atomic
 from ..errors import CheckpointError, CheckpointWriteError
 from ..frontend import FRONTEND_PARAMS, N_MELS
 from .runtime import load_encoder

@@ -21,8 +21,7 @@ from ..devices import autocast
 from ..errors import DataError
 from ..frontend import LogMelSpectrogram, normalize
 from ..model import ViTEncoder
-from ..model.projections import audio_embedding
-from ..model.projections import attach_projections
+from ..model.projections import attach_projections, audio_embedding
 
 log = logging.getLogger("fastm2d")
 CHUNKS_PER_FORWARD = 64  # whole chunks per encoder call: ~0.3 GB of ViT-B activations, batches of 64 10-s clips whole
