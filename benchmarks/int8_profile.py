@@ -9,6 +9,7 @@ everything that is not a linear layer bounds what fusing or compiling the rest c
 from __future__ import annotations
 
 import argparse
+import datetime
 import platform
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.model_cases import cpu_name, emit, random_checkpoint  # noqa: E402
+from benchmarks.model_cases import cpu_name, cpu_vector_flags, emit, random_checkpoint  # noqa: E402
 from fastm2d.transfer.runtime import load_encoder  # noqa: E402
 
 
@@ -37,9 +38,9 @@ def main() -> None:
             rt.encode_lms(lms)
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows)
-    lines = [f"int8 CPU inference by operator, {platform.machine()} ({cpu_name()}), "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}; ViT-B 80x608, {args.clips} clips of 10 s, "
-             f"one call: {total / 1e3:.0f} ms", "", "| operator | calls | self ms | share |", "|---|---|---|---|"]
+    lines = [f"int8 CPU inference by operator, {platform.machine()} ({cpu_name()}; {cpu_vector_flags()}), "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}, {datetime.date.today()}; ViT-B 80x608, "
+             f"{args.clips} clips of 10 s, one call: {total / 1e3:.0f} ms", "", "| operator | calls | self ms | share |", "|---|---|---|---|"]
     for e in rows[:8]:
         lines.append(f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
                      f"{100 * e.self_cpu_time_total / total:.1f} % |")

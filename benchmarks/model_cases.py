@@ -40,3 +40,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def cpu_vector_flags() -> str:
+    """The CPU's vector and matrix extensions that decide low-precision speed (AVX2, AVX-512, VNNI, bf16, AMX)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                wanted = ("avx2", "avx512", "vnni", "bf16", "amx")
+                return " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(wanted) or f in wanted) \
+                    or "no AVX2/AVX-512/VNNI/bf16/AMX"
+    except OSError:
+        pass
+    return "flags unknown"
